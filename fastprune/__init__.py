@@ -1,0 +1,38 @@
+"""fastprune: fast, exact one-shot LLM pruning (SparseGPT, ROSE, Wanda, GBLM, SparseSwaps).
+
+Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
+`H = 2/n sum_t x_t x_t^T [cols, cols]` and return a `PruneResult`
+(`weight`, keep-`mask`, `loss`, `info`).
+"""
+
+from .hessian import HessianAccumulator, InverseHessian, accumulate_hessian, inverse_hessian
+from .hessian import layer_loss
+from .masks import check_nm_keep_mask
+from .ops import BackendUnavailableError
+from .result import PruneResult
+from .rose import rose_layer
+from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer
+from .scores import wanda_layer
+from .sparsegpt import sparsegpt_layer
+from .sparseswaps import sparseswaps_layer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "GradientNormAccumulator",
+    "HessianAccumulator",
+    "InverseHessian",
+    "PruneResult",
+    "accumulate_hessian",
+    "check_nm_keep_mask",
+    "gblm_layer",
+    "gradient_norm",
+    "inverse_hessian",
+    "layer_loss",
+    "magnitude_layer",
+    "rose_layer",
+    "sparsegpt_layer",
+    "sparseswaps_layer",
+    "wanda_layer",
+]

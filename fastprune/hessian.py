@@ -1,0 +1,164 @@
+"""Calibration Hessians: streaming accumulation, damping, dead columns, robust inverse.
+
+`H = 2/n * sum_t x_t x_t^T` accumulated in float32 exactly as the SparseGPT reference does it
+(a running rescale by `n/(n+b)` and inputs scaled by `sqrt(2/n)`), where `n` counts samples
+(sequences), not tokens. `diag(H)/2` is Wanda's per-input-channel `||x_j||^2` scaler.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .validation import check_finite, check_hessian, check_percdamp
+
+
+class HessianAccumulator:
+    """Streams activations `[batch, tokens, cols]` or `[tokens, cols]` into `H`.
+
+    Mirrors the reference's `add_batch`: a 2-D input counts as one sample; a 3-D input counts
+    `batch` samples. Accumulates in float32 whatever the input dtype.
+    """
+
+    def __init__(self, cols: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if cols <= 0:
+            raise ValueError(f"cols must be > 0, got {cols}")
+        self.cols = int(cols)
+        self.H = torch.zeros(cols, cols, device=device, dtype=dtype)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add a batch of layer inputs (the reference's `add_batch(inp, out)` without `out`)."""
+        if not isinstance(inp, torch.Tensor):
+            raise TypeError(f"inp must be a torch.Tensor, got {type(inp).__name__}")
+        if inp.dim() == 2:
+            inp = inp.unsqueeze(0)
+        if inp.dim() != 3 or inp.shape[-1] != self.cols:
+            raise ValueError(
+                f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
+                f"got {tuple(inp.shape)}"
+            )
+        b = inp.shape[0]
+        x = inp.reshape(-1, self.cols).to(device=self.H.device)
+        self.H *= self.nsamples / (self.nsamples + b)
+        self.nsamples += b
+        x = math.sqrt(2 / self.nsamples) * x.to(self.H.dtype)
+        self.H += x.t() @ x
+
+    @property
+    def scaler_row(self) -> torch.Tensor:
+        """Wanda's `||x_j||^2 / n` per input channel, i.e. `diag(H)/2`."""
+        return torch.diagonal(self.H) / 2
+
+
+def accumulate_hessian(batches, cols: int | None = None, device=None) -> torch.Tensor:
+    """Convenience: accumulate an iterable of activation batches into one float32 `H`."""
+    acc = None
+    for x in batches:
+        if acc is None:
+            acc = HessianAccumulator(cols or x.shape[-1], device=device or x.device)
+        acc.add_batch(x)
+    if acc is None:
+        raise ValueError("batches is empty: need at least one calibration batch")
+    return acc.H
+
+
+@dataclass
+class InverseHessian:
+    """Upper Cholesky factor of the damped `H^-1`, as the SparseGPT sweep consumes it.
+
+    Depends only on `H` (not on W), so layers that share an input share one of these.
+    """
+
+    hinv: torch.Tensor  # upper triangular [cols, cols]
+    dead: torch.Tensor  # bool [cols]: columns with diag(H) == 0
+    damp: float  # absolute damping added to the diagonal
+    percdamp: float  # the fraction of mean(diag(H)) that was finally used
+    retries: int = 0
+    info: dict = field(default_factory=dict)
+
+    def as_info(self) -> dict:
+        return {
+            "damp": self.damp,
+            "percdamp_used": self.percdamp,
+            "damp_retries": self.retries,
+            "dead_columns": int(self.dead.sum().item()),
+        }
+
+
+def _damp_schedule(percdamp: float, tries: int) -> list[float]:
+    """The requested damping first, then growing by 10x (from at least 1e-4 of mean(diag))."""
+    out = [percdamp]
+    base = max(percdamp, 1e-4)
+    for k in range(1, tries):
+        out.append(base * 10**k)
+    return out
+
+
+@torch.no_grad()
+def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, *, dtype: torch.dtype | None = None,
+                    max_tries: int = 8) -> InverseHessian:
+    """Damp `H`, fix dead columns and return the upper Cholesky factor of `H^-1`.
+
+    Same steps as the reference (`H[dead, dead] = 1`; `H += percdamp * mean(diag(H)) * I`;
+    cholesky -> cholesky_inverse -> upper cholesky), but a factorisation that fails is retried
+    with 10x more damping each time and reported instead of raising.
+    """
+    if not isinstance(H, torch.Tensor) or H.dim() != 2:
+        raise TypeError("H must be a 2-D torch.Tensor")
+    check_hessian(H, H.shape[0], H.device)
+    percdamp = check_percdamp(percdamp)
+    dtype = dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32)
+    Hd = H.to(dtype).clone()
+    cols = Hd.shape[0]
+    diag = torch.diagonal(Hd)
+    dead = diag == 0
+    diag[dead] = 1
+    mean_diag = diag.mean().item()
+    if mean_diag <= 0:
+        raise ValueError("H has a non-positive mean diagonal: it is not a Gram matrix")
+    idx = torch.arange(cols, device=Hd.device)
+    for tries, p in enumerate(_damp_schedule(percdamp, max_tries)):
+        damp = p * mean_diag
+        A = Hd.clone()
+        A[idx, idx] += damp
+        L, info = torch.linalg.cholesky_ex(A)
+        if info.item() != 0:
+            continue
+        Ainv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Ainv, upper=True)
+        if info.item() != 0 or not torch.isfinite(U).all():
+            continue
+        return InverseHessian(hinv=U, dead=dead, damp=damp, percdamp=p, retries=tries)
+    raise ValueError(
+        f"H could not be factored even with damping {p:g} x mean(diag(H)): it is not "
+        "positive semi-definite (check how it was accumulated)"
+    )
+
+
+def layer_loss(W: torch.Tensor, Wp: torch.Tensor, H: torch.Tensor) -> float:
+    """`tr((W - W_p) H (W - W_p)^T)`, computed in float32 (float64 for float64 inputs)."""
+    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    D = (W.to(dtype) - Wp.to(dtype))
+    Hc = H.to(dtype)
+    total = 0.0
+    # chunk rows so a big layer does not need a second rows x cols temporary at once
+    step = max(1, (1 << 24) // max(1, W.shape[1]))
+    for r0 in range(0, D.shape[0], step):
+        Dr = D[r0:r0 + step]
+        total += ((Dr @ Hc) * Dr).sum(dtype=torch.float64).item()
+    return float(total)
+
+
+__all__ = [
+    "HessianAccumulator",
+    "InverseHessian",
+    "accumulate_hessian",
+    "inverse_hessian",
+    "layer_loss",
+    "check_finite",
+]

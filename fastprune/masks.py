@@ -1,0 +1,83 @@
+"""Mask selection helpers shared by the score methods and the solvers.
+
+Convention inside fastprune: functions named `*_prune_mask` return True = pruned (as the
+research code computes them); public results carry keep-masks (True = kept).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def nm_prune_mask(score: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
+    """True where a weight is among the `prune_n` lowest scores of its group of `prune_m`.
+
+    Groups are `prune_m` consecutive columns of each row; the lowest are found with
+    `topk(largest=False)` per group, as Wanda/SparseGPT do it.
+    """
+    rows, cols = score.shape
+    g = score.reshape(rows, cols // prune_m, prune_m)
+    idx = torch.topk(g, prune_n, dim=-1, largest=False).indices
+    pruned = torch.zeros_like(g, dtype=torch.bool)
+    pruned.scatter_(-1, idx, True)
+    return pruned.reshape(rows, cols)
+
+
+def row_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True for the `int(cols * sparsity)` lowest scores of each row (stable sort, as Wanda)."""
+    rows, cols = score.shape
+    k = int(cols * sparsity)
+    pruned = torch.zeros_like(score, dtype=torch.bool)
+    if k > 0:
+        idx = torch.sort(score, dim=-1, stable=True).indices[:, :k]
+        pruned.scatter_(1, idx, True)
+    return pruned
+
+
+def global_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True for exactly `int(numel * sparsity)` lowest scores over the whole tensor.
+
+    One threshold over the layer; ties at the threshold are broken by position (stable sort),
+    so the sparsity is exact.
+    """
+    k = int(score.numel() * sparsity)
+    pruned = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        idx = torch.sort(score.flatten(), stable=True).indices[:k]
+        pruned[idx] = True
+    return pruned.reshape(score.shape)
+
+
+def threshold_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """SparseGPT/ROSE's per-block rule: prune `score <= sorted(score)[int(numel * sparsity)]`.
+
+    Note the `<=`: without ties this prunes `int(numel * sparsity) + 1` entries, exactly as
+    the reference does. Uses a selection (kthvalue) rather than a full sort; same value.
+    """
+    flat = score.flatten()
+    k = int(flat.numel() * sparsity)
+    thresh = torch.kthvalue(flat, k + 1).values
+    return score <= thresh
+
+
+def selection_prune_mask(score: torch.Tensor, sparsity: float, prune_n: int, prune_m: int,
+                         per_row: bool = True) -> torch.Tensor:
+    """Score-based selection: N:M per group, else per row (Wanda) or global (magnitude)."""
+    if prune_n:
+        return nm_prune_mask(score, prune_n, prune_m)
+    if per_row:
+        return row_prune_mask(score, sparsity)
+    return global_prune_mask(score, sparsity)
+
+
+def pattern_name(prune_n: int, prune_m: int) -> str:
+    return f"{prune_n}:{prune_m}" if prune_n else "unstructured"
+
+
+def check_nm_keep_mask(keep: torch.Tensor, prune_n: int, prune_m: int) -> bool:
+    """True when every group of `prune_m` columns of every row has exactly `prune_n` pruned."""
+    rows, cols = keep.shape
+    if cols % prune_m:
+        return False
+    pruned = (~keep).reshape(rows, cols // prune_m, prune_m).sum(-1)
+    return bool((pruned == prune_n).all())

@@ -1,0 +1,120 @@
+"""ROSE: SparseGPT with columns reordered by estimated pruning loss (columnar layers first).
+
+Pre-pruning score `S = |W| * sqrt(diag(H)/2)`; per block, the `sparsity` fraction of lowest
+`S` forms the loss matrix; columns are sorted by descending column loss inside each block and
+blocks by descending block loss when the block losses' relative range `(max-min)/max`
+exceeds `range_threshold`; SparseGPT then runs on the permuted layer and the result is
+un-permuted. For N:M the blocks are the groups of `prune_m` columns, so a permutation only
+moves whole groups (and columns inside a group) and the pattern stays valid.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from . import ops
+from .hessian import inverse_hessian
+from .masks import pattern_name
+from .result import PruneResult
+from .sparsegpt import (
+    OBS_OPS,
+    _check_common,
+    _finish,
+    base_info,
+    block_bounds,
+    nm_blocksize,
+    obs_prune,
+    unpruned_result,
+)
+from .validation import compute_dtype
+
+ROSE_OPS = (*OBS_OPS, "column_losses")
+
+
+def rose_score(W: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Wanda-style pre-pruning score `|W| * sqrt(diag(H)/2)`."""
+    return W.to(dtype).abs() * torch.sqrt(torch.diagonal(H).to(dtype) / 2).reshape(1, -1)
+
+
+def relative_range(block_loss: torch.Tensor) -> float:
+    """`(max - min) / max` of the block losses; 0 when every block loss is 0."""
+    hi = block_loss.max().item()
+    lo = block_loss.min().item()
+    return 0.0 if hi <= 0 else (hi - lo) / hi
+
+
+def rose_permutation(col_loss: torch.Tensor, block_loss: torch.Tensor,
+                     bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+    """Blocks by descending block loss, columns inside each by descending column loss.
+
+    Stable sorts, so equal losses keep their original order. Returns the permutation
+    (`W[:, perm]` is the reordered layer) and the sizes of the blocks in their new order.
+    """
+    order = torch.sort(block_loss, descending=True, stable=True).indices.tolist()
+    pieces, sizes = [], []
+    for b in order:
+        i1, i2 = bounds[b]
+        inner = torch.sort(col_loss[i1:i2], descending=True, stable=True).indices
+        pieces.append(inner + i1)
+        sizes.append(i2 - i1)
+    return torch.cat(pieces), sizes
+
+
+@torch.no_grad()
+def rose_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0,
+               prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
+               range_threshold: float = 0.5, backend: str = "auto", *,
+               inplace: bool = False) -> PruneResult:
+    """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
+
+    Arguments as `sparsegpt_layer`. `range_threshold` is the relative range of block losses
+    above which the layer counts as columnar and is reordered (the paper's 0.5).
+    """
+    t0 = time.perf_counter()
+    W, H, sparsity, n, m, blocksize, percdamp = _check_common(
+        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend)
+    if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
+        raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
+    name = ops.resolve_backend(backend, W.device, ROSE_OPS)
+    dtype = compute_dtype(W, H)
+    cols = W.shape[1]
+    info = base_info("rose", W, sparsity, n, m, name, dtype)
+    sweep_bs = nm_blocksize(blocksize, m)
+    info.update(blocksize=sweep_bs, percdamp=percdamp, range_threshold=float(range_threshold))
+    if n == 0 and sparsity == 0.0:
+        info.update(relative_range=0.0, reordered=False)
+        return unpruned_result(W, H, info, t0, inplace)
+
+    S = rose_score(W, H, dtype)
+    rose_bounds = block_bounds(cols, m if n else blocksize)
+    col_loss, block_loss = ops.get_op("column_losses", name)(S, rose_bounds, sparsity, n, m)
+    rel = relative_range(block_loss)
+    reorder = rel > range_threshold
+    info.update(relative_range=rel, reordered=bool(reorder), num_blocks=len(rose_bounds))
+
+    if reorder:
+        perm, sizes = rose_permutation(col_loss, block_loss, rose_bounds)
+        perm = perm.to(W.device)
+        Hp = H[perm][:, perm]
+        Wc = W.to(dtype)[:, perm]
+        if n:  # whole groups moved: any multiple of M keeps groups inside one sweep block
+            bounds = block_bounds(cols, sweep_bs)
+        else:  # the sweep's blocks are the reordered ROSE blocks (last one may be short)
+            edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
+            bounds = list(zip(edges[:-1], edges[1:]))
+    else:
+        perm, Hp, Wc = None, H, W.to(dtype, copy=True)
+        bounds = block_bounds(cols, sweep_bs)
+
+    inv = inverse_hessian(Hp, percdamp, dtype=dtype)
+    info.update(inv.as_info())
+    Wc[:, inv.dead] = 0
+    Q, pruned, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, None, name)
+    if perm is not None:
+        inv_perm = torch.argsort(perm)
+        Q, pruned = Q[:, inv_perm], pruned[:, inv_perm]
+    info["obs_loss_estimate"] = losses.sum().item()
+    info["pattern"] = pattern_name(n, m)
+    return _finish(W, Q, pruned, H, info, t0, inplace)

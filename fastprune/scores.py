@@ -1,0 +1,147 @@
+"""Score-based pruning without weight updates: magnitude, Wanda and GBLM-Pruner."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import time
+
+import torch
+
+from .hessian import layer_loss
+from .masks import selection_prune_mask
+from .result import PruneResult
+from .sparsegpt import base_info
+from .validation import (
+    check_device,
+    check_finite,
+    check_hessian,
+    check_pattern,
+    check_sparsity,
+    check_weight,
+    compute_dtype,
+)
+
+
+def wanda_score(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """`|W| * sqrt(diag(H)/2)`: Wanda's weight times input-channel norm (float32+)."""
+    dtype = compute_dtype(W, H)
+    return W.to(dtype).abs() * torch.sqrt(torch.diagonal(H).to(dtype) / 2).reshape(1, -1)
+
+
+def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GBLM-Pruner: `|W| * sqrt(diag(H)/2) + alpha * |W| * G`."""
+    dtype = compute_dtype(W, H, G)
+    return wanda_score(W, H).to(dtype) + alpha * W.to(dtype).abs() * G.to(dtype)
+
+
+def _apply(method: str, W: torch.Tensor, H: torch.Tensor | None, score: torch.Tensor,
+           sparsity: float, n: int, m: int, per_row: bool, t0: float, inplace: bool,
+           extra: dict | None = None) -> PruneResult:
+    pruned = selection_prune_mask(score, sparsity, n, m, per_row=per_row)
+    keep = ~pruned
+    weight = W if inplace else W.clone()
+    weight.masked_fill_(pruned, 0)
+    info = base_info(method, W, sparsity, n, m, "torch")
+    info.update(extra or {})
+    info["selection"] = "per N:M group" if n else ("per row" if per_row else "whole layer")
+    loss = None
+    if H is not None:
+        # loss needs the original weights: the pruned part is exactly W * pruned
+        D = torch.where(pruned, W, torch.zeros((), dtype=W.dtype, device=W.device))
+        loss = layer_loss(D, torch.zeros_like(D), H)
+    info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
+    info["seconds"] = time.perf_counter() - t0
+    return PruneResult(weight, keep, loss, info)
+
+
+@torch.no_grad()
+def magnitude_layer(W: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
+                    *, H: torch.Tensor | None = None, inplace: bool = False) -> PruneResult:
+    """Magnitude pruning: score `|W|`; unstructured prunes exactly `int(numel*sparsity)`
+    weights under one threshold over the whole layer (ties broken by position); N:M per
+    group. `H` is optional and only used to report the loss."""
+    t0 = time.perf_counter()
+    W = check_weight(W)
+    if H is not None:
+        check_hessian(H, W.shape[1], W.device)
+    s = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    return _apply("magnitude", W, H, W.abs(), s, n, m, False, t0, inplace)
+
+
+@torch.no_grad()
+def wanda_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0,
+                prune_m: int = 0, *, inplace: bool = False) -> PruneResult:
+    """Wanda: score `|W| * sqrt(diag(H)/2)`; per output row prune the `int(cols*sparsity)`
+    lowest (stable sort); N:M per group."""
+    t0 = time.perf_counter()
+    W = check_weight(W)
+    check_hessian(H, W.shape[1], W.device)
+    s = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    return _apply("wanda", W, H, wanda_score(W, H), s, n, m, True, t0, inplace)
+
+
+@torch.no_grad()
+def gblm_layer(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, sparsity: float = 0.5,
+               prune_n: int = 0, prune_m: int = 0, alpha: float = 1.0, *,
+               inplace: bool = False) -> PruneResult:
+    """GBLM-Pruner: score `|W| * sqrt(diag(H)/2) + alpha * |W| * G` with `G` the accumulated
+    gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
+    t0 = time.perf_counter()
+    W = check_weight(W)
+    check_hessian(H, W.shape[1], W.device)
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+    if G.shape != W.shape:
+        raise ValueError(f"G has shape {tuple(G.shape)} but W has {tuple(W.shape)}")
+    if not G.is_floating_point():
+        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+    check_device(G, W.device, "G")
+    check_finite(G, "G")
+    if (G < 0).any():
+        raise ValueError("G must be a non-negative gradient norm")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+        raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+    s = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    score = gblm_score(W, H, G, float(alpha))
+    return _apply("gblm", W, H, score, s, n, m, True, t0, inplace, {"alpha": float(alpha)})
+
+
+class GradientNormAccumulator:
+    """Accumulates GBLM's per-weight gradient norm over calibration samples without keeping
+    every gradient: l2 `sqrt(sum_s (scale*g_s)^2)` or l1 `sum_s |scale*g_s|` (scale 100)."""
+
+    def __init__(self, shape, device=None, norm: str = "l2", scale: float = 100.0) -> None:
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+        self.norm, self.scale = norm, float(scale)
+        self.acc = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, grad: torch.Tensor) -> None:
+        g = grad.to(self.acc.device, torch.float32) * self.scale
+        if self.norm == "l2":
+            self.acc += g * g
+        else:
+            self.acc += g.abs()
+        self.nsamples += 1
+
+    @property
+    def G(self) -> torch.Tensor:
+        return self.acc.sqrt() if self.norm == "l2" else self.acc.clone()
+
+
+def gradient_norm(grads, norm: str = "l2", scale: float = 100.0) -> torch.Tensor:
+    """G from an iterable of per-sample gradients (convenience for the layer API)."""
+    acc = None
+    for g in grads:
+        if acc is None:
+            acc = GradientNormAccumulator(g.shape, g.device, norm, scale)
+        acc.add(g)
+    if acc is None:
+        raise ValueError("grads is empty: need at least one per-sample gradient")
+    return acc.G

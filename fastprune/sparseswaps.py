@@ -1,0 +1,139 @@
+"""SparseSwaps: refine a pruning mask by optimal 1-swaps per row (weights unchanged).
+
+Rows decouple when each keeps its own count. For a row with keep-mask m, pruned residual
+`r = w * (1-m)`, loss `L = r^T H r` and `c = H r`, un-pruning p and pruning u changes the
+loss by `Δ = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p`. Each step
+applies every row's best swap with `Δ < 0` at once and updates `c`; rows without an
+improving swap stop.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from . import ops
+from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
+from .result import PruneResult
+from .scores import wanda_score
+from .sparsegpt import base_info, sparsegpt_layer
+from .validation import (
+    check_backend,
+    check_hessian,
+    check_int,
+    check_mask,
+    check_pattern,
+    check_sparsity,
+    check_weight,
+    compute_dtype,
+)
+
+SWAP_OPS = ("swap_search", "swap_apply")
+REFRESH_EVERY = 32  # recompute c = H r exactly every this many steps (bounds drift)
+
+
+def _noise_floor(w, keep, c, H, rows, u, p, delta):
+    """Rounding bound of a computed Δ: only swaps below `-tol` count as improvements, so
+    float noise can never make the search cycle."""
+    eps = torch.finfo(w.dtype).eps
+    wu, wp = w[rows, u], w[rows, p]
+    mag = (wu * wu * H[u, u]).abs() + (wp * wp * H[p, p]).abs() + 2 * (wu * wp * H[u, p]).abs()
+    mag = mag + 2 * (wu * c[rows, u]).abs() + 2 * (wp * c[rows, p]).abs()
+    return 64 * eps * mag
+
+
+@torch.no_grad()
+def swap_refine(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, prune_n: int = 0,
+                prune_m: int = 0, max_swaps: int | None = None, backend: str = "torch",
+                progress: bool = False) -> tuple[torch.Tensor, dict]:
+    """The SparseSwaps step loop on float32/64 `W`, `H`; returns the refined keep-mask and
+    counters. `max_swaps` bounds the number of steps (each step swaps at most once per row)."""
+    search = ops.get_op("swap_search", backend)
+    apply = ops.get_op("swap_apply", backend)
+    rows = W.shape[0]
+    keep = keep.clone()
+    r = W * ~keep
+    c = r @ H
+    row_loss = (r * c).sum(1)
+    active = torch.arange(rows, device=W.device)
+    steps = swaps = 0
+    limit = max_swaps if max_swaps is not None else float("inf")
+    bar = tqdm(desc="sparseswaps", unit="step", disable=not progress, leave=False)
+    while active.numel() and steps < limit:
+        if steps and steps % REFRESH_EVERY == 0:
+            ra = W[active] * ~keep[active]
+            c[active] = ra @ H
+        u, p, delta = search(W[active], keep[active], c[active], H, prune_n, prune_m)
+        finite = torch.isfinite(delta)
+        tol = _noise_floor(W, keep, c, H, active, u, p, delta)
+        good = finite & (delta < -tol)
+        active, u, p, delta = active[good], u[good], p[good], delta[good]
+        apply(W, keep, c, H, active, u, p)
+        row_loss[active] += delta
+        steps += 1
+        swaps += active.numel()
+        bar.update(1)
+        bar.set_postfix(active=active.numel())
+    bar.close()
+    return keep, {"steps": steps, "swaps": swaps, "converged": active.numel() == 0}
+
+
+@torch.no_grad()
+def sparseswaps_layer(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor | None = None,
+                      max_swaps: int | None = None, backend: str = "auto", *,
+                      sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
+                      reconstruct: bool = False, percdamp: float = 0.01,
+                      progress: bool = False) -> PruneResult:
+    """Refine a keep-mask (True = kept) by optimal 1-swaps; weights are not changed.
+
+    `mask=None` warm-starts from Wanda's mask at `sparsity` / `prune_n:prune_m`. With
+    `prune_n > 0` swaps stay inside each group of `prune_m` columns, so the N:M pattern is
+    kept. `max_swaps` caps the number of steps (None: until no row improves). The loss
+    (`r^T H r` summed over rows) never rises. `reconstruct=True` then runs SparseGPT's OBS
+    updates on the final mask (`sparsegpt_layer(W, H, mask=...)`) and returns those weights.
+    `info` has loss_before, loss_after, swaps, steps.
+    """
+    t0 = time.perf_counter()
+    W = check_weight(W)
+    H = check_hessian(H, W.shape[1], W.device)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    check_backend(backend)
+    if max_swaps is not None:
+        max_swaps = check_int(max_swaps, "max_swaps", minimum=0)
+    dtype = compute_dtype(W, H)
+    Wc = W.to(dtype)
+    Hc = H.to(dtype)
+    Hc = (Hc + Hc.t()) / 2  # the algebra assumes a symmetric H; exact for one that is
+    if mask is None:
+        s = check_sparsity(sparsity)
+        keep0 = ~selection_prune_mask(wanda_score(W, H), s, n, m, per_row=True)
+        warm = "wanda"
+    else:
+        keep0 = check_mask(mask, W.shape, W.device)
+        if n and not check_nm_keep_mask(keep0, n, m):
+            raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
+        warm = "given mask"
+    name = ops.resolve_backend(backend, W.device, SWAP_OPS)
+    info = base_info("sparseswaps", W, 1.0 - keep0.float().mean().item(), n, m, name, dtype)
+    info["warm_start"] = warm
+    r0 = Wc * ~keep0
+    loss_before = ((r0 @ Hc) * r0).sum(dtype=torch.float64).item()
+    keep, counters = swap_refine(Wc, Hc, keep0, n, m, max_swaps, name, progress)
+    r1 = Wc * ~keep
+    loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
+    info.update(counters, loss_before=loss_before, loss_after=loss_after,
+                max_swaps=max_swaps, pattern=pattern_name(n, m))
+    if reconstruct:
+        rec = sparsegpt_layer(W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp,
+                              backend=backend)
+        info.update(reconstructed=True, loss_masked=loss_after,
+                    **{k: rec.info[k] for k in ("damp", "damp_retries")})
+        weight, loss = rec.weight, rec.loss
+    else:
+        weight = W.masked_fill(~keep, 0)
+        loss = loss_after
+    info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
+    info["seconds"] = time.perf_counter() - t0
+    return PruneResult(weight, keep, loss, info)
