@@ -15,6 +15,7 @@ from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitud
 from .scores import wanda_layer
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
+from . import testing  # noqa: E402  (synthetic layers for tests and benchmarks)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,101 @@
+"""Hessian accumulation, damping, dead columns and the robust inverse."""
+
+import pytest
+import torch
+
+import fastprune as fp
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shapes", [[(2, 7, 13)], [(7, 13), (3, 5, 13), (11, 13)]])
+def test_accumulator_matches_definition(gen, dtype, shapes):
+    """H = 2/n sum_t x_t x_t^T with n counting samples (a 2-D batch is one sample)."""
+    xs = [torch.randn(*s, generator=gen).to(dtype) for s in shapes]
+    acc = fp.HessianAccumulator(13)
+    for x in xs:
+        acc.add_batch(x)
+    n = sum(1 if x.dim() == 2 else x.shape[0] for x in xs)
+    flat = torch.cat([x.reshape(-1, 13).double() for x in xs])
+    expected = 2 / n * flat.t() @ flat
+    assert acc.nsamples == n
+    assert acc.H.dtype == torch.float32
+    torch.testing.assert_close(acc.H.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(acc.scaler_row, torch.diagonal(acc.H) / 2)
+
+
+def test_accumulator_reproduces_reference_running_update(gen):
+    """Same arithmetic as SparseGPT's add_batch (rescale, then sqrt(2/n)-scaled inputs)."""
+    import math
+
+    xs = [torch.randn(4, 9, 6, generator=gen) for _ in range(3)]
+    H = torch.zeros(6, 6)
+    n = 0
+    for x in xs:
+        inp = x.reshape(-1, 6).t()
+        H *= n / (n + x.shape[0])
+        n += x.shape[0]
+        inp = math.sqrt(2 / n) * inp.float()
+        H += inp.matmul(inp.t())
+    acc = fp.HessianAccumulator(6)
+    for x in xs:
+        acc.add_batch(x)
+    assert torch.equal(acc.H, H)
+
+
+def test_accumulator_bad_input():
+    acc = fp.HessianAccumulator(5)
+    with pytest.raises(ValueError, match="inp"):
+        acc.add_batch(torch.zeros(3, 4))
+    with pytest.raises(TypeError, match="inp"):
+        acc.add_batch([1, 2, 3])
+    with pytest.raises(ValueError, match="batches"):
+        fp.accumulate_hessian([])
+
+
+def test_inverse_is_upper_cholesky_of_damped_inverse(gen):
+    W, H, _ = fp.testing.random_layer(4, 24, generator=gen)
+    inv = fp.inverse_hessian(H, 0.01)
+    U = inv.hinv.double()
+    assert torch.equal(U, U.triu())
+    damp = 0.01 * torch.diagonal(H).mean()
+    Hd = H.double() + damp * torch.eye(24, dtype=torch.float64)
+    torch.testing.assert_close(U.t() @ U, torch.linalg.inv(Hd), rtol=1e-3, atol=1e-6)
+    assert inv.retries == 0 and inv.as_info()["dead_columns"] == 0
+
+
+def test_singular_hessian_is_retried_and_reported(gen):
+    """Rank-deficient H with no damping cannot be factored: retried, reported, no crash."""
+    x = torch.randn(1, 3, 16, generator=gen)  # rank 3 << 16
+    H = fp.accumulate_hessian([x])
+    inv = fp.inverse_hessian(H, percdamp=0.0)
+    assert inv.retries >= 1 and inv.percdamp > 0
+    assert torch.isfinite(inv.hinv).all()
+    W = torch.randn(5, 16, generator=gen)
+    r = fp.sparsegpt_layer(W, H, percdamp=0.0)
+    assert r.info["damp_retries"] >= 1
+    assert torch.isfinite(r.weight).all()
+
+
+def test_dead_columns(gen):
+    W, H, X = fp.testing.random_layer(8, 32, dead=5, generator=gen)
+    inv = fp.inverse_hessian(H)
+    assert inv.as_info()["dead_columns"] == 5
+    r = fp.sparsegpt_layer(W, H, blocksize=16)
+    dead = torch.diagonal(H) == 0
+    assert (r.weight[:, dead] == 0).all()
+    assert torch.isfinite(r.weight).all()
+
+
+def test_not_psd_raises_naming_H():
+    H = -torch.eye(4)
+    H[0, 0] = 1.0
+    with pytest.raises(ValueError, match="H"):
+        fp.inverse_hessian(H)
+
+
+def test_layer_loss_is_trace_form(gen):
+    W, H, X = fp.testing.random_layer(6, 10, generator=gen)
+    Wp = W * (torch.rand(W.shape, generator=gen) > 0.5)
+    D = (W - Wp).double()
+    expected = torch.trace(D @ H.double() @ D.t()).item()
+    assert fp.layer_loss(W, Wp, H) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,96 @@
+"""Every documented bad input raises ValueError/TypeError naming the argument."""
+
+import pytest
+import torch
+
+import fastprune as fp
+
+W = torch.randn(8, 16)
+H = torch.eye(16)
+G = torch.rand(8, 16)
+LAYER_FNS = {
+    "sparsegpt": lambda **kw: fp.sparsegpt_layer(**{"W": W, "H": H, **kw}),
+    "rose": lambda **kw: fp.rose_layer(**{"W": W, "H": H, **kw}),
+    "wanda": lambda **kw: fp.wanda_layer(**{"W": W, "H": H, **kw}),
+    "gblm": lambda **kw: fp.gblm_layer(**{"W": W, "H": H, "G": G, **kw}),
+    "magnitude": lambda **kw: fp.magnitude_layer(**{"W": W, **kw}),
+}
+HAS_H = ["sparsegpt", "rose", "wanda", "gblm"]
+
+
+@pytest.mark.parametrize("method", list(LAYER_FNS))
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        ({"sparsity": 1.0}, ValueError, "sparsity"),
+        ({"sparsity": -0.1}, ValueError, "sparsity"),
+        ({"sparsity": float("nan")}, ValueError, "sparsity"),
+        ({"sparsity": "half"}, TypeError, "sparsity"),
+        ({"prune_n": 5, "prune_m": 4}, ValueError, "prune_n"),
+        ({"prune_n": 4, "prune_m": 4}, ValueError, "prune_n"),
+        ({"prune_n": 2, "prune_m": 0}, ValueError, "prune_m"),
+        ({"prune_n": 2, "prune_m": 3}, ValueError, "prune_m"),
+        ({"prune_n": 1.5, "prune_m": 4}, TypeError, "prune_n"),
+        ({"W": torch.randn(16)}, ValueError, "W"),
+        ({"W": torch.ones(8, 16, dtype=torch.int32)}, TypeError, "W"),
+        ({"W": torch.full((8, 16), float("nan"))}, ValueError, "W"),
+        ({"W": [[1.0]]}, TypeError, "W"),
+    ],
+)
+def test_bad_common_inputs(method, kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        LAYER_FNS[method](**kwargs)
+
+
+@pytest.mark.parametrize("method", HAS_H)
+@pytest.mark.parametrize(
+    "Hbad,exc",
+    [
+        (torch.eye(15), ValueError),
+        (torch.ones(16, 15), ValueError),
+        (torch.full((16, 16), float("inf")), ValueError),
+        (torch.eye(16, dtype=torch.int64), TypeError),
+        ("eye", TypeError),
+    ],
+)
+def test_bad_hessian(method, Hbad, exc):
+    with pytest.raises(exc, match="H"):
+        LAYER_FNS[method](H=Hbad)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "rose"])
+def test_bad_solver_args(method):
+    fn = LAYER_FNS[method]
+    with pytest.raises(ValueError, match="blocksize"):
+        fn(blocksize=0)
+    with pytest.raises(ValueError, match="percdamp"):
+        fn(percdamp=-1)
+    with pytest.raises(ValueError, match="backend"):
+        fn(backend="fastest")
+    with pytest.raises(fp.BackendUnavailableError, match="cuda"):
+        fn(backend="cuda")
+
+
+def test_meta_device_mismatch_named():
+    with pytest.raises(ValueError, match="H"):
+        fp.sparsegpt_layer(W, torch.eye(16, device="meta"))
+
+
+def test_bad_mask():
+    with pytest.raises(TypeError, match="mask"):
+        fp.sparsegpt_layer(W, H, mask=torch.ones(8, 16))
+    with pytest.raises(ValueError, match="mask"):
+        fp.sparsegpt_layer(W, H, mask=torch.ones(8, 15, dtype=torch.bool))
+    with pytest.raises(ValueError, match="mask"):
+        fp.sparseswaps_layer(W, H, torch.ones(8, 16, dtype=torch.bool), prune_n=2, prune_m=4)
+    with pytest.raises(ValueError, match="max_swaps"):
+        fp.sparseswaps_layer(W, H, max_swaps=-1)
+
+
+def test_bad_gradient():
+    with pytest.raises(ValueError, match="G"):
+        fp.gblm_layer(W, H, torch.rand(8, 15))
+    with pytest.raises(ValueError, match="G"):
+        fp.gblm_layer(W, H, -torch.rand(8, 16))
+    with pytest.raises(TypeError, match="alpha"):
+        fp.gblm_layer(W, H, G, alpha="1")
