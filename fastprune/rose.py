@@ -112,9 +112,9 @@ def rose_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n:
     info.update(inv.as_info())
     Wc[:, inv.dead] = 0
     Q, pruned, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, None, name)
+    dead = inv.dead
     if perm is not None:
         inv_perm = torch.argsort(perm)
-        Q, pruned = Q[:, inv_perm], pruned[:, inv_perm]
-    info["obs_loss_estimate"] = losses.sum().item()
+        Q, pruned, dead = Q[:, inv_perm], pruned[:, inv_perm], dead[inv_perm]
     info["pattern"] = pattern_name(n, m)
-    return _finish(W, Q, pruned, H, info, t0, inplace)
+    return _finish(W, Q, pruned, H, info, t0, inplace, inv, losses, dead)

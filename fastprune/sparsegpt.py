@@ -82,9 +82,32 @@ def unpruned_result(W: torch.Tensor, H: torch.Tensor | None, info: dict, t0: flo
     return PruneResult(weight, keep, 0.0 if H is not None else None, info)
 
 
+def obs_layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
+                   damp: float, errsum: float) -> tuple[float, str]:
+    """The layer loss `tr(D H D^T)` of an OBS solve, without a `rows x cols x cols` GEMM.
+
+    The sweep leaves `Wc - Q = Err U` exactly (U the upper Cholesky factor of the damped
+    inverse, Wc the weights with dead columns zeroed), and `U H_damped U^T = I`, so
+    `tr(D H D^T) = ||Err||^2 - damp * ||Wc - Q||^2` (dead columns carry no error and have
+    zero rows in H). When the damping term cancels most of `||Err||^2` (heavy damping after
+    retries) the explicit form is used instead, to keep full precision.
+    """
+    D = W.to(Q.dtype).masked_fill(dead.reshape(1, -1), 0) - Q
+    damp_term = damp * (D * D).sum(dtype=torch.float64).item()
+    if errsum > 0 and damp_term <= 0.5 * errsum:
+        return errsum - damp_term, "obs identity"
+    return layer_loss(W, Q, H), "explicit"
+
+
 def _finish(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,
-            info: dict, t0: float, inplace: bool) -> PruneResult:
-    loss = layer_loss(W, Q, H)
+            info: dict, t0: float, inplace: bool, inv: InverseHessian,
+            losses: torch.Tensor, dead: torch.Tensor | None = None) -> PruneResult:
+    """Loss, dtype cast, in-place write and timing; `dead` in W's column order (defaults to
+    the inverse's own order)."""
+    errsum = 2 * losses.sum(dtype=torch.float64).item()
+    info["obs_loss_estimate"] = errsum / 2
+    dead = inv.dead if dead is None else dead
+    loss, info["loss_method"] = obs_layer_loss(W, Q, H, dead, inv.damp, errsum)
     weight = Q.to(W.dtype)
     if inplace:
         W.copy_(weight)
@@ -157,8 +180,7 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, pru
     Wc[:, inv.dead] = 0
     bounds = block_bounds(W.shape[1], info["blocksize"])
     Q, pruned, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, fixed_pruned, name)
-    info["obs_loss_estimate"] = losses.sum().item()
-    return _finish(W, Q, pruned, H, info, t0, inplace)
+    return _finish(W, Q, pruned, H, info, t0, inplace, inv, losses)
 
 
 def _resolve_inverse(hinv, H, percdamp, dtype) -> InverseHessian:

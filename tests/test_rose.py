@@ -109,3 +109,12 @@ def test_inputs_untouched(gen):
     W0, H0 = W.clone(), H.clone()
     fp.rose_layer(W, H, blocksize=16)
     assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_loss_with_dead_columns_and_reordering(gen, n, m):
+    W, H, X = fp.testing.random_layer(16, 96, columnar=True, dead=7, blocksize=32,
+                                      generator=gen)
+    r = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, range_threshold=0.0)
+    assert r.info["reordered"] and r.info["dead_columns"] == 7
+    assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, H), rel=1e-4)

@@ -139,3 +139,12 @@ def test_info_says_what_was_done(gen):
         assert key in r.info
     s = r.summary()
     assert "sparsegpt" in s and "2:4" in s and "cpu" in s and "loss=" in s
+
+
+@pytest.mark.parametrize("percdamp", [0.0, 0.01, 10.0])
+def test_loss_identity_matches_explicit_form(gen, percdamp):
+    """The cheap OBS-identity loss equals tr(D H D^T) (explicit form used under heavy damping)."""
+    W, H, _ = fp.testing.random_layer(16, 64, dead=3, ill_conditioned=True, generator=gen)
+    r = fp.sparsegpt_layer(W, H, percdamp=percdamp, blocksize=16)
+    assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, H), rel=1e-4)
+    assert r.info["loss_method"] in ("obs identity", "explicit")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import nm_prune_mask, threshold_prune_mask
+from ..masks import lowest_n_along_dim0, nm_prune_mask, threshold_prune_mask
 
 # ----------------------------------------------------------------------------- OBS sweep
 
@@ -53,8 +53,7 @@ def torch_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor 
         for i in range(j1, j2):
             if nm and i % prune_m == 0:
                 g = WT[i:i + prune_m] ** 2 / d[i:i + prune_m, None] ** 2
-                idx = torch.topk(g, prune_n, dim=0, largest=False).indices
-                pruneT[i:i + prune_m].scatter_(0, idx, True)
+                pruneT[i:i + prune_m] = lowest_n_along_dim0(g, prune_n)
             w = WT[i]
             q = w.masked_fill(pruneT[i], 0)
             err = (w - q) / d[i]
@@ -96,7 +95,7 @@ def torch_column_losses(S: torch.Tensor, bounds: list[tuple[int, int]], sparsity
 
 # ------------------------------------------------------------------------ swap search
 
-_PAIR_BUDGET = 1 << 24  # elements of one [rows, u, p] chunk of candidate swaps
+_PAIR_BUDGET = 1 << 22  # elements of one [rows, u, p] chunk of candidate swaps
 
 
 def _swap_terms(w, keep, c, hdiag):
@@ -133,9 +132,10 @@ def torch_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: t
         r1 = min(rows, r0 + tile_r)
         for u0 in range(0, cols, tile_u):
             u1 = min(cols, u0 + tile_u)
-            # [R, U, P]: a_u + b_p - 2 (w_u H_up w_p)
-            cross = wk[r0:r1, u0:u1, None] * H[None, u0:u1, :] * wp[r0:r1, None, :]
-            D = a[r0:r1, u0:u1, None] + b[r0:r1, None, :] - 2 * cross
+            # D[r, u, p] = a_u + b_p - 2 w_u H_up w_p, built in place in one buffer
+            D = H[None, u0:u1, :] * wp[r0:r1, None, :]
+            D.mul_(wk[r0:r1, u0:u1, None] * -2)
+            D.add_(b[r0:r1, None, :]).add_(a[r0:r1, u0:u1, None])
             val, idx = D.reshape(r1 - r0, -1).min(dim=1)
             better = val < best[r0:r1]
             best[r0:r1] = torch.where(better, val, best[r0:r1])

@@ -1,0 +1,173 @@
+"""Fused SparseGPT/ROSE in-block OBS sweep: one launch per block of columns.
+
+For each column `i` of the block (in order), with `d_i = Hinv1[i, i]`:
+
+    q_i   = w_i * keep_i                       (keep = not pruned)
+    err_i = (w_i - q_i) / d_i
+    W1[:, j] -= err_i * Hinv1[i, j]            for j > i   (rank-1 OBS update)
+
+With `prune_n > 0` (N:M) the mask of every group of `prune_m` columns is chosen when the sweep
+reaches the group's first column: the `prune_n` lowest `w^2 / d_j^2` of the group, from the
+*updated* weights. Otherwise `prune1` (True = pruned) is used as given (SparseGPT's
+unstructured block mask or a fixed mask). The per-row loss estimate is
+`loss_r = sum_i err_{r,i}^2 / 2`.
+
+Design: grid `(cdiv(rows, BLOCK_R),)`; every program owns `BLOCK_R` rows and the whole block
+of columns (padded to `BLOCK_C`, a power of two >= 16, blocksize up to 256) as a float32
+register tile and sweeps the columns in a loop. Column `i` is frozen once it is swept (its
+update mask is `j > i`), so after the loop `Q1 = where(pruned, 0, W)` and
+`Err1 = where(pruned, W / d, 0)` are formed from the tile and written once, coalesced.
+Rows are independent, so programs never communicate. The trailing update of the columns
+right of the block stays a GEMM in the driver.
+
+State is float32 for fp32/fp16/bf16 inputs and float64 when `W1` or `Hinv1` is float64 (the
+drivers pass float64 working copies only for float64 layers); outputs are in that state
+dtype. Kernels import nothing of fastprune.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .column_losses import triton_block_prune_mask
+
+
+@triton.jit
+def _div(x, y, F64: tl.constexpr):
+    """IEEE round-to-nearest division (Triton's fp32 `/` is approximate on GPUs)."""
+    if F64:
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
+def _obs_sweep_kernel(
+    W_ptr, Hinv_ptr, P_ptr, Q_ptr, E_ptr, L_ptr, Pout_ptr,
+    rows, count,
+    stride_wm, stride_wn,
+    stride_hm, stride_hn,
+    stride_pm, stride_pn,
+    stride_qm, stride_qn,
+    PRUNE_N: tl.constexpr, PRUNE_M: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.arange(0, BLOCK_C)
+    rmask = r < rows
+    cmask = c < count
+    m2 = rmask[:, None] & cmask[None, :]
+
+    W = tl.load(W_ptr + r[:, None] * stride_wm + c[None, :] * stride_wn, mask=m2, other=0.0)
+    W = W.to(ACC)
+    # diagonal of Hinv1 (1 in padded columns so the final division stays finite)
+    d = tl.load(Hinv_ptr + c * (stride_hm + stride_hn), mask=cmask, other=1.0).to(ACC)
+    if PRUNE_N > 0:
+        P = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32) != 0
+    else:
+        P = tl.load(P_ptr + r[:, None] * stride_pm + c[None, :] * stride_pn, mask=m2, other=0)
+        P = P != 0
+
+    for i in range(0, count):
+        if PRUNE_N > 0:
+            if i % PRUNE_M == 0:
+                # the group's PRUNE_N lowest w^2/d^2 from the updated weights (first index
+                # wins an exact tie); the fast division is fine here: the updated weights
+                # already differ from the reference's by float rounding
+                grp = (c >= i) & (c < i + PRUNE_M)
+                S = tl.where(grp[None, :], (W * W) / (d * d)[None, :], float("inf"))
+                for _ in tl.static_range(PRUNE_N):
+                    j = tl.argmin(S, axis=1)
+                    sel = c[None, :] == j[:, None]
+                    P = P | sel
+                    S = tl.where(sel, float("inf"), S)
+        d_i = tl.load(Hinv_ptr + i * (stride_hm + stride_hn)).to(ACC)
+        h = tl.load(Hinv_ptr + i * stride_hm + c * stride_hn, mask=(c > i) & cmask, other=0.0)
+        h = h.to(ACC)
+        # err_i = (w_i - q_i) / d_i: w_i where column i is pruned, else 0
+        wp = tl.sum(tl.where(P & (c[None, :] == i), W, 0.0), axis=1)
+        err = _div(wp, d_i, F64)
+        W = W - err[:, None] * h[None, :]
+
+    Q = tl.where(P, 0.0, W)
+    E = tl.where(P, _div(W, d[None, :], F64), 0.0)
+    loss = tl.sum(E * E, axis=1) / 2
+    out = r[:, None] * stride_qm + c[None, :] * stride_qn
+    tl.store(Q_ptr + out, Q, mask=m2)
+    tl.store(E_ptr + out, E, mask=m2)
+    tl.store(L_ptr + r, loss, mask=rmask)
+    if PRUNE_N > 0:
+        tl.store(Pout_ptr + out, P.to(tl.int8), mask=m2)
+
+
+def _tile(rows: int, count: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): about 4096 fp32 state elements per program (untuned on
+    hardware: a heuristic that keeps the tile in registers for blocksize up to 256)."""
+    block_c = max(16, triton.next_power_of_2(count))
+    block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_c))
+    return block_r, block_c, 4
+
+
+def triton_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor | None,
+                     prune_n: int = 0, prune_m: int = 0):
+    """Triton version of `torch_obs_sweep` (same contract and return).
+
+    Args: W1 `[rows, count]` (any float dtype, any strides, not modified), Hinv1
+    `[count, count]` upper triangular, prune1 `[rows, count]` bool (True = pruned; required
+    unless `prune_n > 0`). Returns `(Q1, Err1, prune1, loss_rows)` in float32 (float64 if
+    W1 or Hinv1 is float64); `prune1` is the input mask, or the N:M mask chosen in the sweep.
+    """
+    if W1.dim() != 2 or Hinv1.shape != (W1.shape[1], W1.shape[1]):
+        raise ValueError(f"W1 must be [rows, count] and Hinv1 [count, count], got "
+                         f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}")
+    if W1.device != Hinv1.device:
+        raise ValueError(f"W1 is on {W1.device}, Hinv1 on {Hinv1.device}")
+    rows, count = W1.shape
+    nm = prune_n > 0
+    if nm:
+        if prune_m <= 0 or prune_n > prune_m or count % prune_m:
+            raise ValueError(f"N:M sweep needs 0 < prune_n <= prune_m dividing count; got "
+                             f"{prune_n}:{prune_m} with count={count}")
+    elif prune1 is None:
+        raise ValueError("prune1 is required for an unstructured or fixed-mask sweep")
+    elif prune1.shape != W1.shape or prune1.dtype != torch.bool:
+        raise ValueError(f"prune1 must be a bool tensor of shape {tuple(W1.shape)}")
+    f64 = torch.float64 in (W1.dtype, Hinv1.dtype)
+    state = torch.float64 if f64 else torch.float32
+    dev = W1.device
+    Q = torch.empty(rows, count, dtype=state, device=dev)
+    E = torch.empty(rows, count, dtype=state, device=dev)
+    loss = torch.empty(rows, dtype=state, device=dev)
+    if rows == 0 or count == 0:
+        if nm:
+            prune1 = torch.zeros(rows, count, dtype=torch.bool, device=dev)
+        loss.zero_()
+        return Q, E, prune1, loss
+    if nm:
+        p_out = torch.empty(rows, count, dtype=torch.int8, device=dev)
+        p_in = p_out
+    else:
+        p_out = Q  # unused
+        p_in = prune1.view(torch.uint8)  # same strides, no copy
+    block_r, block_c, warps = _tile(rows, count)
+    grid = (triton.cdiv(rows, block_r),)
+    _obs_sweep_kernel[grid](
+        W1, Hinv1, p_in, Q, E, loss, p_out,
+        rows, count,
+        W1.stride(0), W1.stride(1),
+        Hinv1.stride(0), Hinv1.stride(1),
+        p_in.stride(0), p_in.stride(1),
+        Q.stride(0), Q.stride(1),
+        PRUNE_N=prune_n if nm else 0, PRUNE_M=prune_m if nm else 1,
+        ACC=tl.float64 if f64 else tl.float32, F64=f64,
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    if nm:
+        prune1 = p_out.view(torch.bool)
+    return Q, E, prune1, loss
+
+
+OPS = {"obs_sweep": triton_obs_sweep, "block_prune_mask": triton_block_prune_mask}

@@ -1,0 +1,401 @@
+"""SparseSwaps kernels: batched best-1-swap search over a shared Gram matrix, and the apply.
+
+For a row `w` with keep-mask `k`, pruned residual `r = w * ~k` and `c = H r`, pruning a kept
+`u` and un-pruning a pruned `p` changes the loss `r^T H r` by
+
+    Δ(u, p) = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p
+            = a_u + b_p + x_u * H_up * y_p
+
+with per-row terms `a_u = w_u^2 H_uu + 2 w_u c_u`, `x_u = -2 w_u` (kept u; `a_u = inf`,
+`x_u = 0` otherwise) and `b_p = w_p^2 H_pp - 2 w_p c_p`, `y_p = w_p` (pruned p; `b_p = inf`,
+`y_p = 0` otherwise). The search is a (min, +) reduction, not a GEMM: every (u, p) pair costs
+one multiply, one FMA and one min per row, and the only operand shared between rows is the
+tile of `H`.
+
+`_swap_search_kernel` (unstructured): grid `(row blocks, u splits)`. A program owns
+`BLOCK_R` rows and a contiguous range of u columns; it walks that range in `BLOCK_U` tiles and,
+for each, all p columns in `BLOCK_P` tiles. Each `[BLOCK_U, BLOCK_P]` tile of `H` is loaded
+once and broadcast over the program's rows (`[BLOCK_R, BLOCK_U, BLOCK_P]` in registers); the
+inner loop keeps only a value-min per (row, u) and the p tile it came from (no index tracking
+in the hot loop). After a u tile, `a_u` is added and each row keeps its best (u, p tile);
+the program's epilogue recomputes the winning row of one `[BLOCK_P]` tile per row to recover
+the exact `p` and `Δ`. With more than one u split, partial results `[splits, rows]` are reduced
+by a tiny torch `min` (two-stage reduction). No `[rows, cols, cols]` tensor ever exists.
+
+`_swap_search_nm_kernel` (N:M): pairs lie inside one group of `prune_m` columns, so a row has
+only `cols * prune_m` pairs; a program owns `BLOCK_R` rows and walks the columns in chunks of
+`BLOCK_G` groups, forming `[BLOCK_R, BLOCK_G*m, m]` candidate tensors (memory bound).
+
+`_swap_apply_kernel`: grid `(swaps, column tiles)`: `c[r] += w_u H[u, :] - w_p H[p, :]` (H is
+symmetric, so rows of `H` are read) and the program of the first column tile flips
+`keep[r, u] = False`, `keep[r, p] = True`. One launch for all swapping rows.
+
+Dtypes: float32 (what the driver passes on GPU) and float64 (computed in float64); `c` and `H`
+are cast to `w`'s dtype if they differ. `keep` is a bool tensor, read and written through a
+uint8 view.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# ------------------------------------------------------------------------------ kernels
+
+
+@triton.jit
+def _swap_search_kernel(
+    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr,
+    VAL_ptr, U_ptr, P_ptr,
+    n_rows, n_cols, u_chunk,
+    stride_wm, stride_km, stride_cm, stride_hm, stride_om,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Best (u, p, Δ) per row over kept u in this program's u range and all pruned p.
+
+    Δ = a_u + b_p + x_u * H_up * y_p (see the module docstring). Writes one partial result
+    per row at `[pid_s, row]` of VAL/U/P (`+inf` where the range holds no pair).
+    """
+    pid_r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    dt = W_ptr.dtype.element_ty
+    INF = float("inf")
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = offs_r < n_rows
+    if HAS_ROWS:
+        ridx = tl.load(ROW_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+    else:
+        ridx = offs_r.to(tl.int64)
+    w_row = W_ptr + ridx * stride_wm  # [R] row base pointers
+    k_row = K_ptr + ridx * stride_km
+    c_row = C_ptr + ridx * stride_cm
+
+    u_begin = pid_s * u_chunk
+    u_end = tl.minimum(u_begin + u_chunk, n_cols)
+    ar_u = tl.arange(0, BLOCK_U)
+    ar_p = tl.arange(0, BLOCK_P)
+
+    best_v = tl.full([BLOCK_R], INF, dtype=dt)
+    best_u = tl.zeros([BLOCK_R], dtype=tl.int32)
+    best_t = tl.zeros([BLOCK_R], dtype=tl.int32)
+
+    for u0 in range(u_begin, u_end, BLOCK_U):
+        offs_u = u0 + ar_u
+        umask = offs_u < u_end
+        m_ru = rmask[:, None] & umask[None, :]
+        w_u = tl.load(w_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
+        k_u = tl.load(k_row[:, None] + offs_u[None, :], mask=m_ru, other=0)
+        c_u = tl.load(c_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
+        hd_u = tl.load(H_ptr + offs_u.to(tl.int64) * (stride_hm + 1), mask=umask, other=0.0)
+        cand_u = (k_u != 0) & m_ru
+        a_u = tl.where(cand_u, w_u * w_u * hd_u[None, :] + 2.0 * w_u * c_u, INF)
+        x_u = tl.where(cand_u, -2.0 * w_u, 0.0)
+        h_rows = H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm  # [U, 1]
+
+        run_v = tl.full([BLOCK_R, BLOCK_U], INF, dtype=dt)
+        run_t = tl.zeros([BLOCK_R, BLOCK_U], dtype=tl.int32)
+        for p0 in range(0, n_cols, BLOCK_P):
+            offs_p = p0 + ar_p
+            pmask = offs_p < n_cols
+            h = tl.load(h_rows + offs_p[None, :], mask=umask[:, None] & pmask[None, :],
+                        other=0.0)  # [U, P], shared by all rows of the program
+            m_rp = rmask[:, None] & pmask[None, :]
+            w_p = tl.load(w_row[:, None] + offs_p[None, :], mask=m_rp, other=0.0)
+            k_p = tl.load(k_row[:, None] + offs_p[None, :], mask=m_rp, other=1)
+            c_p = tl.load(c_row[:, None] + offs_p[None, :], mask=m_rp, other=0.0)
+            hd_p = tl.load(H_ptr + offs_p.to(tl.int64) * (stride_hm + 1), mask=pmask,
+                           other=0.0)
+            cand_p = (k_p == 0) & m_rp
+            b_p = tl.where(cand_p, w_p * w_p * hd_p[None, :] - 2.0 * w_p * c_p, INF)
+            y_p = tl.where(cand_p, w_p, 0.0)
+            # [R, U, P]: b_p + x_u * (H_up * y_p); a_u is added after the min over p
+            q = b_p[:, None, :] + x_u[:, :, None] * (h[None, :, :] * y_p[:, None, :])
+            m = tl.min(q, axis=2)
+            better = m < run_v
+            run_v = tl.where(better, m, run_v)
+            run_t = tl.where(better, p0, run_t)
+
+        tot = run_v + a_u  # [R, U]
+        v, j = tl.min(tot, axis=1, return_indices=True)
+        sel = ar_u[None, :] == j[:, None]
+        t = tl.sum(tl.where(sel, run_t, 0), axis=1)
+        better = v < best_v
+        best_v = tl.where(better, v, best_v)
+        best_u = tl.where(better, u0 + j, best_u)
+        best_t = tl.where(better, t, best_t)
+
+    # epilogue: recompute each row's winning p tile to recover p and Δ for the pair
+    bu = best_u.to(tl.int64)
+    w_bu = tl.load(w_row + bu, mask=rmask, other=0.0)
+    k_bu = tl.load(k_row + bu, mask=rmask, other=0)
+    c_bu = tl.load(c_row + bu, mask=rmask, other=0.0)
+    hd_bu = tl.load(H_ptr + bu * (stride_hm + 1), mask=rmask, other=0.0)
+    cand_bu = (k_bu != 0) & rmask
+    a_bu = tl.where(cand_bu, w_bu * w_bu * hd_bu + 2.0 * w_bu * c_bu, INF)
+    x_bu = tl.where(cand_bu, -2.0 * w_bu, 0.0)
+    offs_p = best_t[:, None] + ar_p[None, :]  # [R, P]
+    m_rp = rmask[:, None] & (offs_p < n_cols)
+    h = tl.load(H_ptr + bu[:, None] * stride_hm + offs_p, mask=m_rp, other=0.0)
+    w_p = tl.load(w_row[:, None] + offs_p, mask=m_rp, other=0.0)
+    k_p = tl.load(k_row[:, None] + offs_p, mask=m_rp, other=1)
+    c_p = tl.load(c_row[:, None] + offs_p, mask=m_rp, other=0.0)
+    hd_p = tl.load(H_ptr + offs_p.to(tl.int64) * (stride_hm + 1), mask=m_rp, other=0.0)
+    cand_p = (k_p == 0) & m_rp
+    b_p = tl.where(cand_p, w_p * w_p * hd_p - 2.0 * w_p * c_p, INF)
+    y_p = tl.where(cand_p, w_p, 0.0)
+    q = b_p + x_bu[:, None] * (h * y_p)
+    qv, jp = tl.min(q, axis=1, return_indices=True)
+    delta = tl.where(best_v < INF, a_bu + qv, INF)
+
+    out = pid_s * stride_om + offs_r
+    tl.store(VAL_ptr + out, delta, mask=rmask)
+    tl.store(U_ptr + out, best_u.to(tl.int64), mask=rmask)
+    tl.store(P_ptr + out, (best_t + jp).to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _swap_search_nm_kernel(
+    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr,
+    VAL_ptr, U_ptr, P_ptr,
+    n_rows, n_cols, prune_m,
+    stride_wm, stride_km, stride_cm, stride_hm,
+    HAS_ROWS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """N:M best swap per row: u and p in one group of `prune_m` columns.
+
+    For column chunk `[c0, c0 + BLOCK_C)`, u runs over the chunk and
+    `p = (u // m) * m + k`, `k < m`; Δ = a_u + b_p + x_u * H_up * y_p on `[R, C, BLOCK_M]`.
+    """
+    pid_r = tl.program_id(0)
+    dt = W_ptr.dtype.element_ty
+    INF = float("inf")
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = offs_r < n_rows
+    if HAS_ROWS:
+        ridx = tl.load(ROW_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+    else:
+        ridx = offs_r.to(tl.int64)
+    w_row = W_ptr + ridx * stride_wm
+    k_row = K_ptr + ridx * stride_km
+    c_row = C_ptr + ridx * stride_cm
+    ar_c = tl.arange(0, BLOCK_C)
+    ar_m = tl.arange(0, BLOCK_M)
+
+    best_v = tl.full([BLOCK_R], INF, dtype=dt)
+    best_u = tl.zeros([BLOCK_R], dtype=tl.int32)
+    best_p = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        offs_u = c0 + ar_c  # [C]
+        umask = offs_u < n_cols
+        offs_p = (offs_u // prune_m * prune_m)[:, None] + ar_m[None, :]  # [C, M]
+        pmask = umask[:, None] & (ar_m[None, :] < prune_m)
+        m_ru = rmask[:, None] & umask[None, :]
+        w_u = tl.load(w_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
+        k_u = tl.load(k_row[:, None] + offs_u[None, :], mask=m_ru, other=0)
+        c_u = tl.load(c_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
+        hd_u = tl.load(H_ptr + offs_u.to(tl.int64) * (stride_hm + 1), mask=umask, other=0.0)
+        cand_u = (k_u != 0) & m_ru
+        a_u = tl.where(cand_u, w_u * w_u * hd_u[None, :] + 2.0 * w_u * c_u, INF)
+        x_u = tl.where(cand_u, -2.0 * w_u, 0.0)
+
+        m_rp = rmask[:, None, None] & pmask[None, :, :]
+        p3 = offs_p[None, :, :]
+        w_p = tl.load(w_row[:, None, None] + p3, mask=m_rp, other=0.0)
+        k_p = tl.load(k_row[:, None, None] + p3, mask=m_rp, other=1)
+        c_p = tl.load(c_row[:, None, None] + p3, mask=m_rp, other=0.0)
+        hd_p = tl.load(H_ptr + offs_p.to(tl.int64) * (stride_hm + 1), mask=pmask, other=0.0)
+        cand_p = (k_p == 0) & m_rp
+        b_p = tl.where(cand_p, w_p * w_p * hd_p[None, :, :] - 2.0 * w_p * c_p, INF)
+        y_p = tl.where(cand_p, w_p, 0.0)
+        h = tl.load(H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm + offs_p, mask=pmask,
+                    other=0.0)  # [C, M]: H[u, p], shared by all rows
+        q = a_u[:, :, None] + b_p + x_u[:, :, None] * (h[None, :, :] * y_p)  # [R, C, M]
+        q2 = tl.reshape(q, (BLOCK_R, BLOCK_C * BLOCK_M))
+        v, j = tl.min(q2, axis=1, return_indices=True)
+        jc = j // BLOCK_M
+        better = v < best_v
+        best_v = tl.where(better, v, best_v)
+        best_u = tl.where(better, c0 + jc, best_u)
+        best_p = tl.where(better, (c0 + jc) // prune_m * prune_m + j % BLOCK_M, best_p)
+
+    tl.store(VAL_ptr + offs_r, best_v, mask=rmask)
+    tl.store(U_ptr + offs_r, best_u.to(tl.int64), mask=rmask)
+    tl.store(P_ptr + offs_r, best_p.to(tl.int64), mask=rmask)
+
+
+@triton.jit
+def _swap_apply_kernel(
+    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr, U_ptr, P_ptr,
+    n_cols,
+    stride_wm, stride_km, stride_cm, stride_hm,
+    BLOCK_N: tl.constexpr,
+):
+    """Swap i: `c[r] += w[r, u] * H[u, :] - w[r, p] * H[p, :]`; keep[r, u] = 0, keep[r, p] = 1."""
+    i = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    r = tl.load(ROW_ptr + i).to(tl.int64)
+    u = tl.load(U_ptr + i).to(tl.int64)
+    p = tl.load(P_ptr + i).to(tl.int64)
+    wu = tl.load(W_ptr + r * stride_wm + u)
+    wp = tl.load(W_ptr + r * stride_wm + p)
+    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs < n_cols
+    hu = tl.load(H_ptr + u * stride_hm + offs, mask=nmask, other=0.0)
+    hp = tl.load(H_ptr + p * stride_hm + offs, mask=nmask, other=0.0)
+    c_ptrs = C_ptr + r * stride_cm + offs
+    c = tl.load(c_ptrs, mask=nmask, other=0.0)
+    tl.store(c_ptrs, c + (wu * hu - wp * hp), mask=nmask)
+    if pid_n == 0:
+        tl.store(K_ptr + r * stride_km + u, tl.full([], 0, tl.uint8))
+        tl.store(K_ptr + r * stride_km + p, tl.full([], 1, tl.uint8))
+
+
+# ------------------------------------------------------------------------------ launchers
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _prepare(w, keep, c, H):
+    if w.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"w must be float32 or float64, got {w.dtype}")
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
+    if w.shape != keep.shape or w.shape != c.shape:
+        raise ValueError(f"w, keep and c must have one shape; got {w.shape}, {keep.shape}, "
+                         f"{c.shape}")
+    if H.shape != (w.shape[1], w.shape[1]):
+        raise ValueError(f"H must be [cols, cols] = {w.shape[1]}, got {tuple(H.shape)}")
+
+    def unit(t):  # unit column stride; rows may be strided
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    w = unit(w)
+    c = unit(c.to(w.dtype))
+    H = unit(H.to(w.dtype))
+    return w, c, H
+
+
+def _n_sm(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
+                       prune_n: int = 0, prune_m: int = 0, *, rows: torch.Tensor | None = None,
+                       block_r: int | None = None, block_u: int | None = None,
+                       block_p: int | None = None, splits: int | None = None,
+                       num_warps: int | None = None):
+    """Best 1-swap per row (same contract as `torch_swap_search`):
+
+    `Δ = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p` minimised over kept u
+    and pruned p of each row (N:M: u and p in one group of `prune_m`). Returns `(u, p, delta)`
+    (int64, int64, w's dtype); `delta = +inf` where a row has no candidate pair.
+
+    `rows` (optional int64 indices): search only those rows of the full `w`, `keep`, `c`
+    (avoids gathering copies; results are in the order of `rows`). Tile sizes, the number of
+    u splits (two-stage reduction) and warps are tunable; defaults suit an H100 (and larger
+    tiles under the interpreter, where each tile op costs Python overhead).
+    """
+    w, c, H = _prepare(w, keep, c, H)
+    cols = w.shape[1]
+    n = w.shape[0] if rows is None else rows.numel()
+    dev = w.device
+    u_out = torch.zeros(n, dtype=torch.long, device=dev)
+    p_out = torch.zeros(n, dtype=torch.long, device=dev)
+    if n == 0 or cols == 0:
+        return u_out, p_out, torch.full((n,), float("inf"), dtype=w.dtype, device=dev)
+    keep8 = keep.view(torch.uint8)
+    has_rows = rows is not None
+    row_arg = rows.to(device=dev, dtype=torch.long).contiguous() if has_rows else u_out
+    interp = _interpreted()
+
+    if prune_n:
+        m = int(prune_m)
+        bm = triton.next_power_of_2(m)
+        br = block_r or (16 if interp else 8)
+        # u runs over a chunk of BLOCK_C columns (groups may straddle chunks: p is addressed
+        # by pointer, so every u still meets exactly its own group)
+        bc = triton.next_power_of_2(block_u or (256 if interp else 128))
+        val = torch.empty(n, dtype=w.dtype, device=dev)
+        grid = (triton.cdiv(n, br),)
+        _swap_search_nm_kernel[grid](
+            w, keep8, c, H, row_arg, val, u_out, p_out,
+            n, cols, m,
+            w.stride(0), keep8.stride(0), c.stride(0), H.stride(0),
+            HAS_ROWS=has_rows, BLOCK_R=br, BLOCK_C=bc, BLOCK_M=bm,
+            num_warps=num_warps or 4,
+        )
+        return u_out, p_out, val
+
+    br = block_r or (16 if interp else 4)
+    bu = block_u or (64 if interp else 32)
+    bp = block_p or (128 if interp else 64)
+    row_blocks = triton.cdiv(n, br)
+    u_tiles = triton.cdiv(cols, bu)
+    if splits is None:  # enough programs to fill the GPU as the active set shrinks
+        splits = 1 if interp else triton.cdiv(4 * _n_sm(dev), row_blocks)
+    splits = max(1, min(int(splits), u_tiles))
+    u_chunk = triton.cdiv(u_tiles, splits) * bu
+    splits = triton.cdiv(cols, u_chunk)
+    if splits == 1:
+        val, uo, po = torch.empty(n, dtype=w.dtype, device=dev), u_out, p_out
+    else:
+        val = torch.empty(splits, n, dtype=w.dtype, device=dev)
+        uo = torch.empty(splits, n, dtype=torch.long, device=dev)
+        po = torch.empty(splits, n, dtype=torch.long, device=dev)
+    _swap_search_kernel[(row_blocks, splits)](
+        w, keep8, c, H, row_arg, val, uo, po,
+        n, cols, u_chunk,
+        w.stride(0), keep8.stride(0), c.stride(0), H.stride(0), n,
+        HAS_ROWS=has_rows, BLOCK_R=br, BLOCK_U=bu, BLOCK_P=bp,
+        num_warps=num_warps or 4,
+    )
+    if splits == 1:
+        return u_out, p_out, val
+    best, s = val.min(dim=0)  # second stage: [splits, n] -> [n]
+    s = s[None]
+    return uo.gather(0, s)[0], po.gather(0, s)[0], best
+
+
+def triton_swap_apply(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
+                      rows: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
+                      block_n: int | None = None) -> None:
+    """In place, one launch: for each swap i, `keep[rows_i, u_i] = False`,
+    `keep[rows_i, p_i] = True`, `c[rows_i] += w[rows_i, u_i] H[u_i, :] - w[rows_i, p_i] H[p_i, :]`
+    (H symmetric). Same contract as `torch_swap_apply`; `rows` must be distinct.
+    `keep` must be a bool tensor and `c` must have `w`'s dtype and unit column stride (they
+    are updated in place)."""
+    if rows.numel() == 0:
+        return
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
+    if c.dtype != w.dtype or c.stride(-1) != 1 or keep.stride(-1) != 1:
+        raise ValueError("c must have w's dtype; c and keep must have unit column stride")
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    H = H.to(w.dtype)
+    if H.stride(-1) != 1:
+        H = H.contiguous()
+    cols = w.shape[1]
+    keep8 = keep.view(torch.uint8)
+    bn = block_n or min(triton.next_power_of_2(cols), 4096 if _interpreted() else 1024)
+    grid = (rows.numel(), triton.cdiv(cols, bn))
+    _swap_apply_kernel[grid](
+        w, keep8, c, H, rows.contiguous(), u.contiguous(), p.contiguous(),
+        cols,
+        w.stride(0), keep8.stride(0), c.stride(0), H.stride(0),
+        BLOCK_N=bn, num_warps=4,
+    )
+
+
+OPS = {"swap_search": triton_swap_search, "swap_apply": triton_swap_apply}
