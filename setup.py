@@ -5,13 +5,15 @@ unrelated PyPI package called `triton_kernels`. CUDA sources under `csrc/` ship 
 and are compiled lazily on first use on a CUDA machine.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="fastprune",
     version="0.1.0",
     description="Fused Triton/CUDA kernels and exact reference solvers for one-shot LLM pruning",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["fastprune", "fastprune.ops", "fastprune.triton_kernels", "fastprune.csrc"],

@@ -50,9 +50,19 @@ def main() -> None:
             t_orig = bench(orig, "cpu", warmup=0 if rep == 1 else 1, rep=rep)
             t_ours = bench(ours, "cpu", warmup=0 if rep == 1 else 1, rep=rep)
             for backend, t in (("original-loop", t_orig), ("fastprune-torch", t_ours)):
-                rows_out.append(row(f"{method}_layer", backend, (r, c), torch.float32, "cpu", t,
-                                    pattern=pat, speedup_vs_original=round(t_orig / t, 2),
-                                    threads=torch.get_num_threads()))
+                rows_out.append(
+                    row(
+                        f"{method}_layer",
+                        backend,
+                        (r, c),
+                        torch.float32,
+                        "cpu",
+                        t,
+                        pattern=pat,
+                        speedup_vs_original=round(t_orig / t, 2),
+                        threads=torch.get_num_threads(),
+                    )
+                )
     write_rows(rows_out, args.out)
 
 

@@ -5,17 +5,21 @@ Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 (`weight`, keep-`mask`, `loss`, `info`).
 """
 
-from .hessian import HessianAccumulator, InverseHessian, accumulate_hessian, inverse_hessian
-from .hessian import layer_loss
+from . import testing  # synthetic layers for tests and benchmarks
+from .hessian import (
+    HessianAccumulator,
+    InverseHessian,
+    accumulate_hessian,
+    inverse_hessian,
+    layer_loss,
+)
 from .masks import check_nm_keep_mask
 from .ops import BackendUnavailableError
 from .result import PruneResult
 from .rose import rose_layer
-from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer
-from .scores import wanda_layer
+from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer, wanda_layer
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
-from . import testing  # noqa: E402  (synthetic layers for tests and benchmarks)
 
 __version__ = "0.1.0"
 
@@ -35,5 +39,6 @@ __all__ = [
     "rose_layer",
     "sparsegpt_layer",
     "sparseswaps_layer",
+    "testing",
     "wanda_layer",
 ]

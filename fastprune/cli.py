@@ -12,8 +12,10 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import format_table, run_demo
 
     rows = run_demo(args.rows, args.cols, args.sparsity, args.seed, args.device, args.backend)
-    print(f"fastprune demo: one synthetic {args.rows}x{args.cols} layer (columnar activations),"
-          f" sparsity {args.sparsity}, torch {torch.__version__}")
+    print(
+        f"fastprune demo: one synthetic {args.rows}x{args.cols} layer (columnar activations),"
+        f" sparsity {args.sparsity}, torch {torch.__version__}"
+    )
     print(format_table(rows))
     print("loss = tr((W - W_p) H (W - W_p)^T) = 2/n ||(W - W_p) X||^2 over the calibration set")
     return 0

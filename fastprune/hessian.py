@@ -22,8 +22,12 @@ class HessianAccumulator:
     `batch` samples. Accumulates in float32 whatever the input dtype.
     """
 
-    def __init__(self, cols: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        cols: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         if cols <= 0:
             raise ValueError(f"cols must be > 0, got {cols}")
         self.cols = int(cols)
@@ -100,8 +104,9 @@ def _damp_schedule(percdamp: float, tries: int) -> list[float]:
 
 
 @torch.no_grad()
-def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, *, dtype: torch.dtype | None = None,
-                    max_tries: int = 8) -> InverseHessian:
+def inverse_hessian(
+    H: torch.Tensor, percdamp: float = 0.01, *, dtype: torch.dtype | None = None, max_tries: int = 8
+) -> InverseHessian:
     """Damp `H`, fix dead columns and return the upper Cholesky factor of `H^-1`.
 
     Same steps as the reference (`H[dead, dead] = 1`; `H += percdamp * mean(diag(H)) * I`;
@@ -143,13 +148,13 @@ def inverse_hessian(H: torch.Tensor, percdamp: float = 0.01, *, dtype: torch.dty
 def layer_loss(W: torch.Tensor, Wp: torch.Tensor, H: torch.Tensor) -> float:
     """`tr((W - W_p) H (W - W_p)^T)`, computed in float32 (float64 for float64 inputs)."""
     dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
-    D = (W.to(dtype) - Wp.to(dtype))
+    D = W.to(dtype) - Wp.to(dtype)
     Hc = H.to(dtype)
     total = 0.0
     # chunk rows so a big layer does not need a second rows x cols temporary at once
     step = max(1, (1 << 24) // max(1, W.shape[1]))
     for r0 in range(0, D.shape[0], step):
-        Dr = D[r0:r0 + step]
+        Dr = D[r0 : r0 + step]
         total += ((Dr @ Hc) * Dr).sum(dtype=torch.float64).item()
     return float(total)
 

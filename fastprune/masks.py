@@ -70,8 +70,9 @@ def threshold_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return score <= thresh
 
 
-def selection_prune_mask(score: torch.Tensor, sparsity: float, prune_n: int, prune_m: int,
-                         per_row: bool = True) -> torch.Tensor:
+def selection_prune_mask(
+    score: torch.Tensor, sparsity: float, prune_n: int, prune_m: int, per_row: bool = True
+) -> torch.Tensor:
     """Score-based selection: N:M per group, else per row (Wanda) or global (magnitude)."""
     if prune_n:
         return nm_prune_mask(score, prune_n, prune_m)

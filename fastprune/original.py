@@ -11,8 +11,15 @@ from __future__ import annotations
 import torch
 
 
-def original_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen: int = 0,
-                       prunem: int = 0, blocksize: int = 128, percdamp: float = 0.01):
+def original_sparsegpt(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    prunen: int = 0,
+    prunem: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+):
     """The IST-DASLab `SparseGPT.fasterprune` loop (no quantizer). Returns (W, pruned)."""
     W = W.clone().float()
     H = H.clone().float()
@@ -44,8 +51,10 @@ def original_sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, prunen
             w = W1[:, i]
             d = Hinv1[i, i]
             if prunen != 0 and i % prunem == 0:
-                tmp = W1[:, i:(i + prunem)] ** 2 / (torch.diag(Hinv1)[i:(i + prunem)]
-                                                    .reshape((1, -1))) ** 2
+                tmp = (
+                    W1[:, i : (i + prunem)] ** 2
+                    / (torch.diag(Hinv1)[i : (i + prunem)].reshape((1, -1))) ** 2
+                )
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0
@@ -72,9 +81,16 @@ def _rose_block_losses(score, cols, blocksize, sparsity):
     return torch.cat(reorder), torch.tensor(losses, device=score.device)
 
 
-def original_rose(W: torch.Tensor, H: torch.Tensor, scaler_row: torch.Tensor, sparsity: float,
-                  prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
-                  percdamp: float = 0.01):
+def original_rose(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    scaler_row: torch.Tensor,
+    sparsity: float,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+):
     """The ROSE repository's `fasterprune` (its scaler passed in), returning (W, pruned, ste).
 
     Argsorts are stable here (the original's are not, which only matters at exact ties).
@@ -89,7 +105,7 @@ def original_rose(W: torch.Tensor, H: torch.Tensor, scaler_row: torch.Tensor, sp
     if prune_n != 0:
         low = torch.zeros_like(score, dtype=torch.bool)
         for ii in range(0, cols, prune_m):
-            tmp = score[:, ii:(ii + prune_m)].float()
+            tmp = score[:, ii : (ii + prune_m)].float()
             low.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
         block_loss = (score * low).view(rows, cols // prune_m, prune_m).sum(dim=2).sum(dim=0)
         reorder_column = None
@@ -107,24 +123,24 @@ def original_rose(W: torch.Tensor, H: torch.Tensor, scaler_row: torch.Tensor, sp
     else:
         perm = torch.arange(cols, device=W.device)
     Hp = H[perm][:, perm]
-    Wq, pruned = original_sparsegpt(W[:, perm], Hp, sparsity, prune_n, prune_m, blocksize,
-                                    percdamp)
+    Wq, pruned = original_sparsegpt(W[:, perm], Hp, sparsity, prune_n, prune_m, blocksize, percdamp)
     inv = torch.argsort(perm)
     return Wq[:, inv], pruned[:, inv], ste
 
 
-def original_wanda(W: torch.Tensor, scaler_row: torch.Tensor, sparsity: float,
-                   prune_n: int = 0, prune_m: int = 0):
+def original_wanda(
+    W: torch.Tensor, scaler_row: torch.Tensor, sparsity: float, prune_n: int = 0, prune_m: int = 0
+):
     """Wanda's `prune_wanda` selection for one layer. Returns (W, pruned)."""
     metric = torch.abs(W) * torch.sqrt(scaler_row.reshape((1, -1)))
     pruned = torch.zeros_like(metric) == 1
     if prune_n != 0:
         for ii in range(metric.shape[1]):
             if ii % prune_m == 0:
-                tmp = metric[:, ii:(ii + prune_m)].float()
+                tmp = metric[:, ii : (ii + prune_m)].float()
                 pruned.scatter_(1, ii + torch.topk(tmp, prune_n, dim=1, largest=False)[1], True)
     else:
-        idx = torch.sort(metric, dim=-1, stable=True)[1][:, :int(metric.shape[1] * sparsity)]
+        idx = torch.sort(metric, dim=-1, stable=True)[1][:, : int(metric.shape[1] * sparsity)]
         pruned.scatter_(1, idx, True)
     out = W.clone()
     out[pruned] = 0

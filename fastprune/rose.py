@@ -45,8 +45,9 @@ def relative_range(block_loss: torch.Tensor) -> float:
     return 0.0 if hi <= 0 else (hi - lo) / hi
 
 
-def rose_permutation(col_loss: torch.Tensor, block_loss: torch.Tensor,
-                     bounds: list[tuple[int, int]]) -> tuple[torch.Tensor, list[int]]:
+def rose_permutation(
+    col_loss: torch.Tensor, block_loss: torch.Tensor, bounds: list[tuple[int, int]]
+) -> tuple[torch.Tensor, list[int]]:
     """Blocks by descending block loss, columns inside each by descending column loss.
 
     Stable sorts, so equal losses keep their original order. Returns the permutation
@@ -63,10 +64,19 @@ def rose_permutation(col_loss: torch.Tensor, block_loss: torch.Tensor,
 
 
 @torch.no_grad()
-def rose_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0,
-               prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
-               range_threshold: float = 0.5, backend: str = "auto", *,
-               inplace: bool = False) -> PruneResult:
+def rose_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    range_threshold: float = 0.5,
+    backend: str = "auto",
+    *,
+    inplace: bool = False,
+) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
     Arguments as `sparsegpt_layer`. `range_threshold` is the relative range of block losses
@@ -74,7 +84,8 @@ def rose_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n:
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = _check_common(
-        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend)
+        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
+    )
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
     name = ops.resolve_backend(backend, W.device, ROSE_OPS)

@@ -35,9 +35,19 @@ def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) 
     return wanda_score(W, H).to(dtype) + alpha * W.to(dtype).abs() * G.to(dtype)
 
 
-def _apply(method: str, W: torch.Tensor, H: torch.Tensor | None, score: torch.Tensor,
-           sparsity: float, n: int, m: int, per_row: bool, t0: float, inplace: bool,
-           extra: dict | None = None) -> PruneResult:
+def _apply(
+    method: str,
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    score: torch.Tensor,
+    sparsity: float,
+    n: int,
+    m: int,
+    per_row: bool,
+    t0: float,
+    inplace: bool,
+    extra: dict | None = None,
+) -> PruneResult:
     pruned = selection_prune_mask(score, sparsity, n, m, per_row=per_row)
     keep = ~pruned
     weight = W if inplace else W.clone()
@@ -56,8 +66,15 @@ def _apply(method: str, W: torch.Tensor, H: torch.Tensor | None, score: torch.Te
 
 
 @torch.no_grad()
-def magnitude_layer(W: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
-                    *, H: torch.Tensor | None = None, inplace: bool = False) -> PruneResult:
+def magnitude_layer(
+    W: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    *,
+    H: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> PruneResult:
     """Magnitude pruning: score `|W|`; unstructured prunes exactly `int(numel*sparsity)`
     weights under one threshold over the whole layer (ties broken by position); N:M per
     group. `H` is optional and only used to report the loss."""
@@ -71,8 +88,15 @@ def magnitude_layer(W: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0, pr
 
 
 @torch.no_grad()
-def wanda_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0,
-                prune_m: int = 0, *, inplace: bool = False) -> PruneResult:
+def wanda_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    *,
+    inplace: bool = False,
+) -> PruneResult:
     """Wanda: score `|W| * sqrt(diag(H)/2)`; per output row prune the `int(cols*sparsity)`
     lowest (stable sort); N:M per group."""
     t0 = time.perf_counter()
@@ -84,9 +108,17 @@ def wanda_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n
 
 
 @torch.no_grad()
-def gblm_layer(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, sparsity: float = 0.5,
-               prune_n: int = 0, prune_m: int = 0, alpha: float = 1.0, *,
-               inplace: bool = False) -> PruneResult:
+def gblm_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    G: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    alpha: float = 1.0,
+    *,
+    inplace: bool = False,
+) -> PruneResult:
     """GBLM-Pruner: score `|W| * sqrt(diag(H)/2) + alpha * |W| * G` with `G` the accumulated
     gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
     t0 = time.perf_counter()

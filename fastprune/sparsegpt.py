@@ -39,9 +39,16 @@ def nm_blocksize(blocksize: int, prune_m: int) -> int:
 
 
 @torch.no_grad()
-def obs_prune(W: torch.Tensor, hinv: torch.Tensor, bounds: list[tuple[int, int]],
-              sparsity: float, prune_n: int, prune_m: int,
-              fixed_pruned: torch.Tensor | None, backend: str):
+def obs_prune(
+    W: torch.Tensor,
+    hinv: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    sparsity: float,
+    prune_n: int,
+    prune_m: int,
+    fixed_pruned: torch.Tensor | None,
+    backend: str,
+):
     """The SparseGPT block loop over `bounds` on a float32/64 working copy `W` (modified).
 
     Per block: choose the mask (fixed, by threshold, or N:M inside the sweep), sweep the
@@ -72,8 +79,9 @@ def obs_prune(W: torch.Tensor, hinv: torch.Tensor, bounds: list[tuple[int, int]]
     return W, pruned, losses
 
 
-def unpruned_result(W: torch.Tensor, H: torch.Tensor | None, info: dict, t0: float,
-                    inplace: bool) -> PruneResult:
+def unpruned_result(
+    W: torch.Tensor, H: torch.Tensor | None, info: dict, t0: float, inplace: bool
+) -> PruneResult:
     """sparsity == 0: nothing is pruned (the reference's `<=` rule would still drop one
     weight per block; we treat 0 as 'keep everything')."""
     weight = W if inplace else W.clone()
@@ -82,8 +90,14 @@ def unpruned_result(W: torch.Tensor, H: torch.Tensor | None, info: dict, t0: flo
     return PruneResult(weight, keep, 0.0 if H is not None else None, info)
 
 
-def obs_layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
-                   damp: float, errsum: float) -> tuple[float, str]:
+def obs_layer_loss(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    H: torch.Tensor,
+    dead: torch.Tensor,
+    damp: float,
+    errsum: float,
+) -> tuple[float, str]:
     """The layer loss `tr(D H D^T)` of an OBS solve, without a `rows x cols x cols` GEMM.
 
     The sweep leaves `Wc - Q = Err U` exactly (U the upper Cholesky factor of the damped
@@ -99,9 +113,18 @@ def obs_layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, dead: torc
     return layer_loss(W, Q, H), "explicit"
 
 
-def _finish(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,
-            info: dict, t0: float, inplace: bool, inv: InverseHessian,
-            losses: torch.Tensor, dead: torch.Tensor | None = None) -> PruneResult:
+def _finish(
+    W: torch.Tensor,
+    Q: torch.Tensor,
+    pruned: torch.Tensor,
+    H: torch.Tensor,
+    info: dict,
+    t0: float,
+    inplace: bool,
+    inv: InverseHessian,
+    losses: torch.Tensor,
+    dead: torch.Tensor | None = None,
+) -> PruneResult:
     """Loss, dtype cast, in-place write and timing; `dead` in W's column order (defaults to
     the inverse's own order)."""
     errsum = 2 * losses.sum(dtype=torch.float64).item()
@@ -129,8 +152,15 @@ def _check_common(W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     return W, H, sparsity, n, m, blocksize, percdamp
 
 
-def base_info(method: str, W: torch.Tensor, sparsity: float, n: int, m: int, backend: str,
-              dtype: torch.dtype | None = None) -> dict:
+def base_info(
+    method: str,
+    W: torch.Tensor,
+    sparsity: float,
+    n: int,
+    m: int,
+    backend: str,
+    dtype: torch.dtype | None = None,
+) -> dict:
     return {
         "method": method,
         "sparsity": n / m if n else sparsity,
@@ -143,10 +173,20 @@ def base_info(method: str, W: torch.Tensor, sparsity: float, n: int, m: int, bac
 
 
 @torch.no_grad()
-def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, prune_n: int = 0,
-                    prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01,
-                    mask: torch.Tensor | None = None, backend: str = "auto", *,
-                    hinv: InverseHessian | None = None, inplace: bool = False) -> PruneResult:
+def sparsegpt_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    hinv: InverseHessian | None = None,
+    inplace: bool = False,
+) -> PruneResult:
     """Prune one layer with SparseGPT (OBS updates over blocks of columns).
 
     Same result as the IST-DASLab reference `fasterprune` with these arguments: the
@@ -159,7 +199,8 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, pru
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = _check_common(
-        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend)
+        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
+    )
     fixed_pruned = None
     if mask is not None:
         check_mask(mask, W.shape, W.device)
@@ -189,9 +230,12 @@ def _resolve_inverse(hinv, H, percdamp, dtype) -> InverseHessian:
     if not isinstance(hinv, InverseHessian):
         raise TypeError("hinv must be an InverseHessian from fastprune.inverse_hessian")
     if hinv.hinv.shape != H.shape or hinv.hinv.device != H.device:
-        raise ValueError(f"hinv is {tuple(hinv.hinv.shape)} on {hinv.hinv.device}, "
-                         f"H is {tuple(H.shape)} on {H.device}")
+        raise ValueError(
+            f"hinv is {tuple(hinv.hinv.shape)} on {hinv.hinv.device}, "
+            f"H is {tuple(H.shape)} on {H.device}"
+        )
     if hinv.hinv.dtype != dtype:
-        return InverseHessian(hinv.hinv.to(dtype), hinv.dead, hinv.damp, hinv.percdamp,
-                              hinv.retries)
+        return InverseHessian(
+            hinv.hinv.to(dtype), hinv.dead, hinv.damp, hinv.percdamp, hinv.retries
+        )
     return hinv

@@ -45,9 +45,16 @@ def _noise_floor(w, keep, c, H, rows, u, p, delta):
 
 
 @torch.no_grad()
-def swap_refine(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, prune_n: int = 0,
-                prune_m: int = 0, max_swaps: int | None = None, backend: str = "torch",
-                progress: bool = False) -> tuple[torch.Tensor, dict]:
+def swap_refine(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    keep: torch.Tensor,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    max_swaps: int | None = None,
+    backend: str = "torch",
+    progress: bool = False,
+) -> tuple[torch.Tensor, dict]:
     """The SparseSwaps step loop on float32/64 `W`, `H`; returns the refined keep-mask and
     counters. `max_swaps` bounds the number of steps (each step swaps at most once per row)."""
     search = ops.get_op("swap_search", backend)
@@ -81,11 +88,20 @@ def swap_refine(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, prune_n: i
 
 
 @torch.no_grad()
-def sparseswaps_layer(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor | None = None,
-                      max_swaps: int | None = None, backend: str = "auto", *,
-                      sparsity: float = 0.5, prune_n: int = 0, prune_m: int = 0,
-                      reconstruct: bool = False, percdamp: float = 0.01,
-                      progress: bool = False) -> PruneResult:
+def sparseswaps_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    max_swaps: int | None = None,
+    backend: str = "auto",
+    *,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    reconstruct: bool = False,
+    percdamp: float = 0.01,
+    progress: bool = False,
+) -> PruneResult:
     """Refine a keep-mask (True = kept) by optimal 1-swaps; weights are not changed.
 
     `mask=None` warm-starts from Wanda's mask at `sparsity` / `prune_n:prune_m`. With
@@ -123,13 +139,22 @@ def sparseswaps_layer(W: torch.Tensor, H: torch.Tensor, mask: torch.Tensor | Non
     keep, counters = swap_refine(Wc, Hc, keep0, n, m, max_swaps, name, progress)
     r1 = Wc * ~keep
     loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
-    info.update(counters, loss_before=loss_before, loss_after=loss_after,
-                max_swaps=max_swaps, pattern=pattern_name(n, m))
+    info.update(
+        counters,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        max_swaps=max_swaps,
+        pattern=pattern_name(n, m),
+    )
     if reconstruct:
-        rec = sparsegpt_layer(W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp,
-                              backend=backend)
-        info.update(reconstructed=True, loss_masked=loss_after,
-                    **{k: rec.info[k] for k in ("damp", "damp_retries")})
+        rec = sparsegpt_layer(
+            W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp, backend=backend
+        )
+        info.update(
+            reconstructed=True,
+            loss_masked=loss_after,
+            **{k: rec.info[k] for k in ("damp", "damp_retries")},
+        )
         weight, loss = rec.weight, rec.loss
     else:
         weight = W.masked_fill(~keep, 0)

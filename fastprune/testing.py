@@ -7,10 +7,20 @@ import torch
 from .hessian import HessianAccumulator
 
 
-def random_layer(rows: int, cols: int, *, nsamples: int = 4, tokens: int = 64,
-                 columnar: bool = False, ill_conditioned: bool = False, dead: int = 0,
-                 blocksize: int = 128, dtype: torch.dtype = torch.float32,
-                 generator: torch.Generator | None = None, device: str = "cpu"):
+def random_layer(
+    rows: int,
+    cols: int,
+    *,
+    nsamples: int = 4,
+    tokens: int = 64,
+    columnar: bool = False,
+    ill_conditioned: bool = False,
+    dead: int = 0,
+    blocksize: int = 128,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+    device: str = "cpu",
+):
     """`(W, H, X)` with LLM-like activations `X [nsamples, tokens, cols]`.
 
     columnar: per-block activation scales spread over two decades, so ROSE's block losses

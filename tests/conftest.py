@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
-def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float,
-                      limit: int = 5) -> str:
+def describe_mismatch(
+    actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, limit: int = 5
+) -> str:
     """Count and first indices of entries outside `atol + rtol*|expected|`."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if a.dtype == torch.bool or actual.dtype == torch.bool:
@@ -23,8 +24,10 @@ def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
     else:
         bad = (a - e).abs() > atol + rtol * e.abs()
     idx = bad.nonzero()[:limit].tolist()
-    return (f"{int(bad.sum())}/{bad.numel()} mismatched; first at {idx}; "
-            f"values {[ (a[tuple(i)].item(), e[tuple(i)].item()) for i in idx ]}")
+    return (
+        f"{int(bad.sum())}/{bad.numel()} mismatched; first at {idx}; "
+        f"values {[(a[tuple(i)].item(), e[tuple(i)].item()) for i in idx]}"
+    )
 
 
 def assert_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "") -> None:
@@ -34,13 +37,15 @@ def assert_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "
     assert ok, f"{what}: " + describe_mismatch(actual, expected, rtol, atol)
 
 
-def assert_masks_agree(actual: torch.Tensor, expected: torch.Tensor, min_agree: float = 1.0,
-                       what: str = "mask") -> None:
+def assert_masks_agree(
+    actual: torch.Tensor, expected: torch.Tensor, min_agree: float = 1.0, what: str = "mask"
+) -> None:
     """Masks agree on at least `min_agree` of entries (1.0 = exactly)."""
     assert actual.shape == expected.shape
     agree = (actual == expected).float().mean().item()
     assert agree >= min_agree, f"{what}: agree {agree:.6f} < {min_agree}; " + describe_mismatch(
-        actual, expected, 0, 0)
+        actual, expected, 0, 0
+    )
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ def literal_sweep(W1, Hinv1, prune1, n, m):
     d = Hinv1.diagonal()
     for i in range(count):
         if n and i % m == 0:
-            tmp = W1[:, i:i + m] ** 2 / d[i:i + m] ** 2
+            tmp = W1[:, i : i + m] ** 2 / d[i : i + m] ** 2
             prune1.scatter_(1, i + torch.topk(tmp, n, dim=1, largest=False)[1], True)
         w = W1[:, i]
         q = torch.where(prune1[:, i], torch.zeros_like(w), w)

@@ -99,8 +99,10 @@ def test_rose_beats_sparsegpt_on_columnar_layers(gen, n, m):
     ratios = []
     for _ in range(3):
         W, H, _ = fp.testing.random_layer(64, 256, columnar=True, generator=gen)
-        ratios.append(fp.rose_layer(W, H, prune_n=n, prune_m=m).loss
-                      / fp.sparsegpt_layer(W, H, prune_n=n, prune_m=m).loss)
+        ratios.append(
+            fp.rose_layer(W, H, prune_n=n, prune_m=m).loss
+            / fp.sparsegpt_layer(W, H, prune_n=n, prune_m=m).loss
+        )
     assert sum(ratios) / len(ratios) < 1.0, ratios
 
 
@@ -113,8 +115,7 @@ def test_inputs_untouched(gen):
 
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
 def test_loss_with_dead_columns_and_reordering(gen, n, m):
-    W, H, X = fp.testing.random_layer(16, 96, columnar=True, dead=7, blocksize=32,
-                                      generator=gen)
+    W, H, X = fp.testing.random_layer(16, 96, columnar=True, dead=7, blocksize=32, generator=gen)
     r = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, range_threshold=0.0)
     assert r.info["reordered"] and r.info["dead_columns"] == 7
     assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, H), rel=1e-4)

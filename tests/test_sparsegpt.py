@@ -19,9 +19,14 @@ def test_matches_original_loop(gen, rows, cols, bs, n, m, kind):
     equal to float32 rounding."""
     if m and cols % m:
         pytest.skip("cols not divisible by M")
-    W, H, _ = fp.testing.random_layer(rows, cols, columnar=kind == "columnar",
-                                      ill_conditioned=kind == "ill", blocksize=bs,
-                                      generator=gen)
+    W, H, _ = fp.testing.random_layer(
+        rows,
+        cols,
+        columnar=kind == "columnar",
+        ill_conditioned=kind == "ill",
+        blocksize=bs,
+        generator=gen,
+    )
     r = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=bs)
     Wo, pruned = original_sparsegpt(W, H, 0.5, n, m, bs)
     assert_masks_agree(r.mask, ~pruned, 0.999)
@@ -36,9 +41,9 @@ def test_identity_hessian_is_block_magnitude(gen):
     r = fp.sparsegpt_layer(W, torch.eye(96), 0.5, blocksize=32)
     keep = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, 96, 32):
-        blk = W[:, i1:i1 + 32].abs()
+        blk = W[:, i1 : i1 + 32].abs()
         thresh = torch.sort(blk.flatten())[0][int(blk.numel() * 0.5)]
-        keep[:, i1:i1 + 32] = blk > thresh
+        keep[:, i1 : i1 + 32] = blk > thresh
     assert torch.equal(r.mask, keep)
     torch.testing.assert_close(r.weight, W * keep, rtol=0, atol=1e-6)
 
@@ -63,7 +68,7 @@ def test_exact_pattern_and_count(gen, n, m, sparsity):
         assert fp.check_nm_keep_mask(r.mask, n, m)
     else:  # the reference's rule: one more than int(numel * s) per block (no ties here)
         for i1 in range(0, 128, 64):
-            pruned = (~r.mask[:, i1:i1 + 64]).sum().item()
+            pruned = (~r.mask[:, i1 : i1 + 64]).sum().item()
             assert pruned == int(32 * 64 * sparsity) + 1
     assert ((r.weight == 0) | r.mask).all() and (r.weight[~r.mask] == 0).all()
 

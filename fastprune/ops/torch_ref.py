@@ -18,8 +18,14 @@ def torch_block_prune_mask(W1: torch.Tensor, hinv_diag: torch.Tensor, sparsity: 
     return threshold_prune_mask(W1**2 / hinv_diag.reshape(1, -1) ** 2, sparsity)
 
 
-def torch_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor | None,
-                    prune_n: int = 0, prune_m: int = 0, inner: int = 16):
+def torch_obs_sweep(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    prune1: torch.Tensor | None,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    inner: int = 16,
+):
     """SparseGPT's in-block column sweep (OBS updates) for one block of columns.
 
     For each column i of the block: `q = w * keep`, `err = (w - q) / Hinv_ii`,
@@ -52,15 +58,15 @@ def torch_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor 
         j2 = min(j1 + step, count)
         for i in range(j1, j2):
             if nm and i % prune_m == 0:
-                g = WT[i:i + prune_m] ** 2 / d[i:i + prune_m, None] ** 2
-                pruneT[i:i + prune_m] = lowest_n_along_dim0(g, prune_n)
+                g = WT[i : i + prune_m] ** 2 / d[i : i + prune_m, None] ** 2
+                pruneT[i : i + prune_m] = lowest_n_along_dim0(g, prune_n)
             w = WT[i]
             q = w.masked_fill(pruneT[i], 0)
             err = (w - q) / d[i]
             QT[i] = q
             ET[i] = err
             if i + 1 < j2:
-                WT[i + 1:j2].addr_(Hinv1[i, i + 1:j2], err, alpha=-1)
+                WT[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
         if j2 < count:
             WT[j2:].addmm_(Hinv1[j1:j2, j2:].t(), ET[j1:j2], alpha=-1)
     loss_rows = (ET * ET).sum(0) / 2
@@ -70,8 +76,13 @@ def torch_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor 
 # ------------------------------------------------------------------------ ROSE losses
 
 
-def torch_column_losses(S: torch.Tensor, bounds: list[tuple[int, int]], sparsity: float,
-                        prune_n: int = 0, prune_m: int = 0):
+def torch_column_losses(
+    S: torch.Tensor,
+    bounds: list[tuple[int, int]],
+    sparsity: float,
+    prune_n: int = 0,
+    prune_m: int = 0,
+):
     """ROSE's pre-pruning losses.
 
     Unstructured: in each block `[i1, i2)` the entries with `S <= sorted(S_block)[int(numel*s)]`
@@ -106,8 +117,14 @@ def _swap_terms(w, keep, c, hdiag):
     return a, b
 
 
-def torch_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
-                      prune_n: int = 0, prune_m: int = 0):
+def torch_swap_search(
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    c: torch.Tensor,
+    H: torch.Tensor,
+    prune_n: int = 0,
+    prune_m: int = 0,
+):
     """Best 1-swap per row: un-prune p, prune u, minimising
 
     `Δ = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p`
@@ -167,8 +184,15 @@ def _swap_search_nm(a, b, wk, wp, H, m):
     return best_u, best_p, best
 
 
-def torch_swap_apply(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
-                     rows: torch.Tensor, u: torch.Tensor, p: torch.Tensor) -> None:
+def torch_swap_apply(
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    c: torch.Tensor,
+    H: torch.Tensor,
+    rows: torch.Tensor,
+    u: torch.Tensor,
+    p: torch.Tensor,
+) -> None:
     """Apply the chosen swaps in place for `rows`: prune u, un-prune p, and
     `c += w_u H[:, u] - w_p H[:, p]` (H symmetric, so rows of H are gathered)."""
     if rows.numel() == 0:
