@@ -52,11 +52,23 @@ def _sortable_key(x):
 
 @triton.jit
 def _radix_hist_kernel(
-    X_ptr, D_ptr, start_ptr, end_ptr, prefix_ptr, hist_ptr,
-    rows, rows_per_split,
-    stride_xm, stride_xn, stride_d,
-    SHIFT: tl.constexpr, HIGH_MASK: tl.constexpr, HAS_D: tl.constexpr, NBINS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    X_ptr,
+    D_ptr,
+    start_ptr,
+    end_ptr,
+    prefix_ptr,
+    hist_ptr,
+    rows,
+    rows_per_split,
+    stride_xm,
+    stride_xn,
+    stride_d,
+    SHIFT: tl.constexpr,
+    HIGH_MASK: tl.constexpr,
+    HAS_D: tl.constexpr,
+    NBINS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0)
     split = tl.program_id(1)
@@ -86,13 +98,13 @@ def _radix_hist_kernel(
             hist += tl.histogram(digit, NBINS)
             n_out += (~ok).to(tl.int32)
         bins = tl.arange(0, NBINS)
-        hist -= tl.where(bins == 0, tl.sum(n_out, axis=0), 0)  # excluded entries were counted in bin 0
+        # excluded entries were counted in bin 0 (digit 0); take them out
+        hist -= tl.where(bins == 0, tl.sum(n_out, axis=0), 0)
         tl.atomic_add(hist_ptr + b * NBINS + bins, hist, mask=hist > 0)
 
 
 @triton.jit
-def _radix_pick_kernel(hist_ptr, prefix_ptr, krem_ptr, SHIFT: tl.constexpr,
-                       NBINS: tl.constexpr):
+def _radix_pick_kernel(hist_ptr, prefix_ptr, krem_ptr, SHIFT: tl.constexpr, NBINS: tl.constexpr):
     b = tl.program_id(0)
     bins = tl.arange(0, NBINS)
     h = tl.load(hist_ptr + b * NBINS + bins)
@@ -107,10 +119,17 @@ def _radix_pick_kernel(hist_ptr, prefix_ptr, krem_ptr, SHIFT: tl.constexpr,
 
 @triton.jit
 def _masked_colsum_kernel(
-    S_ptr, colblock_ptr, thr_ptr, part_ptr,
-    rows, cols, rows_per_split,
-    stride_sm, stride_sn,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    S_ptr,
+    colblock_ptr,
+    thr_ptr,
+    part_ptr,
+    rows,
+    cols,
+    rows_per_split,
+    stride_sm,
+    stride_sn,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(1)
@@ -144,10 +163,17 @@ def _segment_sum_kernel(x_ptr, start_ptr, end_ptr, out_ptr, BLOCK: tl.constexpr)
 
 @triton.jit
 def _nm_colsum_kernel(
-    S_ptr, part_ptr,
-    rows, cols, rows_per_split,
-    stride_sm, stride_sn,
-    PRUNE_N: tl.constexpr, PRUNE_M: tl.constexpr, M_P: tl.constexpr, GROUPS: tl.constexpr,
+    S_ptr,
+    part_ptr,
+    rows,
+    cols,
+    rows_per_split,
+    stride_sm,
+    stride_sn,
+    PRUNE_N: tl.constexpr,
+    PRUNE_M: tl.constexpr,
+    M_P: tl.constexpr,
+    GROUPS: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
     g = tl.program_id(0) * GROUPS + tl.arange(0, GROUPS)
@@ -169,8 +195,11 @@ def _nm_colsum_kernel(
         rank = tl.zeros([BLOCK_R, GROUPS, M_P], dtype=tl.int32)
         gok = rok[:, None] & (gcol < cols)[None, :]
         for k in tl.static_range(PRUNE_M):
-            sk = tl.load(S_ptr + r[:, None] * stride_sm + (gcol + k)[None, :] * stride_sn,
-                         mask=gok, other=float("inf")).to(tl.float32)[:, :, None]
+            sk = tl.load(
+                S_ptr + r[:, None] * stride_sm + (gcol + k)[None, :] * stride_sn,
+                mask=gok,
+                other=float("inf"),
+            ).to(tl.float32)[:, :, None]
             before = (sk < s) | ((sk == s) & (k < mi)[None, None, :])
             rank += before.to(tl.int32)
         acc += tl.where(ok & (rank < PRUNE_N), s, 0.0)
@@ -179,8 +208,19 @@ def _nm_colsum_kernel(
 
 
 @triton.jit
-def _score_le_kernel(W_ptr, D_ptr, thr_ptr, P_ptr, rows, cols, stride_wm, stride_wn, stride_d,
-                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _score_le_kernel(
+    W_ptr,
+    D_ptr,
+    thr_ptr,
+    P_ptr,
+    rows,
+    cols,
+    stride_wm,
+    stride_wn,
+    stride_d,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (r < rows)[:, None] & (c < cols)[None, :]
@@ -202,20 +242,44 @@ def _splits(rows: int, block_r: int, other_programs: int) -> tuple[int, int]:
     return triton.cdiv(rows, per), per
 
 
-def _block_tensors(bounds, device):
-    starts = torch.tensor([b[0] for b in bounds], dtype=torch.int32)
-    ends = torch.tensor([b[1] for b in bounds], dtype=torch.int32)
-    return starts.to(device), ends.to(device)
+_GEOMETRY: dict = {}  # (device, bounds, cols) -> device tensors; built once, no H2D per call
 
 
-def kth_smallest_blocks(X: torch.Tensor, bounds, ks, d: torch.Tensor | None = None):
-    """Per block `[i1, i2)` of columns, the `ks[b]`-th smallest (0-based) value of `X[:, i1:i2]`
-    (or of `X^2 / d^2` when `d` is given), as a float32 tensor `[len(bounds)]`; exact."""
-    rows = X.shape[0]
+def _geometry(bounds, cols: int, device):
+    """`(starts, ends, numel_per_row, colblock)` int32/float64 device tensors for `bounds`.
+
+    Cached, so the per-block calls of the SparseGPT loop never copy from the host (a
+    pageable host-to-device copy would synchronise with the stream)."""
+    key = (str(device), tuple((int(a), int(b)) for a, b in bounds), int(cols))
+    geo = _GEOMETRY.get(key)
+    if geo is None:
+        if len(_GEOMETRY) > 256:
+            _GEOMETRY.clear()
+        starts = torch.tensor([b[0] for b in key[1]], dtype=torch.int32)
+        ends = torch.tensor([b[1] for b in key[1]], dtype=torch.int32)
+        colblock = torch.full((cols,), -1, dtype=torch.int32)
+        for b, (i1, i2) in enumerate(key[1]):
+            colblock[i1:i2] = b
+        geo = tuple(t.to(device) for t in (starts, ends, (ends - starts).double(), colblock))
+        _GEOMETRY[key] = geo
+    return geo
+
+
+def kth_smallest_blocks(
+    X: torch.Tensor, bounds, sparsity: float | None = None, ks=None, d: torch.Tensor | None = None
+):
+    """Per block `[i1, i2)` of columns, the `k_b`-th smallest (0-based) value of
+    `X[:, i1:i2]` (of `X^2 / d^2` when `d` is given), as a float32 device tensor
+    `[len(bounds)]`; exact. `k_b = int(numel_b * sparsity)` (computed on the device in
+    float64 exactly as Python does), or the explicit list `ks`."""
+    rows, cols = X.shape
     dev = X.device
     nb = len(bounds)
-    starts, ends = _block_tensors(bounds, dev)
-    krem = torch.tensor(list(ks), dtype=torch.int32).to(dev)
+    starts, ends, width_t, _ = _geometry(bounds, cols, dev)
+    if ks is not None:
+        krem = torch.tensor(list(ks), dtype=torch.int32).to(dev)
+    else:
+        krem = torch.floor(width_t * rows * sparsity).to(torch.int32)
     prefix = torch.zeros(nb, dtype=torch.int32, device=dev)
     hist = torch.zeros(nb, NBINS, dtype=torch.int32, device=dev)
     width = max(i2 - i1 for i1, i2 in bounds)
@@ -226,11 +290,24 @@ def kth_smallest_blocks(X: torch.Tensor, bounds, ks, d: torch.Tensor | None = No
     dd = d if d is not None else X  # dummy pointer when HAS_D is False
     for shift, high in _PASSES:
         _radix_hist_kernel[(nb, nsplit, ctiles)](
-            X, dd, starts, ends, prefix, hist,
-            rows, per,
-            X.stride(0), X.stride(1), dd.stride(0) if d is not None else 0,
-            SHIFT=shift, HIGH_MASK=high, HAS_D=d is not None, NBINS=NBINS,
-            BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+            X,
+            dd,
+            starts,
+            ends,
+            prefix,
+            hist,
+            rows,
+            per,
+            X.stride(0),
+            X.stride(1),
+            dd.stride(0) if d is not None else 0,
+            SHIFT=shift,
+            HIGH_MASK=high,
+            HAS_D=d is not None,
+            NBINS=NBINS,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            num_warps=4,
         )
         _radix_pick_kernel[(nb,)](hist, prefix, krem, SHIFT=shift, NBINS=NBINS, num_warps=4)
     # invert the key map: sign bit set -> positive float (clear it), else bit-inverted
@@ -243,18 +320,30 @@ def triton_block_prune_mask(W1: torch.Tensor, hinv_diag: torch.Tensor, sparsity:
     over the whole block (True = pruned)."""
     if W1.dtype == torch.float64 or hinv_diag.dtype == torch.float64:
         return (W1**2 / hinv_diag.reshape(1, -1) ** 2) <= _torch_kth(
-            W1**2 / hinv_diag.reshape(1, -1) ** 2, sparsity)
+            W1**2 / hinv_diag.reshape(1, -1) ** 2, sparsity
+        )
     rows, cols = W1.shape
     out = torch.empty(rows, cols, dtype=torch.int8, device=W1.device)
     if W1.numel() == 0:
         return out.view(torch.bool)
-    k = int(W1.numel() * sparsity)
-    thr = kth_smallest_blocks(W1, [(0, cols)], [k], d=hinv_diag)
+    thr = kth_smallest_blocks(W1, [(0, cols)], sparsity, d=hinv_diag)
     block_c = min(128, max(16, triton.next_power_of_2(cols)))
     block_r = max(1, min(triton.next_power_of_2(rows), 4096 // block_c))
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-    _score_le_kernel[grid](W1, hinv_diag, thr, out, rows, cols, W1.stride(0), W1.stride(1),
-                           hinv_diag.stride(0), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    _score_le_kernel[grid](
+        W1,
+        hinv_diag,
+        thr,
+        out,
+        rows,
+        cols,
+        W1.stride(0),
+        W1.stride(1),
+        hinv_diag.stride(0),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
+    )
     return out.view(torch.bool)
 
 
@@ -263,8 +352,9 @@ def _torch_kth(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return torch.kthvalue(flat, int(flat.numel() * sparsity) + 1).values
 
 
-def triton_column_losses(S: torch.Tensor, bounds, sparsity: float, prune_n: int = 0,
-                         prune_m: int = 0):
+def triton_column_losses(
+    S: torch.Tensor, bounds, sparsity: float, prune_n: int = 0, prune_m: int = 0
+):
     """Triton version of `torch_column_losses`: `(column_loss [cols], block_loss [nblocks])`.
 
     `bounds` are disjoint `(i1, i2)` column ranges (columns outside every block get loss 0);
@@ -286,8 +376,18 @@ def triton_column_losses(S: torch.Tensor, bounds, sparsity: float, prune_n: int 
         nsplit, per = _splits(rows, block_r, gtiles)
         part = torch.empty(nsplit, cols, dtype=torch.float32, device=dev)
         _nm_colsum_kernel[(gtiles, nsplit)](
-            S, part, rows, cols, per, S.stride(0), S.stride(1),
-            PRUNE_N=prune_n, PRUNE_M=prune_m, M_P=m_p, GROUPS=groups, BLOCK_R=block_r,
+            S,
+            part,
+            rows,
+            cols,
+            per,
+            S.stride(0),
+            S.stride(1),
+            PRUNE_N=prune_n,
+            PRUNE_M=prune_m,
+            M_P=m_p,
+            GROUPS=groups,
+            BLOCK_R=block_r,
             num_warps=4,
         )
         col = part.sum(0)
@@ -298,23 +398,28 @@ def triton_column_losses(S: torch.Tensor, bounds, sparsity: float, prune_n: int 
     blocks = torch.zeros(nb, dtype=torch.float32, device=dev)
     if nb == 0 or rows == 0:
         return col, blocks
-    ks = [int(rows * (i2 - i1) * sparsity) for i1, i2 in bounds]
-    thr = kth_smallest_blocks(S, bounds, ks)
-    colblock = torch.full((cols,), -1, dtype=torch.int32)
-    for b, (i1, i2) in enumerate(bounds):
-        colblock[i1:i2] = b
-    colblock = colblock.to(dev)
+    thr = kth_smallest_blocks(S, bounds, sparsity)
+    starts, ends, _, colblock = _geometry(bounds, cols, dev)
     block_c = 32
     block_r = 64
     ctiles = triton.cdiv(cols, block_c)
     nsplit, per = _splits(rows, block_r, ctiles)
     part = torch.empty(nsplit, cols, dtype=torch.float32, device=dev)
     _masked_colsum_kernel[(ctiles, nsplit)](
-        S, colblock, thr, part, rows, cols, per, S.stride(0), S.stride(1),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        S,
+        colblock,
+        thr,
+        part,
+        rows,
+        cols,
+        per,
+        S.stride(0),
+        S.stride(1),
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=4,
     )
     col = part.sum(0)
-    starts, ends = _block_tensors(bounds, dev)
     _segment_sum_kernel[(nb,)](col, starts, ends, blocks, BLOCK=128, num_warps=4)
     return col, blocks
 

@@ -45,14 +45,29 @@ def _div(x, y, F64: tl.constexpr):
 
 @triton.jit
 def _obs_sweep_kernel(
-    W_ptr, Hinv_ptr, P_ptr, Q_ptr, E_ptr, L_ptr, Pout_ptr,
-    rows, count,
-    stride_wm, stride_wn,
-    stride_hm, stride_hn,
-    stride_pm, stride_pn,
-    stride_qm, stride_qn,
-    PRUNE_N: tl.constexpr, PRUNE_M: tl.constexpr, ACC: tl.constexpr, F64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    W_ptr,
+    Hinv_ptr,
+    P_ptr,
+    Q_ptr,
+    E_ptr,
+    L_ptr,
+    Pout_ptr,
+    rows,
+    count,
+    stride_wm,
+    stride_wn,
+    stride_hm,
+    stride_hn,
+    stride_pm,
+    stride_pn,
+    stride_qm,
+    stride_qn,
+    PRUNE_N: tl.constexpr,
+    PRUNE_M: tl.constexpr,
+    ACC: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -72,7 +87,7 @@ def _obs_sweep_kernel(
         P = P != 0
 
     for i in range(0, count):
-        if PRUNE_N > 0:
+        if PRUNE_N > 0:  # noqa: SIM102 (constexpr test; a runtime one inside)
             if i % PRUNE_M == 0:
                 # the group's PRUNE_N lowest w^2/d^2 from the updated weights (first index
                 # wins an exact tie); the fast division is fine here: the updated weights
@@ -111,8 +126,13 @@ def _tile(rows: int, count: int) -> tuple[int, int, int]:
     return block_r, block_c, 4
 
 
-def triton_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor | None,
-                     prune_n: int = 0, prune_m: int = 0):
+def triton_obs_sweep(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    prune1: torch.Tensor | None,
+    prune_n: int = 0,
+    prune_m: int = 0,
+):
     """Triton version of `torch_obs_sweep` (same contract and return).
 
     Args: W1 `[rows, count]` (any float dtype, any strides, not modified), Hinv1
@@ -121,16 +141,20 @@ def triton_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor
     W1 or Hinv1 is float64); `prune1` is the input mask, or the N:M mask chosen in the sweep.
     """
     if W1.dim() != 2 or Hinv1.shape != (W1.shape[1], W1.shape[1]):
-        raise ValueError(f"W1 must be [rows, count] and Hinv1 [count, count], got "
-                         f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}")
+        raise ValueError(
+            f"W1 must be [rows, count] and Hinv1 [count, count], got "
+            f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
+        )
     if W1.device != Hinv1.device:
         raise ValueError(f"W1 is on {W1.device}, Hinv1 on {Hinv1.device}")
     rows, count = W1.shape
     nm = prune_n > 0
     if nm:
         if prune_m <= 0 or prune_n > prune_m or count % prune_m:
-            raise ValueError(f"N:M sweep needs 0 < prune_n <= prune_m dividing count; got "
-                             f"{prune_n}:{prune_m} with count={count}")
+            raise ValueError(
+                f"N:M sweep needs 0 < prune_n <= prune_m dividing count; got "
+                f"{prune_n}:{prune_m} with count={count}"
+            )
     elif prune1 is None:
         raise ValueError("prune1 is required for an unstructured or fixed-mask sweep")
     elif prune1.shape != W1.shape or prune1.dtype != torch.bool:
@@ -155,15 +179,30 @@ def triton_obs_sweep(W1: torch.Tensor, Hinv1: torch.Tensor, prune1: torch.Tensor
     block_r, block_c, warps = _tile(rows, count)
     grid = (triton.cdiv(rows, block_r),)
     _obs_sweep_kernel[grid](
-        W1, Hinv1, p_in, Q, E, loss, p_out,
-        rows, count,
-        W1.stride(0), W1.stride(1),
-        Hinv1.stride(0), Hinv1.stride(1),
-        p_in.stride(0), p_in.stride(1),
-        Q.stride(0), Q.stride(1),
-        PRUNE_N=prune_n if nm else 0, PRUNE_M=prune_m if nm else 1,
-        ACC=tl.float64 if f64 else tl.float32, F64=f64,
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        W1,
+        Hinv1,
+        p_in,
+        Q,
+        E,
+        loss,
+        p_out,
+        rows,
+        count,
+        W1.stride(0),
+        W1.stride(1),
+        Hinv1.stride(0),
+        Hinv1.stride(1),
+        p_in.stride(0),
+        p_in.stride(1),
+        Q.stride(0),
+        Q.stride(1),
+        PRUNE_N=prune_n if nm else 0,
+        PRUNE_M=prune_m if nm else 1,
+        ACC=tl.float64 if f64 else tl.float32,
+        F64=f64,
+        BLOCK_R=block_r,
+        BLOCK_C=block_c,
+        num_warps=warps,
     )
     if nm:
         prune1 = p_out.view(torch.bool)
