@@ -72,7 +72,7 @@ def swap_refine(
         if steps and steps % REFRESH_EVERY == 0:
             ra = W[active] * ~keep[active]
             c[active] = ra @ H
-        u, p, delta = search(W[active], keep[active], c[active], H, prune_n, prune_m)
+        u, p, delta = search(W, keep, c, H, prune_n, prune_m, rows=active)
         finite = torch.isfinite(delta)
         tol = _noise_floor(W, keep, c, H, active, u, p, delta)
         good = finite & (delta < -tol)

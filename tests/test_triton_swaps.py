@@ -28,6 +28,7 @@ RTOL = 1e-5  # relative to the magnitude of the row's Δ terms (float32 rounding
 
 # small tiles and several u splits: many tiles, ragged tails, the two-stage reduction
 SMALL_TILES = dict(block_r=4, block_u=8, block_p=16, splits=3)
+GPU_TILES = dict(block_r=16, block_u=32, block_p=32)  # the launcher's CUDA defaults
 
 
 def _state(rows, cols, gen, prune_n=0, prune_m=0, sparsity=0.5, dtype=torch.float32, **layer):
@@ -87,6 +88,9 @@ def _check_best(u, p, delta, w, keep, c, H, prune_m=0, what=""):
         (37, 53, 0.5, {}, {}),
         (11, 37, 0.7, SMALL_TILES, {}),
         (6, 130, 0.5, {}, {}),
+        (20, 256, 0.5, {}, {}),  # cols a multiple of the tiles: the unmasked H-tile path
+        (33, 96, 0.5, GPU_TILES, {}),
+        (5, 100, 0.5, dict(GPU_TILES, splits=2), {}),
         (19, 67, 0.5, {}, dict(columnar=True, blocksize=16)),
         (19, 67, 0.5, {}, dict(ill_conditioned=True, dead=3)),
     ],
@@ -107,17 +111,16 @@ def test_search_unstructured(rows, cols, sparsity, tiles, layer, gen):
 
 
 @pytest.mark.parametrize(
-    "rows,cols,n,m,tiles",
+    "rows,cols,n,m,tiles,layer",
     [
-        (1, 16, 2, 4, {}),
-        (37, 52, 2, 4, {}),
-        (13, 56, 4, 8, dict(block_r=4, block_u=8)),  # groups straddle column chunks
-        (9, 24, 1, 3, {}),  # group size not a power of two
-        (21, 64, 2, 4, dict(layer=dict(ill_conditioned=True, dead=2))),
+        (1, 16, 2, 4, {}, {}),
+        (37, 52, 2, 4, {}, {}),
+        (13, 56, 4, 8, dict(block_r=4, block_u=8), {}),  # groups straddle column chunks
+        (9, 24, 1, 3, {}, {}),  # group size not a power of two
+        (21, 64, 2, 4, {}, dict(ill_conditioned=True, dead=2)),
     ],
 )
-def test_search_nm(rows, cols, n, m, tiles, gen):
-    layer = tiles.pop("layer", {})
+def test_search_nm(rows, cols, n, m, tiles, layer, gen):
     w, keep, c, H = _state(rows, cols, gen, prune_n=n, prune_m=m, **layer)
     u, p, d = triton_swap_search(w, keep, c, H, n, m, **tiles)
     scale = _check_best(u, p, d, w, keep, c, H, prune_m=m, what=f"{n}:{m}")
@@ -156,14 +159,14 @@ def test_swap_apply_matches_torch(rows, cols, gen):
     atol = 1e-6 * c2.abs().max().item()
     assert ((c1 - c2).abs() <= 1e-5 * c2.abs() + atol).all()
     # c is again H r for the new mask (the bookkeeping the search relies on)
-    exact = ((w * ~k1).double() @ H.double())
+    exact = (w * ~k1).double() @ H.double()
     assert ((c1.double() - exact).abs() <= 1e-4 * exact.abs().max()).all()
     triton_swap_apply(w, k1, c1, H, sel[:0], u[:0], p[:0])  # empty: a no-op
 
 
 @pytest.mark.parametrize(
     "rows,cols,n,m",
-    [(1, 64, 0, 0), (37, 53, 0, 0), (29, 52, 2, 4), (16, 64, 4, 8)],
+    [(1, 64, 0, 0), (37, 53, 0, 0), (29, 52, 2, 4), (16, 64, 4, 8), (96, 256, 0, 0)],
 )
 def test_full_run_matches_torch(rows, cols, n, m, gen):
     W, H, _ = random_layer(rows, cols, generator=gen, device=DEV)

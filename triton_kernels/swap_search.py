@@ -12,19 +12,25 @@ with per-row terms `a_u = w_u^2 H_uu + 2 w_u c_u`, `x_u = -2 w_u` (kept u; `a_u 
 one multiply, one FMA and one min per row, and the only operand shared between rows is the
 tile of `H`.
 
-`_swap_search_kernel` (unstructured): grid `(row blocks, u splits)`. A program owns
-`BLOCK_R` rows and a contiguous range of u columns; it walks that range in `BLOCK_U` tiles and,
-for each, all p columns in `BLOCK_P` tiles. Each `[BLOCK_U, BLOCK_P]` tile of `H` is loaded
-once and broadcast over the program's rows (`[BLOCK_R, BLOCK_U, BLOCK_P]` in registers); the
-inner loop keeps only a value-min per (row, u) and the p tile it came from (no index tracking
-in the hot loop). After a u tile, `a_u` is added and each row keeps its best (u, p tile);
-the program's epilogue recomputes the winning row of one `[BLOCK_P]` tile per row to recover
-the exact `p` and `Δ`. With more than one u split, partial results `[splits, rows]` are reduced
-by a tiny torch `min` (two-stage reduction). No `[rows, cols, cols]` tensor ever exists.
+`_swap_terms_kernel` (unstructured pre-pass, O(rows * cols)): `b_p`, `y_p` of the searched
+rows into scratch `B`, `Y` padded to whole row blocks and p tiles (`inf`, `0`), so the hot
+loop reads two arrays with no masks.
+
+`_swap_search_kernel` (unstructured): grid `(row blocks, u splits)`. A program owns `BLOCK_R`
+rows and a contiguous range of u columns; it walks that range in `BLOCK_U` tiles and, for
+each, all p columns in `BLOCK_P` tiles. Each `[BLOCK_U, BLOCK_P]` tile of `H` is loaded
+once and broadcast over the program's rows; the hot loop is `acc = min(acc, b_p + x_u *
+(H_up * y_p))` on an elementwise `[BLOCK_R, BLOCK_U, BLOCK_P]` register accumulator (mul, FMA,
+min per pair: no cross-thread reduction, no index tracking). After a u tile the accumulator
+is reduced over p (once per `cols` pairs), `a_u` added, and each row keeps its best u; the
+epilogue walks that u's `cols` pairs once more per row to recover p and Δ (O(rows * cols)).
+With more than one u split, partial results `[splits, rows]` are reduced by a tiny torch
+`min` (two-stage reduction). No `[rows, cols, cols]` tensor ever exists.
 
 `_swap_search_nm_kernel` (N:M): pairs lie inside one group of `prune_m` columns, so a row has
 only `cols * prune_m` pairs; a program owns `BLOCK_R` rows and walks the columns in chunks of
-`BLOCK_G` groups, forming `[BLOCK_R, BLOCK_G*m, m]` candidate tensors (memory bound).
+`BLOCK_C` u columns, forming `[BLOCK_R, BLOCK_C, m]` candidate tensors (p addressed by
+pointer inside u's group) and reducing them in registers (memory bound).
 
 `_swap_apply_kernel`: grid `(swaps, column tiles)`: `c[r] += w_u H[u, :] - w_p H[p, :]` (H is
 symmetric, so rows of `H` are read) and the program of the first column tile flips
@@ -47,18 +53,82 @@ import triton.language as tl
 
 
 @triton.jit
-def _swap_search_kernel(
-    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr,
-    VAL_ptr, U_ptr, P_ptr,
-    n_rows, n_cols, u_chunk,
-    stride_wm, stride_km, stride_cm, stride_hm, stride_om,
+def _swap_terms_kernel(
+    W_ptr,
+    K_ptr,
+    C_ptr,
+    H_ptr,
+    ROW_ptr,
+    B_ptr,
+    Y_ptr,
+    n_rows,
+    n_cols,
+    n_cols_pad,
+    stride_wm,
+    stride_km,
+    stride_cm,
+    stride_hm,
+    stride_bm,
     HAS_ROWS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """p-side terms of row i (of `rows` if given): `b_p = w_p^2 H_pp - 2 w_p c_p`, `y_p = w_p`
+    for pruned p; `b = inf`, `y = 0` for kept p and for the padding rows/columns of B, Y."""
+    i = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = (offs < n_cols) & ((offs * 0 + i) < n_rows)  # (row test broadcast to a tensor)
+    if HAS_ROWS:
+        r = tl.load(ROW_ptr + tl.minimum(i, n_rows - 1)).to(tl.int64)
+    else:
+        r = tl.minimum(i, n_rows - 1).to(tl.int64)
+    w = tl.load(W_ptr + r * stride_wm + offs, mask=valid, other=0.0)
+    k = tl.load(K_ptr + r * stride_km + offs, mask=valid, other=1)
+    c = tl.load(C_ptr + r * stride_cm + offs, mask=valid, other=0.0)
+    hd = tl.load(H_ptr + offs.to(tl.int64) * (stride_hm + 1), mask=valid, other=0.0)
+    cand = (k == 0) & valid
+    inb = offs < n_cols_pad
+    b = tl.where(cand, w * w * hd - 2.0 * w * c, float("inf"))
+    tl.store(B_ptr + i * stride_bm + offs, b, mask=inb)
+    tl.store(Y_ptr + i * stride_bm + offs, tl.where(cand, w, 0.0), mask=inb)
+
+
+@triton.jit
+def _swap_search_kernel(
+    W_ptr,
+    K_ptr,
+    C_ptr,
+    H_ptr,
+    ROW_ptr,
+    B_ptr,
+    Y_ptr,
+    VAL_ptr,
+    U_ptr,
+    P_ptr,
+    n_rows,
+    n_cols,
+    u_chunk,
+    stride_wm,
+    stride_km,
+    stride_cm,
+    stride_hm,
+    stride_bm,
+    stride_om,
+    HAS_ROWS: tl.constexpr,
+    EVEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_P: tl.constexpr,
 ):
     """Best (u, p, Δ) per row over kept u in this program's u range and all pruned p.
 
-    Δ = a_u + b_p + x_u * H_up * y_p (see the module docstring). Writes one partial result
+    Δ = a_u + b_p + x_u * H_up * y_p (see the module docstring); B, Y hold b_p, y_p padded to
+    whole row blocks and p tiles (`inf`, `0`), so the hot loop needs no row/p masks. Per pair:
+    one multiply, one FMA, one min into an elementwise accumulator `[R, U, P]` (min over p
+    tiles at each in-tile offset; no cross-thread reduction, no index tracking). Per u tile
+    the accumulator is reduced over p, `a_u` added, and each row keeps its best u; the
+    epilogue walks that u's row of pairs once more to recover p. Writes one partial result
     per row at `[pid_s, row]` of VAL/U/P (`+inf` where the range holds no pair).
+    EVEN: `n_cols` is a multiple of BLOCK_U and BLOCK_P (no masks on H tiles).
     """
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -74,6 +144,9 @@ def _swap_search_kernel(
     w_row = W_ptr + ridx * stride_wm  # [R] row base pointers
     k_row = K_ptr + ridx * stride_km
     c_row = C_ptr + ridx * stride_cm
+    b_row = B_ptr + offs_r.to(tl.int64) * stride_bm  # scratch rows (padded: always valid)
+    y_row = Y_ptr + offs_r.to(tl.int64) * stride_bm
+    hd_stride = stride_hm + 1  # diag(H)
 
     u_begin = pid_s * u_chunk
     u_end = tl.minimum(u_begin + u_chunk, n_cols)
@@ -82,8 +155,6 @@ def _swap_search_kernel(
 
     best_v = tl.full([BLOCK_R], INF, dtype=dt)
     best_u = tl.zeros([BLOCK_R], dtype=tl.int32)
-    best_t = tl.zeros([BLOCK_R], dtype=tl.int32)
-
     for u0 in range(u_begin, u_end, BLOCK_U):
         offs_u = u0 + ar_u
         umask = offs_u < u_end
@@ -91,81 +162,85 @@ def _swap_search_kernel(
         w_u = tl.load(w_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
         k_u = tl.load(k_row[:, None] + offs_u[None, :], mask=m_ru, other=0)
         c_u = tl.load(c_row[:, None] + offs_u[None, :], mask=m_ru, other=0.0)
-        hd_u = tl.load(H_ptr + offs_u.to(tl.int64) * (stride_hm + 1), mask=umask, other=0.0)
+        hd_u = tl.load(H_ptr + offs_u.to(tl.int64) * hd_stride, mask=umask, other=0.0)
         cand_u = (k_u != 0) & m_ru
         a_u = tl.where(cand_u, w_u * w_u * hd_u[None, :] + 2.0 * w_u * c_u, INF)
         x_u = tl.where(cand_u, -2.0 * w_u, 0.0)
         h_rows = H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm  # [U, 1]
 
-        run_v = tl.full([BLOCK_R, BLOCK_U], INF, dtype=dt)
-        run_t = tl.zeros([BLOCK_R, BLOCK_U], dtype=tl.int32)
+        acc = tl.full([BLOCK_R, BLOCK_U, BLOCK_P], INF, dtype=dt)
         for p0 in range(0, n_cols, BLOCK_P):
             offs_p = p0 + ar_p
-            pmask = offs_p < n_cols
-            h = tl.load(h_rows + offs_p[None, :], mask=umask[:, None] & pmask[None, :],
-                        other=0.0)  # [U, P], shared by all rows of the program
-            m_rp = rmask[:, None] & pmask[None, :]
-            w_p = tl.load(w_row[:, None] + offs_p[None, :], mask=m_rp, other=0.0)
-            k_p = tl.load(k_row[:, None] + offs_p[None, :], mask=m_rp, other=1)
-            c_p = tl.load(c_row[:, None] + offs_p[None, :], mask=m_rp, other=0.0)
-            hd_p = tl.load(H_ptr + offs_p.to(tl.int64) * (stride_hm + 1), mask=pmask,
-                           other=0.0)
-            cand_p = (k_p == 0) & m_rp
-            b_p = tl.where(cand_p, w_p * w_p * hd_p[None, :] - 2.0 * w_p * c_p, INF)
-            y_p = tl.where(cand_p, w_p, 0.0)
+            # [U, P] tile of H, loaded once and shared by all rows of the program
+            if EVEN:
+                h = tl.load(h_rows + offs_p[None, :])
+            else:
+                hmask = umask[:, None] & (offs_p < n_cols)[None, :]
+                h = tl.load(h_rows + offs_p[None, :], mask=hmask, other=0.0)
+            b_p = tl.load(b_row[:, None] + offs_p[None, :])  # [R, P]
+            y_p = tl.load(y_row[:, None] + offs_p[None, :])
             # [R, U, P]: b_p + x_u * (H_up * y_p); a_u is added after the min over p
             q = b_p[:, None, :] + x_u[:, :, None] * (h[None, :, :] * y_p[:, None, :])
-            m = tl.min(q, axis=2)
-            better = m < run_v
-            run_v = tl.where(better, m, run_v)
-            run_t = tl.where(better, p0, run_t)
+            acc = tl.minimum(acc, q)
 
-        tot = run_v + a_u  # [R, U]
+        tot = tl.min(acc, axis=2) + a_u  # [R, U]
         v, j = tl.min(tot, axis=1, return_indices=True)
-        sel = ar_u[None, :] == j[:, None]
-        t = tl.sum(tl.where(sel, run_t, 0), axis=1)
         better = v < best_v
         best_v = tl.where(better, v, best_v)
         best_u = tl.where(better, u0 + j, best_u)
-        best_t = tl.where(better, t, best_t)
 
-    # epilogue: recompute each row's winning p tile to recover p and Δ for the pair
+    # epilogue: walk each row's best u once more over all p to recover p and Δ
     bu = best_u.to(tl.int64)
     w_bu = tl.load(w_row + bu, mask=rmask, other=0.0)
     k_bu = tl.load(k_row + bu, mask=rmask, other=0)
     c_bu = tl.load(c_row + bu, mask=rmask, other=0.0)
-    hd_bu = tl.load(H_ptr + bu * (stride_hm + 1), mask=rmask, other=0.0)
+    hd_bu = tl.load(H_ptr + bu * hd_stride, mask=rmask, other=0.0)
     cand_bu = (k_bu != 0) & rmask
     a_bu = tl.where(cand_bu, w_bu * w_bu * hd_bu + 2.0 * w_bu * c_bu, INF)
     x_bu = tl.where(cand_bu, -2.0 * w_bu, 0.0)
-    offs_p = best_t[:, None] + ar_p[None, :]  # [R, P]
-    m_rp = rmask[:, None] & (offs_p < n_cols)
-    h = tl.load(H_ptr + bu[:, None] * stride_hm + offs_p, mask=m_rp, other=0.0)
-    w_p = tl.load(w_row[:, None] + offs_p, mask=m_rp, other=0.0)
-    k_p = tl.load(k_row[:, None] + offs_p, mask=m_rp, other=1)
-    c_p = tl.load(c_row[:, None] + offs_p, mask=m_rp, other=0.0)
-    hd_p = tl.load(H_ptr + offs_p.to(tl.int64) * (stride_hm + 1), mask=m_rp, other=0.0)
-    cand_p = (k_p == 0) & m_rp
-    b_p = tl.where(cand_p, w_p * w_p * hd_p - 2.0 * w_p * c_p, INF)
-    y_p = tl.where(cand_p, w_p, 0.0)
-    q = b_p + x_bu[:, None] * (h * y_p)
-    qv, jp = tl.min(q, axis=1, return_indices=True)
-    delta = tl.where(best_v < INF, a_bu + qv, INF)
+    h_bu = H_ptr + bu * stride_hm  # [R] rows of H
+    qbest = tl.full([BLOCK_R], INF, dtype=dt)
+    pbest = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for p0 in range(0, n_cols, BLOCK_P):
+        offs_p = p0 + ar_p
+        m_rp = rmask[:, None] & (offs_p < n_cols)[None, :]
+        h = tl.load(h_bu[:, None] + offs_p[None, :], mask=m_rp, other=0.0)
+        b_p = tl.load(b_row[:, None] + offs_p[None, :])
+        y_p = tl.load(y_row[:, None] + offs_p[None, :])
+        q = b_p + x_bu[:, None] * (h * y_p)
+        qv, jp = tl.min(q, axis=1, return_indices=True)
+        better = qv < qbest
+        qbest = tl.where(better, qv, qbest)
+        pbest = tl.where(better, p0 + jp, pbest)
+    delta = tl.where(best_v < INF, a_bu + qbest, INF)
 
     out = pid_s * stride_om + offs_r
     tl.store(VAL_ptr + out, delta, mask=rmask)
     tl.store(U_ptr + out, best_u.to(tl.int64), mask=rmask)
-    tl.store(P_ptr + out, (best_t + jp).to(tl.int64), mask=rmask)
+    tl.store(P_ptr + out, pbest.to(tl.int64), mask=rmask)
 
 
 @triton.jit
 def _swap_search_nm_kernel(
-    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr,
-    VAL_ptr, U_ptr, P_ptr,
-    n_rows, n_cols, prune_m,
-    stride_wm, stride_km, stride_cm, stride_hm,
+    W_ptr,
+    K_ptr,
+    C_ptr,
+    H_ptr,
+    ROW_ptr,
+    VAL_ptr,
+    U_ptr,
+    P_ptr,
+    n_rows,
+    n_cols,
+    prune_m,
+    stride_wm,
+    stride_km,
+    stride_cm,
+    stride_hm,
     HAS_ROWS: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """N:M best swap per row: u and p in one group of `prune_m` columns.
 
@@ -214,8 +289,9 @@ def _swap_search_nm_kernel(
         cand_p = (k_p == 0) & m_rp
         b_p = tl.where(cand_p, w_p * w_p * hd_p[None, :, :] - 2.0 * w_p * c_p, INF)
         y_p = tl.where(cand_p, w_p, 0.0)
-        h = tl.load(H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm + offs_p, mask=pmask,
-                    other=0.0)  # [C, M]: H[u, p], shared by all rows
+        h = tl.load(
+            H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm + offs_p, mask=pmask, other=0.0
+        )  # [C, M]: H[u, p], shared by all rows
         q = a_u[:, :, None] + b_p + x_u[:, :, None] * (h[None, :, :] * y_p)  # [R, C, M]
         q2 = tl.reshape(q, (BLOCK_R, BLOCK_C * BLOCK_M))
         v, j = tl.min(q2, axis=1, return_indices=True)
@@ -232,9 +308,18 @@ def _swap_search_nm_kernel(
 
 @triton.jit
 def _swap_apply_kernel(
-    W_ptr, K_ptr, C_ptr, H_ptr, ROW_ptr, U_ptr, P_ptr,
+    W_ptr,
+    K_ptr,
+    C_ptr,
+    H_ptr,
+    ROW_ptr,
+    U_ptr,
+    P_ptr,
     n_cols,
-    stride_wm, stride_km, stride_cm, stride_hm,
+    stride_wm,
+    stride_km,
+    stride_cm,
+    stride_hm,
     BLOCK_N: tl.constexpr,
 ):
     """Swap i: `c[r] += w[r, u] * H[u, :] - w[r, p] * H[p, :]`; keep[r, u] = 0, keep[r, p] = 1."""
@@ -270,8 +355,9 @@ def _prepare(w, keep, c, H):
     if keep.dtype != torch.bool:
         raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
     if w.shape != keep.shape or w.shape != c.shape:
-        raise ValueError(f"w, keep and c must have one shape; got {w.shape}, {keep.shape}, "
-                         f"{c.shape}")
+        raise ValueError(
+            f"w, keep and c must have one shape; got {w.shape}, {keep.shape}, {c.shape}"
+        )
     if H.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"H must be [cols, cols] = {w.shape[1]}, got {tuple(H.shape)}")
 
@@ -290,11 +376,21 @@ def _n_sm(device: torch.device) -> int:
     return 1
 
 
-def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
-                       prune_n: int = 0, prune_m: int = 0, *, rows: torch.Tensor | None = None,
-                       block_r: int | None = None, block_u: int | None = None,
-                       block_p: int | None = None, splits: int | None = None,
-                       num_warps: int | None = None):
+def triton_swap_search(
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    c: torch.Tensor,
+    H: torch.Tensor,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    *,
+    rows: torch.Tensor | None = None,
+    block_r: int | None = None,
+    block_u: int | None = None,
+    block_p: int | None = None,
+    splits: int | None = None,
+    num_warps: int | None = None,
+):
     """Best 1-swap per row (same contract as `torch_swap_search`):
 
     `Δ = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p` minimised over kept u
@@ -321,25 +417,47 @@ def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: 
 
     if prune_n:
         m = int(prune_m)
+        if m <= 0 or cols % m:
+            raise ValueError(f"prune_m must divide cols = {cols}, got {prune_m}")
         bm = triton.next_power_of_2(m)
-        br = block_r or (16 if interp else 8)
         # u runs over a chunk of BLOCK_C columns (groups may straddle chunks: p is addressed
-        # by pointer, so every u still meets exactly its own group)
-        bc = triton.next_power_of_2(block_u or (256 if interp else 128))
+        # by pointer, so every u still meets exactly its own group). GPU: ~2048 candidates
+        # per program (no spills on sm_90 in float32 or float64).
+        br = block_r or (16 if interp else 4)
+        bc = triton.next_power_of_2(block_u or (256 if interp else max(16, 512 // bm)))
         val = torch.empty(n, dtype=w.dtype, device=dev)
         grid = (triton.cdiv(n, br),)
         _swap_search_nm_kernel[grid](
-            w, keep8, c, H, row_arg, val, u_out, p_out,
-            n, cols, m,
-            w.stride(0), keep8.stride(0), c.stride(0), H.stride(0),
-            HAS_ROWS=has_rows, BLOCK_R=br, BLOCK_C=bc, BLOCK_M=bm,
+            w,
+            keep8,
+            c,
+            H,
+            row_arg,
+            val,
+            u_out,
+            p_out,
+            n,
+            cols,
+            m,
+            w.stride(0),
+            keep8.stride(0),
+            c.stride(0),
+            H.stride(0),
+            HAS_ROWS=has_rows,
+            BLOCK_R=br,
+            BLOCK_C=bc,
+            BLOCK_M=bm,
             num_warps=num_warps or 4,
         )
         return u_out, p_out, val
 
-    br = block_r or (16 if interp else 4)
+    # GPU defaults: 64 accumulators per thread at 8 warps, ~3.55 SASS instructions per pair
+    # in the hot loop (mul, FMA, min + loads) on sm_90, no spills; H traffic 1/16 and B, Y
+    # traffic 2/32 elements per pair (float64: 8 rows, no spills). Interpreter: fewer,
+    # larger tiles.
+    br = block_r or (8 if w.dtype == torch.float64 and not interp else 16)
     bu = block_u or (64 if interp else 32)
-    bp = block_p or (128 if interp else 64)
+    bp = block_p or (128 if interp else 32)
     row_blocks = triton.cdiv(n, br)
     u_tiles = triton.cdiv(cols, bu)
     if splits is None:  # enough programs to fill the GPU as the active set shrinks
@@ -347,6 +465,31 @@ def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: 
     splits = max(1, min(int(splits), u_tiles))
     u_chunk = triton.cdiv(u_tiles, splits) * bu
     splits = triton.cdiv(cols, u_chunk)
+    # p-side terms, padded to whole row blocks and p tiles (b = inf, y = 0)
+    n_pad = row_blocks * br
+    cols_pad = triton.cdiv(cols, bp) * bp
+    B = torch.empty(n_pad, cols_pad, dtype=w.dtype, device=dev)
+    Y = torch.empty_like(B)
+    bn = min(triton.next_power_of_2(cols_pad), 4096 if interp else 1024)
+    _swap_terms_kernel[(n_pad, triton.cdiv(cols_pad, bn))](
+        w,
+        keep8,
+        c,
+        H,
+        row_arg,
+        B,
+        Y,
+        n,
+        cols,
+        cols_pad,
+        w.stride(0),
+        keep8.stride(0),
+        c.stride(0),
+        H.stride(0),
+        B.stride(0),
+        HAS_ROWS=has_rows,
+        BLOCK_N=bn,
+    )
     if splits == 1:
         val, uo, po = torch.empty(n, dtype=w.dtype, device=dev), u_out, p_out
     else:
@@ -354,11 +497,31 @@ def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: 
         uo = torch.empty(splits, n, dtype=torch.long, device=dev)
         po = torch.empty(splits, n, dtype=torch.long, device=dev)
     _swap_search_kernel[(row_blocks, splits)](
-        w, keep8, c, H, row_arg, val, uo, po,
-        n, cols, u_chunk,
-        w.stride(0), keep8.stride(0), c.stride(0), H.stride(0), n,
-        HAS_ROWS=has_rows, BLOCK_R=br, BLOCK_U=bu, BLOCK_P=bp,
-        num_warps=num_warps or 4,
+        w,
+        keep8,
+        c,
+        H,
+        row_arg,
+        B,
+        Y,
+        val,
+        uo,
+        po,
+        n,
+        cols,
+        u_chunk,
+        w.stride(0),
+        keep8.stride(0),
+        c.stride(0),
+        H.stride(0),
+        B.stride(0),
+        n,
+        HAS_ROWS=has_rows,
+        EVEN=cols % bu == 0 and cols % bp == 0,
+        BLOCK_R=br,
+        BLOCK_U=bu,
+        BLOCK_P=bp,
+        num_warps=num_warps or (4 if interp else 8),
     )
     if splits == 1:
         return u_out, p_out, val
@@ -367,9 +530,16 @@ def triton_swap_search(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: 
     return uo.gather(0, s)[0], po.gather(0, s)[0], best
 
 
-def triton_swap_apply(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: torch.Tensor,
-                      rows: torch.Tensor, u: torch.Tensor, p: torch.Tensor,
-                      block_n: int | None = None) -> None:
+def triton_swap_apply(
+    w: torch.Tensor,
+    keep: torch.Tensor,
+    c: torch.Tensor,
+    H: torch.Tensor,
+    rows: torch.Tensor,
+    u: torch.Tensor,
+    p: torch.Tensor,
+    block_n: int | None = None,
+) -> None:
     """In place, one launch: for each swap i, `keep[rows_i, u_i] = False`,
     `keep[rows_i, p_i] = True`, `c[rows_i] += w[rows_i, u_i] H[u_i, :] - w[rows_i, p_i] H[p_i, :]`
     (H symmetric). Same contract as `torch_swap_apply`; `rows` must be distinct.
@@ -391,10 +561,20 @@ def triton_swap_apply(w: torch.Tensor, keep: torch.Tensor, c: torch.Tensor, H: t
     bn = block_n or min(triton.next_power_of_2(cols), 4096 if _interpreted() else 1024)
     grid = (rows.numel(), triton.cdiv(cols, bn))
     _swap_apply_kernel[grid](
-        w, keep8, c, H, rows.contiguous(), u.contiguous(), p.contiguous(),
+        w,
+        keep8,
+        c,
+        H,
+        rows.contiguous(),
+        u.contiguous(),
+        p.contiguous(),
         cols,
-        w.stride(0), keep8.stride(0), c.stride(0), H.stride(0),
-        BLOCK_N=bn, num_warps=4,
+        w.stride(0),
+        keep8.stride(0),
+        c.stride(0),
+        H.stride(0),
+        BLOCK_N=bn,
+        num_warps=4,
     )
 
 

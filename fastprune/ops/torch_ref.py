@@ -124,6 +124,7 @@ def torch_swap_search(
     H: torch.Tensor,
     prune_n: int = 0,
     prune_m: int = 0,
+    rows: torch.Tensor | None = None,
 ):
     """Best 1-swap per row: un-prune p, prune u, minimising
 
@@ -132,7 +133,10 @@ def torch_swap_search(
     over kept u and pruned p of the row (N:M: u and p in one group). `c = H r` with
     `r = w * ~keep`. Chunked over rows and u so no `[rows, cols, cols]` tensor exists.
     Returns `(u, p, delta)` per row; `delta = +inf` where a row has no candidate pair.
+    `rows` (optional) searches only those rows, results in that order.
     """
+    if rows is not None:
+        w, keep, c = w[rows], keep[rows], c[rows]
     rows, cols = w.shape
     hdiag = H.diagonal()
     a, b = _swap_terms(w, keep, c, hdiag)
