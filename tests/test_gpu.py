@@ -1,0 +1,54 @@
+"""The solvers on CUDA tensors (torch reference and 'auto'), against the CPU results.
+Skipped without a GPU; CPU CI covers the same semantics on CPU tensors."""
+
+import pytest
+import torch
+from conftest import assert_masks_agree, relative_error
+
+import fastprune as fp
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+CASES = [
+    ("sparsegpt", lambda W, H, **k: fp.sparsegpt_layer(W, H, **k)),
+    ("rose", lambda W, H, **k: fp.rose_layer(W, H, **k)),
+]
+
+
+@pytest.mark.parametrize("name,fn", CASES)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_obs_solvers_on_cuda_match_cpu(gen, name, fn, backend, n, m):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    W, H, _ = fp.testing.random_layer(96, 384, columnar=True, generator=gen)
+    cpu = fn(W, H, prune_n=n, prune_m=m, backend="torch")
+    gpu = fn(W.cuda(), H.cuda(), prune_n=n, prune_m=m, backend=backend)
+    assert gpu.weight.device.type == "cuda" and gpu.info["device"].startswith("cuda")
+    assert_masks_agree(gpu.mask.cpu(), cpu.mask, 0.999)
+    if torch.equal(gpu.mask.cpu(), cpu.mask):
+        assert relative_error(gpu.weight.cpu(), cpu.weight) < 1e-4
+    assert gpu.loss == pytest.approx(cpu.loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_sparseswaps_on_cuda(gen, backend, n, m):
+    W, H, _ = fp.testing.random_layer(64, 128, generator=gen)
+    cpu = fp.sparseswaps_layer(W, H, prune_n=n, prune_m=m, backend="torch")
+    gpu = fp.sparseswaps_layer(W.cuda(), H.cuda(), prune_n=n, prune_m=m, backend=backend)
+    assert gpu.info["loss_after"] <= gpu.info["loss_before"]
+    assert gpu.loss == pytest.approx(cpu.loss, rel=1e-4)
+
+
+def test_score_methods_on_cuda(gen):
+    W, H, _ = fp.testing.random_layer(32, 128, generator=gen)
+    G = torch.rand(32, 128, generator=gen)
+    for cpu, gpu in [
+        (fp.wanda_layer(W, H), fp.wanda_layer(W.cuda(), H.cuda())),
+        (fp.magnitude_layer(W), fp.magnitude_layer(W.cuda())),
+        (fp.gblm_layer(W, H, G), fp.gblm_layer(W.cuda(), H.cuda(), G.cuda())),
+    ]:
+        assert torch.equal(gpu.mask.cpu(), cpu.mask)
