@@ -5,9 +5,26 @@ unrelated PyPI package called `triton_kernels`. CUDA sources under `csrc/` ship 
 and are compiled lazily on first use on a CUDA machine.
 """
 
+import os
 from pathlib import Path
 
 from setuptools import setup
+
+
+def cuda_extension_kwargs() -> dict:
+    """Ahead-of-time CUDA build, only when asked (FASTPRUNE_BUILD_CUDA=1); otherwise the
+    kernels are compiled lazily on first use on a CUDA machine."""
+    if os.environ.get("FASTPRUNE_BUILD_CUDA") != "1":
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext = CUDAExtension(
+        "fastprune._cuda_ext",
+        ["csrc/binding.cpp", "csrc/obs_sweep.cu", "csrc/swap_search.cu"],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+    )
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="fastprune",
@@ -34,4 +51,5 @@ setup(
         "test": ["pytest>=7", "ruff"],
     },
     entry_points={"console_scripts": ["fastprune=fastprune.cli:main"]},
+    **cuda_extension_kwargs(),
 )

@@ -40,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="write OUT.json and OUT.csv")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--no-cuda", action="store_true", help="skip the hand-written CUDA backend")
     p.add_argument(
         "--skip-reference", action="store_true", help="skip the slow reference column loop"
     )
@@ -120,9 +121,16 @@ def bench_layer_family(rows, cols, device, args, triton_ok, out):
                 )
             )
         backends = ["torch"] + (["triton"] if triton_ok else [])
+        if device.startswith("cuda") and not args.no_cuda:
+            backends.append("cuda")  # hand-written kernels (csrc/), built on first use
         for solver in (fp.sparsegpt_layer, fp.rose_layer):
             for be in backends:
                 fn = lambda s=solver, b=be, n=n, m=m: s(W, H, 0.5, n, m, bs, backend=b)  # noqa: E731
+                try:
+                    fn()  # warm-up; builds the CUDA extension on first use
+                except Exception as e:  # noqa: BLE001 - report and keep benchmarking
+                    print(f"skipping {solver.__name__} backend={be}: {e}")
+                    continue
                 if device.startswith("cuda"):
                     ms = bench(fn, device)
                 else:  # the interpreter is slow: one timed call

@@ -100,13 +100,17 @@ def _work(keep, n, m):
 def bench_steps(shapes, patterns, device, peak_tflops, backends, gen):
     from fastprune.triton_kernels.swap_search import triton_swap_apply, triton_swap_search
 
+    from fastprune.cuda_ops import cuda_swap_search
+
     searches = {
         "triton": triton_swap_search,
+        "cuda": cuda_swap_search,  # hand-written kernel (csrc/), built on first use
         "torch_ref": torch_swap_search,
         "torch_fast": torch_swap_search_fast,
     }
     applies = {
         "triton": triton_swap_apply,
+        "cuda": triton_swap_apply,  # the CUDA backend reuses Triton's apply
         "torch_ref": torch_swap_apply,
         "torch_fast": torch_swap_apply,
     }
@@ -157,11 +161,11 @@ def bench_steps(shapes, patterns, device, peak_tflops, backends, gen):
                     )
                 )
             torch_times = [v for k, v in times.items() if k.startswith("torch")]
-            if "triton" in times and torch_times:
-                best_torch = min(torch_times)
-                out[-len(backends) + backends.index("triton")]["speedup_vs_best_torch"] = round(
-                    best_torch / times["triton"], 2
-                )
+            for fast in ("triton", "cuda"):
+                if fast in times and torch_times:
+                    out[-len(backends) + backends.index(fast)]["speedup_vs_best_torch"] = round(
+                        min(torch_times) / times[fast], 2
+                    )
     return out
 
 
@@ -270,11 +274,20 @@ def main(argv=None):
         help="float32 FMA peak in TFLOP/s (default: H100 SXM)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backends", default="triton,torch_ref,torch_fast")
+    ap.add_argument(
+        "--backends",
+        default=None,
+        help="comma list of triton,cuda,torch_ref,torch_fast (default: all that run here)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     gen = torch.Generator().manual_seed(args.seed)
-    backends = args.backends.split(",")
+    default = (
+        "triton,cuda,torch_ref,torch_fast"
+        if args.device.startswith("cuda")
+        else ("triton,torch_ref,torch_fast")
+    )
+    backends = (args.backends or default).split(",")
     rows = []
     if args.quality:
         if args.quick:

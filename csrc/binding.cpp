@@ -1,0 +1,123 @@
+// Thin torch binding for the torch-free kernels: checks devices, dtypes, shapes and
+// contiguity, allocates outputs, and launches on the current CUDA stream.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/extension.h>
+
+#include <tuple>
+
+#include "fastprune_kernels.h"
+
+namespace {
+
+void check_cuda(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              t.scalar_type());
+}
+
+void check_ok(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep(
+    const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& prune1,
+    int64_t prune_n, int64_t prune_m) {
+  check_cuda(W1, "W1", torch::kFloat32);
+  check_cuda(Hinv1, "Hinv1", torch::kFloat32);
+  TORCH_CHECK(W1.dim() == 2 && Hinv1.dim() == 2, "W1 and Hinv1 must be 2-D");
+  const int64_t rows = W1.size(0), count = W1.size(1);
+  TORCH_CHECK(Hinv1.size(0) == count && Hinv1.size(1) == count, "Hinv1 must be [count, count]");
+  TORCH_CHECK(count >= 1 && count <= 256, "count (block size) must be in [1, 256], got ", count);
+  TORCH_CHECK(W1.device() == Hinv1.device(), "W1 and Hinv1 must be on one device");
+  const uint8_t* pin = nullptr;
+  int64_t spm = 0, spn = 0;
+  if (prune_n > 0) {
+    TORCH_CHECK(prune_m > prune_n && 32 % prune_m == 0 && count % prune_m == 0,
+                "N:M needs prune_n < prune_m, 32 % prune_m == 0 and count % prune_m == 0");
+  } else {
+    TORCH_CHECK(prune1.has_value(), "prune1 is required without an N:M pattern");
+    const auto& p = *prune1;
+    check_cuda(p, "prune1", torch::kBool);
+    TORCH_CHECK(p.sizes() == W1.sizes(), "prune1 must have W1's shape");
+    TORCH_CHECK(p.device() == W1.device(), "prune1 must be on W1's device");
+    pin = reinterpret_cast<const uint8_t*>(p.data_ptr<bool>());
+    spm = p.stride(0);
+    spn = p.stride(1);
+  }
+  const c10::cuda::CUDAGuard guard(W1.device());
+  auto Q = torch::empty({rows, count}, W1.options());
+  auto E = torch::empty({rows, count}, W1.options());
+  auto P = torch::empty({rows, count}, W1.options().dtype(torch::kBool));
+  auto L = torch::empty({rows}, W1.options());
+  if (rows == 0) return {Q, E, P, L};
+  check_ok(fastprune::obs_sweep_f32(
+               W1.data_ptr<float>(), W1.stride(0), W1.stride(1), Hinv1.data_ptr<float>(),
+               Hinv1.stride(0), Hinv1.stride(1), pin, spm, spn, Q.data_ptr<float>(),
+               E.data_ptr<float>(), reinterpret_cast<uint8_t*>(P.data_ptr<bool>()),
+               L.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(count),
+               static_cast<int>(prune_n), static_cast<int>(prune_m),
+               c10::cuda::getCurrentCUDAStream().stream()),
+           "obs_sweep");
+  return {Q, E, P, L};
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(
+    const torch::Tensor& w, const torch::Tensor& keep, const torch::Tensor& c,
+    const torch::Tensor& H, int64_t prune_n, int64_t prune_m,
+    const c10::optional<torch::Tensor>& rows) {
+  check_cuda(w, "w", torch::kFloat32);
+  check_cuda(c, "c", torch::kFloat32);
+  check_cuda(H, "H", torch::kFloat32);
+  check_cuda(keep, "keep", torch::kBool);
+  TORCH_CHECK(w.dim() == 2 && w.sizes() == keep.sizes() && w.sizes() == c.sizes(),
+              "w, keep and c must be 2-D of one shape");
+  TORCH_CHECK(w.is_contiguous() && keep.is_contiguous() && c.is_contiguous() &&
+                  H.is_contiguous(),
+              "w, keep, c and H must be contiguous");
+  const int64_t cols = w.size(1);
+  TORCH_CHECK(H.dim() == 2 && H.size(0) == cols && H.size(1) == cols, "H must be [cols, cols]");
+  TORCH_CHECK(cols < 65536, "cols must be < 65536");
+  TORCH_CHECK(keep.device() == w.device() && c.device() == w.device() && H.device() == w.device(),
+              "w, keep, c and H must be on one device");
+  const int64_t* idx = nullptr;
+  int64_t nrows = w.size(0);
+  torch::Tensor rows_l;
+  if (rows.has_value()) {
+    rows_l = rows->to(w.device(), torch::kLong).contiguous();
+    idx = rows_l.data_ptr<int64_t>();
+    nrows = rows_l.numel();
+  }
+  const c10::cuda::CUDAGuard guard(w.device());
+  auto val = torch::empty({nrows}, w.options());
+  auto bu = torch::empty({nrows}, w.options().dtype(torch::kLong));
+  auto bp = torch::empty({nrows}, w.options().dtype(torch::kLong));
+  if (nrows == 0) return {bu, bp, val};
+  int sms = 0;
+  check_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, w.get_device()),
+           "cudaDeviceGetAttribute");
+  torch::Tensor ws;
+  float* ws_ptr = nullptr;
+  if (prune_n == 0) {
+    ws = torch::empty({fastprune::swap_search_workspace_floats(static_cast<int>(nrows),
+                                                               static_cast<int>(cols), sms)},
+                      w.options());
+    ws_ptr = ws.data_ptr<float>();
+  }
+  check_ok(fastprune::swap_search_f32(
+               w.data_ptr<float>(), reinterpret_cast<const uint8_t*>(keep.data_ptr<bool>()),
+               c.data_ptr<float>(), H.data_ptr<float>(), idx, static_cast<int>(nrows),
+               static_cast<int>(cols), w.stride(0), static_cast<int>(prune_n),
+               static_cast<int>(prune_m), val.data_ptr<float>(), bu.data_ptr<int64_t>(),
+               bp.data_ptr<int64_t>(), ws_ptr, sms, c10::cuda::getCurrentCUDAStream().stream()),
+           "swap_search");
+  return {bu, bp, val};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastprune CUDA kernels (obs_sweep, swap_search)";
+  m.def("obs_sweep", &obs_sweep, "fused OBS sweep of one column block");
+  m.def("swap_search", &swap_search, "best 1-swap per row");
+}

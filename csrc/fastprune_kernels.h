@@ -1,0 +1,36 @@
+// fastprune CUDA kernels: torch-free entry points (raw pointers, sizes, a stream).
+// Each returns the launch's cudaError_t; the torch binding (binding.cpp) checks tensors.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace fastprune {
+
+// SparseGPT/ROSE in-block OBS sweep (see fastprune.ops.torch_ref.torch_obs_sweep).
+// For column i of the block: err = (w_i * pruned_i) / Hinv[i,i]; W[:, j] -= err * Hinv[i, j]
+// for j > i. prune_n > 0 picks each group's prune_n lowest w^2 / Hinv_jj^2 (ties: lower
+// column) from the updated weights when the sweep reaches it; else prune_in is used.
+// count <= 256; N:M needs 32 % prune_m == 0. Outputs Q, Err are [rows, count] row-major;
+// prune_out is [rows, count] bytes (0/1); loss is [rows] = sum err^2 / 2.
+cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
+                          const float* Hinv, int64_t stride_hm, int64_t stride_hn,
+                          const uint8_t* prune_in, int64_t stride_pm, int64_t stride_pn,
+                          float* Q, float* Err, uint8_t* prune_out, float* loss, int rows,
+                          int count, int prune_n, int prune_m, cudaStream_t stream);
+
+// SparseSwaps best 1-swap per row (see fastprune.ops.torch_ref.torch_swap_search):
+// minimise over kept u / pruned p (N:M: same group) of
+//   D = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p.
+// w, keep, c are [*, cols] row-major with leading dimension ld; row_idx (nrows entries,
+// may be null = rows 0..nrows-1) selects the rows searched. H is [cols, cols] row-major.
+// Results per searched row: best_val (+inf if no pair), best_u, best_p.
+// workspace: swap_search_workspace_floats(nrows, cols) floats (unused for N:M).
+int64_t swap_search_workspace_floats(int nrows, int cols, int num_sms);
+cudaError_t swap_search_f32(const float* w, const uint8_t* keep, const float* c,
+                            const float* H, const int64_t* row_idx, int nrows, int cols,
+                            int64_t ld, int prune_n, int prune_m, float* best_val,
+                            int64_t* best_u, int64_t* best_p, float* workspace, int num_sms,
+                            cudaStream_t stream);
+
+}  // namespace fastprune

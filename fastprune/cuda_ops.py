@@ -1,0 +1,116 @@
+"""CUDA backend: the hand-written kernels of `csrc/`, built lazily on first use.
+
+Importing this module touches neither CUDA nor a compiler; the extension is compiled with
+ninja through `torch.utils.cpp_extension.load` the first time a kernel runs (for the
+device's own architecture, cached in torch's extension directory, guarded by a file lock so
+two processes never build at once), or taken from an ahead-of-time build
+(`FASTPRUNE_BUILD_CUDA=1 pip install .` builds `fastprune._cuda_ext`).
+
+Only `obs_sweep` and `swap_search` are hand-written; the other ops of the backend reuse the
+Triton kernels when Triton is installed, else the torch reference. Inputs outside what the
+kernels support (float64, blocks wider than 256 columns, N:M with 32 % M != 0, cols >=
+65536) fall back to the torch reference op, which computes the same contract.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from . import csrc as _csrc
+from .ops.torch_ref import (
+    torch_block_prune_mask,
+    torch_column_losses,
+    torch_obs_sweep,
+    torch_swap_apply,
+    torch_swap_search,
+)
+
+CSRC = Path(_csrc.__file__).resolve().parent  # installed as fastprune.csrc (package data)
+SOURCES = ("binding.cpp", "obs_sweep.cu", "swap_search.cu")
+
+
+def _arch_flags(device: torch.device) -> list[str]:
+    major, minor = torch.cuda.get_device_capability(device)
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+@functools.cache
+def load_extension(device_index: int = 0):
+    """Build (once per process, cached on disk by torch) and import the CUDA extension."""
+    try:
+        from . import _cuda_ext  # ahead-of-time build
+
+        return _cuda_ext
+    except ImportError:
+        pass
+    if not torch.cuda.is_available():
+        raise RuntimeError("the CUDA backend needs a CUDA device")
+    from torch.utils.cpp_extension import _get_build_directory, load
+
+    device = torch.device("cuda", device_index)
+    major, minor = torch.cuda.get_device_capability(device)
+    name = f"fastprune_cuda_sm{major}{minor}"
+    build_dir = _get_build_directory(name, verbose=False)
+    with open(os.path.join(build_dir, ".fastprune.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
+        try:
+            return load(
+                name=name,
+                sources=[str(CSRC / s) for s in SOURCES],
+                extra_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=["-O3", "-std=c++17", *_arch_flags(device)],
+                build_directory=build_dir,
+                verbose=os.environ.get("FASTPRUNE_VERBOSE_BUILD") == "1",
+            )
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _ext(t: torch.Tensor):
+    return load_extension(t.device.index or 0)
+
+
+def cuda_obs_sweep(W1, Hinv1, prune1, prune_n: int = 0, prune_m: int = 0):
+    """CUDA version of `torch_obs_sweep` (same contract and return)."""
+    count = W1.shape[1]
+    supported = (
+        W1.dtype == torch.float32
+        and Hinv1.dtype == torch.float32
+        and count <= 256
+        and (prune_n == 0 or (32 % prune_m == 0 and count % prune_m == 0))
+    )
+    if not supported:
+        return torch_obs_sweep(W1, Hinv1, prune1, prune_n, prune_m)
+    return _ext(W1).obs_sweep(W1, Hinv1, prune1, prune_n, prune_m)
+
+
+def cuda_swap_search(w, keep, c, H, prune_n: int = 0, prune_m: int = 0, rows=None):
+    """CUDA version of `torch_swap_search` (same contract; `rows` searches a subset)."""
+    if w.dtype != torch.float32 or w.shape[1] >= 65536:
+        return torch_swap_search(w, keep, c, H, prune_n, prune_m, rows=rows)
+    return _ext(w).swap_search(
+        w.contiguous(), keep.contiguous(), c.contiguous(), H.contiguous(), prune_n, prune_m, rows
+    )
+
+
+def _reused_ops() -> dict:
+    """Ops without a hand-written CUDA kernel: Triton's if importable, else torch's."""
+    ops = {
+        "block_prune_mask": torch_block_prune_mask,
+        "column_losses": torch_column_losses,
+        "swap_apply": torch_swap_apply,
+    }
+    try:
+        from .triton_kernels import OPS as triton_ops
+    except ImportError:
+        return ops
+    ops.update({k: v for k, v in triton_ops.items() if k in ops})
+    return ops
+
+
+OPS = {**_reused_ops(), "obs_sweep": cuda_obs_sweep, "swap_search": cuda_swap_search}
