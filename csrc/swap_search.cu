@@ -29,8 +29,8 @@ __global__ void swap_terms_kernel(const float* __restrict__ w, const uint8_t* __
                                   const int64_t* __restrict__ row_idx, int nrows, int cols,
                                   int64_t ld, float* __restrict__ A, float* __restrict__ X,
                                   float* __restrict__ B, float* __restrict__ Y) {
-  const int r = blockIdx.y;
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  const int r = blockIdx.x;  // rows on x: gridDim.y would cap them at 65535
+  const int col = blockIdx.y * blockDim.x + threadIdx.x;
   if (r >= nrows || col >= cols) return;
   const int64_t src = src_row(row_idx, r) * ld + col;
   const float wv = w[src];
@@ -260,7 +260,7 @@ cudaError_t swap_search_f32(const float* w, const uint8_t* keep, const float* c,
   float* part_val = Y + n;
   uint32_t* part_idx =
       reinterpret_cast<uint32_t*>(part_val + static_cast<int64_t>(nrows) * tiles * usplits);
-  swap_terms_kernel<<<dim3((cols + 255) / 256, nrows), 256, 0, stream>>>(
+  swap_terms_kernel<<<dim3(nrows, (cols + 255) / 256), 256, 0, stream>>>(
       w, keep, c, H, row_idx, nrows, cols, ld, A, X, B, Y);
   swap_search_kernel<<<dim3(rowblocks, tiles, usplits), kThreads, 0, stream>>>(
       A, X, B, Y, H, nrows, cols, usplits, part_val, part_idx);
