@@ -28,7 +28,7 @@ from .sparsegpt import (
     obs_prune,
     unpruned_result,
 )
-from .validation import compute_dtype
+from .validation import check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 
@@ -75,12 +75,15 @@ def rose_layer(
     range_threshold: float = 0.5,
     backend: str = "auto",
     *,
+    scaler: torch.Tensor | None = None,
     inplace: bool = False,
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
     Arguments as `sparsegpt_layer`. `range_threshold` is the relative range of block losses
     above which the layer counts as columnar and is reordered (the paper's 0.5).
+    `scaler` replaces `diag(H)/2` in the pre-pruning score `|W| * sqrt(scaler)` (the ROSE
+    repository's own running scaler, say: see `fastprune.compat.ROSE`).
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = _check_common(
@@ -98,7 +101,11 @@ def rose_layer(
         info.update(relative_range=0.0, reordered=False)
         return unpruned_result(W, H, info, t0, inplace)
 
-    S = rose_score(W, H, dtype)
+    if scaler is None:
+        S = rose_score(W, H, dtype)
+    else:
+        scaler = check_scaler(scaler, cols, W.device, "scaler")
+        S = W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
     rose_bounds = block_bounds(cols, m if n else blocksize)
     col_loss, block_loss = ops.get_op("column_losses", name)(S, rose_bounds, sparsity, n, m)
     rel = relative_range(block_loss)

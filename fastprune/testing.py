@@ -32,7 +32,8 @@ def random_layer(
     scale[torch.randperm(cols, generator=g)[: max(1, cols // 64)]] *= 20  # outlier channels
     if columnar:
         nb = (cols + blocksize - 1) // blocksize
-        block_scale = 10 ** (torch.rand(nb, generator=g) * 2 - 1)
+        # two decades between the quietest and the loudest block, in random block order
+        block_scale = 10 ** torch.linspace(-1, 1, nb)[torch.randperm(nb, generator=g)]
         scale = scale * block_scale.repeat_interleave(blocksize)[:cols]
     if ill_conditioned:
         rank = max(1, cols // 4)

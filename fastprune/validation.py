@@ -105,6 +105,21 @@ def check_mask(mask: object, shape: torch.Size, device: torch.device, name: str 
     return mask
 
 
+def check_scaler(
+    scaler: object, cols: int, device: torch.device, name: str = "scaler_row"
+) -> torch.Tensor:
+    """A finite non-negative `[cols]` vector of squared input norms on W's device."""
+    if not isinstance(scaler, torch.Tensor) or not scaler.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if scaler.numel() != cols:
+        raise ValueError(f"{name} has {scaler.numel()} entries, W has {cols} columns")
+    check_device(scaler, device, name)
+    check_finite(scaler, name)
+    if (scaler < 0).any():
+        raise ValueError(f"{name} must be non-negative (squared input norms)")
+    return scaler.reshape(-1)
+
+
 def check_backend(backend: object) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
