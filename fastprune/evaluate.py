@@ -1,0 +1,70 @@
+"""Perplexity over non-overlapping windows of `seqlen` tokens (the SparseGPT/Wanda convention:
+`exp(mean over windows of the window's mean next-token loss)`; equal windows, so this is the
+mean over all predicted tokens)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .models import model_device
+
+
+@torch.no_grad()
+def perplexity(
+    model,
+    ids: torch.Tensor,
+    seqlen: int,
+    *,
+    max_windows: int | None = None,
+    batch_size: int = 1,
+    device=None,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> dict:
+    """Perplexity of `model` on 1-D token ids cut into `ids.numel() // seqlen` windows (at most
+    `max_windows`, the first ones). `device`: run there (the model is moved for the call and
+    moved back). Returns `{'ppl', 'nll', 'windows', 'tokens', 'seqlen'}`."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen < 2:
+        raise ValueError(f"seqlen must be an integer >= 2, got {seqlen!r}")
+    ids = ids.reshape(-1)
+    nwin = ids.numel() // seqlen
+    if max_windows is not None:
+        if isinstance(max_windows, bool) or not isinstance(max_windows, int) or max_windows < 1:
+            raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
+        nwin = min(nwin, max_windows)
+    if nwin == 0:
+        raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
+    home = model_device(model)
+    dev = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    if dev != home:
+        model.to(dev)
+    windows = ids[: nwin * seqlen].view(nwin, seqlen)
+    total, count = 0.0, 0
+    try:
+        for s in tqdm(range(0, nwin, batch_size), desc=desc, disable=not progress, leave=False):
+            x = windows[s : s + batch_size].to(dev)
+            logits = model(input_ids=x, use_cache=False).logits
+            logits = logits[:, :-1].float()
+            tgt = x[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"
+            )
+            total += nll.item()
+            count += tgt.numel()
+    finally:
+        if dev != home:
+            model.to(home)
+        model.train(was_training)
+    mean = total / count
+    return {
+        "ppl": math.exp(mean) if mean < 700 else float("inf"),
+        "nll": mean,
+        "windows": nwin,
+        "tokens": nwin * seqlen,
+        "seqlen": seqlen,
+    }

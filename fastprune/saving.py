@@ -1,0 +1,66 @@
+"""Saving a pruned model (safetensors + tokenizer) and checking that what was written is what
+was pruned: reload, compare every pruned weight bit for bit, recount sparsity and the N:M
+pattern, and compare the reloaded model's logits with the in-memory model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .models import dtype_kwarg, find_blocks, forget_gguf_origin, get_weight, model_device
+from .pipeline import PruneReport, check_model_sparsity
+
+
+def save_pruned(model, tokenizer, directory, report: PruneReport | None = None) -> Path:
+    """`save_pretrained` (safetensors) of the model and, if given, its tokenizer; the report
+    (if given) goes beside them as `fastprune_report.json`."""
+    import json
+
+    out = Path(directory).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"save directory {str(directory)!r} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    forget_gguf_origin(model)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if report is not None:
+        (out / "fastprune_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    return out
+
+
+@torch.no_grad()
+def verify_saved(
+    model, directory, report: PruneReport, sample_ids: torch.Tensor | None = None
+) -> dict:
+    """Reload `directory` and check it against the in-memory `model`: every pruned weight
+    equal bit for bit, the sparsity / N:M pattern of `report` present in the reloaded
+    weights, and logits on `sample_ids` equal. Raises `ValueError` on any mismatch."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = next(model.parameters()).dtype
+    loaded = AutoModelForCausalLM.from_pretrained(str(directory), **{dtype_kwarg(): dtype})
+    loaded.eval()
+    loaded.to(model_device(model))
+    path = report.totals.get("blocks_path")
+    _, mine = find_blocks(model, path)
+    _, theirs = find_blocks(loaded, path)
+    for lr in report.layers:
+        rel = lr.name.split(".", 1)[1]
+        a = get_weight(mine[lr.block].get_submodule(rel)).detach().cpu()
+        b = get_weight(theirs[lr.block].get_submodule(rel)).detach().cpu()
+        if a.shape != b.shape or not torch.equal(a, b):
+            raise ValueError(f"saved weight {path}.{lr.name} differs from the pruned model")
+    counts = check_model_sparsity(loaded, report, path)
+    out = {"reloaded": str(directory), **counts, "max_logit_diff": None}
+    if sample_ids is not None:
+        x = sample_ids.reshape(1, -1) if sample_ids.dim() == 1 else sample_ids
+        ref = model(input_ids=x.to(model_device(model)), use_cache=False).logits.float().cpu()
+        got = loaded(input_ids=x.to(model_device(model)), use_cache=False).logits.float().cpu()
+        diff = (ref - got).abs().max().item()
+        out["max_logit_diff"] = diff
+        scale = ref.abs().max().item()
+        if not diff <= 1e-5 * max(1.0, scale):
+            raise ValueError(f"reloaded model's logits differ from the pruned model's by {diff:g}")
+    return out

@@ -1,0 +1,93 @@
+"""Tiny randomly initialised causal LMs of every supported family (built from configs, no
+downloads) and a byte-level tokenizer, for the pipeline and CLI tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 256
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "opt", "gpt2")
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=VOCAB, max_position_embeddings=128)
+    if family == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    if family == "mistral":
+        return transformers.MistralConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    if family == "qwen2":
+        return transformers.Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    if family == "gemma":
+        return transformers.GemmaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            **common,
+        )
+    if family == "opt":
+        return transformers.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            **common,
+        )
+    if family == "gpt2":
+        return transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128
+        )
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny model with weights large enough that pruning visibly changes its outputs."""
+    torch.manual_seed(seed)
+    cfg = tiny_config(family)
+    cfg.initializer_range = 0.2
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    return model.float().eval()
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer with 256 tokens and no merges (built offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = sorted(ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token=alphabet[0])
+
+
+def calib_ids(n: int = 4, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, seqlen), generator=g)
