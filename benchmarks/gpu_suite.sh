@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (e.g. the device tool): install fastprune without touching the
+# machine's torch/triton, run the GPU tests and every benchmark, and leave the results in
+# benchmarks/results/ (and in $OUT when set). Usage: bash benchmarks/gpu_suite.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+quick=${1:-}
+tag=$(python3 -c "import torch;print(torch.cuda.get_device_name().replace(' ','_'))" 2>/dev/null || echo gpu)
+res=benchmarks/results
+mkdir -p "$res"
+python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu_${tag}_env.txt"
+python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'cuda',torch.version.cuda)" | tee -a "$res/gpu_${tag}_env.txt"
+python3 -m pytest -q tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_obs.py \
+  tests/test_triton_swaps.py tests/test_compat.py 2>&1 | tee "$res/gpu_${tag}_tests.txt"
+python3 benchmarks/bench_obs.py $quick --out "$res/obs_${tag}" 2>&1 | tail -40
+python3 benchmarks/bench_swaps.py $quick --out "$res/swaps_${tag}" 2>&1 | tail -20
+if [ -n "${OUT:-}" ]; then cp "$res"/*"${tag}"* "$OUT"/ 2>/dev/null; fi
