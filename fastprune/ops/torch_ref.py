@@ -106,7 +106,8 @@ def torch_column_losses(
 
 # ------------------------------------------------------------------------ swap search
 
-_PAIR_BUDGET = 1 << 22  # elements of one [rows, u, p] chunk of candidate swaps
+_PAIR_BUDGET = 1 << 20  # elements of one [rows, u, p] chunk of candidate swaps
+_ROWWISE_MIN_COLS = 256  # CPU: from this width the per-row compacted search is faster
 
 
 def _swap_terms(w, keep, c, hdiag):
@@ -144,9 +145,17 @@ def torch_swap_search(
     wp = w * ~keep
     if prune_n:
         return _swap_search_nm(a, b, wk, wp, H, prune_m)
-    best = torch.full((rows,), float("inf"), dtype=w.dtype, device=w.device)
-    best_u = torch.zeros(rows, dtype=torch.long, device=w.device)
-    best_p = torch.zeros(rows, dtype=torch.long, device=w.device)
+    if w.device.type == "cpu" and cols >= _ROWWISE_MIN_COLS:
+        return _swap_search_rowwise(a, b, w, keep, H)
+    return _swap_search_dense(a, b, wk, wp, H)
+
+
+def _swap_search_dense(a, b, wk, wp, H):
+    """All (u, p) of a chunk of rows at once; candidates outside kept x pruned are +inf."""
+    rows, cols = a.shape
+    best = torch.full((rows,), float("inf"), dtype=a.dtype, device=a.device)
+    best_u = torch.zeros(rows, dtype=torch.long, device=a.device)
+    best_p = torch.zeros(rows, dtype=torch.long, device=a.device)
     tile_u = max(1, min(cols, _PAIR_BUDGET // cols))
     tile_r = max(1, _PAIR_BUDGET // (tile_u * cols))
     for r0 in range(0, rows, tile_r):
@@ -162,6 +171,40 @@ def torch_swap_search(
             best[r0:r1] = torch.where(better, val, best[r0:r1])
             best_u[r0:r1] = torch.where(better, u0 + idx // cols, best_u[r0:r1])
             best_p[r0:r1] = torch.where(better, idx % cols, best_p[r0:r1])
+    return best_u, best_p, best
+
+
+def _swap_search_rowwise(a, b, w, keep, H):
+    """Row by row over only the row's kept u x pruned p (a quarter of all pairs at 50%):
+    the CPU path, where a per-row loop costs little and memory traffic dominates."""
+    rows, cols = a.shape
+    best = torch.full((rows,), float("inf"), dtype=w.dtype, device=w.device)
+    best_u = torch.zeros(rows, dtype=torch.long, device=w.device)
+    best_p = torch.zeros(rows, dtype=torch.long, device=w.device)
+    for r in range(rows):
+        ku = keep[r].nonzero().flatten()
+        pp = (~keep[r]).nonzero().flatten()
+        nk, npr = ku.numel(), pp.numel()
+        if nk == 0 or npr == 0:
+            continue
+        x = -2 * w[r, ku]
+        y = w[r, pp]
+        au = a[r, ku]
+        bp = b[r, pp]
+        step = max(1, _PAIR_BUDGET // npr)
+        vals, idxs = [], []
+        for k0 in range(0, nk, step):
+            k1 = min(nk, k0 + step)
+            # D[u, p] = a_u + b_p - 2 w_u H_up w_p over this row's candidates only
+            D = H.index_select(0, ku[k0:k1]).index_select(1, pp)
+            D.mul_(y).mul_(x[k0:k1, None]).add_(bp).add_(au[k0:k1, None])
+            v, i = D.reshape(-1).min(0)
+            vals.append(v)
+            idxs.append(i + k0 * npr)
+        j = int(torch.stack(vals).argmin()) if len(vals) > 1 else 0
+        best[r] = vals[j]
+        best_u[r] = ku[idxs[j] // npr]
+        best_p[r] = pp[idxs[j] % npr]
     return best_u, best_p, best
 
 
