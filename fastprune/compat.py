@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .hessian import inverse_hessian
+from .hessian import inverse_hessian, running_hessian_update
 from .masks import nm_prune_mask, pattern_name, selection_prune_mask
 from .result import PruneResult
 from .rose import rose_layer
@@ -172,15 +172,6 @@ class _LayerAdapter:
         self.error = r.info.get("obs_loss_estimate", 0.0)
 
 
-def _accumulate_hessian(H: torch.Tensor, nsamples: int, x: torch.Tensor, b: int) -> int:
-    """The reference's running `H = 2/n sum x x^T` update (in place); returns the new n."""
-    H *= nsamples / (nsamples + b)
-    nsamples += b
-    x = math.sqrt(2 / nsamples) * x.float()
-    H += x.matmul(x.t())
-    return nsamples
-
-
 # ------------------------------------------------------------------------------ SparseGPT
 
 
@@ -215,7 +206,7 @@ class SparseGPT(_LayerAdapter):
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None, blocksize=1024):
         """Add a batch of layer inputs (`out` and `blocksize` are unused, as in the reference)."""
         x, b = self._inputs(inp)
-        self.nsamples = _accumulate_hessian(self.H, self.nsamples, x, b)
+        self.nsamples = running_hessian_update(self.H, self.nsamples, x, b)
 
     @torch.no_grad()
     def fasterprune(

@@ -15,6 +15,16 @@ import torch
 from .validation import check_finite, check_hessian, check_percdamp
 
 
+def running_hessian_update(H: torch.Tensor, nsamples: int, x: torch.Tensor, b: int) -> int:
+    """The reference's running update of `H = 2/n sum x x^T` in place, for `b` new samples
+    whose inputs are the columns of `x [cols, tokens]`; returns the new sample count."""
+    H *= nsamples / (nsamples + b)
+    nsamples += b
+    x = math.sqrt(2 / nsamples) * x.to(H.dtype)
+    H += x @ x.t()
+    return nsamples
+
+
 class HessianAccumulator:
     """Streams activations `[batch, tokens, cols]` or `[tokens, cols]` into `H`.
 
@@ -46,12 +56,8 @@ class HessianAccumulator:
                 f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
                 f"got {tuple(inp.shape)}"
             )
-        b = inp.shape[0]
         x = inp.reshape(-1, self.cols).to(device=self.H.device)
-        self.H *= self.nsamples / (self.nsamples + b)
-        self.nsamples += b
-        x = math.sqrt(2 / self.nsamples) * x.to(self.H.dtype)
-        self.H += x.t() @ x
+        self.nsamples = running_hessian_update(self.H, self.nsamples, x.t(), inp.shape[0])
 
     @property
     def scaler_row(self) -> torch.Tensor:

@@ -34,7 +34,7 @@ SWAP_OPS = ("swap_search", "swap_apply")
 REFRESH_EVERY = 32  # recompute c = H r exactly every this many steps (bounds drift)
 
 
-def _noise_floor(w, keep, c, H, rows, u, p, delta):
+def _noise_floor(w, c, H, rows, u, p):
     """Rounding bound of a computed Δ: only swaps below `-tol` count as improvements, so
     float noise can never make the search cycle."""
     eps = torch.finfo(w.dtype).eps
@@ -74,7 +74,7 @@ def swap_refine(
             c[active] = ra @ H
         u, p, delta = search(W, keep, c, H, prune_n, prune_m, rows=active)
         finite = torch.isfinite(delta)
-        tol = _noise_floor(W, keep, c, H, active, u, p, delta)
+        tol = _noise_floor(W, c, H, active, u, p)
         good = finite & (delta < -tol)
         active, u, p, delta = active[good], u[good], p[good], delta[good]
         apply(W, keep, c, H, active, u, p)
