@@ -21,7 +21,7 @@ def cuda_extension_kwargs() -> dict:
     ext = CUDAExtension(
         "fastprune._cuda_ext",
         ["csrc/binding.cpp", "csrc/obs_sweep.cu", "csrc/swap_search.cu"],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-std=c++17"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
 
@@ -39,7 +39,7 @@ setup(
         "fastprune.triton_kernels": "triton_kernels",
         "fastprune.csrc": "csrc",
     },
-    package_data={"fastprune.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h"]},
+    package_data={"fastprune.csrc": ["*.cu", "*.cuh", "*.cpp", "*.h", "emulation/*.h"]},
     install_requires=[
         "torch>=2.1",
         "numpy",

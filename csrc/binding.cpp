@@ -1,7 +1,8 @@
 // Thin torch binding for the torch-free kernels: checks devices, dtypes, shapes and
-// contiguity, allocates outputs, and launches on the current CUDA stream.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
+// contiguity, allocates outputs, and launches on the stream the caller passes (Python hands
+// in torch.cuda.current_stream() and the SM count and holds the device guard, so this file
+// needs no CUDA headers of torch's). Built with FASTPRUNE_CPU_EMULATION it takes CPU tensors
+// and runs the same kernels on the CPU emulator of csrc/emulation/.
 #include <torch/extension.h>
 
 #include <tuple>
@@ -10,8 +11,15 @@
 
 namespace {
 
+#ifdef FASTPRUNE_CPU_EMULATION
+constexpr bool kEmulated = true;
+#else
+constexpr bool kEmulated = false;
+#endif
+
 void check_cuda(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(kEmulated ? t.is_cpu() : t.is_cuda(), name, " must be a ",
+              kEmulated ? "CPU tensor (emulated build)" : "CUDA tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
               t.scalar_type());
 }
@@ -22,7 +30,7 @@ void check_ok(cudaError_t err, const char* what) {
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep(
     const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& prune1,
-    int64_t prune_n, int64_t prune_m) {
+    int64_t prune_n, int64_t prune_m, int64_t stream) {
   check_cuda(W1, "W1", torch::kFloat32);
   check_cuda(Hinv1, "Hinv1", torch::kFloat32);
   TORCH_CHECK(W1.dim() == 2 && Hinv1.dim() == 2, "W1 and Hinv1 must be 2-D");
@@ -45,7 +53,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
     spm = p.stride(0);
     spn = p.stride(1);
   }
-  const c10::cuda::CUDAGuard guard(W1.device());
   auto Q = torch::empty({rows, count}, W1.options());
   auto E = torch::empty({rows, count}, W1.options());
   auto P = torch::empty({rows, count}, W1.options().dtype(torch::kBool));
@@ -57,7 +64,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
                E.data_ptr<float>(), reinterpret_cast<uint8_t*>(P.data_ptr<bool>()),
                L.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(count),
                static_cast<int>(prune_n), static_cast<int>(prune_m),
-               c10::cuda::getCurrentCUDAStream().stream()),
+               reinterpret_cast<cudaStream_t>(stream)),
            "obs_sweep");
   return {Q, E, P, L};
 }
@@ -65,7 +72,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(
     const torch::Tensor& w, const torch::Tensor& keep, const torch::Tensor& c,
     const torch::Tensor& H, int64_t prune_n, int64_t prune_m,
-    const c10::optional<torch::Tensor>& rows) {
+    const c10::optional<torch::Tensor>& rows, int64_t num_sms, int64_t stream) {
   check_cuda(w, "w", torch::kFloat32);
   check_cuda(c, "c", torch::kFloat32);
   check_cuda(H, "H", torch::kFloat32);
@@ -85,17 +92,22 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(
   torch::Tensor rows_l;
   if (rows.has_value()) {
     rows_l = rows->to(w.device(), torch::kLong).contiguous();
+    TORCH_CHECK(rows_l.dim() == 1, "rows must be 1-D");
+    if (rows_l.numel() > 0) {
+      const auto mm = torch::aminmax(rows_l);
+      TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 &&
+                      std::get<1>(mm).item<int64_t>() < w.size(0),
+                  "rows must index rows of w");
+    }
     idx = rows_l.data_ptr<int64_t>();
     nrows = rows_l.numel();
   }
-  const c10::cuda::CUDAGuard guard(w.device());
   auto val = torch::empty({nrows}, w.options());
   auto bu = torch::empty({nrows}, w.options().dtype(torch::kLong));
   auto bp = torch::empty({nrows}, w.options().dtype(torch::kLong));
   if (nrows == 0) return {bu, bp, val};
-  int sms = 0;
-  check_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, w.get_device()),
-           "cudaDeviceGetAttribute");
+  TORCH_CHECK(num_sms >= 1, "num_sms must be >= 1");
+  const int sms = static_cast<int>(num_sms);
   torch::Tensor ws;
   float* ws_ptr = nullptr;
   if (prune_n == 0) {
@@ -109,7 +121,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(
                c.data_ptr<float>(), H.data_ptr<float>(), idx, static_cast<int>(nrows),
                static_cast<int>(cols), w.stride(0), static_cast<int>(prune_n),
                static_cast<int>(prune_m), val.data_ptr<float>(), bu.data_ptr<int64_t>(),
-               bp.data_ptr<int64_t>(), ws_ptr, sms, c10::cuda::getCurrentCUDAStream().stream()),
+               bp.data_ptr<int64_t>(), ws_ptr, sms, reinterpret_cast<cudaStream_t>(stream)),
            "swap_search");
   return {bu, bp, val};
 }

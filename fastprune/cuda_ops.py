@@ -4,7 +4,9 @@ Importing this module touches neither CUDA nor a compiler; the extension is comp
 ninja through `torch.utils.cpp_extension.load` the first time a kernel runs (for the
 device's own architecture, cached in torch's extension directory, guarded by a file lock so
 two processes never build at once), or taken from an ahead-of-time build
-(`FASTPRUNE_BUILD_CUDA=1 pip install .` builds `fastprune._cuda_ext`).
+(`FASTPRUNE_BUILD_CUDA=1 pip install .` builds `fastprune._cuda_ext`). With
+`FASTPRUNE_CUDA_EMULATE=1` the same kernel sources run on CPU tensors through the emulator of
+`fastprune.cuda_emulation` (for testing without a GPU; slow).
 
 Only `obs_sweep` and `swap_search` are hand-written; the other ops of the backend reuse the
 Triton kernels when Triton is installed, else the torch reference. Inputs outside what the
@@ -14,6 +16,7 @@ kernels support (float64, blocks wider than 256 columns, N:M with 32 % M != 0, c
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import os
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import csrc as _csrc
+from . import cuda_emulation
 from .ops.torch_ref import (
     torch_block_prune_mask,
     torch_column_losses,
@@ -62,7 +66,7 @@ def load_extension(device_index: int = 0):
             return load(
                 name=name,
                 sources=[str(CSRC / s) for s in SOURCES],
-                extra_cflags=["-O3", "-std=c++17"],
+                extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
                 extra_cuda_cflags=["-O3", "-std=c++17", *_arch_flags(device)],
                 build_directory=build_dir,
                 verbose=os.environ.get("FASTPRUNE_VERBOSE_BUILD") == "1",
@@ -72,7 +76,28 @@ def load_extension(device_index: int = 0):
 
 
 def _ext(t: torch.Tensor):
-    return load_extension(t.device.index or 0)
+    if t.device.type == "cuda":
+        return load_extension(t.device.index or 0)
+    if cuda_emulation.enabled():
+        return cuda_emulation.load_emulated_extension()
+    raise ValueError(
+        f"the CUDA kernels need CUDA tensors, got {t.device} "
+        f"({cuda_emulation.ENV}=1 runs them on the CPU emulator)"
+    )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _launch_context(t: torch.Tensor):
+    """(device guard, stream handle, SM count) for launching on `t`'s device."""
+    if t.device.type != "cuda":
+        return contextlib.nullcontext(), 0, cuda_emulation.EMULATED_SMS
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(index).cuda_stream
+    return torch.cuda.device(index), stream, _num_sms(index)
 
 
 def cuda_obs_sweep(W1, Hinv1, prune1, prune_n: int = 0, prune_m: int = 0):
@@ -86,16 +111,30 @@ def cuda_obs_sweep(W1, Hinv1, prune1, prune_n: int = 0, prune_m: int = 0):
     )
     if not supported:
         return torch_obs_sweep(W1, Hinv1, prune1, prune_n, prune_m)
-    return _ext(W1).obs_sweep(W1, Hinv1, prune1, prune_n, prune_m)
+    ext = _ext(W1)
+    guard, stream, _ = _launch_context(W1)
+    with guard:
+        return ext.obs_sweep(W1, Hinv1, prune1, prune_n, prune_m, stream)
 
 
 def cuda_swap_search(w, keep, c, H, prune_n: int = 0, prune_m: int = 0, rows=None):
     """CUDA version of `torch_swap_search` (same contract; `rows` searches a subset)."""
     if w.dtype != torch.float32 or w.shape[1] >= 65536:
         return torch_swap_search(w, keep, c, H, prune_n, prune_m, rows=rows)
-    return _ext(w).swap_search(
-        w.contiguous(), keep.contiguous(), c.contiguous(), H.contiguous(), prune_n, prune_m, rows
-    )
+    ext = _ext(w)
+    guard, stream, sms = _launch_context(w)
+    with guard:
+        return ext.swap_search(
+            w.contiguous(),
+            keep.contiguous(),
+            c.contiguous(),
+            H.contiguous(),
+            prune_n,
+            prune_m,
+            rows,
+            sms,
+            stream,
+        )
 
 
 def _reused_ops() -> dict:

@@ -58,7 +58,11 @@ def _device_ok(backend: str, device: torch.device) -> str | None:
             return None
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}"
     if backend == "cuda":
-        return None if device.type == "cuda" else f"CUDA kernels need CUDA tensors; got {device}"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and os.environ.get("FASTPRUNE_CUDA_EMULATE") == "1":
+            return None
+        return f"CUDA kernels need CUDA tensors (or FASTPRUNE_CUDA_EMULATE=1 on CPU); got {device}"
     return None
 
 
