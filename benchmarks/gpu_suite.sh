@@ -13,7 +13,20 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu_${tag}_env.txt"
 python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'cuda',torch.version.cuda)" | tee -a "$res/gpu_${tag}_env.txt"
 python3 -m pytest -q tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_obs.py \
-  tests/test_triton_swaps.py tests/test_compat.py 2>&1 | tee "$res/gpu_${tag}_tests.txt"
+  tests/test_triton_swaps.py tests/test_compat.py tests/test_autoselect.py 2>&1 | tee "$res/gpu_${tag}_tests.txt"
+# the compiler's register/spill report for this device's architecture
+arch=$(python3 -c "import torch;print('sm_%d%d' % torch.cuda.get_device_capability())")
+for f in obs_sweep swap_search; do
+  nvcc -std=c++17 -O3 -arch="$arch" --resource-usage -c "csrc/$f.cu" -o /tmp/"$f".o 2>&1
+done | tee "$res/gpu_${tag}_ptxas.txt"
+# what backend='auto' picks here (times both once; cached)
+python3 -c "
+import torch, fastprune.ops as o
+d = torch.device('cuda')
+for ops in [('block_prune_mask', 'obs_sweep'), ('swap_search', 'swap_apply')]:
+    print('auto', ops, '->', o.resolve_backend('auto', d, ops))
+from fastprune.ops.autoselect import cache_path; print(cache_path().read_text())
+" 2>&1 | tee -a "$res/gpu_${tag}_env.txt"
 python3 benchmarks/bench_obs.py $quick --out "$res/obs_${tag}" 2>&1 | tail -40
 python3 benchmarks/bench_swaps.py $quick --out "$res/swaps_${tag}" 2>&1 | tail -20
 if [ -n "${OUT:-}" ]; then cp "$res"/*"${tag}"* "$OUT"/ 2>/dev/null; fi

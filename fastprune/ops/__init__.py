@@ -66,32 +66,31 @@ def _device_ok(backend: str, device: torch.device) -> str | None:
     return None
 
 
-def _auto_order() -> tuple[str, ...]:
-    """Fast backends 'auto' tries, best first. Triton leads until GPU benchmarks show the
-    hand-written CUDA kernels faster; FASTPRUNE_AUTO_BACKEND=cuda|triton overrides."""
-    first = os.environ.get("FASTPRUNE_AUTO_BACKEND", "triton")
-    return ("cuda", "triton") if first == "cuda" else ("triton", "cuda")
-
-
 def resolve_backend(backend: str, device: torch.device, ops: tuple[str, ...]) -> str:
     """Turn 'auto'/'torch'/'triton'/'cuda' into a backend that runs `ops` on `device`.
 
-    A backend named explicitly that cannot run raises BackendUnavailableError; 'auto' falls
-    back to the torch reference (always on CPU tensors).
+    A backend named explicitly that cannot run raises BackendUnavailableError. 'auto' uses the
+    torch reference on CPU tensors; on a GPU, the faster of Triton and CUDA as timed once on
+    that device (`ops.autoselect`), or the torch reference if neither is installed.
     """
     if backend == "torch":
         return "torch"
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        for cand in _auto_order():
+        available = []
+        for cand in _FAST_MODULES:
             try:
                 table = _fast_ops(cand)
             except BackendUnavailableError:
                 continue
             if all(o in table for o in ops):
-                return cand
-        return "torch"
+                available.append(cand)
+        if not available:
+            return "torch"
+        from .autoselect import choose_fast_backend
+
+        return choose_fast_backend(device, tuple(ops), available)
     if backend not in _FAST_MODULES:
         raise ValueError(f"backend must be one of auto/torch/triton/cuda, got {backend!r}")
     why = _device_ok(backend, device)
