@@ -174,6 +174,32 @@ def test_swap_search_kernel_matches_reference(gen, dev, rows, cols, n, m):
 
 
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_kernels_on_degenerate_rows(gen, dev, n, m):
+    """Rows with nothing to prune/swap (all kept, all pruned, all zero) give the reference's
+    answer: no pruning error, delta = +inf where a row has no candidate pair."""
+    from fastprune.cuda_ops import cuda_obs_sweep, cuda_swap_search
+
+    W, H, _ = fp.testing.random_layer(6, 64, generator=gen)
+    W[2] = 0
+    keep = fp.wanda_layer(W, H, 0.5, n, m).mask
+    keep[0], keep[1] = True, False
+    c = (W * ~keep) @ H
+    W, H, keep, c = W.to(dev), H.to(dev), keep.to(dev), c.to(dev)
+    u, p, d = cuda_swap_search(W, keep, c, H, n, m)
+    _, _, dref = torch_swap_search(W.double(), keep, c.double(), H.double(), n, m)
+    assert torch.isinf(d[:2]).all() and torch.isinf(dref[:2]).all()
+    assert_close(d[2:].double().cpu(), dref[2:].cpu(), rtol=1e-5, atol=1e-6, what="delta")
+    hinv = fp.inverse_hessian(H.cpu()).hinv.to(dev)
+    got = cuda_obs_sweep(W, hinv, ~keep if not n else None, n, m)
+    ref = torch_obs_sweep(W.double(), hinv.double(), ~keep if not n else None, n, m)
+    assert torch.equal(got[2].cpu(), ref[2].cpu())
+    assert got[3][2].item() == 0.0  # an all-zero row
+    if not n:
+        assert got[3][0].item() == 0.0  # nothing pruned in row 0
+    assert_close(got[3].double().cpu(), ref[3].cpu(), rtol=1e-5, atol=1e-6, what="loss")
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
 def test_layers_on_cuda_backend(gen, dev, n, m):
     # smaller on the emulator, where each CUDA thread is a fiber
     rows, cols, steps = (96, 384, 50) if dev.type == "cuda" else (40, 256, 6)
