@@ -1,6 +1,7 @@
 // Fused OBS sweep for one block of columns: one warp per R rows, the block's columns spread
 // over the lanes (column s*32 + lane lives in register slot s), Hinv rows read through the
-// read-only cache and each swept column broadcast across the warp with __shfl_sync.
+// read-only cache and each swept column's error broadcast across the warp with __shfl_sync
+// (one shuffle per row and column).
 #include "fastprune_kernels.h"
 
 namespace fastprune {
@@ -65,7 +66,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           if (mine && rank < prune_n) pbits[r] |= 1u << s;
         }
       }
-      const float d_i = __ldg(&Hinv[i * (shm + shn)]);
       float h[SLOTS];
 #pragma unroll
       for (int t = 0; t < SLOTS; ++t) {
@@ -74,9 +74,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        const float wi = __shfl_sync(kFull, w[r][s], l);
-        const uint32_t pb = __shfl_sync(kFull, pbits[r], l);
-        const float err = ((pb >> s) & 1u) ? wi / d_i : 0.0f;
+        // every lane forms err for its own column (dcol[s] is Hinv_ii on lane l); one
+        // shuffle per row then broadcasts column i's
+        const float mine = ((pbits[r] >> s) & 1u) ? w[r][s] / dcol[s] : 0.0f;
+        const float err = __shfl_sync(kFull, mine, l);
 #pragma unroll
         for (int t = s; t < SLOTS; ++t) w[r][t] = fmaf(-err, h[t], w[r][t]);
       }
