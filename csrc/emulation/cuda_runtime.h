@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -67,7 +68,7 @@ inline cudaError_t& last_error() {
 
 struct Fiber {
   ucontext_t ctx;
-  std::vector<char> stack;
+  char* stack = nullptr;  // from stack_pool(), reused by every block
   uint3 tid;
   int warp = 0, lane = 0;
   bool done = false;
@@ -229,9 +230,17 @@ inline uint32_t next_random() {
   return static_cast<uint32_t>(s >> 11);
 }
 
+constexpr size_t kStack = 128 * 1024;
+
+// Fiber stacks, allocated once per OS thread and reused (uninitialised: no memset per block).
+inline char* stack_for(size_t t) {
+  static thread_local std::vector<std::unique_ptr<char[]>> pool;
+  while (pool.size() <= t) pool.emplace_back(new char[kStack]);
+  return pool[t].get();
+}
+
 // Run one block to completion; false (with b.error) on a detected misuse or deadlock.
 inline bool run_block(Block& b, size_t nthreads) {
-  constexpr size_t kStack = 256 * 1024;
   b.fibers.resize(nthreads);
   b.warps.assign((nthreads + 31) / 32, WarpState{});
   b.live = static_cast<int>(nthreads);
@@ -243,9 +252,9 @@ inline bool run_block(Block& b, size_t nthreads) {
     f.warp = static_cast<int>(t / 32);
     f.lane = static_cast<int>(t % 32);
     b.warps[f.warp].live |= 1u << f.lane;
-    f.stack.resize(kStack);
+    f.stack = stack_for(t);
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = kStack;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
