@@ -1,0 +1,124 @@
+"""End to end: `prune_model` on a LLaMA-shaped model with random weights (DESIGN §5: LLaMA-2-7B
+shape, 128x2048 calibration, ROSE 50%, one GPU, <= 60 s; 70B shape <= 10 min projected from
+the time per decoder block).
+
+Only `--blocks` decoder blocks are built (random weights are fine for timing); the full
+model's time is projected as (measured seconds / blocks) x the shape's layer count, which
+slightly overstates it (embedding and first-block capture are counted once per block).
+
+    python benchmarks/bench_end_to_end.py --shape llama2-7b --device cuda [--blocks 32]
+    python benchmarks/bench_end_to_end.py --shape small --device cpu --nsamples 8 --seqlen 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import row, write_rows  # noqa: E402
+
+SHAPES = {
+    # hidden, intermediate, heads, kv heads, layers
+    "llama2-7b": (4096, 11008, 32, 32, 32),
+    "llama2-13b": (5120, 13824, 40, 40, 40),
+    "llama2-70b": (8192, 28672, 64, 8, 80),
+    "small": (512, 1376, 8, 8, 4),
+}
+
+
+def build_model(shape: str, blocks: int, seqlen: int, dtype: torch.dtype):
+    """A LLaMA model of `shape` with only `blocks` decoder blocks, random weights, on CPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, heads, kv, _ = SHAPES[shape]
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        num_hidden_layers=blocks,
+        max_position_embeddings=max(seqlen, 128),
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return model
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--blocks", type=int, default=None, help="blocks to build (default: all)")
+    ap.add_argument("--method", default="rose")
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--pattern", default=None, help="N:M, e.g. 2:4")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--out", default=None, help="write OUT.json / OUT.csv")
+    args = ap.parse_args(argv)
+
+    import fastprune as fp
+
+    layers = SHAPES[args.shape][4]
+    blocks = args.blocks or layers
+    dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    n, m = (int(x) for x in args.pattern.split(":")) if args.pattern else (0, 0)
+
+    t = time.perf_counter()
+    model = build_model(args.shape, blocks, args.seqlen, dtype)
+    build_s = time.perf_counter() - t
+    g = torch.Generator().manual_seed(0)
+    calib = torch.randint(0, 32000, (args.nsamples, args.seqlen), generator=g)
+    opts = {} if args.method in ("magnitude", "wanda", "gblm") else {"backend": args.backend}
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    rep = fp.prune_model(
+        model,
+        calib,
+        args.method,
+        args.sparsity,
+        n,
+        m,
+        device=args.device,
+        **opts,
+    )
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t
+    per_block = seconds / blocks
+    totals = rep.totals
+    print(rep.summary())
+    used = sorted({str(lr.info.get("backend", "torch")) for lr in rep.layers})
+    r = row(
+        "prune_model",
+        "+".join(used),
+        f"{args.shape} ({blocks}/{layers} blocks)",
+        dtype,
+        args.device,
+        seconds * 1e3,
+        method=args.method,
+        pattern=rep.pattern,
+        calibration=f"{args.nsamples}x{args.seqlen}",
+        seconds=round(seconds, 2),
+        seconds_per_block=round(per_block, 3),
+        projected_full_model_s=round(per_block * layers, 1),
+        solve_s=round(totals.get("solve_seconds", 0.0), 2),
+        forward_s=round(totals.get("forward_seconds", 0.0), 2),
+        achieved_sparsity=round(rep.achieved_sparsity, 4),
+        model_build_s=round(build_s, 1),
+    )
+    write_rows([r], args.out)
+
+
+if __name__ == "__main__":
+    main()
