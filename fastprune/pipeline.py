@@ -4,7 +4,10 @@
    sentinel (so nothing past the embeddings runs), together with the positional and keyword
    arguments the model itself passed (attention mask, position embeddings, ...). Every block
    is replayed with those arguments, which keeps the pipeline independent of how a given
-   transformers version wires its decoder loop.
+   transformers version wires its decoder loop. Models whose blocks come in kinds that get
+   different arguments (`config.layer_types`: Gemma-2/3's sliding vs full attention) have
+   the arguments of each kind's first block captured too, and each block is replayed with
+   its own kind's.
 2. For each block (moved alone to `device`): one forward pass over the calibration
    activations with pre-hooks on its linear layers accumulates one float32 `H` per distinct
    input (layers fed the very same tensor, q/k/v or gate/up, share one `H` and, for
@@ -257,36 +260,46 @@ def _sanitize_kwargs(kwargs: dict) -> dict:
     return out
 
 
-def _check_homogeneous(model) -> None:
-    types = getattr(getattr(model, "config", None), "layer_types", None)
-    if types and len(set(types)) > 1:
+def block_kinds(model, nblocks: int) -> list[str]:
+    """The kind of each decoder block as the model wires it (`config.layer_types`, e.g.
+    Gemma-2/3's sliding vs full attention): blocks of one kind get the same arguments (mask,
+    position embeddings) from the model's decoder loop, blocks of different kinds may not."""
+    cfg = getattr(model, "config", None)
+    types = getattr(cfg, "layer_types", None) or getattr(
+        getattr(cfg, "text_config", None), "layer_types", None
+    )
+    if not types or len(set(types)) == 1:
+        return ["all"] * nblocks
+    if len(types) < nblocks:
         raise ValueError(
-            f"{type(model).__name__} mixes decoder layer types {sorted(set(types))} (e.g. "
-            "sliding/global attention) whose blocks get different masks; the pipeline replays "
-            "the first block's arguments for every block and does not support such models yet"
+            f"{type(model).__name__}.config.layer_types names {len(types)} layers but the "
+            f"model has {nblocks} decoder blocks"
         )
+    return [str(t) for t in types[:nblocks]]
 
 
 # ------------------------------------------------------------------ capture and replay
 
 
 class _Activations:
-    """Calibration activations between blocks plus the arguments each batch was called with
-    (stored once per distinct value: identical masks / position embeddings are shared)."""
+    """Calibration activations between blocks plus the arguments each batch was called with,
+    per block kind (stored once per distinct value: identical masks / position embeddings
+    are shared)."""
 
     def __init__(self, n, shape_tail, dtype, store):
         self.inps = torch.empty((n, *shape_tail), dtype=dtype, device=store)
         self.outs = torch.empty_like(self.inps)
         self.arg_sets: list[tuple[tuple, dict]] = []
-        self.batch_args: list[int] = []  # index into arg_sets per batch
+        self.batch_args: dict[str, list[int]] = {}  # kind -> index into arg_sets per batch
 
-    def add_args(self, args, kwargs) -> None:
+    def add_args(self, kind, args, kwargs) -> None:
+        slots = self.batch_args.setdefault(kind, [])
         for i, (a, k) in enumerate(self.arg_sets):
             if _same_structure(a, args) and _same_structure(k, kwargs):
-                self.batch_args.append(i)
+                slots.append(i)
                 return
         self.arg_sets.append((args, kwargs))
-        self.batch_args.append(len(self.arg_sets) - 1)
+        slots.append(len(self.arg_sets) - 1)
 
     def swap(self):
         self.inps, self.outs = self.outs, self.inps
@@ -305,41 +318,75 @@ def _activation_store(device, nbytes, offload) -> torch.device:
     return device if nbytes < free / 4 else torch.device("cpu")
 
 
+def _split_hidden(args, kwargs) -> tuple[torch.Tensor, tuple, dict]:
+    """(hidden states, other positional args, keyword args) of a block call."""
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return kwargs.pop("hidden_states"), (), kwargs
+    raise RuntimeError("could not find the hidden states passed to a decoder block")
+
+
 @torch.no_grad()
-def _capture(model, blocks, calib, batch_size, device, offload) -> _Activations:
-    home = model_device(model)
-    first = blocks[0]
+def _forward_until(model, blocks, input_ids, at: list[int]) -> dict[int, tuple]:
+    """Run `model` on `input_ids` and record the (args, kwargs) each block in `at` is called
+    with; the forward stops at the last of them, so only the blocks before it run."""
+    stop_at = max(at)
     got: dict = {}
 
-    def hook(_mod, args, kwargs):
-        got["args"], got["kwargs"] = args, kwargs
-        raise _StopForward
+    def hook_for(i):
+        def hook(_mod, args, kwargs):
+            got[i] = (args, kwargs)
+            if i == stop_at:
+                raise _StopForward
 
-    acts = None
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [blocks[i].register_forward_pre_hook(hook_for(i), with_kwargs=True) for i in at]
     try:
-        for s in range(0, calib.shape[0], batch_size):
-            got.clear()
-            with contextlib.suppress(_StopForward):
-                model(input_ids=calib[s : s + batch_size].to(home), use_cache=False)
-            if not got:
-                raise RuntimeError("the model's forward never called its first decoder block")
-            args, kwargs = got["args"], dict(got["kwargs"])
-            if args:
-                hidden, rest = args[0], tuple(args[1:])
-            elif "hidden_states" in kwargs:
-                hidden, rest = kwargs.pop("hidden_states"), ()
-            else:
-                raise RuntimeError("could not find the hidden states passed to the first block")
-            if acts is None:
-                n, tail = calib.shape[0], tuple(hidden.shape[1:])
-                nbytes = 2 * n * math.prod(tail) * hidden.element_size()
-                store = _activation_store(device, nbytes, offload)
-                acts = _Activations(n, tail, hidden.dtype, store)
-            acts.inps[s : s + hidden.shape[0]] = hidden.to(acts.inps.device)
-            acts.add_args(_to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
+        with contextlib.suppress(_StopForward):
+            model(input_ids=input_ids, use_cache=False)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
+    missing = [i for i in at if i not in got]
+    if missing:
+        raise RuntimeError(f"the model's forward never called its decoder block {missing[0]}")
+    return got
+
+
+@torch.no_grad()
+def _capture(model, blocks, kinds, calib, batch_size, device, offload) -> _Activations:
+    """Inputs of the first block for every calibration batch, with the arguments the model
+    passed it. For models whose blocks come in kinds (`block_kinds`), the arguments of the
+    first block of each other kind are taken from one forward per batch size (they depend on
+    the batch's shape only, since no padding mask is passed); only blocks before that one
+    run, on that one batch."""
+    home = model_device(model)
+    first_of: dict[str, int] = {}
+    for i, k in enumerate(kinds):
+        first_of.setdefault(k, i)
+    acts = None
+    by_size: dict[int, dict[int, tuple]] = {}
+    for s in range(0, calib.shape[0], batch_size):
+        ids = calib[s : s + batch_size].to(home)
+        hidden, rest, kwargs = _split_hidden(*_forward_until(model, blocks, ids, [0])[0])
+        if acts is None:
+            n, tail = calib.shape[0], tuple(hidden.shape[1:])
+            nbytes = 2 * n * math.prod(tail) * hidden.element_size()
+            store = _activation_store(device, nbytes, offload)
+            acts = _Activations(n, tail, hidden.dtype, store)
+        acts.inps[s : s + hidden.shape[0]] = hidden.to(acts.inps.device)
+        acts.add_args(kinds[0], _to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
+        others = sorted(i for k, i in first_of.items() if i != 0)
+        if others:
+            if ids.shape[0] not in by_size:
+                by_size[ids.shape[0]] = _forward_until(model, blocks, ids, others)
+            got = by_size[ids.shape[0]]
+            for i in others:
+                _, rest, kwargs = _split_hidden(*got[i])
+                acts.add_args(kinds[i], _to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
     return acts
 
 
@@ -352,9 +399,9 @@ def _block_output(out):
 
 
 @torch.no_grad()
-def _run_block(block, acts: _Activations, batch_size, device, arg_sets, write=True):
+def _run_block(block, acts: _Activations, batch_size, device, arg_sets, kind, write=True):
     for bi, s in enumerate(range(0, acts.inps.shape[0], batch_size)):
-        args, kwargs = arg_sets[acts.batch_args[bi]]
+        args, kwargs = arg_sets[acts.batch_args[kind][bi]]
         x = acts.inps[s : s + batch_size].to(device)
         out = _block_output(block(x, *args, **kwargs))
         if write:
@@ -584,6 +631,7 @@ def prune_model(
     home = model_device(model)
     dev = _check_device(device, home)
     blocks_path, block_list = find_blocks(model, blocks)
+    kinds = block_kinds(model, len(block_list))
     check_selection(block_list, targets, ignore)
     per_block = [find_linears(b, targets, ignore) for b in block_list]
     for i, lins in enumerate(per_block):
@@ -605,7 +653,6 @@ def prune_model(
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab and calib.max().item() >= vocab:
             raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
-        _check_homogeneous(model)
 
     report = PruneReport(
         method=method,
@@ -639,7 +686,7 @@ def prune_model(
     acts = None
     if calib is not None:
         t0 = time.perf_counter()
-        acts = _capture(model, block_list, calib, batch_size, dev, offload_activations)
+        acts = _capture(model, block_list, kinds, calib, batch_size, dev, offload_activations)
         totals["forward_seconds"] += time.perf_counter() - t0
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
@@ -658,7 +705,7 @@ def prune_model(
                 try:
                     for bi, s in enumerate(range(0, acts.inps.shape[0], batch_size)):
                         hooks.batch = min(batch_size, acts.inps.shape[0] - s)
-                        args, kwargs = arg_sets[acts.batch_args[bi]]
+                        args, kwargs = arg_sets[acts.batch_args[kinds[i]][bi]]
                         x = acts.inps[s : s + batch_size].to(dev)
                         block(x, *args, **kwargs)
                         hooks.end_batch()
@@ -702,7 +749,7 @@ def prune_model(
             del hooks, inverses
             if acts is not None and i + 1 < len(block_list):
                 t0 = time.perf_counter()
-                _run_block(block, acts, batch_size, dev, arg_sets)
+                _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
                 acts.swap()
                 totals["forward_seconds"] += time.perf_counter() - t0
             block.to(block_home)

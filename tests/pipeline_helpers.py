@@ -9,7 +9,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "opt", "gpt2")
+FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3", "opt", "gpt2")
 
 
 def tiny_config(family: str):
@@ -49,6 +49,29 @@ def tiny_config(family: str):
             num_attention_heads=4,
             num_key_value_heads=1,
             head_dim=16,
+            **common,
+        )
+    if family in ("gemma2", "gemma3"):
+        # sliding and full attention blocks get different masks (window 8 < calibration
+        # length), Gemma-3 also different rotary embeddings; its first full block is block 2
+        cls = transformers.Gemma2Config if family == "gemma2" else transformers.Gemma3TextConfig
+        types = ["sliding_attention", "full_attention"] * 2
+        if family == "gemma3":
+            types = [
+                "sliding_attention",
+                "sliding_attention",
+                "full_attention",
+                "sliding_attention",
+            ]
+        return cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=types,
             **common,
         )
     if family == "opt":

@@ -117,7 +117,7 @@ def _oracle(model, calib, method, **kw):
             set_weight(mod, r.weight)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "qwen2", "gemma2", "gemma3"])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_matches_whole_model_oracle(family, method):
     """Capture/replay with the model's own kwargs gives the same result as running the whole
