@@ -108,6 +108,8 @@ def _prune(args: argparse.Namespace) -> int:
         options["reconstruct"] = args.reconstruct
     if args.method == "gblm":
         options["norm"] = args.gblm_norm
+    if args.method in ("sparsegpt", "rose", "sparseswaps"):
+        options["backend"] = args.backend
     report = prune_model(
         model,
         calib,
@@ -227,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="sparseswaps: OBS reconstruction on the refined mask",
     )
     q.add_argument("--gblm-norm", default="l2", choices=["l1", "l2"], help="gblm gradient norm")
+    q.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "triton", "cuda"],
+        help="kernels for sparsegpt/rose/sparseswaps (auto: the fastest for --device)",
+    )
     q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
     q.add_argument("--report", default=None, help="write a JSON report here")
     q.add_argument("--seed", type=int, default=0)

@@ -95,6 +95,19 @@ def test_prune_end_to_end_on_local_directory(tmp_path, capsys):
     assert resolve_model(str(out)).path == str(out)
 
 
+def test_backend_option(tmp_path, capsys, monkeypatch):
+    d = _tiny_dir(tmp_path)
+    rep = tmp_path / "r.json"
+    argv = ["prune", "--model", str(d), "--method", "rose", "--nsamples", "2", "--seqlen", "16"]
+    argv += ["--eval", "none", "--no-progress", "--report", str(rep)]
+    assert main([*argv, "--backend", "torch"]) == 0
+    assert {lr["info"]["backend"] for lr in json.loads(rep.read_text())["layers"]} == {"torch"}
+    monkeypatch.delenv("FASTPRUNE_CUDA_EMULATE", raising=False)
+    capsys.readouterr()
+    assert main([*argv, "--backend", "cuda"]) == 2  # CPU tensors: a clear error, not a crash
+    assert "CUDA" in capsys.readouterr().err
+
+
 def test_magnitude_needs_no_calibration_and_eval_none(tmp_path, capsys):
     d = _tiny_dir(tmp_path)
     rep = tmp_path / "r.json"
