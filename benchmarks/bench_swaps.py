@@ -41,7 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import fastprune as fp  # noqa: E402
 from benchmarks.harness import bench, row, write_rows  # noqa: E402
-from fastprune.ops.torch_ref import torch_swap_apply, torch_swap_search  # noqa: E402
+from fastprune.ops.torch_ref import (  # noqa: E402
+    _swap_terms,
+    torch_swap_apply,
+    torch_swap_search,
+)
 from fastprune.testing import random_layer  # noqa: E402
 
 FLOPS_PER_PAIR = 4
@@ -57,10 +61,7 @@ def torch_swap_search_fast(w, keep, c, H, prune_n=0, prune_m=0, budget=1 << 25):
     if prune_n:  # the reference N:M search is already one vectorised pass per row chunk
         return torch_swap_search(w, keep, c, H, prune_n, prune_m)
     rows, cols = w.shape
-    inf = float("inf")
-    hd = H.diagonal()
-    a = torch.where(keep, w * w * hd + 2 * w * c, inf)
-    b = torch.where(keep, inf, w * w * hd - 2 * w * c)
+    a, b = _swap_terms(w, keep, c, H.diagonal())
     x = torch.where(keep, -2 * w, 0.0)
     y = torch.where(keep, 0.0, w)
     best = torch.empty(rows, dtype=w.dtype, device=w.device)

@@ -57,6 +57,17 @@ __device__ __forceinline__ void better(float v, uint32_t idx, float& bv, uint32_
   }
 }
 
+// (value, packed index) minimum across the warp, ties to the lower index; every lane ends
+// with the warp's best.
+__device__ __forceinline__ void warp_best(float& v, uint32_t& i) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float ov = __shfl_xor_sync(kFull, v, off);
+    const uint32_t oi = __shfl_xor_sync(kFull, i, off);
+    better(ov, oi, v, i);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads)
     swap_search_kernel(const float* __restrict__ A, const float* __restrict__ X,
                        const float* __restrict__ B, const float* __restrict__ Y,
@@ -134,12 +145,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int r = 0; r < kRows; ++r) {
     float v = bv[r];
     uint32_t i = bi[r];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float ov = __shfl_xor_sync(kFull, v, off);
-      const uint32_t oi = __shfl_xor_sync(kFull, i, off);
-      better(ov, oi, v, i);
-    }
+    warp_best(v, i);
     if (lane == 0) {
       red_v[wid][r] = v;
       red_i[wid][r] = i;
@@ -204,12 +210,7 @@ __global__ void swap_search_nm_kernel(const float* __restrict__ w,
       }
     }
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    const float ov = __shfl_xor_sync(kFull, bv, off);
-    const uint32_t oi = __shfl_xor_sync(kFull, bi, off);
-    better(ov, oi, bv, bi);
-  }
+  warp_best(bv, bi);
   if (lane == 0) {
     best_val[r] = bv;
     best_u[r] = bv < CUDART_INF_F ? static_cast<int64_t>(bi / static_cast<uint32_t>(cols)) : 0;

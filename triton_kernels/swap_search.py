@@ -93,6 +93,28 @@ def _swap_terms_kernel(
 
 
 @triton.jit
+def _row_bases(
+    W_ptr,
+    K_ptr,
+    C_ptr,
+    ROW_ptr,
+    offs_r,
+    rmask,
+    stride_wm,
+    stride_km,
+    stride_cm,
+    HAS_ROWS: tl.constexpr,
+):
+    """Base pointers of the rows a program searches: rows `ROW_ptr[offs_r]` if given, else
+    `offs_r`; lanes past `n_rows` (`~rmask`) get unused pointers the caller masks."""
+    if HAS_ROWS:
+        ridx = tl.load(ROW_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
+    else:
+        ridx = offs_r.to(tl.int64)
+    return W_ptr + ridx * stride_wm, K_ptr + ridx * stride_km, C_ptr + ridx * stride_cm
+
+
+@triton.jit
 def _swap_search_kernel(
     W_ptr,
     K_ptr,
@@ -137,13 +159,9 @@ def _swap_search_kernel(
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < n_rows
-    if HAS_ROWS:
-        ridx = tl.load(ROW_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
-    else:
-        ridx = offs_r.to(tl.int64)
-    w_row = W_ptr + ridx * stride_wm  # [R] row base pointers
-    k_row = K_ptr + ridx * stride_km
-    c_row = C_ptr + ridx * stride_cm
+    w_row, k_row, c_row = _row_bases(  # [R] row base pointers
+        W_ptr, K_ptr, C_ptr, ROW_ptr, offs_r, rmask, stride_wm, stride_km, stride_cm, HAS_ROWS
+    )
     b_row = B_ptr + offs_r.to(tl.int64) * stride_bm  # scratch rows (padded: always valid)
     y_row = Y_ptr + offs_r.to(tl.int64) * stride_bm
     hd_stride = stride_hm + 1  # diag(H)
@@ -253,13 +271,9 @@ def _swap_search_nm_kernel(
 
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = offs_r < n_rows
-    if HAS_ROWS:
-        ridx = tl.load(ROW_ptr + offs_r, mask=rmask, other=0).to(tl.int64)
-    else:
-        ridx = offs_r.to(tl.int64)
-    w_row = W_ptr + ridx * stride_wm
-    k_row = K_ptr + ridx * stride_km
-    c_row = C_ptr + ridx * stride_cm
+    w_row, k_row, c_row = _row_bases(  # [R] row base pointers
+        W_ptr, K_ptr, C_ptr, ROW_ptr, offs_r, rmask, stride_wm, stride_km, stride_cm, HAS_ROWS
+    )
     ar_c = tl.arange(0, BLOCK_C)
     ar_m = tl.arange(0, BLOCK_M)
 
