@@ -9,16 +9,13 @@ without a GPU. It is slow (each CUDA thread is a fiber) and says nothing about s
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import os
 import re
 from pathlib import Path
 
-from . import csrc as _csrc
+from .cuda_build import BINDING, CSRC, KERNEL_SOURCES, locked_build
 
-CSRC = Path(_csrc.__file__).resolve().parent
-KERNEL_SOURCES = ("obs_sweep.cu", "swap_search.cu")
 ENV = "FASTPRUNE_CUDA_EMULATE"
 EMULATED_SMS = 4
 """SM count the emulated swap search plans its grid for (small, so u-splits are exercised)."""
@@ -40,35 +37,30 @@ def rewrite_launches(source: str) -> str:
     return out
 
 
+def _emulated_sources(build_dir: Path) -> list[str]:
+    """The binding plus each kernel file with its launches rewritten, written to build_dir
+    (only when changed, so ninja's cache stays valid)."""
+    sources = [str(CSRC / BINDING)]
+    for src in KERNEL_SOURCES:
+        dst = build_dir / (Path(src).stem + "_emulated.cpp")
+        text = rewrite_launches((CSRC / src).read_text())
+        if not dst.exists() or dst.read_text() != text:
+            dst.write_text(text)
+        sources.append(str(dst))
+    return sources
+
+
 @functools.cache
 def load_emulated_extension():
     """Build (once per process, cached on disk by torch) and import the emulated extension."""
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    name = "fastprune_cuda_emulated"
-    build_dir = Path(_get_build_directory(name, verbose=False))
-    with open(build_dir / ".fastprune.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
-        try:
-            sources = [str(CSRC / "binding.cpp")]
-            for src in KERNEL_SOURCES:
-                dst = build_dir / (Path(src).stem + "_emulated.cpp")
-                text = rewrite_launches((CSRC / src).read_text())
-                if not dst.exists() or dst.read_text() != text:  # keep ninja's cache valid
-                    dst.write_text(text)
-                sources.append(str(dst))
-            return load(
-                name=name,
-                sources=sources,
-                extra_cflags=[
-                    "-O2",
-                    "-DFASTPRUNE_CPU_EMULATION",
-                    f"-I{CSRC / 'emulation'}",
-                    f"-I{CSRC}",
-                    "-Wno-unknown-pragmas",
-                ],
-                build_directory=str(build_dir),
-                verbose=os.environ.get("FASTPRUNE_VERBOSE_BUILD") == "1",
-            )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return locked_build(
+        "fastprune_cuda_emulated",
+        _emulated_sources,
+        extra_cflags=[
+            "-O2",
+            "-DFASTPRUNE_CPU_EMULATION",
+            f"-I{CSRC / 'emulation'}",
+            f"-I{CSRC}",
+            "-Wno-unknown-pragmas",
+        ],
+    )

@@ -17,15 +17,12 @@ kernels support (float64, blocks wider than 256 columns, N:M with 32 % M != 0, c
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import os
-from pathlib import Path
 
 import torch
 
-from . import csrc as _csrc
 from . import cuda_emulation
+from .cuda_build import BINDING, CSRC, KERNEL_SOURCES, locked_build
 from .ops.torch_ref import (
     torch_block_prune_mask,
     torch_column_losses,
@@ -33,14 +30,6 @@ from .ops.torch_ref import (
     torch_swap_apply,
     torch_swap_search,
 )
-
-CSRC = Path(_csrc.__file__).resolve().parent  # installed as fastprune.csrc (package data)
-SOURCES = ("binding.cpp", "obs_sweep.cu", "swap_search.cu")
-
-
-def _arch_flags(device: torch.device) -> list[str]:
-    major, minor = torch.cuda.get_device_capability(device)
-    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
 
 
 @functools.cache
@@ -54,25 +43,15 @@ def load_extension(device_index: int = 0):
         pass
     if not torch.cuda.is_available():
         raise RuntimeError("the CUDA backend needs a CUDA device")
-    from torch.utils.cpp_extension import _get_build_directory, load
-
     device = torch.device("cuda", device_index)
     major, minor = torch.cuda.get_device_capability(device)
-    name = f"fastprune_cuda_sm{major}{minor}"
-    build_dir = _get_build_directory(name, verbose=False)
-    with open(os.path.join(build_dir, ".fastprune.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time across processes
-        try:
-            return load(
-                name=name,
-                sources=[str(CSRC / s) for s in SOURCES],
-                extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
-                extra_cuda_cflags=["-O3", "-std=c++17", *_arch_flags(device)],
-                build_directory=build_dir,
-                verbose=os.environ.get("FASTPRUNE_VERBOSE_BUILD") == "1",
-            )
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    arch = f"{major}{minor}"  # the device's own sm_XY
+    return locked_build(
+        f"fastprune_cuda_sm{arch}",
+        lambda _: [str(CSRC / s) for s in (BINDING, *KERNEL_SOURCES)],
+        extra_cflags=["-O3"],  # torch picks the C++ standard its headers need
+        extra_cuda_cflags=["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}"],
+    )
 
 
 def _ext(t: torch.Tensor):

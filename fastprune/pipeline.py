@@ -367,6 +367,7 @@ def _capture(model, blocks, kinds, calib, batch_size, device, offload) -> _Activ
     first_of: dict[str, int] = {}
     for i, k in enumerate(kinds):
         first_of.setdefault(k, i)
+    others = sorted(i for i in first_of.values() if i != 0)
     acts = None
     by_size: dict[int, dict[int, tuple]] = {}
     for s in range(0, calib.shape[0], batch_size):
@@ -379,7 +380,6 @@ def _capture(model, blocks, kinds, calib, batch_size, device, offload) -> _Activ
             acts = _Activations(n, tail, hidden.dtype, store)
         acts.inps[s : s + hidden.shape[0]] = hidden.to(acts.inps.device)
         acts.add_args(kinds[0], _to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
-        others = sorted(i for k, i in first_of.items() if i != 0)
         if others:
             if ids.shape[0] not in by_size:
                 by_size[ids.shape[0]] = _forward_until(model, blocks, ids, others)

@@ -29,7 +29,7 @@ def fake_timing(monkeypatch, tmp_path):
             raise t
         return t
 
-    monkeypatch.setattr(autoselect, "measure", measure)
+    monkeypatch.setattr(autoselect, "measure_on_device", measure)
     yield times, calls
     autoselect.fastest_backend.cache_clear()
 

@@ -141,15 +141,19 @@ inline void wait_for_change(const uint64_t* gen) {
   yield_to_scheduler();
 }
 
+// Open the block barrier once every thread that has not exited has arrived.
+inline bool release_if_complete(Block* b) {
+  if (b->bar_arrived == 0 || b->bar_arrived != b->live) return false;
+  b->bar_arrived = 0;
+  ++b->bar_gen;
+  return true;
+}
+
 // __syncthreads: every thread of the block that has not exited arrives.
 inline void sync_block() {
   Block* b = current_block();
-  if (++b->bar_arrived == b->live) {
-    b->bar_arrived = 0;
-    ++b->bar_gen;
-    return;
-  }
-  wait_for_change(&b->bar_gen);
+  ++b->bar_arrived;
+  if (!release_if_complete(b)) wait_for_change(&b->bar_gen);
 }
 
 // One warp-synchronous exchange: every lane of `mask` publishes `mine`, then reads lane
@@ -205,11 +209,7 @@ inline void fiber_entry() {
   f.done = true;
   --b->live;
   b->warps[f.warp].live &= ~(1u << f.lane);
-  // an exit can complete a barrier the others are waiting at
-  if (b->bar_arrived > 0 && b->bar_arrived == b->live) {
-    b->bar_arrived = 0;
-    ++b->bar_gen;
-  }
+  release_if_complete(b);  // an exit can complete a barrier the others are waiting at
   WarpState& w = b->warps[f.warp];
   if (w.arrived && (w.mask & ~w.live)) fail("a lane exited while its warp waits to shuffle");
   swapcontext(&f.ctx, &b->scheduler);  // finished: never resumed

@@ -60,7 +60,9 @@ def _device_ok(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type == "cuda":
             return None
-        if device.type == "cpu" and os.environ.get("FASTPRUNE_CUDA_EMULATE") == "1":
+        from ..cuda_emulation import enabled as emulated
+
+        if device.type == "cpu" and emulated():
             return None
         return f"CUDA kernels need CUDA tensors (or FASTPRUNE_CUDA_EMULATE=1 on CPU); got {device}"
     return None

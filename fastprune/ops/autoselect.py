@@ -126,7 +126,7 @@ def fastest_backend(device_name: str, device: torch.device, ops: tuple[str, ...]
     ms: dict[str, float] = {}
     for backend in FAST_BACKENDS:
         try:
-            ms[backend] = measure(backend, device, ops)
+            ms[backend] = measure_on_device(backend, device, ops)
         except Exception as e:  # noqa: BLE001 - any build/run failure rules the backend out
             log.warning("fastprune: backend %r left out of 'auto' on %s: %s", backend, device, e)
     if not ms:  # 'auto' never fails for lack of a fast backend
@@ -135,11 +135,6 @@ def fastest_backend(device_name: str, device: torch.device, ops: tuple[str, ...]
     best = min(ms, key=ms.__getitem__)
     _write_cache(key, {"backend": best, "median_ms": ms})
     return best
-
-
-def measure(backend: str, device: torch.device, ops: tuple[str, ...]) -> float:
-    """Indirection so tests can stand in for the device timing."""
-    return measure_on_device(backend, device, ops)
 
 
 def choose_fast_backend(device: torch.device, ops: tuple[str, ...], available: list[str]) -> str:
