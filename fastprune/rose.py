@@ -15,6 +15,7 @@ import time
 import torch
 
 from . import ops
+from .core import wanda_score
 from .hessian import inverse_hessian
 from .masks import pattern_name
 from .result import PruneResult
@@ -31,11 +32,6 @@ from .sparsegpt import (
 from .validation import check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
-
-
-def rose_score(W: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Wanda-style pre-pruning score `|W| * sqrt(diag(H)/2)`."""
-    return W.to(dtype).abs() * torch.sqrt(torch.diagonal(H).to(dtype) / 2).reshape(1, -1)
 
 
 def relative_range(block_loss: torch.Tensor) -> float:
@@ -101,11 +97,9 @@ def rose_layer(
         info.update(relative_range=0.0, reordered=False)
         return unpruned_result(W, H, info, t0, inplace)
 
-    if scaler is None:
-        S = rose_score(W, H, dtype)
-    else:
+    if scaler is not None:
         scaler = check_scaler(scaler, cols, W.device, "scaler")
-        S = W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
+    S = wanda_score(W, H, scaler=scaler, dtype=dtype)
     rose_bounds = block_bounds(cols, m if n else blocksize)
     col_loss, block_loss = ops.get_op("column_losses", name)(S, rose_bounds, sparsity, n, m)
     rel = relative_range(block_loss)

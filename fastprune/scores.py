@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from .core import wanda_score
 from .hessian import layer_loss
 from .masks import selection_prune_mask
 from .result import PruneResult
@@ -21,12 +22,6 @@ from .validation import (
     check_weight,
     compute_dtype,
 )
-
-
-def wanda_score(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """`|W| * sqrt(diag(H)/2)`: Wanda's weight times input-channel norm (float32+)."""
-    dtype = compute_dtype(W, H)
-    return W.to(dtype).abs() * torch.sqrt(torch.diagonal(H).to(dtype) / 2).reshape(1, -1)
 
 
 def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:

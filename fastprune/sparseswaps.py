@@ -15,9 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ops
+from .core import wanda_score
 from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
 from .result import PruneResult
-from .scores import wanda_score
 from .sparsegpt import base_info, sparsegpt_layer
 from .validation import (
     check_backend,
