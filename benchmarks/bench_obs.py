@@ -142,11 +142,11 @@ def bench_layer_family(rows, cols, device, args, triton_ok, out):
 
 
 def bench_column_losses(rows, cols, device, args, triton_ok, out):
+    from fastprune.ops.torch_ref import torch_column_losses
     from harness import bench, row
 
-    from fastprune.ops.torch_ref import torch_column_losses
+    from fastprune.obs import block_bounds
     from fastprune.original import _rose_block_losses
-    from fastprune.sparsegpt import block_bounds
 
     W, H = make_layer(rows, cols, device, tokens=256)
     S = W.abs() * torch.sqrt(torch.diagonal(H) / 2).reshape(1, -1)

@@ -39,13 +39,14 @@ if not torch.cuda.is_available():  # Triton on CPU runs through the interpreter
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import fastprune as fp  # noqa: E402
-from benchmarks.harness import bench, row, write_rows  # noqa: E402
 from fastprune.ops.torch_ref import (  # noqa: E402
     _swap_terms,
     torch_swap_apply,
     torch_swap_search,
 )
+
+import fastprune as fp  # noqa: E402
+from benchmarks.harness import bench, row, write_rows  # noqa: E402
 from fastprune.testing import random_layer  # noqa: E402
 
 FLOPS_PER_PAIR = 4

@@ -29,7 +29,7 @@ void check_ok(cudaError_t err, const char* what) {
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep(
-    const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& prune1,
+    const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& keep1,
     int64_t prune_n, int64_t prune_m, int64_t stream) {
   check_cuda(W1, "W1", torch::kFloat32);
   check_cuda(Hinv1, "Hinv1", torch::kFloat32);
@@ -38,35 +38,37 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
   TORCH_CHECK(Hinv1.size(0) == count && Hinv1.size(1) == count, "Hinv1 must be [count, count]");
   TORCH_CHECK(count >= 1 && count <= 256, "count (block size) must be in [1, 256], got ", count);
   TORCH_CHECK(W1.device() == Hinv1.device(), "W1 and Hinv1 must be on one device");
-  const uint8_t* pin = nullptr;
-  int64_t spm = 0, spn = 0;
+  const uint8_t* kin = nullptr;
+  int64_t skm = 0, skn = 0;
   if (prune_n > 0) {
     TORCH_CHECK(prune_m > prune_n && 32 % prune_m == 0 && count % prune_m == 0,
                 "N:M needs prune_n < prune_m, 32 % prune_m == 0 and count % prune_m == 0");
   } else {
-    TORCH_CHECK(prune1.has_value(), "prune1 is required without an N:M pattern");
-    const auto& p = *prune1;
-    check_cuda(p, "prune1", torch::kBool);
-    TORCH_CHECK(p.sizes() == W1.sizes(), "prune1 must have W1's shape");
-    TORCH_CHECK(p.device() == W1.device(), "prune1 must be on W1's device");
-    pin = reinterpret_cast<const uint8_t*>(p.data_ptr<bool>());
-    spm = p.stride(0);
-    spn = p.stride(1);
+    TORCH_CHECK(keep1.has_value(), "keep1 is required without an N:M pattern");
+  }
+  if (keep1.has_value()) {  // N:M: its zeros are forced pruned
+    const auto& k = *keep1;
+    check_cuda(k, "keep1", torch::kBool);
+    TORCH_CHECK(k.sizes() == W1.sizes(), "keep1 must have W1's shape");
+    TORCH_CHECK(k.device() == W1.device(), "keep1 must be on W1's device");
+    kin = reinterpret_cast<const uint8_t*>(k.data_ptr<bool>());
+    skm = k.stride(0);
+    skn = k.stride(1);
   }
   auto Q = torch::empty({rows, count}, W1.options());
   auto E = torch::empty({rows, count}, W1.options());
-  auto P = torch::empty({rows, count}, W1.options().dtype(torch::kBool));
+  auto K = torch::empty({rows, count}, W1.options().dtype(torch::kBool));
   auto L = torch::empty({rows}, W1.options());
-  if (rows == 0) return {Q, E, P, L};
+  if (rows == 0) return {Q, E, K, L};
   check_ok(fastprune::obs_sweep_f32(
                W1.data_ptr<float>(), W1.stride(0), W1.stride(1), Hinv1.data_ptr<float>(),
-               Hinv1.stride(0), Hinv1.stride(1), pin, spm, spn, Q.data_ptr<float>(),
-               E.data_ptr<float>(), reinterpret_cast<uint8_t*>(P.data_ptr<bool>()),
+               Hinv1.stride(0), Hinv1.stride(1), kin, skm, skn, Q.data_ptr<float>(),
+               E.data_ptr<float>(), reinterpret_cast<uint8_t*>(K.data_ptr<bool>()),
                L.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(count),
                static_cast<int>(prune_n), static_cast<int>(prune_m),
                reinterpret_cast<cudaStream_t>(stream)),
            "obs_sweep");
-  return {Q, E, P, L};
+  return {Q, E, K, L};
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(

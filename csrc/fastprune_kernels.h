@@ -7,19 +7,20 @@
 
 namespace fastprune {
 
-// SparseGPT/ROSE in-block OBS sweep (see fastprune.ops.torch_ref.torch_obs_sweep).
-// For column i of the block: err = (w_i * pruned_i) / Hinv[i,i]; W[:, j] -= err * Hinv[i, j]
+// Op obs_sweep (contract: fastprune/ops/obs_sweep.py). Masks are keep-masks (1 = kept).
+// For column i of the block: err = (w_i * !keep_i) / Hinv[i,i]; W[:, j] -= err * Hinv[i, j]
 // for j > i. prune_n > 0 picks each group's prune_n lowest w^2 / Hinv_jj^2 (ties: lower
-// column) from the updated weights when the sweep reaches it; else prune_in is used.
-// count <= 256; N:M needs 32 % prune_m == 0. Outputs Q, Err are [rows, count] row-major;
-// prune_out is [rows, count] bytes (0/1); loss is [rows] = sum err^2 / 2.
+// column) from the updated weights when the sweep reaches it, and keep_in (may be null)
+// forces its zeros pruned (score 0); else keep_in is used as given. count <= 256; N:M needs
+// 32 % prune_m == 0. Outputs Q, Err are [rows, count] row-major; keep_out is [rows, count]
+// bytes (0/1); loss is [rows] = sum err^2 / 2.
 cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
                           const float* Hinv, int64_t stride_hm, int64_t stride_hn,
-                          const uint8_t* prune_in, int64_t stride_pm, int64_t stride_pn,
-                          float* Q, float* Err, uint8_t* prune_out, float* loss, int rows,
+                          const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
+                          float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
                           int count, int prune_n, int prune_m, cudaStream_t stream);
 
-// SparseSwaps best 1-swap per row (see fastprune.ops.torch_ref.torch_swap_search):
+// SparseSwaps best 1-swap per row (contract: fastprune/ops/swap_search.py):
 // minimise over kept u / pruned p (N:M: same group) of
 //   D = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p.
 // w, keep, c are [*, cols] row-major with leading dimension ld; row_idx (nrows entries,

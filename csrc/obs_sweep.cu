@@ -15,9 +15,9 @@ template <int SLOTS>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     obs_sweep_kernel(const float* __restrict__ W, int64_t swm, int64_t swn,
                      const float* __restrict__ Hinv, int64_t shm, int64_t shn,
-                     const uint8_t* __restrict__ prune_in, int64_t spm, int64_t spn,
+                     const uint8_t* __restrict__ keep_in, int64_t skm, int64_t skn,
                      float* __restrict__ Q, float* __restrict__ Err,
-                     uint8_t* __restrict__ prune_out, float* __restrict__ loss, int rows,
+                     uint8_t* __restrict__ keep_out, float* __restrict__ loss, int rows,
                      int count, int prune_n, int prune_m) {
   constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x & 31;
@@ -28,6 +28,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
   float w[R][SLOTS];
   uint32_t pbits[R];  // bit s: column s*32 + lane is pruned
+  uint32_t fbits[R];  // N:M: bit s: column s*32 + lane is forced pruned (keep_in == 0)
   float dcol[SLOTS];
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
@@ -43,8 +44,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       const int col = s * 32 + lane;
       const bool ok = row < rows && col < count;
       w[r][s] = ok ? W[row * swm + col * swn] : 0.0f;
-      if (!nm && ok && prune_in[row * spm + col * spn]) pbits[r] |= 1u << s;
+      if (ok && keep_in != nullptr && !keep_in[row * skm + col * skn]) pbits[r] |= 1u << s;
     }
+    fbits[r] = nm ? pbits[r] : 0u;
   }
 
 #pragma unroll
@@ -57,7 +59,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         const bool mine = lane >= l && lane < l + prune_m;
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const float sc = (w[r][s] * w[r][s]) / (dcol[s] * dcol[s]);
+          const float sc =
+              ((fbits[r] >> s) & 1u) ? 0.0f : (w[r][s] * w[r][s]) / (dcol[s] * dcol[s]);
           int rank = 0;
           for (int k = 0; k < prune_m; ++k) {
             const float o = __shfl_sync(kFull, sc, l + k);
@@ -98,7 +101,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         const int64_t o = static_cast<int64_t>(row) * count + col;
         Q[o] = p ? 0.0f : w[r][s];
         Err[o] = e;
-        prune_out[o] = p ? 1 : 0;
+        keep_out[o] = p ? 0 : 1;
         acc = fmaf(e, e, acc);
       }
     }
@@ -112,21 +115,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
 cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
                           const float* Hinv, int64_t stride_hm, int64_t stride_hn,
-                          const uint8_t* prune_in, int64_t stride_pm, int64_t stride_pn,
-                          float* Q, float* Err, uint8_t* prune_out, float* loss, int rows,
+                          const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
+                          float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
                           int count, int prune_n, int prune_m, cudaStream_t stream) {
   if (rows <= 0 || count <= 0 || count > 256) return cudaErrorInvalidValue;
   if (prune_n > 0 && (prune_m <= 0 || prune_n >= prune_m || 32 % prune_m != 0))
     return cudaErrorInvalidValue;
-  if (prune_n == 0 && prune_in == nullptr) return cudaErrorInvalidValue;
+  if (prune_n == 0 && keep_in == nullptr) return cudaErrorInvalidValue;
   const int rows_per_block = kRowsPerWarp * kWarpsPerBlock;
   const dim3 grid((rows + rows_per_block - 1) / rows_per_block);
   const dim3 block(kWarpsPerBlock * 32);
   const int slots = (count + 31) / 32;
 #define FASTPRUNE_SWEEP(S)                                                                  \
   obs_sweep_kernel<S><<<grid, block, 0, stream>>>(W, stride_wm, stride_wn, Hinv, stride_hm, \
-                                                  stride_hn, prune_in, stride_pm,           \
-                                                  stride_pn, Q, Err, prune_out, loss, rows, \
+                                                  stride_hn, keep_in, stride_km,            \
+                                                  stride_kn, Q, Err, keep_out, loss, rows,  \
                                                   count, prune_n, prune_m)
   if (slots <= 1) {
     FASTPRUNE_SWEEP(1);

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 from .hessian import inverse_hessian, running_hessian_update
-from .masks import nm_prune_mask, pattern_name, selection_prune_mask
+from .masks import pattern_name, selection_prune_mask
+from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
+from .ops import Kernels
 from .result import PruneResult
 from .rose import rose_layer
-from .sparsegpt import OBS_OPS, block_bounds, nm_blocksize, sparsegpt_layer
+from .sparsegpt import sparsegpt_layer
 from .validation import (
     check_backend,
     check_hessian,
@@ -450,7 +451,8 @@ def sparsify_weight(
 
 def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend):
     """SparseGPT that keeps the existing zeros of `W` pruned (llm-compressor's
-    `preserve_sparsity_mask`). Returns `(obs_loss, pruned float32 weight)`."""
+    `preserve_sparsity_mask`), on the shared OBS loop. Returns `(obs_loss, pruned float32
+    weight)`."""
     W = check_weight(W)
     H = check_hessian(H, W.shape[1], W.device)
     sparsity = check_sparsity(sparsity)
@@ -458,12 +460,9 @@ def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp,
     block_size = check_int(block_size, "block_size", minimum=1)
     percdamp = check_percdamp(percdamp)
     check_backend(backend)
-    name = ops.resolve_backend(backend, W.device, OBS_OPS)
-    block_mask = ops.get_op("block_prune_mask", name)
-    sweep = ops.get_op("obs_sweep", name)
+    kernels = Kernels(backend, W.device, OBS_OPS)
     dtype = compute_dtype(W, H)
     inv = inverse_hessian(H, percdamp, dtype=dtype)
-    hinv, hdiag = inv.hinv, inv.hinv.diagonal()
     Wc = W.to(dtype, copy=True)
     Wc[:, inv.dead] = 0
     base = Wc == 0  # True = pruned already (dead columns included, as llm-compressor)
@@ -473,37 +472,9 @@ def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp,
             f"the layer is already {current:.4f} sparse, above the target sparsity "
             f"{sparsity}: lower the target or set preserve_sparsity_mask=False"
         )
-    rows, cols = Wc.shape
-    loss = torch.zeros(rows, dtype=dtype, device=Wc.device)
-    for i1, i2 in block_bounds(cols, nm_blocksize(block_size, m)):
-        W1 = Wc[:, i1:i2].clone()
-        Hinv1 = hinv[i1:i2, i1:i2]
-        base1 = base[:, i1:i2]
-        if n == 0:
-            if int(base1.numel() * sparsity) > base1.sum().item():
-                prune1 = block_mask(W1.masked_fill(base1, 0), hdiag[i1:i2], sparsity)
-            else:
-                prune1 = base1
-            Q1, Err1, _, l1 = sweep(W1, Hinv1, prune1, 0, 0)
-            loss += l1
-        else:  # group by group: each group's choice sees the updates of the groups before
-            Q1 = torch.empty_like(W1)
-            Err1 = torch.empty_like(W1)
-            for g1 in range(0, i2 - i1, m):
-                g2 = g1 + m
-                d = Hinv1.diagonal()[g1:g2].reshape(1, -1)
-                score = (W1[:, g1:g2] ** 2 / d**2).masked_fill(base1[:, g1:g2], 0)
-                prune_g = nm_prune_mask(score, n, m) | base1[:, g1:g2]
-                Qg, Eg, _, lg = sweep(W1[:, g1:g2], Hinv1[g1:g2, g1:g2], prune_g, 0, 0)
-                Q1[:, g1:g2], Err1[:, g1:g2] = Qg, Eg
-                loss += lg
-                if g2 < i2 - i1:
-                    W1[:, g2:].addmm_(Eg, Hinv1[g1:g2, g2:], alpha=-1)
-        Wc[:, i1:i2] = Q1
-        if i2 < cols:
-            Wc[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
-            Wc[:, i2:].masked_fill_(base[:, i2:], 0)  # preserved zeros get no update
-    return loss.sum().item(), Wc
+    bounds = block_bounds(W.shape[1], nm_blocksize(block_size, m))
+    Q, _, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels, preserve=base)
+    return losses.sum().item(), Q
 
 
 # modules whose `sparsify_weight` the SparseGPT modifier calls, newest layout first

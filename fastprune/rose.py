@@ -14,21 +14,12 @@ import time
 
 import torch
 
-from . import ops
-from .core import wanda_score
+from .core import base_info, check_obs_args, finish, unpruned_result, wanda_score
 from .hessian import inverse_hessian
 from .masks import pattern_name
+from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .ops import Kernels
 from .result import PruneResult
-from .sparsegpt import (
-    OBS_OPS,
-    _check_common,
-    _finish,
-    base_info,
-    block_bounds,
-    nm_blocksize,
-    obs_prune,
-    unpruned_result,
-)
 from .validation import check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
@@ -82,15 +73,15 @@ def rose_layer(
     repository's own running scaler, say: see `fastprune.compat.ROSE`).
     """
     t0 = time.perf_counter()
-    W, H, sparsity, n, m, blocksize, percdamp = _check_common(
+    W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
         W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     )
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
-    name = ops.resolve_backend(backend, W.device, ROSE_OPS)
+    kernels = Kernels(backend, W.device, ROSE_OPS)
     dtype = compute_dtype(W, H)
     cols = W.shape[1]
-    info = base_info("rose", W, sparsity, n, m, name, dtype)
+    info = base_info("rose", W, sparsity, n, m, kernels.backend, dtype)
     sweep_bs = nm_blocksize(blocksize, m)
     info.update(blocksize=sweep_bs, percdamp=percdamp, range_threshold=float(range_threshold))
     if n == 0 and sparsity == 0.0:
@@ -101,7 +92,7 @@ def rose_layer(
         scaler = check_scaler(scaler, cols, W.device, "scaler")
     S = wanda_score(W, H, scaler=scaler, dtype=dtype)
     rose_bounds = block_bounds(cols, m if n else blocksize)
-    col_loss, block_loss = ops.get_op("column_losses", name)(S, rose_bounds, sparsity, n, m)
+    col_loss, block_loss = kernels("column_losses", S, rose_bounds, sparsity, n, m)
     rel = relative_range(block_loss)
     reorder = rel > range_threshold
     info.update(relative_range=rel, reordered=bool(reorder), num_blocks=len(rose_bounds))
@@ -123,10 +114,12 @@ def rose_layer(
     inv = inverse_hessian(Hp, percdamp, dtype=dtype)
     info.update(inv.as_info())
     Wc[:, inv.dead] = 0
-    Q, pruned, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, None, name)
+    Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels)
     dead = inv.dead
     if perm is not None:
         inv_perm = torch.argsort(perm)
-        Q, pruned, dead = Q[:, inv_perm], pruned[:, inv_perm], dead[inv_perm]
+        Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
     info["pattern"] = pattern_name(n, m)
-    return _finish(W, Q, pruned, H, info, t0, inplace, inv, losses, dead)
+    loss = obs_loss_info(W, Q, H, inv, losses, info, dead)
+    info.update(kernels.info())
+    return finish(W, Q, keep, loss, info, t0, inplace)

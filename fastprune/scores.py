@@ -8,11 +8,10 @@ import time
 
 import torch
 
-from .core import wanda_score
+from .core import base_info, finish, wanda_score
 from .hessian import layer_loss
 from .masks import selection_prune_mask
 from .result import PruneResult
-from .sparsegpt import base_info
 from .validation import (
     check_device,
     check_finite,
@@ -44,20 +43,14 @@ def _apply(
     extra: dict | None = None,
 ) -> PruneResult:
     pruned = selection_prune_mask(score, sparsity, n, m, per_row=per_row)
-    keep = ~pruned
-    weight = W if inplace else W.clone()
-    weight.masked_fill_(pruned, 0)
     info = base_info(method, W, sparsity, n, m, "torch")
     info.update(extra or {})
     info["selection"] = "per N:M group" if n else ("per row" if per_row else "whole layer")
     loss = None
-    if H is not None:
-        # loss needs the original weights: the pruned part is exactly W * pruned
+    if H is not None:  # the pruned part of W is exactly W * pruned
         D = torch.where(pruned, W, torch.zeros((), dtype=W.dtype, device=W.device))
         loss = layer_loss(D, torch.zeros_like(D), H)
-    info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
-    info["seconds"] = time.perf_counter() - t0
-    return PruneResult(weight, keep, loss, info)
+    return finish(W, W.masked_fill(pruned, 0), ~pruned, loss, info, t0, inplace)
 
 
 @torch.no_grad()

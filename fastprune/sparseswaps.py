@@ -14,11 +14,11 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from . import ops
-from .core import wanda_score
+from .core import base_info, finish, wanda_score
 from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
+from .ops import Kernels
 from .result import PruneResult
-from .sparsegpt import base_info, sparsegpt_layer
+from .sparsegpt import sparsegpt_layer
 from .validation import (
     check_backend,
     check_hessian,
@@ -52,13 +52,14 @@ def swap_refine(
     prune_n: int = 0,
     prune_m: int = 0,
     max_swaps: int | None = None,
-    backend: str = "torch",
+    kernels: Kernels | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """The SparseSwaps step loop on float32/64 `W`, `H`; returns the refined keep-mask and
-    counters. `max_swaps` bounds the number of steps (each step swaps at most once per row)."""
-    search = ops.get_op("swap_search", backend)
-    apply = ops.get_op("swap_apply", backend)
+    counters. `max_swaps` bounds the number of steps (each step swaps at most once per row);
+    `kernels` runs the ops (default: the torch reference)."""
+    kernels = kernels or Kernels("torch", W.device, SWAP_OPS)
+    search, apply = kernels.op("swap_search"), kernels.op("swap_apply")
     rows = W.shape[0]
     keep = keep.clone()
     r = W * ~keep
@@ -131,12 +132,14 @@ def sparseswaps_layer(
         if n and not check_nm_keep_mask(keep0, n, m):
             raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
         warm = "given mask"
-    name = ops.resolve_backend(backend, W.device, SWAP_OPS)
-    info = base_info("sparseswaps", W, 1.0 - keep0.float().mean().item(), n, m, name, dtype)
+    kernels = Kernels(backend, W.device, SWAP_OPS)
+    info = base_info(
+        "sparseswaps", W, 1.0 - keep0.float().mean().item(), n, m, kernels.backend, dtype
+    )
     info["warm_start"] = warm
     r0 = Wc * ~keep0
     loss_before = ((r0 @ Hc) * r0).sum(dtype=torch.float64).item()
-    keep, counters = swap_refine(Wc, Hc, keep0, n, m, max_swaps, name, progress)
+    keep, counters = swap_refine(Wc, Hc, keep0, n, m, max_swaps, kernels, progress)
     r1 = Wc * ~keep
     loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
     info.update(
@@ -145,6 +148,7 @@ def sparseswaps_layer(
         loss_after=loss_after,
         max_swaps=max_swaps,
         pattern=pattern_name(n, m),
+        **kernels.info(),
     )
     if reconstruct:
         rec = sparsegpt_layer(
@@ -155,10 +159,14 @@ def sparseswaps_layer(
             loss_masked=loss_after,
             **{k: rec.info[k] for k in ("damp", "damp_retries")},
         )
+        info["kernels"] = {**info["kernels"], **rec.info["kernels"]}
+        if "kernel_fallbacks" in rec.info:
+            info["kernel_fallbacks"] = {
+                **info.get("kernel_fallbacks", {}),
+                **rec.info["kernel_fallbacks"],
+            }
         weight, loss = rec.weight, rec.loss
     else:
         weight = W.masked_fill(~keep, 0)
         loss = loss_after
-    info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
-    info["seconds"] = time.perf_counter() - t0
-    return PruneResult(weight, keep, loss, info)
+    return finish(W, weight, keep, loss, info, t0, False)

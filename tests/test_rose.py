@@ -6,9 +6,9 @@ from conftest import assert_masks_agree, relative_error
 
 import fastprune as fp
 from fastprune.core import wanda_score
+from fastprune.obs import block_bounds
 from fastprune.original import original_rose
 from fastprune.rose import rose_permutation
-from fastprune.sparsegpt import block_bounds
 
 
 @pytest.mark.parametrize("rows,cols,bs", [(1, 128, 32), (29, 192, 64), (64, 256, 128)])

@@ -138,7 +138,7 @@ def test_inputs_untouched(gen):
 def test_rowwise_and_dense_searches_agree(gen, rows, cols, sparsity):
     """The CPU per-row compacted search and the dense chunked one find the same best Δ
     (same tie order: ascending u, then p)."""
-    from fastprune.ops.torch_ref import _swap_search_dense, _swap_search_rowwise, _swap_terms
+    from fastprune.ops.swap_search import _swap_search_dense, _swap_search_rowwise, _swap_terms
 
     W, H, _ = fp.testing.random_layer(rows, cols, generator=gen)
     keep = fp.wanda_layer(W, H, sparsity).mask

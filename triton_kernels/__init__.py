@@ -1,22 +1,16 @@
-"""fastprune's Triton kernels, one kernel family per module (installed as
-`fastprune.triton_kernels`). Kernels import nothing of fastprune.
+"""fastprune's Triton kernels, one op per module (installed as `fastprune.triton_kernels`;
+kernels import nothing of fastprune). `radix_select.py` holds the exact order statistic that
+`block_prune_mask` and `column_losses` share.
 
-`OPS` maps op names to launchers with the same contracts as the torch reference ops in
-`fastprune.ops.torch_ref`; the dispatcher only offers the ops listed here. Importing this
-package imports triton (an ImportError here means "no triton backend").
+`OPS = {op: (launcher, unsupported)}`: each launcher has the contract of
+`fastprune.ops.<op>`, and `unsupported(*args)` says why it cannot take given inputs (None if
+it can). Importing this package imports triton (an ImportError means "no Triton backend").
 """
 
 from __future__ import annotations
 
-import importlib
+from . import block_prune_mask, column_losses, obs_sweep, swap_apply, swap_search
 
 OPS: dict = {}
-
-for _family in ("obs_sweep", "column_losses", "swap_search"):
-    try:
-        _mod = importlib.import_module(f"{__name__}.{_family}")
-    except ModuleNotFoundError as _e:  # family not written yet: skip; a missing triton: raise
-        if _e.name != f"{__name__}.{_family}":
-            raise
-        continue
+for _mod in (obs_sweep, block_prune_mask, column_losses, swap_search, swap_apply):
     OPS.update(_mod.OPS)

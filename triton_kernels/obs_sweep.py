@@ -6,11 +6,8 @@ For each column `i` of the block (in order), with `d_i = Hinv1[i, i]`:
     err_i = (w_i - q_i) / d_i
     W1[:, j] -= err_i * Hinv1[i, j]            for j > i   (rank-1 OBS update)
 
-With `prune_n > 0` (N:M) the mask of every group of `prune_m` columns is chosen when the sweep
-reaches the group's first column: the `prune_n` lowest `w^2 / d_j^2` of the group, from the
-*updated* weights. Otherwise `prune1` (True = pruned) is used as given (SparseGPT's
-unstructured block mask or a fixed mask). The per-row loss estimate is
-`loss_r = sum_i err_{r,i}^2 / 2`.
+Contract: `fastprune.ops.obs_sweep` (keep-masks in and out; under N:M an optional keep1
+forces its zeros pruned).
 
 Design: grid `(cdiv(rows, BLOCK_R),)`; every program owns `BLOCK_R` rows and the whole block
 of columns (padded to `BLOCK_C`, a power of two >= 16, blocksize up to 256) as a float32
@@ -31,8 +28,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .column_losses import triton_block_prune_mask
-
 
 @triton.jit
 def _div(x, y, F64: tl.constexpr):
@@ -47,23 +42,24 @@ def _div(x, y, F64: tl.constexpr):
 def _obs_sweep_kernel(
     W_ptr,
     Hinv_ptr,
-    P_ptr,
+    K_ptr,
     Q_ptr,
     E_ptr,
     L_ptr,
-    Pout_ptr,
+    Kout_ptr,
     rows,
     count,
     stride_wm,
     stride_wn,
     stride_hm,
     stride_hn,
-    stride_pm,
-    stride_pn,
+    stride_km,
+    stride_kn,
     stride_qm,
     stride_qn,
     PRUNE_N: tl.constexpr,
     PRUNE_M: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     ACC: tl.constexpr,
     F64: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -80,11 +76,13 @@ def _obs_sweep_kernel(
     W = W.to(ACC)
     # diagonal of Hinv1 (1 in padded columns so the final division stays finite)
     d = tl.load(Hinv_ptr + c * (stride_hm + stride_hn), mask=cmask, other=1.0).to(ACC)
-    if PRUNE_N > 0:
-        P = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32) != 0
+    # P: pruned; under N:M it starts as the forced entries (keep1 == 0) and groups add theirs
+    if HAS_KEEP:
+        K = tl.load(K_ptr + r[:, None] * stride_km + c[None, :] * stride_kn, mask=m2, other=1)
+        P = K == 0
     else:
-        P = tl.load(P_ptr + r[:, None] * stride_pm + c[None, :] * stride_pn, mask=m2, other=0)
-        P = P != 0
+        P = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32) != 0
+    F = P  # forced (N:M): they rank as score 0
 
     for i in range(0, count):
         if PRUNE_N > 0:  # noqa: SIM102 (constexpr test; a runtime one inside)
@@ -93,7 +91,8 @@ def _obs_sweep_kernel(
                 # wins an exact tie); the fast division is fine here: the updated weights
                 # already differ from the reference's by float rounding
                 grp = (c >= i) & (c < i + PRUNE_M)
-                S = tl.where(grp[None, :], (W * W) / (d * d)[None, :], float("inf"))
+                S = tl.where(F, 0.0, (W * W) / (d * d)[None, :])
+                S = tl.where(grp[None, :], S, float("inf"))
                 for _ in tl.static_range(PRUNE_N):
                     j = tl.argmin(S, axis=1)
                     sel = c[None, :] == j[:, None]
@@ -115,7 +114,7 @@ def _obs_sweep_kernel(
     tl.store(E_ptr + out, E, mask=m2)
     tl.store(L_ptr + r, loss, mask=rmask)
     if PRUNE_N > 0:
-        tl.store(Pout_ptr + out, P.to(tl.int8), mask=m2)
+        tl.store(Kout_ptr + out, (~P).to(tl.int8), mask=m2)
 
 
 def _tile(rows: int, count: int) -> tuple[int, int, int]:
@@ -126,20 +125,19 @@ def _tile(rows: int, count: int) -> tuple[int, int, int]:
     return block_r, block_c, 4
 
 
+def triton_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n=0, prune_m=0):
+    return None  # any float dtype (float64 state for float64 inputs), any block width
+
+
 def triton_obs_sweep(
     W1: torch.Tensor,
     Hinv1: torch.Tensor,
-    prune1: torch.Tensor | None,
+    keep1: torch.Tensor | None,
     prune_n: int = 0,
     prune_m: int = 0,
 ):
-    """Triton version of `torch_obs_sweep` (same contract and return).
-
-    Args: W1 `[rows, count]` (any float dtype, any strides, not modified), Hinv1
-    `[count, count]` upper triangular, prune1 `[rows, count]` bool (True = pruned; required
-    unless `prune_n > 0`). Returns `(Q1, Err1, prune1, loss_rows)` in float32 (float64 if
-    W1 or Hinv1 is float64); `prune1` is the input mask, or the N:M mask chosen in the sweep.
-    """
+    """`(Q1, Err1, keep1, loss_rows)` in float32 (float64 if an input is float64); W1 may
+    have any strides and is not modified."""
     if W1.dim() != 2 or Hinv1.shape != (W1.shape[1], W1.shape[1]):
         raise ValueError(
             f"W1 must be [rows, count] and Hinv1 [count, count], got "
@@ -149,16 +147,15 @@ def triton_obs_sweep(
         raise ValueError(f"W1 is on {W1.device}, Hinv1 on {Hinv1.device}")
     rows, count = W1.shape
     nm = prune_n > 0
-    if nm:
-        if prune_m <= 0 or prune_n > prune_m or count % prune_m:
-            raise ValueError(
-                f"N:M sweep needs 0 < prune_n <= prune_m dividing count; got "
-                f"{prune_n}:{prune_m} with count={count}"
-            )
-    elif prune1 is None:
-        raise ValueError("prune1 is required for an unstructured or fixed-mask sweep")
-    elif prune1.shape != W1.shape or prune1.dtype != torch.bool:
-        raise ValueError(f"prune1 must be a bool tensor of shape {tuple(W1.shape)}")
+    if nm and (prune_m <= 0 or prune_n > prune_m or count % prune_m):
+        raise ValueError(
+            f"N:M sweep needs 0 < prune_n <= prune_m dividing count; got "
+            f"{prune_n}:{prune_m} with count={count}"
+        )
+    if keep1 is None and not nm:
+        raise ValueError("keep1 is required for an unstructured or fixed-mask sweep")
+    if keep1 is not None and (keep1.shape != W1.shape or keep1.dtype != torch.bool):
+        raise ValueError(f"keep1 must be a bool tensor of shape {tuple(W1.shape)}")
     f64 = torch.float64 in (W1.dtype, Hinv1.dtype)
     state = torch.float64 if f64 else torch.float32
     dev = W1.device
@@ -166,47 +163,40 @@ def triton_obs_sweep(
     E = torch.empty(rows, count, dtype=state, device=dev)
     loss = torch.empty(rows, dtype=state, device=dev)
     if rows == 0 or count == 0:
-        if nm:
-            prune1 = torch.zeros(rows, count, dtype=torch.bool, device=dev)
         loss.zero_()
-        return Q, E, prune1, loss
-    if nm:
-        p_out = torch.empty(rows, count, dtype=torch.int8, device=dev)
-        p_in = p_out
-    else:
-        p_out = Q  # unused
-        p_in = prune1.view(torch.uint8)  # same strides, no copy
+        return Q, E, torch.ones(rows, count, dtype=torch.bool, device=dev), loss
+    k_out = torch.empty(rows, count, dtype=torch.int8, device=dev) if nm else Q  # Q: unused
+    k_in = keep1.view(torch.uint8) if keep1 is not None else Q  # same strides, no copy
     block_r, block_c, warps = _tile(rows, count)
     grid = (triton.cdiv(rows, block_r),)
     _obs_sweep_kernel[grid](
         W1,
         Hinv1,
-        p_in,
+        k_in,
         Q,
         E,
         loss,
-        p_out,
+        k_out,
         rows,
         count,
         W1.stride(0),
         W1.stride(1),
         Hinv1.stride(0),
         Hinv1.stride(1),
-        p_in.stride(0),
-        p_in.stride(1),
+        k_in.stride(0),
+        k_in.stride(1),
         Q.stride(0),
         Q.stride(1),
         PRUNE_N=prune_n if nm else 0,
         PRUNE_M=prune_m if nm else 1,
+        HAS_KEEP=keep1 is not None,
         ACC=tl.float64 if f64 else tl.float32,
         F64=f64,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
         num_warps=warps,
     )
-    if nm:
-        prune1 = p_out.view(torch.bool)
-    return Q, E, prune1, loss
+    return Q, E, k_out.view(torch.bool) if nm else keep1, loss
 
 
-OPS = {"obs_sweep": triton_obs_sweep, "block_prune_mask": triton_block_prune_mask}
+OPS = {"obs_sweep": (triton_obs_sweep, triton_obs_sweep_unsupported)}

@@ -1,4 +1,5 @@
-"""SparseSwaps kernels: batched best-1-swap search over a shared Gram matrix, and the apply.
+"""Triton `swap_search` (contract: `fastprune.ops.swap_search`): batched best-1-swap search
+over a shared Gram matrix.
 
 For a row `w` with keep-mask `k`, pruned residual `r = w * ~k` and `c = H r`, pruning a kept
 `u` and un-pruning a pruned `p` changes the loss `r^T H r` by
@@ -32,13 +33,9 @@ only `cols * prune_m` pairs; a program owns `BLOCK_R` rows and walks the columns
 `BLOCK_C` u columns, forming `[BLOCK_R, BLOCK_C, m]` candidate tensors (p addressed by
 pointer inside u's group) and reducing them in registers (memory bound).
 
-`_swap_apply_kernel`: grid `(swaps, column tiles)`: `c[r] += w_u H[u, :] - w_p H[p, :]` (H is
-symmetric, so rows of `H` are read) and the program of the first column tile flips
-`keep[r, u] = False`, `keep[r, p] = True`. One launch for all swapping rows.
-
 Dtypes: float32 (what the driver passes on GPU) and float64 (computed in float64); `c` and `H`
-are cast to `w`'s dtype if they differ. `keep` is a bool tensor, read and written through a
-uint8 view.
+are cast to `w`'s dtype if they differ. `keep` is a bool tensor, read through a uint8 view;
+operands without a unit column stride are copied once.
 """
 
 from __future__ import annotations
@@ -320,42 +317,6 @@ def _swap_search_nm_kernel(
     tl.store(P_ptr + offs_r, best_p.to(tl.int64), mask=rmask)
 
 
-@triton.jit
-def _swap_apply_kernel(
-    W_ptr,
-    K_ptr,
-    C_ptr,
-    H_ptr,
-    ROW_ptr,
-    U_ptr,
-    P_ptr,
-    n_cols,
-    stride_wm,
-    stride_km,
-    stride_cm,
-    stride_hm,
-    BLOCK_N: tl.constexpr,
-):
-    """Swap i: `c[r] += w[r, u] * H[u, :] - w[r, p] * H[p, :]`; keep[r, u] = 0, keep[r, p] = 1."""
-    i = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    r = tl.load(ROW_ptr + i).to(tl.int64)
-    u = tl.load(U_ptr + i).to(tl.int64)
-    p = tl.load(P_ptr + i).to(tl.int64)
-    wu = tl.load(W_ptr + r * stride_wm + u)
-    wp = tl.load(W_ptr + r * stride_wm + p)
-    offs = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = offs < n_cols
-    hu = tl.load(H_ptr + u * stride_hm + offs, mask=nmask, other=0.0)
-    hp = tl.load(H_ptr + p * stride_hm + offs, mask=nmask, other=0.0)
-    c_ptrs = C_ptr + r * stride_cm + offs
-    c = tl.load(c_ptrs, mask=nmask, other=0.0)
-    tl.store(c_ptrs, c + (wu * hu - wp * hp), mask=nmask)
-    if pid_n == 0:
-        tl.store(K_ptr + r * stride_km + u, tl.full([], 0, tl.uint8))
-        tl.store(K_ptr + r * stride_km + p, tl.full([], 1, tl.uint8))
-
-
 # ------------------------------------------------------------------------------ launchers
 
 
@@ -378,16 +339,19 @@ def _prepare(w, keep, c, H):
     def unit(t):  # unit column stride; rows may be strided
         return t if t.stride(-1) == 1 else t.contiguous()
 
-    w = unit(w)
-    c = unit(c.to(w.dtype))
-    H = unit(H.to(w.dtype))
-    return w, c, H
+    return unit(w), unit(keep), unit(c.to(w.dtype)), unit(H.to(w.dtype))
 
 
 def _n_sm(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1
+
+
+def triton_swap_search_unsupported(w, keep, c, H, prune_n=0, prune_m=0, rows=None, **_tuning):
+    if w.dtype not in (torch.float32, torch.float64):
+        return f"float32/float64 only, got {w.dtype}"
+    return None
 
 
 def triton_swap_search(
@@ -405,18 +369,11 @@ def triton_swap_search(
     splits: int | None = None,
     num_warps: int | None = None,
 ):
-    """Best 1-swap per row (same contract as `torch_swap_search`):
-
-    `Δ = w_u^2 H_uu + w_p^2 H_pp - 2 w_u w_p H_up + 2 w_u c_u - 2 w_p c_p` minimised over kept u
-    and pruned p of each row (N:M: u and p in one group of `prune_m`). Returns `(u, p, delta)`
-    (int64, int64, w's dtype); `delta = +inf` where a row has no candidate pair.
-
-    `rows` (optional int64 indices): search only those rows of the full `w`, `keep`, `c`
-    (avoids gathering copies; results are in the order of `rows`). Tile sizes, the number of
-    u splits (two-stage reduction) and warps are tunable; defaults suit an H100 (and larger
-    tiles under the interpreter, where each tile op costs Python overhead).
-    """
-    w, c, H = _prepare(w, keep, c, H)
+    """`(u, p, delta)` (int64, int64, w's dtype). `rows` are searched in place (no gathered
+    copies). Tile sizes, the number of u splits (two-stage reduction) and warps are tunable;
+    defaults suit an H100 (and larger tiles under the interpreter, where each tile op costs
+    Python overhead)."""
+    w, keep, c, H = _prepare(w, keep, c, H)
     cols = w.shape[1]
     n = w.shape[0] if rows is None else rows.numel()
     dev = w.device
@@ -544,52 +501,4 @@ def triton_swap_search(
     return uo.gather(0, s)[0], po.gather(0, s)[0], best
 
 
-def triton_swap_apply(
-    w: torch.Tensor,
-    keep: torch.Tensor,
-    c: torch.Tensor,
-    H: torch.Tensor,
-    rows: torch.Tensor,
-    u: torch.Tensor,
-    p: torch.Tensor,
-    block_n: int | None = None,
-) -> None:
-    """In place, one launch: for each swap i, `keep[rows_i, u_i] = False`,
-    `keep[rows_i, p_i] = True`, `c[rows_i] += w[rows_i, u_i] H[u_i, :] - w[rows_i, p_i] H[p_i, :]`
-    (H symmetric). Same contract as `torch_swap_apply`; `rows` must be distinct.
-    `keep` must be a bool tensor and `c` must have `w`'s dtype and unit column stride (they
-    are updated in place)."""
-    if rows.numel() == 0:
-        return
-    if keep.dtype != torch.bool:
-        raise TypeError(f"keep must be a bool tensor, got {keep.dtype}")
-    if c.dtype != w.dtype or c.stride(-1) != 1 or keep.stride(-1) != 1:
-        raise ValueError("c must have w's dtype; c and keep must have unit column stride")
-    if w.stride(-1) != 1:
-        w = w.contiguous()
-    H = H.to(w.dtype)
-    if H.stride(-1) != 1:
-        H = H.contiguous()
-    cols = w.shape[1]
-    keep8 = keep.view(torch.uint8)
-    bn = block_n or min(triton.next_power_of_2(cols), 4096 if _interpreted() else 1024)
-    grid = (rows.numel(), triton.cdiv(cols, bn))
-    _swap_apply_kernel[grid](
-        w,
-        keep8,
-        c,
-        H,
-        rows.contiguous(),
-        u.contiguous(),
-        p.contiguous(),
-        cols,
-        w.stride(0),
-        keep8.stride(0),
-        c.stride(0),
-        H.stride(0),
-        BLOCK_N=bn,
-        num_warps=4,
-    )
-
-
-OPS = {"swap_search": triton_swap_search, "swap_apply": triton_swap_apply}
+OPS = {"swap_search": (triton_swap_search, triton_swap_search_unsupported)}
