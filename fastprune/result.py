@@ -17,8 +17,10 @@ class PruneResult:
     loss:   reconstruction error `tr((W - W_p) H (W - W_p)^T)` in float64 arithmetic on the
             solver's float32/float64 values; with `H = 2/n sum_t x_t x_t^T` this is
             `2/n * ||(W - W_p) X||_F^2`. `None` where no `H` was given (magnitude).
-    info:   what was done: method, sparsity, pattern, seconds, device, backend and the
-            method's own figures (damping used, ROSE's relative range, swaps done, ...).
+    info:   what was done: method, sparsity, pattern, seconds, device, backend, `kernels`
+            ({op: "torch" | "triton" | "cuda"}: the implementation that ran each op, with
+            `kernel_fallbacks` saying why a backend was passed over) and the method's own
+            figures (damping used, ROSE's relative range, swaps done, ...).
     """
 
     weight: torch.Tensor
@@ -42,6 +44,8 @@ class PruneResult:
             extra.append(f"swaps={i['swaps']} loss_before={i['loss_before']:.6g}")
         if i.get("damp_retries"):
             extra.append(f"damp={i['damp']:.3g} (retried {i['damp_retries']}x)")
+        if i.get("kernels"):
+            extra.append("kernels=" + ",".join(f"{k}:{v}" for k, v in i["kernels"].items()))
         tail = (" " + " ".join(extra)) if extra else ""
         return (
             f"{i.get('method', '?')} {tuple(self.weight.shape)} pattern={i.get('pattern', '?')} "

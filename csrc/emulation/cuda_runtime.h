@@ -10,7 +10,7 @@
 // that can never complete (deadlock). Shared memory: `__shared__` becomes a function-local
 // static, which is exact while one block runs at a time.
 //
-// The build (fastprune/cuda_emulation.py) rewrites `kernel<<<cfg>>>(args)` launches to
+// The build (fastprune/cuda_ext.py) rewrites `kernel<<<cfg>>>(args)` launches to
 // `fastprune_emu::launch(kernel, cfg)(args)`; nothing else in the sources changes.
 #pragma once
 
