@@ -1,19 +1,13 @@
-"""Fused SparseGPT/ROSE in-block OBS sweep: one launch per block of columns.
-
-For each column `i` of the block (in order), with `d_i = Hinv1[i, i]`:
-
-    q_i   = w_i * keep_i                       (keep = not pruned)
-    err_i = (w_i - q_i) / d_i
-    W1[:, j] -= err_i * Hinv1[i, j]            for j > i   (rank-1 OBS update)
-
-Contract: `fastprune.ops.obs_sweep` (keep-masks in and out; under N:M an optional keep1
-forces its zeros pruned).
+"""Triton `obs_sweep` (contract: `fastprune.ops.obs_sweep`): the fused in-block OBS sweep,
+one launch per block of columns.
 
 Design: grid `(cdiv(rows, BLOCK_R),)`; every program owns `BLOCK_R` rows and the whole block
 of columns (padded to `BLOCK_C`, a power of two >= 16, blocksize up to 256) as a float32
 register tile and sweeps the columns in a loop. Column `i` is frozen once it is swept (its
 update mask is `j > i`), so after the loop `Q1 = where(pruned, 0, W)` and
-`Err1 = where(pruned, W / d, 0)` are formed from the tile and written once, coalesced.
+`Err1 = where(pruned, W / d, 0)` are formed from the tile and written once, coalesced. N:M
+groups are chosen in registers by `PRUNE_N` argmin passes over the group's columns, forced
+entries (`HAS_KEEP`) entering them with score 0.
 Rows are independent, so programs never communicate. The trailing update of the columns
 right of the block stays a GEMM in the driver.
 
