@@ -208,8 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "prune",
         help="prune a model end to end: calibrate, prune, evaluate perplexity, save",
-        description="Prune every linear layer of a causal LM's decoder blocks, block by block, "
+        description="Prune every linear layer of a causal LM's decoder blocks, block by block,\n"
         "and report dense vs pruned perplexity.",
+        epilog="methods:\n" + "\n".join(f"  {k:<12} {m.description}" for k, m in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument(
         "--model",

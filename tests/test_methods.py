@@ -100,6 +100,7 @@ def test_cli_method_choices_are_the_registry(capsys):
     method = next(a for a in sub._actions if a.dest == "method")
     assert method.help.split(" | ") == list(METHODS)
     assert method.default in METHODS
+    assert all(f"  {k:<12} {m.description}" in sub.epilog for k, m in METHODS.items())
     for name in METHODS:  # accepted: fails later, on the model
         assert cli.main(["prune", "--method", name, "--model", "no-such-model"]) == 2
         err = capsys.readouterr().err
