@@ -33,7 +33,14 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastprune", "fastprune.ops", "fastprune.triton_kernels", "fastprune.csrc"],
+    packages=[
+        "fastprune",
+        "fastprune.compat",
+        "fastprune.ops",
+        "fastprune.pipeline",
+        "fastprune.triton_kernels",
+        "fastprune.csrc",
+    ],
     package_dir={
         "fastprune": "fastprune",
         "fastprune.triton_kernels": "triton_kernels",

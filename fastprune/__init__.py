@@ -15,6 +15,7 @@ from .hessian import (
     layer_loss,
 )
 from .masks import check_nm_keep_mask
+from .methods import METHODS
 from .models import load_model
 from .ops import BackendUnavailableError
 from .pipeline import PruneReport, compute_gradient_norms, prune_model
@@ -31,6 +32,7 @@ __all__ = [
     "GradientNormAccumulator",
     "HessianAccumulator",
     "InverseHessian",
+    "METHODS",
     "PruneReport",
     "PruneResult",
     "accumulate_hessian",

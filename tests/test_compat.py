@@ -649,13 +649,13 @@ def test_llmcompressor_oneshot_same_weights_with_patch(tmp_path, monkeypatch):
 
     original = base.sparsify_weight
     calls = []
-    real = compat.sparsegpt_layer
+    real = compat.llmcompressor.sparsegpt_layer
 
     def counting(*a, **k):
         calls.append(a[0].shape)
         return real(*a, **k)
 
-    monkeypatch.setattr(compat, "sparsegpt_layer", counting)
+    monkeypatch.setattr(compat.llmcompressor, "sparsegpt_layer", counting)
     ref = _tiny_llama_oneshot(tmp_path / "a", patched=False)
     assert not calls
     ours = _tiny_llama_oneshot(tmp_path / "b", patched=True)

@@ -12,8 +12,9 @@ from pipeline_helpers import FAMILIES, VOCAB, byte_tokenizer, calib_ids, tiny_mo
 import fastprune as fp
 from fastprune.data import builtin_text, get_calibration, sample_windows
 from fastprune.evaluate import perplexity
+from fastprune.methods import METHODS, auto_max_swaps
 from fastprune.models import find_blocks, find_linears, get_weight, set_weight
-from fastprune.pipeline import METHODS, auto_max_swaps, check_model_sparsity
+from fastprune.pipeline import check_model_sparsity
 from fastprune.saving import save_pruned, verify_saved
 
 OPTS = {"sparseswaps": {"max_swaps": 5}}
@@ -25,7 +26,7 @@ def _linears(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_every_family_unstructured(family, method):
     model = tiny_model(family)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -63,7 +64,7 @@ def test_every_method_every_family_unstructured(family, method):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(METHODS))
 def test_nm_pattern_exact(family, method):
     model = tiny_model(family)
     rep = fp.prune_model(

@@ -1,0 +1,34 @@
+"""Drop-in adapters: the interfaces of the pruners people already run, on fastprune's solvers.
+
+- `SparseGPT(layer)`: the IST-DASLab `SparseGPT` class (`add_batch`, `fasterprune`, `free`).
+- `ROSE(layer)`: the ROSE repository's class, including its calibration weighting.
+- `WrappedGPT(layer)`: Wanda's activation-statistics wrapper (`add_batch`, `scaler_row`),
+  plus `prune()` for Wanda's per-layer selection.
+- `sparsify_weight(...)`: llm-compressor's SparseGPT `sparsify_weight` contract, and
+  `patch_llmcompressor()` / `unpatch_llmcompressor()` to make an installed llm-compressor's
+  `SparseGPTModifier` call it.
+
+Every adapter solves with `backend="auto"` (the fastest backend for the layer's device) unless
+given another backend. `nn.Linear`, `transformers.Conv1D` (weight stored transposed) and
+`nn.Conv2d` (weight flattened to `[out, in*kh*kw]`, inputs unfolded into patches) are
+supported. Neither transformers nor llm-compressor is imported by this module: a Conv1D layer
+can only exist once transformers is imported, and llm-compressor is imported by the patch.
+"""
+
+# private helpers re-exported for callers of the former single module
+from .adapter import _input_columns as _input_columns
+from .llmcompressor import _sparsify_preserving as _sparsify_preserving
+from .llmcompressor import patch_llmcompressor, sparsify_weight, unpatch_llmcompressor
+from .rose import ROSE, rose_with_scaler
+from .sparsegpt import SparseGPT
+from .wanda import WrappedGPT
+
+__all__ = [
+    "ROSE",
+    "SparseGPT",
+    "WrappedGPT",
+    "patch_llmcompressor",
+    "rose_with_scaler",
+    "sparsify_weight",
+    "unpatch_llmcompressor",
+]

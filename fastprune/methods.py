@@ -1,0 +1,210 @@
+"""The one registry of pruning methods, `METHODS`, that `prune_model` and the CLI use.
+
+Each `Method` names its layer solver, the model-level options it takes (with defaults), what
+the pipeline must give it (a Hessian, gradients, a shared inverse) and how the pipeline's
+arguments become a solver call. Adding a method is one entry here: `prune_model` accepts it,
+the CLI offers it, and the CLI's option flags (`--backend`, `--max-swaps`, ...) reach it
+when it declares the option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from .result import PruneResult
+from .rose import rose_layer
+from .scores import gblm_layer, magnitude_layer, wanda_layer
+from .sparsegpt import sparsegpt_layer
+from .sparseswaps import sparseswaps_layer
+from .validation import check_int
+
+# Options the pipeline consumes itself for a method that needs gradients (GBLM's `G`):
+# precomputed {name: G}, else computed with this norm and scale.
+GRADIENT_OPTIONS = ("gradients", "norm", "scale")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method as the model pipeline runs it.
+
+    `solver(W, [H], [G], sparsity=, prune_n=, prune_m=, **solver options)`: `H` is passed
+    when `needs_hessian`, `G` when `needs_gradients`. `options`: the model-level options and
+    their defaults; all but `pipeline_options` go to the solver as keywords (after
+    `layer_options` rewrites them per layer, e.g. SparseSwaps' `max_swaps="auto"`).
+    `shares_inverse`: layers fed the same input (q/k/v, gate/up) are solved with one inverse
+    Hessian (`inverse_hessian(H, percdamp)`, passed as `hinv=`). `check` validates and
+    normalises a full option dict (errors name the option).
+    """
+
+    name: str
+    solver: Callable[..., PruneResult]
+    description: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    needs_hessian: bool = True
+    needs_gradients: bool = False
+    shares_inverse: bool = False
+    pipeline_options: tuple[str, ...] = ()
+    check: Callable[[dict], dict] | None = None
+    layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        if self.needs_gradients:
+            missing = [k for k in GRADIENT_OPTIONS if k not in self.pipeline_options]
+            if missing:
+                raise ValueError(
+                    f"method {self.name!r} needs gradients: it must declare the pipeline "
+                    f"options {', '.join(GRADIENT_OPTIONS)}"
+                )
+        if self.shares_inverse and "percdamp" not in self.options:
+            raise ValueError(f"method {self.name!r} shares inverses: it needs a percdamp option")
+        stray = [k for k in self.pipeline_options if k not in self.options]
+        if stray:
+            raise ValueError(f"method {self.name!r}: pipeline option {stray[0]} is not an option")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.needs_hessian or self.needs_gradients
+
+    @property
+    def solver_options(self) -> tuple[str, ...]:
+        """The options passed to the solver as keywords."""
+        return tuple(k for k in self.options if k not in self.pipeline_options)
+
+    def check_options(self, options: Mapping[str, Any]) -> dict:
+        """The defaults updated with `options`; `TypeError` for an option this method does not
+        take, `ValueError`/`TypeError` from `check` for a bad value."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            takes = ", ".join(self.options) or "no options"
+            raise TypeError(
+                f"method {self.name!r} does not take {', '.join(unknown)}; it takes {takes}"
+            )
+        opts = dict(self.options)
+        opts.update(options)
+        return self.check(opts) if self.check is not None else opts
+
+    def solve(
+        self,
+        W: torch.Tensor,
+        H: torch.Tensor | None,
+        G: torch.Tensor | None,
+        sparsity: float,
+        prune_n: int,
+        prune_m: int,
+        options: Mapping[str, Any],
+        hinv=None,
+    ) -> PruneResult:
+        """One layer: `options` as returned by `check_options`; `hinv` the shared inverse
+        (only for `shares_inverse` methods, None to let the solver compute it)."""
+        args: list = [W]
+        if self.needs_hessian:
+            args.append(H)
+        if self.needs_gradients:
+            args.append(G.to(W.device))
+        kw = {k: options[k] for k in self.solver_options}
+        if self.layer_options is not None:
+            kw = self.layer_options(W, prune_m, kw)
+        if self.shares_inverse:
+            kw["hinv"] = hinv
+        return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
+
+
+def get_method(name) -> Method:
+    """`METHODS[name]`, or a `ValueError` listing the methods."""
+    if not isinstance(name, str) or name not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {name!r}")
+    return METHODS[name]
+
+
+def methods_with(option: str) -> list[str]:
+    """The methods that take `option` (for the CLI's flags and help)."""
+    return [k for k, m in METHODS.items() if option in m.options]
+
+
+# ---------------------------------------------------------------------- per-method rules
+
+
+def _check_gblm(opts: dict) -> dict:
+    if opts["norm"] not in ("l1", "l2"):
+        raise ValueError(f"norm must be 'l1' or 'l2', got {opts['norm']!r}")
+    return opts
+
+
+def _check_sparseswaps(opts: dict) -> dict:
+    if opts["max_swaps"] not in ("auto", None):
+        opts["max_swaps"] = check_int(opts["max_swaps"], "max_swaps", minimum=0)
+    return opts
+
+
+# max_swaps="auto" on CPU: as many SparseSwaps steps as fit in this many pair evaluations
+# per layer (the torch reference scans rows x kept x pruned pairs per step, ~0.2e9/s on two
+# cores), at least 1 and at most CPU_MAX_SWAPS; on GPU "auto" runs until no row improves.
+CPU_SWAP_PAIR_BUDGET = 3e8
+CPU_MAX_SWAPS = 100
+
+
+def auto_max_swaps(rows: int, cols: int, prune_m: int, device: torch.device) -> int | None:
+    if device.type != "cpu":
+        return None
+    pairs = rows * cols * (prune_m if prune_m else cols)
+    return int(min(CPU_MAX_SWAPS, max(1, CPU_SWAP_PAIR_BUDGET // pairs)))
+
+
+def _sparseswaps_layer_options(W: torch.Tensor, prune_m: int, kw: dict) -> dict:
+    if kw["max_swaps"] == "auto":
+        kw["max_swaps"] = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
+    return kw
+
+
+# ---------------------------------------------------------------------------- the registry
+
+_OBS = {"blocksize": 128, "percdamp": 0.01}
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "magnitude",
+            magnitude_layer,
+            "|W|; one threshold over the whole layer (no calibration)",
+            needs_hessian=False,
+        ),
+        Method("wanda", wanda_layer, "|W| * sqrt(diag(H)/2), per output row"),
+        Method(
+            "sparsegpt",
+            sparsegpt_layer,
+            "OBS pruning with weight updates (IST-DASLab SparseGPT)",
+            {**_OBS, "backend": "auto"},
+            shares_inverse=True,
+        ),
+        Method(
+            "rose",
+            rose_layer,
+            "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
+            {**_OBS, "range_threshold": 0.5, "backend": "auto"},
+        ),
+        Method(
+            "gblm",
+            gblm_layer,
+            "Wanda's score + alpha * |W| * gradient norm (GBLM-Pruner)",
+            {"alpha": 1.0, "norm": "l2", "scale": 100.0, "gradients": None},
+            needs_gradients=True,
+            pipeline_options=GRADIENT_OPTIONS,
+            check=_check_gblm,
+        ),
+        Method(
+            "sparseswaps",
+            sparseswaps_layer,
+            "Wanda's mask refined by loss-reducing swaps, optionally OBS-reconstructed",
+            {"max_swaps": "auto", "reconstruct": False, "percdamp": 0.01, "backend": "auto"},
+            check=_check_sparseswaps,
+            layer_options=_sparseswaps_layer_options,
+        ),
+    )
+}

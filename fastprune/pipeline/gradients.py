@@ -1,0 +1,64 @@
+"""GBLM's gradient norms `G` from real backward passes over the calibration samples."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from ..layers import as_matrix, get_weight, layer_kind
+from ..models import model_device
+from ..scores import GradientNormAccumulator
+
+
+def compute_gradient_norms(
+    model,
+    calib: torch.Tensor,
+    names: list[str],
+    device=None,
+    norm: str = "l2",
+    scale: float = 100.0,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
+    """GBLM's `G` per named linear (`[out, in]`, float32, on CPU): one backward pass per
+    calibration sample through the whole model (on `device`), the language-modelling loss on
+    the sample itself; each weight's gradient is folded into its l1/l2 accumulator by a hook
+    and freed at once, so at most one gradient per weight exists at any time."""
+    home = model_device(model)
+    dev = torch.device(device) if device is not None else home
+    modules = {n: model.get_submodule(n) for n in names}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    accs, handles = {}, []
+    if dev != home:
+        model.to(dev)
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n, m in modules.items():
+            w = m.weight
+            w.requires_grad_(True)
+            kind = layer_kind(m)
+            acc = GradientNormAccumulator(tuple(get_weight(m, kind).shape), dev, norm, scale)
+            accs[n] = acc
+
+            def fold(p, acc=acc, kind=kind):
+                acc.add(as_matrix(p.grad, kind))
+                p.grad = None
+
+            handles.append(w.register_post_accumulate_grad_hook(fold))
+        for i in tqdm(range(calib.shape[0]), desc="gblm gradients", disable=not progress):
+            x = calib[i : i + 1].to(dev)
+            with torch.enable_grad():
+                loss = model(input_ids=x, labels=x, use_cache=False).loss
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, rg in saved.items():
+            p.requires_grad_(rg)
+            p.grad = None
+        if dev != home:
+            model.to(home)
+        model.train(was_training)
+    return {n: a.G.cpu() for n, a in accs.items()}

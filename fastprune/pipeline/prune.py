@@ -1,0 +1,226 @@
+"""`prune_model`: sequential, block by block, the way SparseGPT and Wanda do it (see the
+package docstring of `fastprune.pipeline`); what each method needs and how its solver is
+called comes from `fastprune.METHODS`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..hessian import inverse_hessian
+from ..layers import get_weight, set_weight
+from ..masks import pattern_name
+from ..methods import get_method
+from ..models import check_selection, find_blocks, find_linears, model_device
+from ..validation import check_int, check_pattern, check_sparsity
+from .capture import _capture, _run_block, _to, block_kinds
+from .gradients import compute_gradient_norms
+from .hessian_hooks import _HessianHooks
+from .report import LayerReport, PruneReport, _jsonable
+
+_INFO_SKIP = {"shape", "device", "method"}
+_UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
+
+
+def _check_device(device, home: torch.device) -> torch.device:
+    if device is None:
+        return home
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def prune_model(
+    model: nn.Module,
+    calibration=None,
+    method: str = "rose",
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    device=None,
+    *,
+    tokenizer=None,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    batch_size: int = 1,
+    targets=None,
+    ignore=None,
+    blocks: str | None = None,
+    offload_activations: bool | None = None,
+    progress: bool = True,
+    **method_options,
+) -> PruneReport:
+    """Prune every linear layer of the decoder blocks of `model` in place; return a report.
+
+    calibration: LongTensor `[nsamples, seqlen]` of token ids (used as given), or text to
+        tokenize with `tokenizer` and sample `nsamples` windows of `seqlen` from (seeded by
+        `seed`): a list of strings, a text file path, 'builtin', 'wikitext2' or 'c4'.
+        Not needed for `magnitude`.
+    method: a name in `fastprune.METHODS` (magnitude | wanda | sparsegpt | rose | gblm |
+        sparseswaps); `method_options` are that entry's options:
+        sparsegpt: blocksize, percdamp, backend; rose: + range_threshold;
+        gblm: alpha, norm ('l1'/'l2'), scale, gradients (precomputed {name: G});
+        sparseswaps: max_swaps ('auto': on CPU a budget of 3e8 pair evaluations per layer,
+        1 to 100 steps; on GPU until no row improves),
+        reconstruct (OBS reconstruction on the refined mask), percdamp, backend.
+    sparsity / prune_n:prune_m: unstructured fraction, or N pruned in every M inputs.
+    device: where each block runs (the model stays where it is; default: the model's
+        device). batch_size: calibration samples per block forward.
+    targets / ignore: glob patterns on linear names inside a block (`self_attn.*`, `q_proj`).
+    blocks: module path of the decoder block list when auto-detection is not wanted.
+    offload_activations: keep the calibration activations on CPU (True), on `device`
+        (False), or decide by free memory (None).
+    """
+    t_start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meth = get_method(method)
+    opts = meth.check_options(method_options)
+    sparsity = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, prune_m or 1)
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    home = model_device(model)
+    dev = _check_device(device, home)
+    blocks_path, block_list = find_blocks(model, blocks)
+    kinds = block_kinds(model, len(block_list))
+    check_selection(block_list, targets, ignore)
+    per_block = [find_linears(b, targets, ignore) for b in block_list]
+    for i, lins in enumerate(per_block):
+        for name, mod in lins.items():
+            try:
+                check_pattern(n, m, get_weight(mod).shape[1])
+            except ValueError as e:
+                raise ValueError(
+                    f"prune_n:prune_m={n}:{m} does not fit {blocks_path}.{i}.{name}: {e}"
+                ) from e
+
+    calib = None
+    if meth.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs calibration data (calibration=...)")
+        from ..data import get_calibration
+
+        calib = get_calibration(calibration, tokenizer, nsamples, seqlen, seed)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab and calib.max().item() >= vocab:
+            raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+
+    report = PruneReport(
+        method=method,
+        sparsity=n / m if n else sparsity,
+        pattern=pattern_name(n, m),
+        nsamples=0 if calib is None else calib.shape[0],
+        seqlen=0 if calib is None else calib.shape[1],
+        device=str(dev),
+        options=_jsonable({k: v for k, v in opts.items() if k not in _UNREPORTED}),
+    )
+    totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(block_list)}
+
+    G = None
+    if meth.needs_gradients:
+        names = [f"{blocks_path}.{i}.{k}" for i, lins in enumerate(per_block) for k in lins]
+        G = opts["gradients"]
+        if G is None:
+            t0 = time.perf_counter()
+            G = compute_gradient_norms(
+                model, calib, names, dev, opts["norm"], opts["scale"], progress
+            )
+            totals["gradient_seconds"] = time.perf_counter() - t0
+        missing = [k for k in names if k not in G]
+        if missing:
+            raise ValueError(
+                f"gradients has no entry for {missing[0]} (and {len(missing) - 1} more)"
+            )
+
+    was_training = model.training
+    model.eval()
+    acts = arg_sets = None
+    if calib is not None:
+        t0 = time.perf_counter()
+        acts = _capture(model, block_list, kinds, calib, batch_size, dev, offload_activations)
+        totals["forward_seconds"] += time.perf_counter() - t0
+        totals["activation_bytes"] = acts.nbytes
+        totals["activation_device"] = str(acts.inps.device)
+        arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
+
+    bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not progress)
+    try:
+        for i, block in bar:
+            block_home = next(block.parameters()).device
+            block.to(dev)
+            lins = per_block[i]
+            hooks = None
+            if acts is not None:
+                t0 = time.perf_counter()
+                hooks = _HessianHooks(lins, dev)
+                try:
+                    _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
+                finally:
+                    hooks.remove()
+                totals["forward_seconds"] += time.perf_counter() - t0
+            inverses = {}
+            for name, mod in lins.items():
+                full = f"{blocks_path}.{i}.{name}"
+                W = get_weight(mod).detach()
+                H = lead = hinv = None
+                if hooks is not None:
+                    lead = hooks.leader.get(name)
+                    if lead is None:
+                        raise RuntimeError(f"{full} was never called in the block's forward")
+                    H = hooks.acc[lead].H
+                if meth.shares_inverse and H is not None:
+                    if lead not in inverses:
+                        inverses[lead] = inverse_hessian(H, opts["percdamp"])
+                    hinv = inverses[lead]
+                g = None if G is None else G[full]
+                r = meth.solve(W, H, g, sparsity, n, m, opts, hinv)
+                set_weight(mod, r.weight)
+                totals["solve_seconds"] += r.info.get("seconds", 0.0)
+                report.layers.append(_layer_report(i, name, W, method, r, lead))
+            del hooks, inverses
+            if acts is not None and i + 1 < len(block_list):
+                t0 = time.perf_counter()
+                _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
+                acts.swap()
+                totals["forward_seconds"] += time.perf_counter() - t0
+            block.to(block_home)
+            bar.set_postfix(block=i)
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    params = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
+    pruned = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
+    report.achieved_sparsity = pruned / max(1, params)
+    losses = [lr.loss for lr in report.layers if lr.loss is not None]
+    totals.update(params=params, layers=len(report.layers), blocks_path=blocks_path)
+    if losses:
+        totals["loss"] = float(sum(losses))
+    report.totals = totals
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> LayerReport:
+    return LayerReport(
+        name=f"{i}.{name}",
+        block=i,
+        shape=tuple(W.shape),
+        method=method,
+        sparsity=1.0 - int(r.mask.sum().item()) / r.mask.numel(),
+        loss=r.loss,
+        seconds=float(r.info.get("seconds", 0.0)),
+        hessian=None if lead is None else f"{i}.{lead}",
+        info=_jsonable({k: v for k, v in r.info.items() if k not in _INFO_SKIP}),
+    )

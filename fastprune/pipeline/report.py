@@ -1,0 +1,103 @@
+"""What `prune_model` did, per linear layer and in total: `LayerReport`, `PruneReport`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LayerReport:
+    name: str
+    block: int
+    shape: tuple[int, int]
+    method: str
+    sparsity: float
+    loss: float | None
+    seconds: float
+    hessian: str | None  # the layer whose input H this layer shares (itself if none)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PruneReport:
+    """What `prune_model` did: per linear layer and in total (`to_dict()` is JSON-ready)."""
+
+    method: str
+    sparsity: float
+    pattern: str
+    nsamples: int
+    seqlen: int
+    device: str
+    seconds: float = 0.0
+    achieved_sparsity: float = 0.0
+    layers: list[LayerReport] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = [dict(asdict(lr), shape=list(lr.shape)) for lr in self.layers]
+        return _jsonable(d)
+
+    def by_kind(self) -> list[dict]:
+        """Aggregates per layer kind (`self_attn.q_proj`, ...), in first-seen order."""
+        rows: dict[str, dict] = {}
+        for lr in self.layers:
+            r = rows.setdefault(
+                lr.name.split(".", 1)[1] if "." in lr.name else lr.name,
+                {"layers": 0, "params": 0, "pruned": 0.0, "loss": 0.0, "seconds": 0.0},
+            )
+            n = lr.shape[0] * lr.shape[1]
+            r["layers"] += 1
+            r["params"] += n
+            r["pruned"] += lr.sparsity * n
+            r["loss"] += lr.loss or 0.0
+            r["seconds"] += lr.seconds
+        for k, r in rows.items():
+            r["kind"] = k
+            r["sparsity"] = r.pop("pruned") / max(1, r["params"])
+        return list(rows.values())
+
+    def summary(self) -> str:
+        """A short table per layer kind plus totals."""
+        lines = [
+            f"{'layer kind':<24} {'n':>3} {'shape':>12} {'sparsity':>8} {'loss':>11} {'sec':>7}"
+        ]
+        shapes = {}
+        for lr in self.layers:
+            shapes.setdefault(lr.name.split(".", 1)[-1], f"{lr.shape[0]}x{lr.shape[1]}")
+        for r in self.by_kind():
+            lines.append(
+                f"{r['kind']:<24} {r['layers']:>3} {shapes.get(r['kind'], ''):>12} "
+                f"{r['sparsity']:>8.4f} {r['loss']:>11.4g} {r['seconds']:>7.2f}"
+            )
+        t = self.totals
+        lines.append(
+            f"{self.method} {self.pattern} target sparsity {self.sparsity:.2f}: achieved "
+            f"{self.achieved_sparsity:.4f} over {t.get('params', 0):,} weights in "
+            f"{len(self.layers)} layers; {self.seconds:.1f}s on {self.device} "
+            f"(solve {t.get('solve_seconds', 0):.1f}s, forward {t.get('forward_seconds', 0):.1f}s"
+            + (f", gradients {t['gradient_seconds']:.1f}s" if "gradient_seconds" in t else "")
+            + ")"
+        )
+        return "\n".join(lines)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist() if x.numel() <= 16 else f"tensor{tuple(x.shape)}"
+    if isinstance(x, torch.dtype | torch.device):
+        return str(x)
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if x is None or isinstance(x, bool | int | float | str):
+        return x
+    return str(x)

@@ -1,0 +1,190 @@
+"""The method registry `fastprune.METHODS`: entries agree with their solvers, the CLI and
+`prune_model` are driven by it, and a method added to it is usable with no other change."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+from pipeline_helpers import calib_ids, tiny_model
+
+import fastprune as fp
+import fastprune.pipeline
+from fastprune import cli
+from fastprune.hessian import InverseHessian
+from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, get_method
+from fastprune.models import find_blocks, find_linears, get_weight
+
+# model-level defaults that differ from the solver's own on purpose
+PIPELINE_DEFAULTS = {("sparseswaps", "max_swaps"): ("auto", None)}
+
+
+def _params(fn) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(fn).parameters)
+
+
+def test_one_registry_everywhere():
+    assert list(METHODS) == ["magnitude", "wanda", "sparsegpt", "rose", "gblm", "sparseswaps"]
+    assert fp.METHODS is METHODS and fastprune.pipeline.METHODS is METHODS
+    assert "METHODS" in fp.__all__
+    for name, m in METHODS.items():
+        assert m.name == name and isinstance(m, Method)
+        assert m.description and "\n" not in m.description
+        with pytest.raises(TypeError):
+            m.options["new"] = 1  # options are read-only
+        with pytest.raises(AttributeError):
+            m.name = "other"  # frozen
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_entries_match_solver_signatures(name):
+    m = METHODS[name]
+    params = _params(m.solver)
+    positional = [
+        p.name
+        for p in params.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    expected = ["W"] + ["H"] * m.needs_hessian + ["G"] * m.needs_gradients
+    assert positional == expected, f"{name}: solver's required arguments"
+    for k in ("sparsity", "prune_n", "prune_m"):
+        assert k in params, f"{name}: solver has no {k}"
+    # every option is accepted by the solver or consumed by the pipeline, never both
+    for opt, default in m.options.items():
+        if opt in m.pipeline_options:
+            assert opt not in params, f"{name}: {opt} is consumed by the pipeline"
+            continue
+        assert opt in params, f"{name}: the solver does not take option {opt!r}"
+        solver_default = params[opt].default
+        want = PIPELINE_DEFAULTS.get((name, opt), (solver_default, solver_default))
+        assert (default, solver_default) == want, f"{name}.{opt}: default {default!r}"
+    assert set(m.solver_options) | set(m.pipeline_options) == set(m.options)
+    if m.needs_gradients:
+        assert set(GRADIENT_OPTIONS) <= set(m.pipeline_options)
+    if m.shares_inverse:
+        assert "hinv" in params and "percdamp" in m.options
+
+
+def test_registry_rejects_inconsistent_entries():
+    with pytest.raises(ValueError, match="gradients"):
+        Method("g", fp.gblm_layer, "no gradient options", {"alpha": 1.0}, needs_gradients=True)
+    with pytest.raises(ValueError, match="percdamp"):
+        Method("s", fp.sparsegpt_layer, "no percdamp", {"blocksize": 128}, shares_inverse=True)
+    with pytest.raises(ValueError, match="pipeline option"):
+        Method("w", fp.wanda_layer, "stray", pipeline_options=("norm",))
+
+
+def test_get_method_and_option_errors():
+    with pytest.raises(ValueError, match="method must be one of magnitude, wanda"):
+        get_method("obs")
+    with pytest.raises(ValueError, match="method must be one of"):
+        get_method(["rose"])  # unhashable: still a clear error
+    with pytest.raises(TypeError, match="'wanda' does not take blocksize; it takes no options"):
+        METHODS["wanda"].check_options({"blocksize": 64})
+    assert METHODS["rose"].check_options({"percdamp": 0.1}) == {
+        "blocksize": 128,
+        "percdamp": 0.1,
+        "range_threshold": 0.5,
+        "backend": "auto",
+    }
+    with pytest.raises(ValueError, match="max_swaps"):
+        METHODS["sparseswaps"].check_options({"max_swaps": -1})
+    with pytest.raises(ValueError, match="norm"):
+        METHODS["gblm"].check_options({"norm": "l3"})
+
+
+def test_cli_method_choices_are_the_registry(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["prune"]
+    method = next(a for a in sub._actions if a.dest == "method")
+    assert method.help.split(" | ") == list(METHODS)
+    assert method.default in METHODS
+    assert all(f"  {k:<12} {m.description}" in sub.epilog for k, m in METHODS.items())
+    for name in METHODS:  # accepted: fails later, on the model
+        assert cli.main(["prune", "--method", name, "--model", "no-such-model"]) == 2
+        err = capsys.readouterr().err
+        assert "unknown model" in err and "--method" not in err, name
+    assert cli.main(["prune", "--method", "obs"]) == 2
+    assert "--method must be one of " + ", ".join(METHODS) in capsys.readouterr().err
+
+
+def test_cli_flags_reach_the_methods_that_declare_them():
+    assert set(cli.OPTION_FLAGS.values()) <= {k for m in METHODS.values() for k in m.options}
+    flags = ["--backend", "torch", "--max-swaps", "3", "--reconstruct", "--gblm-norm", "l1"]
+    given = {"backend": "torch", "max_swaps": 3, "reconstruct": True, "norm": "l1"}
+    for name, m in METHODS.items():
+        bare = cli.build_parser().parse_args(["prune", "--method", name])
+        assert cli.method_options(bare) == {}, name  # the registry's defaults apply
+        args = cli.build_parser().parse_args(["prune", "--method", name, *flags])
+        opts = cli.method_options(args)
+        assert opts == {k: v for k, v in given.items() if k in m.options}, name
+        m.check_options(opts)
+    assert cli.method_options(
+        cli.build_parser().parse_args(["prune", "--method", "sparseswaps", *flags])
+    ) == {"backend": "torch", "max_swaps": 3, "reconstruct": True}
+
+
+# ------------------------------------------------------------------- a registered toy method
+
+
+def _toy_solver(calls):
+    def toy_layer(W, H, sparsity=0.5, prune_n=0, prune_m=0, *, tag="plain", hinv=None):
+        calls.append({"shape": tuple(W.shape), "H": tuple(H.shape), "tag": tag, "hinv": hinv})
+        return fp.wanda_layer(W, H, sparsity, prune_n, prune_m)
+
+    return toy_layer
+
+
+def test_registered_toy_method_runs_through_prune_model_and_cli(monkeypatch, capsys):
+    calls = []
+    toy = Method(
+        "toy",
+        _toy_solver(calls),
+        "Wanda under another name, with one inverse per shared input",
+        {"tag": "plain", "percdamp": 0.01},
+        shares_inverse=True,
+        pipeline_options=("percdamp",),
+    )
+    monkeypatch.setitem(METHODS, "toy", toy)
+    calib = calib_ids()
+    model, ref = tiny_model("llama"), tiny_model("llama")
+    rep = fp.prune_model(model, calib, method="toy", tag="mine", progress=False)
+    fp.prune_model(ref, calib, method="wanda", progress=False)
+    assert rep.method == "toy" and rep.options == {"tag": "mine", "percdamp": 0.01}
+    _, blocks = find_blocks(model)
+    _, ref_blocks = find_blocks(ref)
+    lins = [lin for b in blocks for lin in find_linears(b).values()]
+    ref_lins = [lin for b in ref_blocks for lin in find_linears(b).values()]
+    assert len(calls) == len(lins) == len(rep.layers)
+    for c, lin, r in zip(calls, lins, ref_lins):
+        assert c["tag"] == "mine" and c["shape"] == tuple(get_weight(lin).shape)
+        assert isinstance(c["hinv"], InverseHessian)
+        assert torch.equal(lin.weight, r.weight)  # the solver's result was written back
+    # q/k/v share one input, so one inverse object
+    assert calls[0]["hinv"] is calls[1]["hinv"] is calls[2]["hinv"]
+    assert calls[3]["hinv"] is not calls[0]["hinv"]
+    with pytest.raises(TypeError, match="'toy' does not take blocksize; it takes tag, percdamp"):
+        fp.prune_model(tiny_model("llama"), calib, method="toy", blocksize=8)
+    assert cli.main(["prune", "--method", "toy", "--model", "no-such-model"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+    monkeypatch.delitem(METHODS, "toy")
+    with pytest.raises(ValueError, match="method must be one of"):
+        fp.prune_model(tiny_model("llama"), calib, method="toy")
+
+
+def test_toy_method_without_calibration(monkeypatch):
+    def halve(W, sparsity=0.5, prune_n=0, prune_m=0, *, scale=1.0):
+        return fp.magnitude_layer(W * scale, sparsity, prune_n, prune_m)
+
+    monkeypatch.setitem(
+        METHODS, "halve", Method("halve", halve, "magnitude of scaled W", {"scale": 2.0}, False)
+    )
+    model = tiny_model("llama")
+    _, blocks = find_blocks(model)
+    W0 = get_weight(blocks[0].self_attn.q_proj).detach().clone()
+    rep = fp.prune_model(model, None, method="halve", progress=False)
+    assert rep.nsamples == 0 and rep.options == {"scale": 2.0}
+    assert all(lr.loss is None and lr.hessian is None for lr in rep.layers)
+    Wp = get_weight(blocks[0].self_attn.q_proj)
+    assert torch.equal(Wp, fp.magnitude_layer(W0 * 2.0).weight)
