@@ -8,7 +8,8 @@ times timed (more until `budget_ms` of timed calls, if given), and returns the 2
   CUDA events). It takes time budgets rather than counts, so the last warm-up call is timed
   and the counts are turned into budgets from it. A call slower than `SLOW_CALL_MS` skips
   do_bench (its own estimate alone costs 5 calls; the L2 flush means nothing there) and is
-  timed with CUDA events, as is everything when Triton is missing.
+  timed with CUDA events, as is everything when Triton is missing. (A Triton older than
+  `return_mode="all"` gives only its quantiles; `reps` is then its estimated count.)
 - CPU: `time.perf_counter` around each call.
 """
 
@@ -81,12 +82,13 @@ def measure(
         return _measure_events(fn, device, 0, rep, budget_ms)
     # do_bench runs max(1, int(budget / its estimate)) calls: +0.5 so `rep` is not cut short
     rep_ms = max(budget_ms, (rep + 0.5) * probe_ms)
-    try:
-        times = do_bench(fn, warmup=0, rep=rep_ms, return_mode="all")
-        return Timing.of(list(times), "do_bench")
-    except AssertionError:  # an older Triton without return_mode="all": its quantiles
-        q = do_bench(fn, warmup=0, rep=rep_ms, quantiles=list(QUANTILES))
-        return Timing(*(float(x) for x in q), max(1, int(rep_ms / probe_ms)), "do_bench")
+    with torch.cuda.device(device):  # do_bench synchronises the current device
+        try:
+            times = do_bench(fn, warmup=0, rep=rep_ms, return_mode="all")
+            return Timing.of(list(times), "do_bench")
+        except AssertionError:  # an older Triton without return_mode="all": its quantiles
+            q = do_bench(fn, warmup=0, rep=rep_ms, quantiles=list(QUANTILES))
+            return Timing(*(float(x) for x in q), max(1, int(rep_ms / probe_ms)), "do_bench")
 
 
 def _measure_cpu(fn, warmup: int, rep: int, budget_ms: float) -> Timing:
