@@ -196,7 +196,9 @@ def step_rows(shape, pname, device, backends, peak_tflops, seed) -> list[dict]:
             apply(W, k2, c2, H, s, u[s], p[s])
 
         step()
-        info = kernels.info() if kernels else {"kernels": {"swap_search": be}}
+        info = (
+            kernels.info() if kernels else {"kernels": {"swap_search": be, "swap_apply": "torch"}}
+        )
         ran = info["kernels"]["swap_search"]
         if ran in [r["backend"] for r in steps]:
             note(f"swap_step backend={be} ran {ran}'s swap_search, already measured")
