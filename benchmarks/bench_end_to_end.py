@@ -6,21 +6,19 @@ Only `--blocks` decoder blocks are built (random weights are fine for timing); t
 model's time is projected as (measured seconds / blocks) x the shape's layer count, which
 slightly overstates it (embedding and first-block capture are counted once per block).
 
-    python benchmarks/bench_end_to_end.py --shape llama2-7b --device cuda [--blocks 32]
-    python benchmarks/bench_end_to_end.py --shape small --device cpu --nsamples 8 --seqlen 256
+    python -m benchmarks.bench_end_to_end --shape llama2-7b --device cuda [--blocks 32]
+    python -m benchmarks.bench_end_to_end --shape small --device cpu --nsamples 8 --seqlen 256
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.harness import row, write_rows  # noqa: E402
+from benchmarks.harness import row, write_rows
+from fastprune.timing import Timing
 
 SHAPES = {
     # hidden, intermediate, heads, kv heads, layers
@@ -98,14 +96,15 @@ def main(argv=None) -> None:
     per_block = seconds / blocks
     totals = rep.totals
     print(rep.summary())
-    used = sorted({str(lr.info.get("backend", "torch")) for lr in rep.layers})
+    # what ran: every implementation named in the layers' info["kernels"] (torch if none)
+    used = sorted({impl for lr in rep.layers for impl in lr.info.get("kernels", {}).values()})
     r = row(
         "prune_model",
-        "+".join(used),
+        "+".join(used) or "torch",
         f"{args.shape} ({blocks}/{layers} blocks)",
         dtype,
         args.device,
-        seconds * 1e3,
+        Timing.once(seconds * 1e3),
         method=args.method,
         pattern=rep.pattern,
         calibration=f"{args.nsamples}x{args.seqlen}",

@@ -27,9 +27,11 @@ for ops in [('block_prune_mask', 'obs_sweep'), ('swap_search', 'swap_apply')]:
     print('auto', ops, '->', o.resolve_backend('auto', d, ops))
 from fastprune.ops.autoselect import cache_path; print(cache_path().read_text())
 " 2>&1 | tee -a "$res/gpu_${tag}_env.txt"
-python3 benchmarks/bench_obs.py $quick --out "$res/obs_${tag}" 2>&1 | tail -40
-python3 benchmarks/bench_swaps.py $quick --out "$res/swaps_${tag}" 2>&1 | tail -20
+# one module per op: every backend that runs here, the original loops, the floors
+for op in obs_sweep column_losses block_prune_mask swap_search; do
+  python3 -m benchmarks.bench_$op $quick --out "$res/${op}_${tag}" 2>&1 | tail -100
+done
 # end to end (DESIGN §5): 7B shape, 4 of 32 blocks, and 70B shape, 1 of 80 blocks, projected
-python3 benchmarks/bench_end_to_end.py --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}" 2>&1 | tail -3
-python3 benchmarks/bench_end_to_end.py --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}" 2>&1 | tail -3
+python3 -m benchmarks.bench_end_to_end --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}" 2>&1 | tail -3
+python3 -m benchmarks.bench_end_to_end --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}" 2>&1 | tail -3
 if [ -n "${OUT:-}" ]; then cp "$res"/*"${tag}"* "$OUT"/ 2>/dev/null; fi

@@ -1,12 +1,109 @@
-"""Benchmark scripts run and write well-formed rows (tiny sizes; no timing is asserted)."""
+"""Benchmark modules run and write well-formed rows (tiny sizes, CPU, torch backend; no
+timing is asserted)."""
 
+import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fastprune.timing import Timing, measure
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks package
+
+COMMON = ("kernel", "backend", "shape", "dtype", "device", "torch", "triton", "cuda")
+TIMES = ("p20_ms", "median_ms", "p80_ms", "reps", "timer")
+TINY = ["--device", "cpu", "--backends", "torch", "--shapes", "8x64"]
+
+
+def read_rows(out):
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert rows and out.with_suffix(".csv").read_text().startswith("kernel,")
+    for r in rows:
+        for key in COMMON + TIMES:
+            assert key in r, (key, r)
+        assert r["p20_ms"] <= r["median_ms"] <= r["p80_ms"] and r["reps"] >= 1
+    return rows
+
+
+def run(module, argv, tmp_path):
+    out = tmp_path / module
+    importlib.import_module(f"benchmarks.{module}").main([*argv, "--out", str(out)])
+    return read_rows(out)
+
+
+def test_measure_on_cpu_counts_calls():
+    calls = []
+    t = measure(lambda: calls.append(1), "cpu", warmup=2, rep=5)
+    assert isinstance(t, Timing) and t.reps == 5 and len(calls) == 7
+    assert t.timer == "perf_counter" and t.p20_ms <= t.median_ms <= t.p80_ms
+    assert Timing.once(3.0).median_ms == 3.0
+
+
+def test_obs_sweep_benchmark(tmp_path):
+    rows = run("bench_obs_sweep", [*TINY, "--blocksize", "32"], tmp_path)
+    kinds = {(r["kernel"], r["backend"], r.get("pattern")) for r in rows}
+    assert ("floor", "torch", None) in kinds
+    for solver in ("sparsegpt_layer", "rose_layer"):
+        assert (solver, "torch", "unstructured") in kinds and (solver, "torch", "2:4") in kinds
+        assert (solver, "original", "unstructured") in kinds
+    assert ("obs_sweep", "torch", "2:4") in kinds
+    solve = next(r for r in rows if r["kernel"] == "sparsegpt_layer" and r["backend"] == "torch")
+    assert solve["kernels"] == "block_prune_mask=torch obs_sweep=torch"
+    assert "speedup_vs_original" in solve and "x_floor" in solve
+
+
+def test_column_losses_benchmark(tmp_path):
+    rows = run("bench_column_losses", [*TINY, "--blocksize", "32"], tmp_path)
+    kinds = {(r["kernel"], r["backend"], r.get("pattern")) for r in rows}
+    assert {("read_scores", "torch", None), ("column_losses", "original", "unstructured")} <= kinds
+    assert {("column_losses", "torch", "unstructured"), ("column_losses", "torch", "2:4")} <= kinds
+    assert all("gbps" in r for r in rows if r["backend"] == "torch")
+
+
+def test_block_prune_mask_benchmark(tmp_path):
+    rows = run("bench_block_prune_mask", [*TINY, "--blocksize", "32"], tmp_path)
+    assert [(r["backend"], r["shape"]) for r in rows] == [("original", "8x32"), ("torch", "8x32")]
+
+
+def test_swap_search_benchmark(tmp_path):
+    rows = run("bench_swap_search", TINY, tmp_path)
+    kinds = {(r["kernel"], r["backend"], r["pattern"]) for r in rows}
+    for pat in ("unstructured", "2:4"):
+        for kernel in ("swap_search", "swap_step"):
+            assert {(kernel, "torch", pat), (kernel, "torch_fast", pat)} <= kinds
+        assert ("swap_apply", "torch", pat) in kinds
+    assert all(r["matches_ref"] for r in rows if r["kernel"] == "swap_search")
+
+
+def test_swap_quality_benchmark(tmp_path):
+    rows = run("bench_swap_search", [*TINY, "--quality", "--patterns", "2:4"], tmp_path)
+    assert {r["layer"] for r in rows} == {"independent", "low_rank"}
+    assert all(r["error_reduction_pct"] >= 0 and r["timer"] == "once" for r in rows)
+
+
+def test_cpu_reference_benchmark(tmp_path):
+    rows = run("bench_cpu_reference", ["--shapes", "8x64", "--patterns", "unstructured"], tmp_path)
+    assert {(r["kernel"], r["backend"]) for r in rows} == {
+        (s, b) for s in ("sparsegpt_layer", "rose_layer") for b in ("original", "torch")
+    }
+    assert all(r["threads"] == torch.get_num_threads() for r in rows)
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["bench_obs_sweep", "bench_column_losses", "bench_block_prune_mask", "bench_swap_search"],
+)
+def test_unavailable_backends_are_skipped_with_a_note(module, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("FASTPRUNE_CUDA_EMULATE", raising=False)
+    argv = ["--device", "cpu", "--backends", "torch,cuda", "--shapes", "4x32"]
+    if module != "bench_block_prune_mask":
+        argv += ["--patterns", "unstructured"]
+    rows = run(module, argv, tmp_path)
+    assert "note: skipping backend cuda" in capsys.readouterr().out
+    assert all(r["backend"] != "cuda" for r in rows)
 
 
 def test_end_to_end_benchmark_row(tmp_path):
@@ -18,10 +115,8 @@ def test_end_to_end_benchmark_row(tmp_path):
         ["--shape", "small", "--blocks", "2", "--nsamples", "2", "--seqlen", "32"]
         + ["--device", "cpu", "--out", str(out)]
     )
-    (r,) = json.loads(out.with_suffix(".json").read_text())
-    for key in ("kernel", "backend", "shape", "dtype", "device", "torch", "median_ms"):
-        assert key in r
+    (r,) = read_rows(out)
     assert r["shape"] == "small (2/4 blocks)" and r["backend"] == "torch"
+    assert r["timer"] == "once" and r["reps"] == 1
     assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert r["projected_full_model_s"] == pytest.approx(r["seconds_per_block"] * 4, abs=0.2)
-    assert out.with_suffix(".csv").read_text().startswith("kernel,")

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -65,24 +64,16 @@ def _problem(op: str, device: torch.device) -> tuple:
 
 
 def measure_on_device(backend: str, device: torch.device, ops: tuple[str, ...]) -> float:
-    """Median milliseconds of one call of each op in `ops` (summed) with `backend`'s kernels."""
+    """Median milliseconds of one call of each op in `ops` (summed) with `backend`'s kernels
+    (`fastprune.timing.measure`: warm-up calls first for JIT/extension builds, autotuning)."""
+    from ..timing import measure
     from . import get_op
 
     total = 0.0
     for op in ops:
         fn: Callable = get_op(op, backend)
         args = _problem(op, device)
-        for _ in range(2):  # warm-up: JIT/extension build, autotuning, caches
-            fn(*args)
-        times = []
-        for _ in range(7):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn(*args)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        total += statistics.median(times)
+        total += measure(lambda fn=fn, args=args: fn(*args), device, warmup=2, rep=7).p50_ms
     return total
 
 
