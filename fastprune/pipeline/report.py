@@ -84,7 +84,19 @@ class PruneReport:
             + (f", gradients {t['gradient_seconds']:.1f}s" if "gradient_seconds" in t else "")
             + ")"
         )
+        kernels = self.kernels()
+        if kernels:
+            lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
         return "\n".join(lines)
+
+    def kernels(self) -> dict[str, str]:
+        """{op: implementations that ran it in any layer} (from each layer's info)."""
+        seen: dict[str, list[str]] = {}
+        for lr in self.layers:
+            for op, impl in (lr.info.get("kernels") or {}).items():
+                names = seen.setdefault(op, [])
+                names.extend(n for n in impl.split("+") if n not in names)
+        return {op: "+".join(names) for op, names in seen.items()}
 
 
 def _jsonable(x):
