@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastprune import cuda_emulation
+from fastprune import cuda_ext as cuda_emulation
 
 TESTS = Path(__file__).resolve().parent
 EMULATION = cuda_emulation.CSRC / "emulation"

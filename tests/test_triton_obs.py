@@ -25,7 +25,7 @@ from conftest import assert_close, assert_masks_agree, relative_error  # noqa: E
 import fastprune as fp  # noqa: E402
 from fastprune.hessian import inverse_hessian  # noqa: E402
 from fastprune.masks import check_nm_keep_mask  # noqa: E402
-from fastprune.ops.torch_ref import (  # noqa: E402
+from fastprune.ops import (  # noqa: E402
     torch_block_prune_mask,
     torch_column_losses,
     torch_obs_sweep,
@@ -39,12 +39,10 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CUDA GPU or TRITON_INTERPRET=1",
 )
 
-from fastprune.triton_kernels.column_losses import (  # noqa: E402
-    kth_smallest_blocks,
-    triton_block_prune_mask,
-    triton_column_losses,
-)
+from fastprune.triton_kernels.block_prune_mask import triton_block_prune_mask  # noqa: E402
+from fastprune.triton_kernels.column_losses import triton_column_losses  # noqa: E402
 from fastprune.triton_kernels.obs_sweep import triton_obs_sweep  # noqa: E402
+from fastprune.triton_kernels.radix_select import kth_smallest_blocks  # noqa: E402
 
 HALF = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}  # one ulp (relative) of the dtype
 
@@ -145,10 +143,11 @@ def test_obs_sweep_identity_hessian_is_magnitude(gen):
     """With Hinv = I there are no updates: Q = W masked, Err = pruned weights."""
     W1 = torch.randn(13, 40, generator=gen).to(DEVICE)
     Hinv1 = torch.eye(40, device=DEVICE)
-    Q, E, P, loss = triton_obs_sweep(W1, Hinv1, None, 2, 4)
+    Q, E, K, loss = triton_obs_sweep(W1, Hinv1, None, 2, 4)  # K: keep-mask
+    P = ~K
     groups = W1.abs().reshape(13, 10, 4)
     kth = groups.sort(-1).values[..., 1:2]
-    assert torch.equal(P, (groups <= kth).reshape(13, 40))
+    assert torch.equal(K, (groups > kth).reshape(13, 40))
     assert torch.equal(Q, W1 * ~P) and torch.equal(E, W1 * P)
     assert_close(loss, (W1 * P).pow(2).sum(1) / 2, rtol=1e-6)
 
@@ -243,10 +242,15 @@ def test_column_losses_ties_and_irregular_bounds(gen):
 
 
 def test_column_losses_float64_fallback(gen):
+    """float64 scores are outside the radix selection: the dispatcher runs the torch
+    reference and records why."""
     S = _rose_scores(gen, 9, 64, False, torch.float64)
     bounds = [(0, 32), (32, 64)]
     for n, m in ((0, 0), (2, 4)):
-        col, blocks = triton_column_losses(S, bounds, 0.5, n, m)
+        k = fp.ops.Kernels("triton", S.device, ("column_losses",))
+        col, blocks = k("column_losses", S, bounds, 0.5, n, m)
+        assert k.info()["kernels"] == {"column_losses": "torch"}
+        assert "float64" in k.info()["kernel_fallbacks"]["column_losses"]
         want_col, want_blocks = torch_column_losses(S, bounds, 0.5, n, m)
         assert col.dtype == torch.float64
         assert_close(col, want_col, rtol=1e-12, what="column loss")

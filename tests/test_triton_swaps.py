@@ -13,15 +13,13 @@ import torch
 
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask, nm_prune_mask
-from fastprune.ops.torch_ref import torch_swap_apply, torch_swap_search
-from fastprune.sparseswaps import swap_refine
+from fastprune.ops import Kernels, torch_swap_apply, torch_swap_search
+from fastprune.sparseswaps import SWAP_OPS, swap_refine
 from fastprune.testing import random_layer
 
 triton = pytest.importorskip("triton")
-from fastprune.triton_kernels.swap_search import (  # noqa: E402
-    triton_swap_apply,
-    triton_swap_search,
-)
+from fastprune.triton_kernels.swap_apply import triton_swap_apply  # noqa: E402
+from fastprune.triton_kernels.swap_search import triton_swap_search  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 1e-5  # relative to the magnitude of the row's Δ terms (float32 rounding)
@@ -197,7 +195,9 @@ def test_loss_never_rises_per_step(n, m, gen):
 
     prev = loss(keep0)
     for steps in range(1, 40):
-        keep, info = swap_refine(W, H, keep0, n, m, max_swaps=steps, backend="triton")
+        keep, info = swap_refine(
+            W, H, keep0, n, m, max_swaps=steps, kernels=Kernels("triton", W.device, SWAP_OPS)
+        )
         cur = loss(keep)
         assert cur <= prev + 1e-12 * abs(prev), f"loss rose at step {steps}: {prev} -> {cur}"
         prev = cur
