@@ -39,13 +39,16 @@ def wanda_score(
     return W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
 
 
-def check_obs_args(W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend):
-    """The checks of the OBS solvers' common arguments; returns them normalised."""
+def check_obs_args(
+    W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend, *, blocksize_name="blocksize"
+):
+    """The checks of the OBS solvers' common arguments; returns them normalised.
+    `blocksize_name` is how the caller spells that argument (llm-compressor: block_size)."""
     W = check_weight(W)
     H = check_hessian(H, W.shape[1], W.device)
     sparsity = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    blocksize = check_int(blocksize, "blocksize", minimum=1)
+    blocksize = check_int(blocksize, blocksize_name, minimum=1)
     percdamp = check_percdamp(percdamp)
     check_backend(backend)
     return W, H, sparsity, n, m, blocksize, percdamp

@@ -9,19 +9,13 @@ import sys
 import torch
 from torch import nn
 
+from ..core import check_obs_args
 from ..hessian import inverse_hessian
 from ..layers import get_weight, layer_kind, to_layer_layout
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..ops import Kernels
 from ..sparsegpt import sparsegpt_layer
 from ..validation import (
-    check_backend,
-    check_hessian,
-    check_int,
-    check_pattern,
-    check_percdamp,
-    check_sparsity,
-    check_weight,
     compute_dtype,
 )
 
@@ -74,13 +68,9 @@ def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp,
     """SparseGPT that keeps the existing zeros of `W` pruned (llm-compressor's
     `preserve_sparsity_mask`), on the shared OBS loop. Returns `(obs_loss, pruned float32
     weight)`."""
-    W = check_weight(W)
-    H = check_hessian(H, W.shape[1], W.device)
-    sparsity = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    block_size = check_int(block_size, "block_size", minimum=1)
-    percdamp = check_percdamp(percdamp)
-    check_backend(backend)
+    W, H, sparsity, n, m, block_size, percdamp = check_obs_args(
+        W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend, blocksize_name="block_size"
+    )
     kernels = Kernels(backend, W.device, OBS_OPS)
     dtype = compute_dtype(W, H)
     inv = inverse_hessian(H, percdamp, dtype=dtype)
