@@ -243,6 +243,20 @@ def assert_masks_agree(
     )
 
 
+def assert_weights_agree_where_masks_do(
+    wa, wb, ma, mb, rtol: float, min_rows: float = 0.0, what: str = "weight"
+) -> torch.Tensor:
+    """Two solves' weights within `rtol` (relative error) on the rows whose masks agree
+    entirely (rows of an OBS solve are independent given their mask), so that a mask flip
+    never skips the weight comparison; at least `min_rows` of the rows must agree. Returns
+    the rows compared."""
+    rows = (ma.cpu() == mb.cpu()).all(1)
+    assert rows.float().mean().item() >= min_rows, f"{what}: {int((~rows).sum())} rows differ"
+    err = relative_error(wa.detach().cpu()[rows], wb.detach().cpu()[rows])
+    assert err <= rtol, f"{what}: relative error {err:.3g} > {rtol} on rows whose masks agree"
+    return rows
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()

@@ -28,18 +28,19 @@ from fastprune.masks import check_nm_keep_mask
 BACKENDS = backend_params("obs_sweep")
 backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 
-ALL_PATTERNS = ("unstructured", "fixed", "2:4", "4:8", "2:4 forced", "4:8 forced")
+BASIC = ("unstructured", "fixed", "2:4", "4:8")
 SWEEP_CASES = [
-    # rows, count (one block), H kind, patterns ("forced": N:M with a keep1 forcing 30% pruned)
-    (1, 32, "plain", ALL_PATTERNS),  # one row
-    (37, 64, "columnar", ALL_PATTERNS),
-    (37, 4, "plain", ("unstructured", "2:4", "2:4 forced")),  # one group
-    (16, 128, "ill", ("unstructured", "4:8", "2:4 forced")),
-    (5, 100, "ill", ("fixed", "2:4", "2:4 forced")),  # padded tile; 3 warps + 4 columns
-    (8, 256, "columnar", ("unstructured", "2:4", "4:8 forced")),  # the widest CUDA block
+    # rows, count (one block), H kind, patterns ("forced": N:M with a keep1 forcing 30% of
+    # entries pruned); N:M only where M divides count
+    (1, 32, "plain", (*BASIC, "2:4 forced", "4:8 forced")),  # one row
+    (37, 64, "columnar", (*BASIC, "2:4 forced", "4:8 forced")),  # 37: a partial warp
+    (37, 4, "plain", ("unstructured", "fixed", "2:4", "2:4 forced")),  # one group
+    (16, 128, "ill", (*BASIC, "2:4 forced")),
+    (5, 100, "ill", ("unstructured", "fixed", "2:4", "2:4 forced")),  # 100: padded tile
+    (8, 256, "columnar", (*BASIC, "4:8 forced")),  # the widest block the CUDA kernel takes
+    (130, 128, "plain", ("unstructured", "2:4")),  # many row blocks
     (3, 17, "plain", ("unstructured", "fixed")),  # a prime
 ]
-EMULATED_MAX_ROWS = 16  # the CUDA emulator runs each thread as a fiber: fewer rows there
 
 
 def _keep1(gen, W1, Hinv1, pattern):
@@ -64,8 +65,6 @@ def _pattern(pattern):
 )
 def test_obs_sweep(backend, gen, rows, count, kind, pattern):
     n, m = _pattern(pattern)
-    if backend.emulated:
-        rows = min(rows, EMULATED_MAX_ROWS)
     W1, Hinv1 = sweep_block(gen, rows, count, kind)
     keep1 = _keep1(gen, W1, Hinv1, pattern)
     dev = backend.device
@@ -204,12 +203,13 @@ def test_obs_sweep_half_inputs(backend, gen, dtype, pattern):
 
 
 @pytest.mark.parametrize("backend", backend_params("obs_sweep")[:2], indirect=True)
-@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8 forced"])
-def test_obs_sweep_float64(backend, gen, pattern):
+@pytest.mark.parametrize("rows,count", [(1, 32), (37, 48), (16, 104)])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8", "4:8 forced"])
+def test_obs_sweep_float64(backend, gen, rows, count, pattern):
     """float64 inputs sweep in float64, to float64 tolerances (CUDA: float32 only, see
     test_dispatch's limits)."""
     n, m = _pattern(pattern)
-    W1, Hinv1 = sweep_block(gen, 37, 48, "ill", dtype=torch.float64)
+    W1, Hinv1 = sweep_block(gen, rows, count, "ill", dtype=torch.float64)
     Hinv1 = Hinv1.double()
     keep1 = _keep1(gen, W1, Hinv1, pattern)
     dev = backend.device

@@ -67,6 +67,7 @@ def test_swap_search_unstructured(backend, gen, rows, cols, sparsity, layer):
         (13, 56, 4, 8, {}),
         (9, 24, 1, 3, {}),  # group size not a power of two
         (21, 64, 2, 4, dict(ill_conditioned=True, dead=2)),
+        (20, 600, 2, 4, {}),
         (20, 600, 4, 8, {}),
     ],
 )
