@@ -112,7 +112,11 @@ def _kernel_names(backend, ops):
 
 
 @fast_backends
-@pytest.mark.parametrize("solver,rows,cols,bs,pattern,kind,dtype", LAYER_CASES)
+@pytest.mark.parametrize(
+    "solver,rows,cols,bs,pattern,kind,dtype",
+    LAYER_CASES,
+    ids=["-".join(map(str, c)).replace("torch.", "") for c in LAYER_CASES],
+)
 def test_layer_vs_torch(solver_backend, shadow, gen, solver, rows, cols, bs, pattern, kind, dtype):
     b = solver_backend
     n, m = PATTERNS[pattern]

@@ -68,12 +68,14 @@ def test_obs_sweep(backend, gen, rows, count, kind, pattern):
     W1, Hinv1 = sweep_block(gen, rows, count, kind)
     keep1 = _keep1(gen, W1, Hinv1, pattern)
     dev = backend.device
-    out = backend.op("obs_sweep")(
-        W1.to(dev), Hinv1.to(dev), None if keep1 is None else keep1.to(dev), n, m
-    )
+    args = (W1.to(dev, copy=True), Hinv1.to(dev, copy=True))
+    args += (None if keep1 is None else keep1.to(dev, copy=True),)
+    out = backend.op("obs_sweep")(*args, n, m)
     check_obs_sweep(out, W1, Hinv1, keep1, n, m, what=f"{backend.name} obs_sweep")
     if n and keep1 is None:
         assert check_nm_keep_mask(out[2].cpu(), n, m)
+    for a, b in zip(args, (W1, Hinv1, keep1)):
+        assert a is None or torch.equal(a.cpu(), b), "inputs are not modified"
 
 
 @backends
@@ -188,7 +190,7 @@ def test_obs_sweep_identity_hessian_is_magnitude(backend, gen):
     ],
     indirect=True,
 )
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("pattern", ["fixed", "2:4"])
 def test_obs_sweep_half_inputs(backend, gen, dtype, pattern):
     """Half-precision W1 is swept in float32 (outputs float32)."""

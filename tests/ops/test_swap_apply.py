@@ -34,7 +34,7 @@ def _apply(backend, w, keep, c, H, rows, u, p):
 
 @backends
 @pytest.mark.parametrize("rows,cols", [(1, 16), (29, 53), (12, 1100), (7, 17)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_swap_apply(backend, gen, rows, cols, dtype):
     w, keep, c, H = swap_state(gen, rows, cols, dtype=dtype)
     keep[:, 0], keep[:, 1] = True, False  # every row has a kept and a pruned entry
