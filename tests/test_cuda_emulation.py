@@ -1,7 +1,8 @@
-"""The CPU emulator the CUDA kernels are tested on without a GPU (csrc/emulation): its warp
-and block primitives are right, and the misuse that is undefined on a GPU (a bad shuffle
-mask, a shuffle with an exited lane, a deadlocked barrier, a shared-memory race) shows up
-instead of passing silently."""
+"""The CPU emulator the CUDA kernels are tested on without a GPU (csrc/emulation, built by
+`fastprune.cuda_ext`): launches are rewritten for it, its warp and block primitives are
+right, and the misuse that is undefined on a GPU (a bad shuffle mask, a shuffle with an
+exited lane, a deadlocked barrier, a shared-memory race) shows up instead of passing
+silently."""
 
 import shutil
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fastprune import cuda_ext as cuda_emulation
+from fastprune import cuda_ext
 
 TESTS = Path(__file__).resolve().parent
-EMULATION = cuda_emulation.CSRC / "emulation"
+EMULATION = cuda_ext.CSRC / "emulation"
 
 
 def test_rewrite_launches():
@@ -21,19 +22,19 @@ def test_rewrite_launches():
         "obs_kernel<S><<<g, 128, 0, stream>>>(W, \\\n    n);\n"
         "ns::other <<< dim3(r, t), 256 >>> (x);\n"
     )
-    out = cuda_emulation.rewrite_launches(src)
+    out = cuda_ext.rewrite_launches(src)
     assert out == (
         "fastprune_emu::launch(k, grid, block)(a, b);\n"
         "fastprune_emu::launch(obs_kernel<S>, g, 128, 0, stream)(W, \\\n    n);\n"
         "fastprune_emu::launch(ns::other, dim3(r, t), 256)(x);\n"
     )
     with pytest.raises(ValueError, match="cannot rewrite"):
-        cuda_emulation.rewrite_launches("k<<<g, b>>>;")
+        cuda_ext.rewrite_launches("k<<<g, b>>>;")
 
 
 def test_package_sources_have_only_rewritable_launches():
-    for name in cuda_emulation.KERNEL_SOURCES:
-        out = cuda_emulation.rewrite_launches((cuda_emulation.CSRC / name).read_text())
+    for name in cuda_ext.KERNEL_SOURCES:
+        out = cuda_ext.rewrite_launches((cuda_ext.CSRC / name).read_text())
         assert "fastprune_emu::launch(" in out
 
 
@@ -43,9 +44,7 @@ def probe_output(tmp_path_factory):
         pytest.skip("needs a C++ compiler")
     tmp = tmp_path_factory.mktemp("probe")
     src = tmp / "probe.cpp"
-    src.write_text(
-        cuda_emulation.rewrite_launches((TESTS / "cuda" / "emulation_probe.cu").read_text())
-    )
+    src.write_text(cuda_ext.rewrite_launches((TESTS / "cuda" / "emulation_probe.cu").read_text()))
     exe = tmp / "probe"
     cmd = ["c++", "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas"]
     build = subprocess.run(

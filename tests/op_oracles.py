@@ -1,0 +1,355 @@
+"""One oracle per op, and the check every backend's output of that op must pass.
+
+Each oracle is the op's contract (`fastprune/ops/<op>.py`) written out plainly in float64
+(the truth), independent of the backends' code: the column-by-column research loop for
+`obs_sweep`, the sorted-block threshold for `block_prune_mask` and `column_losses`, the
+exhaustive search over all pairs for `swap_search`, the rank-2 update for `swap_apply`. The
+`check_<op>(out, *args)` functions compare one call's output with the oracle on the same
+inputs, with the tolerances of conftest's table; `CHECKS` maps op -> check (used per op in
+tests/ops and on every kernel call of a solve in tests/test_backends.py).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from conftest import (
+    MASK_AGREE,
+    NEAR_TIE_RTOL,
+    OP_RTOL,
+    assert_close,
+    assert_close_to_scale,
+    assert_masks_agree,
+    state_dtype,
+)
+
+from fastprune.hessian import inverse_hessian
+from fastprune.masks import nm_prune_mask
+from fastprune.testing import random_layer
+
+NEAR_TIE_NOTE = (
+    "DESIGN §4 allows a mask entry to differ from the float64 oracle's only where two "
+    "scores are within float32 rounding of each other (a near-tie)"
+)
+
+PATTERNS = {"unstructured": (0, 0), "fixed": (0, 0), "2:4": (2, 4), "4:8": (4, 8)}
+
+
+# ---------------------------------------------------------------------------- inputs
+
+
+def layer(gen, rows, cols, kind="plain", blocksize=32, dtype=torch.float32, dead=0):
+    """`(W, H)` of a random layer; kind: plain, columnar (ROSE reorders) or ill
+    (ill-conditioned H)."""
+    W, H, _ = random_layer(
+        rows,
+        cols,
+        columnar=kind == "columnar",
+        ill_conditioned=kind == "ill",
+        blocksize=blocksize,
+        dead=dead,
+        generator=gen,
+    )
+    return W.to(dtype), H
+
+
+def sweep_block(gen, rows, count, kind="plain", dtype=torch.float32):
+    """A block `W1 [rows, count]` and its `Hinv1`, sliced from the middle of a wider layer
+    (strided views, as the driver passes them)."""
+    W, H = layer(gen, rows, count + 16, kind, blocksize=max(count, 1))
+    hinv = inverse_hessian(H, 0.01).hinv
+    W = W.to(dtype)
+    return W[:, 8 : 8 + count], hinv[8 : 8 + count, 8 : 8 + count]
+
+
+def random_keep(gen, rows, cols, p_keep=0.5, n=0, m=0):
+    """A random keep-mask (N:M if n > 0)."""
+    if n:
+        return ~nm_prune_mask(torch.rand(rows, cols, generator=gen), n, m)
+    return torch.rand(rows, cols, generator=gen) < p_keep
+
+
+def swap_state(gen, rows, cols, n=0, m=0, sparsity=0.5, dtype=torch.float32, **kw):
+    """`(w, keep, c, H)` of a random layer with a random keep-mask and `c = (w*~keep) @ H`."""
+    W, H, _ = random_layer(rows, cols, generator=gen, **kw)
+    keep = random_keep(gen, rows, cols, 1 - sparsity, n, m)
+    W, H = W.to(dtype), H.to(dtype)
+    return W, keep, (W * ~keep) @ H, H
+
+
+# ------------------------------------------------------------------------- obs_sweep
+
+
+class SweepOracle(NamedTuple):
+    q: torch.Tensor
+    err: torch.Tensor
+    keep: torch.Tensor
+    loss_rows: torch.Tensor
+    score: torch.Tensor  # N:M: each entry's score when its group chose (forced: 0)
+    score_mag: torch.Tensor  # the score's magnitude: (|w| + sum |updates|)^2 / d^2
+
+
+def _lowest_n_stable(s: torch.Tensor, n: int) -> torch.Tensor:
+    """True for the n lowest of each row of `s` (a lower column wins an exact tie)."""
+    idx = torch.sort(s, dim=1, stable=True).indices[:, :n]
+    return torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
+    """The research loop in float64: column by column, one rank-1 update of the rest.
+
+    N:M groups choose from the updated weights when the sweep reaches them (`keep1`'s False
+    entries forced: score 0, always pruned). With `follow` (a keep-mask) the groups take
+    `follow`'s choice instead, so the scores every group of a backend's sweep saw can be
+    recorded along that backend's own path."""
+    W = W1.detach().double().cpu().clone()
+    H = Hinv1.detach().double().cpu()
+    rows, count = W.shape
+    d = H.diagonal()
+    mag = W.abs()
+    score = torch.zeros_like(W)
+    score_mag = torch.zeros_like(W)
+    if n:
+        forced = torch.zeros_like(W, dtype=torch.bool) if keep1 is None else ~keep1.cpu()
+        prune = torch.zeros_like(W, dtype=torch.bool)
+    else:
+        prune = ~keep1.cpu()
+    Q, E = torch.zeros_like(W), torch.zeros_like(W)
+    for i in range(count):
+        if n and i % m == 0:
+            g = slice(i, i + m)
+            s = (W[:, g] ** 2 / d[g] ** 2).masked_fill(forced[:, g], 0)
+            score[:, g] = s
+            score_mag[:, g] = mag[:, g] ** 2 / d[g] ** 2
+            if follow is None:
+                prune[:, g] = _lowest_n_stable(s, n) | forced[:, g]
+            else:
+                prune[:, g] = ~follow[:, g].cpu()
+        w = W[:, i]
+        q = w.masked_fill(prune[:, i], 0)
+        err = (w - q) / d[i]
+        Q[:, i], E[:, i] = q, err
+        W[:, i + 1 :] -= err[:, None] * H[i, i + 1 :]
+        mag[:, i + 1 :] += err.abs()[:, None] * H[i, i + 1 :].abs()
+    return SweepOracle(Q, E, ~prune, (E * E).sum(1) / 2, score, score_mag)
+
+
+def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what="keep"):
+    """Every N:M group of `keep` prunes what the contract's rule prunes on the scores the
+    group saw (its forced entries and the n lowest), up to near-ties."""
+    rows, count = keep.shape
+    G = count // m
+    keep = keep.cpu().reshape(rows, G, m)
+    s = oracle.score.reshape(rows, G, m)
+    smag = oracle.score_mag.reshape(rows, G, m)
+    forced = torch.zeros_like(keep) if keep1 is None else (~keep1.cpu()).reshape(rows, G, m)
+    assert not (keep & forced).any(), f"{what}: an entry keep1 forces pruned is kept"
+    # the count the rule prunes: the n lowest (forced rank as 0) united with the forced
+    rule = _lowest_n_stable(s.reshape(-1, m), n).reshape(rows, G, m) | forced
+    want, got = rule.sum(-1), (~keep).sum(-1)
+    bad = (want != got).nonzero()[:5].tolist()
+    assert not bad, f"{what}: groups (row, group) {bad} prune {got} entries, the rule {want}"
+    # pruned (not forced) a vs kept b: s_a <= s_b unless the two are a near-tie
+    a = (~keep & ~forced)[..., :, None] & keep[..., None, :]
+    gap = s[..., :, None] - s[..., None, :]
+    slack = tol * (smag[..., :, None] + smag[..., None, :]) + 1e-300
+    worse = a & (gap > slack)
+    if worse.any():
+        r, g, i, j = worse.nonzero()[0].tolist()
+        raise AssertionError(
+            f"{what}: row {r} group {g} prunes column {g * m + i} (score {s[r, g, i]:.9g}) "
+            f"and keeps column {g * m + j} (score {s[r, g, j]:.9g}): gap "
+            f"{(gap / slack)[r, g, i, j]:.3g}x the near-tie tolerance; {NEAR_TIE_NOTE}; "
+            f"{int(worse.sum())} such pairs"
+        )
+
+
+def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep"):
+    """One obs_sweep output against the float64 oracle on the same inputs.
+
+    Unstructured/fixed: the mask is keep1 exactly. N:M: masks agree with the free oracle on
+    >= MASK_AGREE of entries, every group's choice is the contract's rule on the scores it saw
+    up to near-ties, and the forced entries are pruned. Values: q, err, loss_rows within
+    OP_RTOL (scale-relative) of the oracle swept along the backend's own mask."""
+    n, m = prune_n, prune_m
+    q, err, keep, loss = out
+    state = state_dtype(W1, Hinv1)
+    assert q.dtype == err.dtype == loss.dtype == state, (
+        f"{what}: outputs {q.dtype}/{err.dtype}/{loss.dtype}, the contract says {state}"
+    )
+    assert keep.dtype == torch.bool and keep.shape == W1.shape and q.shape == W1.shape
+    assert loss.shape == (W1.shape[0],)
+    keep = keep.cpu()
+    if n:
+        free = oracle_obs_sweep(W1, Hinv1, keep1, n, m)
+        assert_masks_agree(keep, free.keep, MASK_AGREE, what=f"{what} keep ({NEAR_TIE_NOTE})")
+        ref = oracle_obs_sweep(W1, Hinv1, keep1, n, m, follow=keep)
+        assert_groups_near_optimal(keep, ref, keep1, n, m, NEAR_TIE_RTOL[state], what)
+    else:
+        assert torch.equal(keep, keep1.cpu()), f"{what}: the mask must be keep1 as given"
+        ref = oracle_obs_sweep(W1, Hinv1, keep1)
+    rtol = OP_RTOL[state]
+    assert_close_to_scale(q, ref.q, rtol, f"{what} q")
+    assert_close_to_scale(err, ref.err, rtol, f"{what} err")
+    assert_close_to_scale(loss, ref.loss_rows, rtol, f"{what} loss_rows")
+
+
+# ------------------------------------------------------------------ block_prune_mask
+
+
+def oracle_block_prune_mask(W1, hinv_diag, sparsity):
+    """`(keep, score, threshold)`: float64 scores, keep `score > sorted(score)[k]`."""
+    s = W1.detach().double().cpu() ** 2 / hinv_diag.detach().double().cpu().reshape(1, -1) ** 2
+    k = int(s.numel() * sparsity)
+    thr = torch.sort(s.flatten()).values[k]
+    return s > thr, s, thr
+
+
+def check_block_prune_mask(keep, W1, hinv_diag, sparsity, what="block_prune_mask"):
+    """The keep-mask agrees with the float64 oracle on >= MASK_AGREE of entries; an entry
+    differs only where its score is a near-tie with the block's threshold."""
+    assert keep.dtype == torch.bool and keep.shape == W1.shape, f"{what}: {keep.dtype}"
+    want, s, thr = oracle_block_prune_mask(W1, hinv_diag, sparsity)
+    keep = keep.cpu()
+    assert_masks_agree(keep, want, MASK_AGREE, what=f"{what} ({NEAR_TIE_NOTE})")
+    flips = keep != want
+    if flips.any():
+        tol = NEAR_TIE_RTOL[state_dtype(W1, hinv_diag)]
+        far = flips & ((s - thr).abs() > tol * torch.maximum(s, thr.expand_as(s)))
+        assert not far.any(), (
+            f"{what}: entries {far.nonzero()[:5].tolist()} differ from the oracle with "
+            f"scores {s[far][:5].tolist()} not near the threshold {thr.item():.9g}; "
+            f"{NEAR_TIE_NOTE}"
+        )
+
+
+# --------------------------------------------------------------------- column_losses
+
+
+def oracle_column_losses(S, bounds, sparsity, prune_n=0, prune_m=0):
+    """`(column, block)` in float64: per block `S <= sorted(S_block)[int(numel*s)]`, or the
+    prune_n lowest of each group of prune_m (a lower column wins an exact tie)."""
+    S = S.detach().double().cpu()
+    rows, cols = S.shape
+    if prune_n:
+        low = _lowest_n_stable(S.reshape(-1, prune_m), prune_n).reshape(rows, cols)
+        col = (S * low).sum(0)
+        return col, col.reshape(-1, prune_m).sum(1)
+    col = torch.zeros(cols, dtype=torch.float64)
+    block = torch.zeros(len(bounds), dtype=torch.float64)
+    for b, (i1, i2) in enumerate(bounds):
+        Sb = S[:, i1:i2]
+        thr = torch.sort(Sb.flatten()).values[int(Sb.numel() * sparsity)]
+        L = Sb * (Sb <= thr)
+        col[i1:i2] = L.sum(0)
+        block[b] = L.sum()
+    return col, block
+
+
+def check_column_losses(out, S, bounds, sparsity, prune_n=0, prune_m=0, what="column_losses"):
+    """Column and block losses within OP_RTOL of the float64 oracle (the selection is on the
+    given scores, exact in any precision: no near-ties to allow)."""
+    col, block = out
+    want_col, want_block = oracle_column_losses(S, bounds, sparsity, prune_n, prune_m)
+    rtol = OP_RTOL[state_dtype(S)]
+    assert_close(block, want_block, rtol=rtol, what=f"{what} block")
+    assert_close_to_scale(col, want_col, rtol, what=f"{what} column")
+
+
+# ----------------------------------------------------------------------- swap_search
+
+
+def oracle_swap_search(w, keep, c, H, prune_m=0, u=None, p=None):
+    """The exhaustive search in float64, over every pair (u kept, p pruned; N:M: inside one
+    group). Returns per row `(min Δ, Δ of the given pair (u, p), magnitude of the Δ terms)`,
+    the magnitude being the scale of a float computation's rounding; +inf where a row has no
+    candidate pair (or (u, p) is not one). Chunked over rows: no big [rows, cols, cols]."""
+    w, c, H, keep = w.double().cpu(), c.double().cpu(), H.double().cpu(), keep.cpu()
+    rows, cols = w.shape
+    hd = H.diagonal()
+    group = torch.arange(cols) // prune_m if prune_m else None
+    dmin = torch.empty(rows, dtype=torch.float64)
+    dup = torch.full((rows,), float("inf"), dtype=torch.float64)
+    scale = torch.empty(rows, dtype=torch.float64)
+    step = max(1, (1 << 21) // (cols * cols))
+    for r0 in range(0, rows, step):
+        r = slice(r0, min(rows, r0 + step))
+        wr, cr, kr = w[r], c[r], keep[r]
+        a = wr * wr * hd + 2 * wr * cr
+        b = wr * wr * hd - 2 * wr * cr
+        cross = 2 * wr[:, :, None] * H[None] * wr[:, None, :]
+        D = a[:, :, None] + b[:, None, :] - cross
+        legal = kr[:, :, None] & ~kr[:, None, :]
+        if group is not None:
+            legal &= (group[:, None] == group[None, :])[None]
+        D = D.masked_fill(~legal, float("inf"))
+        mag = (a.abs()[:, :, None] + b.abs()[:, None, :] + cross.abs()).masked_fill(~legal, 0)
+        dmin[r] = D.flatten(1).min(1).values
+        scale[r] = mag.flatten(1).amax(1)
+        if u is not None:
+            i = torch.arange(r.stop - r0)
+            ok = (u[r] >= 0) & (u[r] < cols) & (p[r] >= 0) & (p[r] < cols)
+            dup[r][ok] = D[i[ok], u[r][ok], p[r][ok]]
+    return dmin, dup, scale
+
+
+def check_swap_search(out, w, keep, c, H, prune_n=0, prune_m=0, rows=None, what="swap_search"):
+    """Each searched row's (u, p, Δ) is a legal pair whose Δ is the exhaustive minimum (ties
+    either way: Δ values and legality are checked, never the indices); +inf exactly where a
+    row has no candidate pair. Returns each row's Δ scale."""
+    u, p, delta = out
+    if rows is not None:
+        rows = rows.cpu()
+        w, keep, c = w.cpu()[rows], keep.cpu()[rows], c.cpu()[rows]
+    assert u.dtype == p.dtype == torch.int64, f"{what}: u/p dtypes {u.dtype}/{p.dtype}"
+    assert delta.dtype == w.dtype, f"{what}: delta is {delta.dtype}, w {w.dtype}"
+    assert u.shape == p.shape == delta.shape == (w.shape[0],)
+    u, p, delta, keep = u.cpu(), p.cpu(), delta.double().cpu(), keep.cpu()
+    dmin, dup, scale = oracle_swap_search(w, keep, c, H, prune_m if prune_n else 0, u, p)
+    none = torch.isinf(dmin)
+    assert torch.equal(torch.isinf(delta), none), (
+        f"{what}: +inf delta in rows {torch.isinf(delta).nonzero().flatten().tolist()}, "
+        f"rows without a candidate pair {none.nonzero().flatten().tolist()}"
+    )
+    ok = ~none
+    r = torch.arange(len(u))[ok]
+    tol = OP_RTOL[state_dtype(w)] * scale[ok] + 1e-300
+    assert keep[r, u[ok]].all() and not keep[r, p[ok]].any(), f"{what}: illegal pair"
+    if prune_n:
+        assert torch.equal(u[ok] // prune_m, p[ok] // prune_m), f"{what}: pair crosses groups"
+    err = (delta[ok] - dmin[ok]).abs()
+    assert (err <= tol).all(), f"{what}: Δ off the minimum by {(err / tol).max():.3g} x tol"
+    achieved = (dup[ok] - dmin[ok]).abs()
+    assert (achieved <= tol).all(), f"{what}: returned pair does not achieve the minimum"
+    return scale
+
+
+# ------------------------------------------------------------------------ swap_apply
+
+
+def check_swap_apply(keep_after, c_after, w, keep, c, H, rows, u, p, what="swap_apply"):
+    """`keep_after`, `c_after` (updated in place from `keep`, `c`) equal the swap applied to
+    float64 copies: keep exactly, c within OP_RTOL of its scale."""
+    w64, H64 = w.double().cpu(), H.double().cpu()
+    k, c64 = keep.cpu().clone(), c.double().cpu().clone()
+    rows, u, p = rows.cpu(), u.cpu(), p.cpu()
+    if rows.numel():
+        k[rows, u] = False
+        k[rows, p] = True
+        c64[rows] += w64[rows, u, None] * H64[u] - w64[rows, p, None] * H64[p]
+    assert torch.equal(keep_after.cpu(), k), f"{what}: keep " + str(
+        (keep_after.cpu() != k).nonzero()[:5].tolist()
+    )
+    assert c_after.dtype == c.dtype
+    assert_close_to_scale(c_after, c64, OP_RTOL[state_dtype(w, c)], what=f"{what} c")
+
+
+CHECKS = {
+    "obs_sweep": check_obs_sweep,
+    "block_prune_mask": check_block_prune_mask,
+    "column_losses": check_column_losses,
+    "swap_search": check_swap_search,
+}
+"""Checks of one op call from its output and arguments (swap_apply works in place: its check
+needs the state before the call and is run by the tests directly)."""
