@@ -1,37 +1,69 @@
 #!/usr/bin/env bash
-# One call on a GPU machine (e.g. the device tool): install fastprune without touching the
-# machine's torch/triton, run the GPU tests and every benchmark, and leave the results in
-# benchmarks/results/ (and in $OUT when set). Usage: bash benchmarks/gpu_suite.sh [--quick]
+# The GPU suite in steps, each meant for one device call of under 8 minutes:
+#
+#   bash benchmarks/gpu_suite.sh tests     # install, versions, ptxas report, GPU tests, quick benchmarks
+#   bash benchmarks/gpu_suite.sh kernels   # every benchmarks.bench_<op> at full shapes
+#   bash benchmarks/gpu_suite.sh e2e       # prune_model on the 7B (4 blocks) and 70B (1 block) shapes
+#
+# Every command runs under `timeout`; after each one the step's results are bundled again
+# into $OUT/<step>.tgz and its log is $OUT/<step>.log, so a call always brings back what
+# finished (two files per step). Without $OUT the results stay in benchmarks/results/gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-quick=${1:-}
+step=${1:?usage: gpu_suite.sh tests|kernels|e2e}
+out=${OUT:-benchmarks/results/gpu}
+res=$(mktemp -d)
+mkdir -p "$out"
+log="$out/$step.log"
+: >"$log"
+snap() { tar czf "$out/$step.tgz" -C "$res" . 2>/dev/null; }
+say() { echo "== $* ($(date +%T))" | tee -a "$log"; }
+# run SECONDS CMD...: one timed-out command, its output into the log, then a snapshot
+run() {
+  local limit=$1
+  shift
+  say "$*"
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$log"
+  local rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || say "exit $rc: $*"
+  snap
+}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || {
+  say "install failed"
+  exit 1
+}
 tag=$(python3 -c "import torch;print(torch.cuda.get_device_name().replace(' ','_'))" 2>/dev/null || echo gpu)
-res=benchmarks/results
-mkdir -p "$res"
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu_${tag}_env.txt"
-python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__,'cuda',torch.version.cuda)" | tee -a "$res/gpu_${tag}_env.txt"
-python3 -m pytest -q tests/test_gpu.py tests/test_cuda_backend.py tests/test_triton_obs.py \
-  tests/test_triton_swaps.py tests/test_compat.py tests/test_autoselect.py 2>&1 | tee "$res/gpu_${tag}_tests.txt"
-# the compiler's register/spill report for this device's architecture
-arch=$(python3 -c "import torch;print('sm_%d%d' % torch.cuda.get_device_capability())")
-for f in obs_sweep swap_search; do
-  nvcc -std=c++17 -O3 -arch="$arch" --resource-usage -c "csrc/$f.cu" -o /tmp/"$f".o 2>&1
-done | tee "$res/gpu_${tag}_ptxas.txt"
-# what backend='auto' picks here (times both once; cached)
-python3 -c "
-import torch, fastprune.ops as o
-d = torch.device('cuda')
-for ops in [('block_prune_mask', 'obs_sweep'), ('swap_search', 'swap_apply')]:
-    print('auto', ops, '->', o.resolve_backend('auto', d, ops))
-from fastprune.ops.autoselect import cache_path; print(cache_path().read_text())
-" 2>&1 | tee -a "$res/gpu_${tag}_env.txt"
-# one module per op: every backend that runs here, the original loops, the floors
-for op in obs_sweep column_losses block_prune_mask swap_search; do
-  python3 -m benchmarks.bench_$op $quick --out "$res/${op}_${tag}" 2>&1 | tail -100
-done
-# end to end (DESIGN §5): 7B shape, 4 of 32 blocks, and 70B shape, 1 of 80 blocks, projected
-python3 -m benchmarks.bench_end_to_end --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}" 2>&1 | tail -3
-python3 -m benchmarks.bench_end_to_end --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}" 2>&1 | tail -3
-if [ -n "${OUT:-}" ]; then cp "$res"/*"${tag}"* "$OUT"/ 2>/dev/null; fi
+
+case $step in
+tests)
+  run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+  run 60 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'cuda',torch.version.cuda,'transformers',transformers.__version__,'sms',torch.cuda.get_device_properties(0).multi_processor_count)"
+  arch=$(python3 -c "import torch;print('sm_%d%d' % torch.cuda.get_device_capability())")
+  for f in obs_sweep swap_search; do
+    run 120 nvcc -std=c++17 -O3 -arch="$arch" --resource-usage -c "csrc/$f.cu" -o "/tmp/$f.o"
+  done
+  # GPU tests: every op on every backend against its float64 oracle, the solvers on CUDA
+  xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
+  run 330 python3 -m pytest -q -rfEs $xdist --junitxml="$res/gpu_${tag}_tests.xml" \
+    tests/ops tests/test_backends.py tests/test_gpu.py tests/test_cuda_ext.py tests/test_autoselect.py
+  for op in obs_sweep column_losses block_prune_mask swap_search; do
+    run 90 python3 -m benchmarks.bench_$op --quick --out "$res/${op}_quick_${tag}"
+  done
+  ;;
+kernels)
+  run 150 python3 -m benchmarks.bench_obs_sweep --out "$res/obs_sweep_${tag}"
+  run 90 python3 -m benchmarks.bench_column_losses --out "$res/column_losses_${tag}"
+  run 60 python3 -m benchmarks.bench_block_prune_mask --out "$res/block_prune_mask_${tag}"
+  run 120 python3 -m benchmarks.bench_swap_search --out "$res/swap_search_${tag}"
+  ;;
+e2e)
+  run 270 python3 -m benchmarks.bench_end_to_end --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}"
+  run 150 python3 -m benchmarks.bench_end_to_end --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}"
+  ;;
+*)
+  echo "unknown step $step (tests, kernels, e2e)" >&2
+  exit 2
+  ;;
+esac
+say "done"
