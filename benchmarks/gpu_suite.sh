@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The GPU suite in steps, each meant for one device call of under 8 minutes:
 #
-#   bash benchmarks/gpu_suite.sh tests     # install, versions, ptxas report, GPU tests, quick benchmarks
+#   bash benchmarks/gpu_suite.sh tests     # versions, ptxas report, the GPU tests (~3 min on an H100)
+#   bash benchmarks/gpu_suite.sh quick     # every benchmarks.bench_<op> --quick (~1 min)
 #   bash benchmarks/gpu_suite.sh kernels   # every benchmarks.bench_<op> at full shapes
 #   bash benchmarks/gpu_suite.sh e2e       # prune_model on the 7B (4 blocks) and 70B (1 block) shapes
 #
+# Several steps may follow one another in one call (`gpu_suite.sh tests kernels`).
 # Every command runs under `timeout`; after each one the step's results are bundled again
 # into $OUT/<step>.tgz and its log is $OUT/<step>.log, so a call always brings back what
 # finished (two files per step). Without $OUT the results stay in benchmarks/results/gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
-step=${1:?usage: gpu_suite.sh tests|kernels|e2e}
+[ $# -gt 0 ] || {
+  echo "usage: gpu_suite.sh STEP... (tests, quick, kernels, e2e)" >&2
+  exit 2
+}
 out=${OUT:-benchmarks/results/gpu}
-res=$(mktemp -d)
 mkdir -p "$out"
-log="$out/$step.log"
-: >"$log"
+step=setup
+log="$out/setup.log"
 snap() { tar czf "$out/$step.tgz" -C "$res" . 2>/dev/null; }
 say() { echo "== $* ($(date +%T))" | tee -a "$log"; }
 # run SECONDS CMD...: one timed-out command, its output into the log, then a snapshot
@@ -29,12 +33,16 @@ run() {
   [ "$rc" = 0 ] || say "exit $rc: $*"
   snap
 }
-python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$log" 2>&1 || {
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$log" 2>&1 || {
   say "install failed"
   exit 1
 }
 tag=$(python3 -c "import torch;print(torch.cuda.get_device_name().replace(' ','_'))" 2>/dev/null || echo gpu)
 
+for step in "$@"; do
+res=$(mktemp -d)
+log="$out/$step.log"
+: >"$log"
 case $step in
 tests)
   run 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
@@ -47,6 +55,8 @@ tests)
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
   run 330 python3 -m pytest -q -rfEs $xdist --junitxml="$res/gpu_${tag}_tests.xml" \
     tests/ops tests/test_backends.py tests/test_gpu.py tests/test_cuda_ext.py tests/test_autoselect.py
+  ;;
+quick)
   for op in obs_sweep column_losses block_prune_mask swap_search; do
     run 90 python3 -m benchmarks.bench_$op --quick --out "$res/${op}_quick_${tag}"
   done
@@ -62,8 +72,9 @@ e2e)
   run 150 python3 -m benchmarks.bench_end_to_end --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}"
   ;;
 *)
-  echo "unknown step $step (tests, kernels, e2e)" >&2
+  echo "unknown step $step (tests, quick, kernels, e2e)" >&2
   exit 2
   ;;
 esac
 say "done"
+done

@@ -11,7 +11,7 @@ namespace fastprune {
 // For column i of the block: err = (w_i * !keep_i) / Hinv[i,i]; W[:, j] -= err * Hinv[i, j]
 // for j > i. prune_n > 0 picks each group's prune_n lowest w^2 / Hinv_jj^2 (ties: lower
 // column) from the updated weights when the sweep reaches it, and keep_in (may be null)
-// forces its zeros pruned (score 0); else keep_in is used as given. count <= 256; N:M needs
+// forces its zeros pruned (score -1: before every real score); else keep_in is used as given. count <= 256; N:M needs
 // 32 % prune_m == 0. Outputs Q, Err are [rows, count] row-major; keep_out is [rows, count]
 // bytes (0/1); loss is [rows] = sum err^2 / 2.
 cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const float sc =
-              ((fbits[r] >> s) & 1u) ? 0.0f : (w[r][s] * w[r][s]) / (dcol[s] * dcol[s]);
+              ((fbits[r] >> s) & 1u) ? -1.0f : (w[r][s] * w[r][s]) / (dcol[s] * dcol[s]);
           int rank = 0;
           for (int k = 0; k < prune_m; ++k) {
             const float o = __shfl_sync(kFull, sc, l + k);

@@ -20,6 +20,8 @@ def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int 
         return f"float32 only, got {W1.dtype}/{Hinv1.dtype}"
     if W1.shape[1] > MAX_SWEEP_COLS:
         return f"blocks of at most {MAX_SWEEP_COLS} columns, got {W1.shape[1]}"
+    if prune_n and not 0 < prune_n < prune_m:
+        return f"N:M needs 0 < N < M, got {prune_n}:{prune_m}"
     if prune_n and 32 % prune_m:
         return f"N:M needs M dividing 32, got M={prune_m}"
     return None

@@ -12,12 +12,13 @@ import torch
 def nm_prune_mask(score: torch.Tensor, prune_n: int, prune_m: int) -> torch.Tensor:
     """True where a weight is among the `prune_n` lowest scores of its group of `prune_m`.
 
-    Groups are `prune_m` consecutive columns of each row; the lowest are found with
-    `topk(largest=False)` per group, as Wanda/SparseGPT do it.
+    Groups are `prune_m` consecutive columns of each row; the lowest are found per group as
+    Wanda/SparseGPT's `topk(largest=False)` does, but by a stable sort, so that a lower
+    column wins an exact tie on every device (topk's order among ties is unspecified).
     """
     rows, cols = score.shape
     g = score.reshape(rows, cols // prune_m, prune_m)
-    idx = torch.topk(g, prune_n, dim=-1, largest=False).indices
+    idx = torch.sort(g, dim=-1, stable=True).indices[..., :prune_n]
     pruned = torch.zeros_like(g, dtype=torch.bool)
     pruned.scatter_(-1, idx, True)
     return pruned.reshape(rows, cols)

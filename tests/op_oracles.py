@@ -86,7 +86,7 @@ class SweepOracle(NamedTuple):
     err: torch.Tensor
     keep: torch.Tensor
     loss_rows: torch.Tensor
-    score: torch.Tensor  # N:M: each entry's score when its group chose (forced: 0)
+    score: torch.Tensor  # N:M: each entry's score when its group chose (forced: -1)
     score_mag: torch.Tensor  # the score's magnitude: (|w| + sum |updates|)^2 / d^2
 
 
@@ -100,8 +100,9 @@ def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
     """The research loop in float64: column by column, one rank-1 update of the rest.
 
     N:M groups choose from the updated weights when the sweep reaches them (`keep1`'s False
-    entries forced: score 0, always pruned). With `follow` (a keep-mask) the groups take
-    `follow`'s choice instead, so the scores every group of a backend's sweep saw can be
+    entries forced: score -1, before every real score, always pruned). With `follow` (a
+    keep-mask) the groups take `follow`'s choice instead, so the scores every group of a
+    backend's sweep saw can be
     recorded along that backend's own path."""
     W = W1.detach().double().cpu().clone()
     H = Hinv1.detach().double().cpu()
@@ -119,7 +120,7 @@ def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
     for i in range(count):
         if n and i % m == 0:
             g = slice(i, i + m)
-            s = (W[:, g] ** 2 / d[g] ** 2).masked_fill(forced[:, g], 0)
+            s = (W[:, g] ** 2 / d[g] ** 2).masked_fill(forced[:, g], -1)
             score[:, g] = s
             score_mag[:, g] = mag[:, g] ** 2 / d[g] ** 2
             if follow is None:
@@ -145,7 +146,7 @@ def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what
     smag = oracle.score_mag.reshape(rows, G, m)
     forced = torch.zeros_like(keep) if keep1 is None else (~keep1.cpu()).reshape(rows, G, m)
     assert not (keep & forced).any(), f"{what}: an entry keep1 forces pruned is kept"
-    # the count the rule prunes: the n lowest (forced rank as 0) united with the forced
+    # the count the rule prunes: the n lowest (forced rank first, as -1) united with the forced
     rule = _lowest_n_stable(s.reshape(-1, m), n).reshape(rows, G, m) | forced
     want, got = rule.sum(-1), (~keep).sum(-1)
     bad = (want != got).nonzero()[:5].tolist()

@@ -7,7 +7,7 @@ register tile and sweeps the columns in a loop. Column `i` is frozen once it is 
 update mask is `j > i`), so after the loop `Q1 = where(pruned, 0, W)` and
 `Err1 = where(pruned, W / d, 0)` are formed from the tile and written once, coalesced. N:M
 groups are chosen in registers by `PRUNE_N` argmin passes over the group's columns, forced
-entries (`HAS_KEEP`) entering them with score 0.
+entries (`HAS_KEEP`) entering them with score -1 (ranked before every real score, >= 0).
 Rows are independent, so programs never communicate. The trailing update of the columns
 right of the block stays a GEMM in the driver.
 
@@ -76,7 +76,7 @@ def _obs_sweep_kernel(
         P = K == 0
     else:
         P = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.int32) != 0
-    F = P  # forced (N:M): they rank as score 0
+    F = P  # forced (N:M): they rank as score -1, before any real score (all >= 0)
 
     for i in range(0, count):
         if PRUNE_N > 0:  # noqa: SIM102 (constexpr test; a runtime one inside)
@@ -85,7 +85,7 @@ def _obs_sweep_kernel(
                 # wins an exact tie); the fast division is fine here: the updated weights
                 # already differ from the reference's by float rounding
                 grp = (c >= i) & (c < i + PRUNE_M)
-                S = tl.where(F, 0.0, (W * W) / (d * d)[None, :])
+                S = tl.where(F, -1.0, (W * W) / (d * d)[None, :])
                 S = tl.where(grp[None, :], S, float("inf"))
                 for _ in tl.static_range(PRUNE_N):
                     j = tl.argmin(S, axis=1)

@@ -273,6 +273,7 @@ def _swap_search_nm_kernel(
     )
     ar_c = tl.arange(0, BLOCK_C)
     ar_m = tl.arange(0, BLOCK_M)
+    flat = ar_c[:, None] * BLOCK_M + ar_m[None, :]  # [C, M]: candidate order, u-major
 
     best_v = tl.full([BLOCK_R], INF, dtype=dt)
     best_u = tl.zeros([BLOCK_R], dtype=tl.int32)
@@ -304,8 +305,12 @@ def _swap_search_nm_kernel(
             H_ptr + offs_u.to(tl.int64)[:, None] * stride_hm + offs_p, mask=pmask, other=0.0
         )  # [C, M]: H[u, p], shared by all rows
         q = a_u[:, :, None] + b_p + x_u[:, :, None] * (h[None, :, :] * y_p)  # [R, C, M]
-        q2 = tl.reshape(q, (BLOCK_R, BLOCK_C * BLOCK_M))
-        v, j = tl.min(q2, axis=1, return_indices=True)
+        # min over the chunk, then the first flat index (u-major) that attains it: two plain
+        # reductions instead of an argmin over a reshaped tensor, which compiled to wrong
+        # indices on sm_90 (triton 3.6) while the interpreter got them right
+        v = tl.min(tl.min(q, axis=2), axis=1)  # [R]
+        hit = tl.where(q == v[:, None, None], flat[None, :, :], BLOCK_C * BLOCK_M)
+        j = tl.min(tl.min(hit, axis=2), axis=1)  # [R]
         jc = j // BLOCK_M
         better = v < best_v
         best_v = tl.where(better, v, best_v)

@@ -12,8 +12,9 @@ Masks are keep-masks (True = kept), as everywhere at the op boundary.
 - N:M (`prune_n > 0`): each group of `prune_m` columns chooses its mask when the sweep
   reaches its first column: the `prune_n` lowest `w^2 / Hinv1_jj^2` of the *updated*
   weights (a lower column wins an exact tie). An optional `keep1` marks entries that must be
-  pruned whatever their score (`False`: llm-compressor's preserved zeros); they rank as
-  score 0 and stay pruned, so a group prunes `max(prune_n, forced)` entries.
+  pruned whatever their score (`False`: llm-compressor's preserved zeros); they rank before
+  every other entry (score -1; real scores are >= 0) and stay pruned, so a group prunes
+  `max(prune_n, forced)` entries.
 Returns `ObsSweep(q, err, keep, loss_rows)` in float32 (float64 if an input is float64);
 `keep` is the mask used, `loss_rows = sum_i err_i^2 / 2` (the reference's OBS estimate).
 Inputs are not modified.
@@ -47,7 +48,10 @@ def torch_obs_sweep(
     rank-1 updates inside a sub-block and one GEMM for the rest of the block (the reference's
     arithmetic up to float rounding, lighter on memory), on a transposed copy."""
     count = W1.shape[1]
-    WT = W1.t().contiguous().clone()  # [count, rows]: one column per contiguous row
+    dt = torch.float64 if torch.float64 in (W1.dtype, Hinv1.dtype) else torch.float32
+    Hinv1 = Hinv1.to(dt)
+    WT = torch.empty(count, W1.shape[0], dtype=dt, device=W1.device)  # one column per row
+    WT.copy_(W1.t())
     QT = torch.empty_like(WT)
     ET = torch.empty_like(WT)
     d = Hinv1.diagonal()
@@ -70,7 +74,7 @@ def torch_obs_sweep(
                     pruneT[i : i + prune_m] = lowest_n_along_dim0(g, prune_n)
                 else:
                     f = forcedT[i : i + prune_m]
-                    pruneT[i : i + prune_m] = lowest_n_along_dim0(g.masked_fill(f, 0), prune_n) | f
+                    pruneT[i : i + prune_m] = lowest_n_along_dim0(g.masked_fill(f, -1), prune_n) | f
             w = WT[i]
             q = w.masked_fill(pruneT[i], 0)
             err = (w - q) / d[i]

@@ -72,17 +72,7 @@ def test_column_losses_ties_and_irregular_bounds(backend, gen):
 
 @pytest.mark.parametrize(
     "backend",
-    [
-        pytest.param(
-            "torch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="torch_column_losses picks N:M groups with topk, whose order among "
-                "exactly tied scores is not 'lower column first' as the contract says",
-            ),
-        ),
-        *TRITON,
-    ],
+    ["torch", *TRITON],
     indirect=True,
 )
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])

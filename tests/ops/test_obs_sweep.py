@@ -101,12 +101,6 @@ def test_obs_sweep_forced_groups(backend, gen, n, m):
 
 
 @backends
-@pytest.mark.xfail(
-    strict=True,
-    reason="contract gap in every backend: under N:M a forced entry (score 0) loses an exact "
-    "tie to a lower non-forced zero, so a group with more than n zero weights prunes "
-    "n + forced, not max(n, forced) as fastprune/ops/obs_sweep.py promises",
-)
 def test_obs_sweep_forced_with_zero_weights(backend):
     """A 2:4 group whose columns 0, 1 are zero (dead channels) and whose column 3 is forced
     pruned: the contract says the group prunes max(2, 1) = 2 entries."""
@@ -178,14 +172,7 @@ def test_obs_sweep_identity_hessian_is_magnitude(backend, gen):
 @pytest.mark.parametrize(
     "backend",
     [
-        pytest.param(
-            "torch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="torch_obs_sweep computes in W1's dtype: bf16/fp16 inputs give bf16/fp16 "
-                "outputs (contract: float32 state and outputs)",
-            ),
-        ),
+        "torch",
         *backend_params("obs_sweep", fast_only=True)[:1],  # triton (CUDA: float32 only)
     ],
     indirect=True,
