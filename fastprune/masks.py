@@ -63,11 +63,15 @@ def threshold_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """SparseGPT/ROSE's per-block rule: prune `score <= sorted(score)[int(numel * sparsity)]`.
 
     Note the `<=`: without ties this prunes `int(numel * sparsity) + 1` entries, exactly as
-    the reference does. Uses a selection (kthvalue) rather than a full sort; same value.
+    the reference does. On the CPU a selection (kthvalue) finds the value; on a GPU a full
+    sort, which is faster there (H100, 4096x128 block: 0.10 ms sorting, 2.0 ms kthvalue).
     """
     flat = score.flatten()
     k = int(flat.numel() * sparsity)
-    thresh = torch.kthvalue(flat, k + 1).values
+    if flat.is_cuda:
+        thresh = torch.sort(flat).values[k]
+    else:
+        thresh = torch.kthvalue(flat, k + 1).values
     return score <= thresh
 
 

@@ -108,7 +108,10 @@ def _kernel_names(backend, ops):
 
     own = backend_ops(backend.name)
     other = "torch" if backend.emulated else "triton"
-    return {op: backend.name if op in own else other for op in ops}
+    names = {op: backend.name if op in own else other for op in ops}
+    if "block_prune_mask" in names and backend.device.type == "cuda":
+        names["block_prune_mask"] = "torch"  # triton's radix selection declines GPUs (slower)
+    return names
 
 
 @fast_backends

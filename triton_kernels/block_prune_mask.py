@@ -43,9 +43,17 @@ def _keep_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
+SORT_IS_FASTER_ON_GPU = (
+    "on a GPU torch's sort selects faster than this radix selection (H100, 4096x128 block: "
+    "0.10 vs 0.27 ms), so solves take torch's; call triton_block_prune_mask to run it"
+)
+
+
 def triton_block_prune_mask_unsupported(W1, hinv_diag, sparsity):
     if torch.float64 in (W1.dtype, hinv_diag.dtype):
         return "the radix selection is float32-only, got float64"
+    if W1.device.type == "cuda":
+        return SORT_IS_FASTER_ON_GPU
     return None
 
 

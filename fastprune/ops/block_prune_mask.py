@@ -15,5 +15,5 @@ from ..masks import threshold_prune_mask
 def torch_block_prune_mask(
     W1: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float
 ) -> torch.Tensor:
-    """Reference `block_prune_mask` (kthvalue selection, then the `<=` rule)."""
+    """Reference `block_prune_mask` (one selection, then the `<=` rule)."""
     return ~threshold_prune_mask(W1**2 / hinv_diag.reshape(1, -1) ** 2, sparsity)
