@@ -60,6 +60,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--hessian-precision", default="auto", choices=["auto", "exact", "fast"])
     ap.add_argument("--out", default=None, help="write OUT.json / OUT.csv")
     ap.add_argument(
         "--no-warmup",
@@ -112,6 +113,7 @@ def main(argv=None) -> None:
         n,
         m,
         device=args.device,
+        hessian_precision=args.hessian_precision,
         **opts,
     )
     if args.device.startswith("cuda"):
@@ -130,6 +132,7 @@ def main(argv=None) -> None:
         args.device,
         Timing.once(seconds * 1e3),
         method=args.method,
+        hessian_precision=args.hessian_precision,
         pattern=rep.pattern,
         calibration=f"{args.nsamples}x{args.seqlen}",
         seconds=round(seconds, 2),

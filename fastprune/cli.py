@@ -123,6 +123,7 @@ def _prune(args: argparse.Namespace) -> int:
         prune_m=m,
         device=args.device,
         batch_size=args.batch_size,
+        hessian_precision=args.hessian_precision,
         targets=args.targets,
         ignore=args.ignore,
         progress=progress,
@@ -234,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="cpu", help="where blocks run: cpu | cuda | cuda:N")
     q.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
     q.add_argument("--batch-size", type=int, default=1, help="calibration samples per forward")
+    q.add_argument(
+        "--hessian-precision",
+        choices=["auto", "exact", "fast"],
+        default="auto",
+        help="auto: tensor cores (float32 accumulation) for half-precision models on a GPU, "
+        "else the reference's float32 arithmetic; exact: always the reference's",
+    )
     q.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune")
     q.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to skip")
     q.add_argument(

@@ -52,3 +52,22 @@ def test_score_methods_on_cuda(gen):
         (fp.gblm_layer(W, H, G), fp.gblm_layer(W.cuda(), H.cuda(), G.cuda())),
     ]:
         assert torch.equal(gpu.mask.cpu(), cpu.mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fast_hessian_on_tensor_cores(gen, dtype):
+    """The tensor-core Hessian (half-precision products, float32 accumulation) against the
+    float64 H of the same inputs, and against the reference's float32 arithmetic."""
+    cols = 256
+    xs = [(torch.randn(2, 512, cols, generator=gen) * 4).to(dtype) for _ in range(4)]
+    flat = torch.cat([x.reshape(-1, cols).double() for x in xs])
+    truth = 2 / 8 * flat.t() @ flat
+    got = {}
+    for precision in ("exact", "fast"):
+        acc = fp.HessianAccumulator(cols, device="cuda", precision=precision)
+        for x in xs:
+            acc.add_batch(x.cuda())
+        got[precision] = acc.H.double().cpu()
+        err = ((got[precision] - truth).norm() / truth.norm()).item()
+        assert err < 1e-5, f"{precision}: relative error {err:.2e} against float64"
+    assert ((got["fast"] - got["exact"]).norm() / truth.norm()).item() < 1e-5

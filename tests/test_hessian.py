@@ -99,3 +99,67 @@ def test_layer_loss_is_trace_form(gen):
     D = (W - Wp).double()
     expected = torch.trace(D @ H.double() @ D.t()).item()
     assert fp.layer_loss(W, Wp, H) == pytest.approx(expected, rel=1e-5)
+
+
+def _half_activations(gen, dtype, batches=4, tokens=96, cols=40):
+    """LLM-like half-precision activations: a few outlier channels 30x the rest."""
+    scale = torch.ones(cols)
+    scale[torch.randperm(cols, generator=gen)[:3]] = 30.0
+    return [(torch.randn(2, tokens, cols, generator=gen) * scale).to(dtype) for _ in range(batches)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fast_precision_against_float64_truth(gen, dtype):
+    """The "fast" arithmetic (half-precision products accumulated in float32, 2/n applied to
+    the product) and the reference's both land within float32 rounding of the float64 H of
+    the same half-precision inputs, and within ~1e-6 of each other."""
+    xs = _half_activations(gen, dtype)
+    flat = torch.cat([x.reshape(-1, 40).double() for x in xs])
+    truth = 2 / (2 * len(xs)) * flat.t() @ flat
+    got = {}
+    for precision in ("exact", "fast"):
+        acc = fp.HessianAccumulator(40, precision=precision)
+        for x in xs:
+            acc.add_batch(x)
+        assert acc.H.dtype == torch.float32 and acc.nsamples == 2 * len(xs)
+        got[precision] = acc.H.double()
+        err = (got[precision] - truth).norm() / truth.norm()
+        assert err < 2e-6, f"{precision}: relative error {err:.2e} against float64"
+    diff = (got["fast"] - got["exact"]).norm() / truth.norm()
+    assert diff < 2e-6, f"fast vs exact: {diff:.2e}"
+
+
+def test_auto_precision_is_the_reference_on_cpu(gen):
+    """On the CPU "auto" is the reference's arithmetic, bit for bit, for half inputs too."""
+    xs = _half_activations(gen, torch.bfloat16)
+    a, e = fp.HessianAccumulator(40), fp.HessianAccumulator(40, precision="exact")
+    for x in xs:
+        a.add_batch(x)
+        e.add_batch(x)
+    assert torch.equal(a.H, e.H)
+
+
+def test_fast_hessian_gives_the_same_masks(gen):
+    """SparseGPT on the fast H prunes what it prunes on the reference's H (flips only at
+    float32 near-ties)."""
+    xs = _half_activations(gen, torch.float16, batches=8, tokens=128, cols=64)
+    Hs = {}
+    for precision in ("exact", "fast"):
+        acc = fp.HessianAccumulator(64, precision=precision)
+        for x in xs:
+            acc.add_batch(x)
+        Hs[precision] = acc.H
+    W = torch.randn(48, 64, generator=gen)
+    for n, m in ((0, 0), (2, 4)):
+        a = fp.sparsegpt_layer(W, Hs["exact"], prune_n=n, prune_m=m, blocksize=32)
+        b = fp.sparsegpt_layer(W, Hs["fast"], prune_n=n, prune_m=m, blocksize=32)
+        agree = (a.mask == b.mask).float().mean().item()
+        assert agree >= 0.999, f"{n}:{m}: masks agree on {agree:.4%}"
+        assert b.loss == pytest.approx(a.loss, rel=1e-4)
+
+
+def test_precision_argument_is_checked():
+    with pytest.raises(ValueError, match="precision"):
+        fp.HessianAccumulator(4, precision="tf32")
+    with pytest.raises(ValueError, match="precision"):
+        fp.hessian.running_hessian_update(torch.zeros(2, 2), 0, torch.ones(2, 3).half(), 1, "x")

@@ -26,8 +26,9 @@ class _HessianHooks:
     only accumulate through the group's first layer and check the sharing still holds.
     """
 
-    def __init__(self, linears: dict[str, nn.Module], device):
+    def __init__(self, linears: dict[str, nn.Module], device, precision: str = "auto"):
         self.device = device
+        self.precision = precision
         self.leader: dict[str, str] = {}
         self.acc: dict[str, HessianAccumulator] = {}
         self.seen: dict[str, torch.Tensor] = {}  # leader -> its input in the current batch
@@ -46,7 +47,9 @@ class _HessianHooks:
             lead = self.leader[name]
             if lead == name:
                 if name not in self.acc:
-                    self.acc[name] = HessianAccumulator(x.shape[-1], device=self.device)
+                    self.acc[name] = HessianAccumulator(
+                        x.shape[-1], device=self.device, precision=self.precision
+                    )
                 xb = x
                 if x.dim() == 2 and self.batch > 1 and x.shape[0] % self.batch == 0:
                     xb = x.reshape(self.batch, -1, x.shape[-1])  # OPT flattens tokens

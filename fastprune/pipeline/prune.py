@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..hessian import inverse_hessian
+from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
 from ..methods import get_method
@@ -54,6 +54,7 @@ def prune_model(
     seqlen: int = 2048,
     seed: int = 0,
     batch_size: int = 1,
+    hessian_precision: str = "auto",
     targets=None,
     ignore=None,
     blocks: str | None = None,
@@ -76,7 +77,10 @@ def prune_model(
         reconstruct (OBS reconstruction on the refined mask), percdamp, backend.
     sparsity / prune_n:prune_m: unstructured fraction, or N pruned in every M inputs.
     device: where each block runs (the model stays where it is; default: the model's
-        device). batch_size: calibration samples per block forward.
+        device). batch_size: calibration samples per block forward (and per Hessian GEMM).
+    hessian_precision: "auto" (tensor cores with float32 accumulation for a float16/bfloat16
+        model on a GPU, else the reference's float32 arithmetic), "exact" (always the
+        reference's) or "fast"; see `fastprune.hessian`.
     targets / ignore: glob patterns on linear names inside a block (`self_attn.*`, `q_proj`).
     blocks: module path of the decoder block list when auto-detection is not wanted.
     offload_activations: keep the calibration activations on CPU (True), on `device`
@@ -90,6 +94,10 @@ def prune_model(
     sparsity = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, prune_m or 1)
     batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if hessian_precision not in HESSIAN_PRECISIONS:
+        raise ValueError(
+            f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
+        )
     home = model_device(model)
     dev = _check_device(device, home)
     blocks_path, block_list = find_blocks(model, blocks)
@@ -123,7 +131,10 @@ def prune_model(
         nsamples=0 if calib is None else calib.shape[0],
         seqlen=0 if calib is None else calib.shape[1],
         device=str(dev),
-        options=_jsonable({k: v for k, v in opts.items() if k not in _UNREPORTED}),
+        options=_jsonable(
+            {k: v for k, v in opts.items() if k not in _UNREPORTED}
+            | ({"hessian_precision": hessian_precision} if meth.needs_calibration else {})
+        ),
     )
     totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(block_list)}
 
@@ -163,7 +174,7 @@ def prune_model(
             hooks = None
             if acts is not None:
                 t0 = time.perf_counter()
-                hooks = _HessianHooks(lins, dev)
+                hooks = _HessianHooks(lins, dev, hessian_precision)
                 try:
                     _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
                 finally:
