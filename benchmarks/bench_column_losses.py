@@ -2,7 +2,7 @@
 and one read of the scores at memory bandwidth.
 
 Rows (per shape and pattern; the scores are ROSE's `S = |W| * sqrt(diag(H)/2)`):
-  * `read_scores` (torch): `S.sum()`, one read of S (DESIGN §5: within 2x of it);
+  * `read_scores` (torch): `S.sum()`, one read of S (target: within 2x of it);
   * `column_losses` backend `original`: the ROSE script's per-block sorts
     (`fastprune.original._rose_block_losses`; unstructured only, as in the original);
   * `column_losses` on each backend with its own (`fastprune.ops.get_op`):

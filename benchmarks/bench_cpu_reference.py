@@ -1,6 +1,6 @@
 """CPU: fastprune's torch path against the research scripts' column loops on the same layer.
 
-The contract (DESIGN §5): the reference path must not be slower than the original code.
+The target: the reference path must not be slower than the original code.
 Times whole solves (inverse + sweep + trailing updates) of sparsegpt_layer / rose_layer
 with backend="torch" against `fastprune.original` (the IST-DASLab / ROSE loops restated),
 same inputs: `benchmarks.bench_obs_sweep`'s layer solves, on the CPU and the torch backend

@@ -1,4 +1,4 @@
-"""End to end: `prune_model` on a LLaMA-shaped model with random weights (DESIGN §5: LLaMA-2-7B
+"""End to end: `prune_model` on a LLaMA-shaped model with random weights (target: LLaMA-2-7B
 shape, 128x2048 calibration, ROSE 50%, one GPU, <= 60 s; 70B shape <= 10 min projected from
 the time per decoder block).
 

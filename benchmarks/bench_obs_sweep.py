@@ -5,7 +5,7 @@ Rows (per shape and pattern, all measured in the same run):
   * `floor` (torch): the inverse (`fastprune.inverse_hessian`: damped Cholesky,
     cholesky_inverse, upper Cholesky) + the block loop's trailing GEMMs
     `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`, the work any exact SparseGPT does
-    (DESIGN §5: a solve within 1.5x of it);
+    (target: a solve within 1.5x of it);
   * `sparsegpt_layer` / `rose_layer`: backend `original` (`fastprune.original`'s
     IST-DASLab / ROSE loops, one small op per column), then each fastprune backend as the
     solver's `backend=`, labelled by the obs_sweep implementation that ran (all of

@@ -12,7 +12,7 @@ from Wanda's mask. Rows per shape and pattern:
   * `swap_step` (search + selection + apply) through the dispatcher (`fastprune.ops.Kernels`,
     the implementations a solve runs: the CUDA backend takes Triton's swap_apply), labelled
     by the swap_search that ran; `speedup_vs_best_torch` against the faster of `torch` and
-    `torch_fast` (DESIGN §5: >= 10x).
+    `torch_fast` (target: >= 10x).
 
 Counted work: the search evaluates every (u, p) pair of a row densely (masks differ per row,
 so a tile of H can only be shared by rows if it is dense): `evaluated = rows * cols^2`

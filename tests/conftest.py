@@ -9,7 +9,7 @@
 - `backend`: the op backends a test is parametrized over (`backend_params(op)`): "torch"
   everywhere, "triton" (the interpreter on CPU), "cuda" for ops with a hand-written CUDA
   kernel (on a GPU, else the CPU emulator of the same sources, FASTPRUNE_CUDA_EMULATE=1).
-- One table of tolerances (DESIGN §4) for every backend-vs-oracle comparison, and helpers
+- One table of tolerances (docs/semantics.md, Exactness) for every backend-vs-oracle comparison, and helpers
   that say where two tensors disagree instead of a bare 'not close'.
 """
 
@@ -40,7 +40,7 @@ swap_search the scale is the magnitude of the row's Δ terms."""
 NEAR_TIE_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 """A mask entry may differ from the float64 oracle's only where two scores are a near-tie:
 within this fraction of the magnitude the scores were computed from (float32 rounding of
-the updated weights; DESIGN §4)."""
+the updated weights)."""
 
 MASK_AGREE = 0.999
 """Masks of a backend and the oracle (or of two backends' solves) agree on >= this fraction."""
@@ -227,7 +227,7 @@ def assert_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "
 
 def assert_close_to_scale(actual, expected, rtol: float, what: str = "") -> None:
     """Entries within `rtol` relative, or `rtol` of the tensor's scale (max |expected|):
-    DESIGN §4's 'per-op outputs within 1e-5'."""
+    the per-op rule (docs/semantics.md, Exactness: outputs within 1e-5)."""
     atol = rtol * expected.detach().abs().max().item() if expected.numel() else 0.0
     assert_close(actual, expected, rtol=rtol, atol=atol, what=what)
 

@@ -29,7 +29,7 @@ from fastprune.masks import nm_prune_mask
 from fastprune.testing import random_layer
 
 NEAR_TIE_NOTE = (
-    "DESIGN §4 allows a mask entry to differ from the float64 oracle's only where two "
+    "The exactness rule (docs/semantics.md) allows a mask entry to differ from the float64 oracle's only where two "
     "scores are within float32 rounding of each other (a near-tie)"
 )
 

@@ -1,7 +1,7 @@
 """The solvers (sparsegpt, rose, sparseswaps layers and the prune_model pipeline) on each
 fast backend (Triton, CUDA) against the same solve on backend="torch".
 
-How a fast solve is held to the reference (DESIGN §4):
+How a fast solve is held to the reference (docs/semantics.md, Exactness):
 - every kernel call of the solve is checked as it happens against its op's float64 oracle
   on the very inputs it got (`shadow` below: masks agree up to near-ties, values within
   OP_RTOL), so each mask flip is a float32 near-tie where it was made;
