@@ -9,8 +9,8 @@
 - `backend`: the op backends a test is parametrized over (`backend_params(op)`): "torch"
   everywhere, "triton" (the interpreter on CPU), "cuda" for ops with a hand-written CUDA
   kernel (on a GPU, else the CPU emulator of the same sources, FASTPRUNE_CUDA_EMULATE=1).
-- One table of tolerances (docs/semantics.md, Exactness) for every backend-vs-oracle comparison, and helpers
-  that say where two tensors disagree instead of a bare 'not close'.
+- One table of tolerances (docs/semantics.md, Exactness) for every backend-vs-oracle
+  comparison, and helpers that say where two tensors disagree instead of a bare 'not close'.
 """
 
 from __future__ import annotations

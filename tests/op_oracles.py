@@ -29,8 +29,8 @@ from fastprune.masks import nm_prune_mask
 from fastprune.testing import random_layer
 
 NEAR_TIE_NOTE = (
-    "The exactness rule (docs/semantics.md) allows a mask entry to differ from the float64 oracle's only where two "
-    "scores are within float32 rounding of each other (a near-tie)"
+    "The exactness rule (docs/semantics.md) allows a mask entry to differ from the float64 "
+    "oracle's only where two scores are within float32 rounding of each other (a near-tie)"
 )
 
 PATTERNS = {"unstructured": (0, 0), "fixed": (0, 0), "2:4": (2, 4), "4:8": (4, 8)}

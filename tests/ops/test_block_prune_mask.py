@@ -1,8 +1,8 @@
 """Op `block_prune_mask` on every backend that has one (torch, Triton; the CUDA backend has
 no kernel of its own) against its float64 oracle: keep `w^2/d^2 > sorted(scores)[k]`,
 k = int(numel * sparsity). A float32 backend may differ from the oracle only where a score is
-a near-tie with the threshold (docs/semantics.md, Exactness); Triton's exact radix selection over the same
-IEEE float32 scores also equals the float32 torch reference exactly.
+a near-tie with the threshold (docs/semantics.md, Exactness); Triton's exact radix
+selection over the same IEEE float32 scores also equals the float32 torch reference exactly.
 """
 
 from __future__ import annotations

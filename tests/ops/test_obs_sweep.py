@@ -5,8 +5,8 @@ Each backend's own implementation is called (never a fallback). Inputs are fresh
 run (`gen`; replay a failure with FASTPRUNE_TEST_SEED, see conftest). Masks: unstructured and
 fixed masks are used exactly as given; N:M groups choose from the updated weights, so a
 float32 backend may pick differently from the float64 oracle only at a near-tie: every group
-is checked against the scores it saw along the backend's own path (docs/semantics.md, Exactness), and the values
-against the oracle swept along that same mask.
+is checked against the scores it saw along the backend's own path (docs/semantics.md,
+Exactness), and the values against the oracle swept along that same mask.
 """
 
 from __future__ import annotations
