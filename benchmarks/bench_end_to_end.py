@@ -140,6 +140,17 @@ def main(argv=None) -> None:
         projected_full_model_s=round(per_block * layers, 1),
         solve_s=round(totals.get("solve_seconds", 0.0), 2),
         forward_s=round(totals.get("forward_seconds", 0.0), 2),
+        capture_s=round(totals.get("capture_seconds", 0.0), 2),
+        hessian_forward_s=round(totals.get("hessian_seconds", 0.0), 2),
+        propagate_s=round(totals.get("propagate_seconds", 0.0), 2),
+        shared_inverse_s=round(totals.get("inverse_seconds", 0.0), 2),
+        other_s=round(
+            seconds
+            - totals.get("solve_seconds", 0.0)
+            - totals.get("forward_seconds", 0.0)
+            - totals.get("inverse_seconds", 0.0),
+            2,
+        ),
         achieved_sparsity=round(rep.achieved_sparsity, 4),
         model_build_s=round(build_s, 1),
         warmup_s=round(warmup_s, 1),

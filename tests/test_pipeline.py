@@ -400,3 +400,14 @@ def test_hessian_precision_option():
         assert b.loss == pytest.approx(a.loss, rel=1e-4 if a.block == 0 else 1e-2), a.name
     with pytest.raises(ValueError, match="hessian_precision"):
         fp.prune_model(tiny_model("llama"), calib, "sparsegpt", hessian_precision="tf32")
+
+
+def test_report_says_where_the_time_goes():
+    """totals split the forward time into capture, forwards with Hessian hooks and
+    propagation, and count the shared inverses apart from the solves."""
+    rep = fp.prune_model(tiny_model("llama"), calib_ids(2, 16), "sparsegpt", progress=False)
+    t = rep.totals
+    parts = t["capture_seconds"] + t["hessian_seconds"] + t["propagate_seconds"]
+    assert t["forward_seconds"] == pytest.approx(parts)
+    assert t["hessian_seconds"] > 0 and t["inverse_seconds"] > 0 and t["solve_seconds"] > 0
+    assert "forwards with Hessians" in rep.summary()

@@ -137,6 +137,20 @@ def prune_model(
         ),
     )
     totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(block_list)}
+    # where the time goes (forward_seconds = capture + hessian forwards + propagation)
+    totals.update(
+        capture_seconds=0.0, hessian_seconds=0.0, propagate_seconds=0.0, inverse_seconds=0.0
+    )
+
+    def clock(key: str, t0: float) -> float:
+        """Add the time since `t0` to `totals[key]` (after the device's queued work ends)."""
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        totals[key] += t - t0
+        if key in ("capture_seconds", "hessian_seconds", "propagate_seconds"):
+            totals["forward_seconds"] += t - t0
+        return t
 
     G = None
     if meth.needs_gradients:
@@ -160,7 +174,7 @@ def prune_model(
     if calib is not None:
         t0 = time.perf_counter()
         acts = _capture(model, block_list, kinds, calib, batch_size, dev, offload_activations)
-        totals["forward_seconds"] += time.perf_counter() - t0
+        clock("capture_seconds", t0)
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
         arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
@@ -179,7 +193,7 @@ def prune_model(
                     _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
                 finally:
                     hooks.remove()
-                totals["forward_seconds"] += time.perf_counter() - t0
+                clock("hessian_seconds", t0)
             inverses = {}
             for name, mod in lins.items():
                 full = f"{blocks_path}.{i}.{name}"
@@ -192,7 +206,9 @@ def prune_model(
                     H = hooks.acc[lead].H
                 if meth.shares_inverse and H is not None:
                     if lead not in inverses:
+                        t0 = time.perf_counter()
                         inverses[lead] = inverse_hessian(H, opts["percdamp"])
+                        clock("inverse_seconds", t0)
                     hinv = inverses[lead]
                 g = None if G is None else G[full]
                 r = meth.solve(W, H, g, sparsity, n, m, opts, hinv)
@@ -204,7 +220,7 @@ def prune_model(
                 t0 = time.perf_counter()
                 _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
                 acts.swap()
-                totals["forward_seconds"] += time.perf_counter() - t0
+                clock("propagate_seconds", t0)
             block.to(block_home)
             bar.set_postfix(block=i)
     finally:

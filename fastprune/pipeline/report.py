@@ -84,6 +84,13 @@ class PruneReport:
             + (f", gradients {t['gradient_seconds']:.1f}s" if "gradient_seconds" in t else "")
             + ")"
         )
+        if t.get("hessian_seconds"):
+            lines.append(
+                f"time: capture {t.get('capture_seconds', 0):.1f}s, forwards with Hessians "
+                f"{t['hessian_seconds']:.1f}s, propagation {t.get('propagate_seconds', 0):.1f}s, "
+                f"shared inverses {t.get('inverse_seconds', 0):.1f}s, solves "
+                f"{t.get('solve_seconds', 0):.1f}s"
+            )
         kernels = self.kernels()
         if kernels:
             lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
