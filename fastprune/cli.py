@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"{_for('max_swaps')}: steps per layer (default: a per-layer budget on CPU, "
-        "unbounded on GPU)",
+        "a larger one on GPU; see fastprune.methods)",
     )
     q.add_argument(
         "--reconstruct",

@@ -180,6 +180,10 @@ def test_auto_max_swaps_budget():
     assert auto_max_swaps(192, 576, 0, cpu) == 4
     assert auto_max_swaps(64, 64, 0, cpu) == 100
     assert auto_max_swaps(1536, 576, 4, cpu) == 84
+    gpu = torch.device("cuda")
+    assert auto_max_swaps(4096, 4096, 0, gpu) == 72
+    assert auto_max_swaps(4096, 11008, 0, gpu) == 10
+    assert auto_max_swaps(64, 64, 0, gpu) == 100
     assert auto_max_swaps(10, 10, 0, torch.device("meta")) is None
 
 
