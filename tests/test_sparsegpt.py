@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import assert_masks_agree, relative_error
+from op_oracles import layer
 
 import fastprune as fp
 from fastprune.original import original_sparsegpt
@@ -19,14 +20,7 @@ def test_matches_original_loop(gen, rows, cols, bs, n, m, kind):
     equal to float32 rounding."""
     if m and cols % m:
         pytest.skip("cols not divisible by M")
-    W, H, _ = fp.testing.random_layer(
-        rows,
-        cols,
-        columnar=kind == "columnar",
-        ill_conditioned=kind == "ill",
-        blocksize=bs,
-        generator=gen,
-    )
+    W, H = layer(gen, rows, cols, kind, blocksize=bs)
     r = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=bs)
     Wo, pruned = original_sparsegpt(W, H, 0.5, n, m, bs)
     assert_masks_agree(r.mask, ~pruned, 0.999)
