@@ -151,7 +151,8 @@ def test_registered_toy_method_runs_through_prune_model_and_cli(monkeypatch, cap
     model, ref = tiny_model("llama"), tiny_model("llama")
     rep = fp.prune_model(model, calib, method="toy", tag="mine", progress=False)
     fp.prune_model(ref, calib, method="wanda", progress=False)
-    assert rep.method == "toy" and rep.options == {"tag": "mine", "percdamp": 0.01}
+    assert rep.method == "toy"
+    assert rep.options == {"tag": "mine", "percdamp": 0.01, "hessian_precision": "auto"}
     _, blocks = find_blocks(model)
     _, ref_blocks = find_blocks(ref)
     lins = [lin for b in blocks for lin in find_linears(b).values()]
