@@ -2,8 +2,8 @@
 original column loop and the unavoidable work, and the obs_sweep op alone.
 
 Rows (per shape and pattern, all measured in the same run):
-  * `floor` (torch): the inverse (`fastprune.inverse_hessian`: damped Cholesky,
-    cholesky_inverse, upper Cholesky) + the block loop's trailing GEMMs
+  * `floor` (torch): the inverse (`fastprune.inverse_hessian`, direct: one Cholesky of the
+    flipped damped H and a triangular inverse) + the block loop's trailing GEMMs
     `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`, the work any exact SparseGPT does
     (target: a solve within 1.5x of it);
   * `sparsegpt_layer` / `rose_layer`: backend `original` (`fastprune.original`'s

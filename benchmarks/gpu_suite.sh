@@ -66,6 +66,7 @@ kernels)
   run 90 python3 -m benchmarks.bench_column_losses --out "$res/column_losses_${tag}"
   run 60 python3 -m benchmarks.bench_block_prune_mask --out "$res/block_prune_mask_${tag}"
   run 120 python3 -m benchmarks.bench_swap_search --out "$res/swap_search_${tag}"
+  run 60 python3 -m benchmarks.bench_inverse --check --out "$res/inverse_${tag}"
   ;;
 e2e)
   run 270 python3 -m benchmarks.bench_end_to_end --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}"

@@ -77,11 +77,16 @@ def base_info(
 
 
 def resolve_inverse(
-    hinv: InverseHessian | None, H: torch.Tensor, percdamp: float, dtype: torch.dtype
+    hinv: InverseHessian | None,
+    H: torch.Tensor,
+    percdamp: float,
+    dtype: torch.dtype,
+    method: str = "direct",
 ) -> InverseHessian:
-    """`hinv` checked against `H` (shape, device) and cast to `dtype`, or a new inverse."""
+    """`hinv` checked against `H` (shape, device) and cast to `dtype`, or a new inverse by
+    `inverse_hessian(H, percdamp, method=method)` (`method` does not apply to a given `hinv`)."""
     if hinv is None:
-        return inverse_hessian(H, percdamp, dtype=dtype)
+        return inverse_hessian(H, percdamp, dtype=dtype, method=method)
     if not isinstance(hinv, InverseHessian):
         raise TypeError("hinv must be an InverseHessian from fastprune.inverse_hessian")
     if hinv.hinv.shape != H.shape or hinv.hinv.device != H.device:

@@ -64,13 +64,15 @@ def rose_layer(
     *,
     scaler: torch.Tensor | None = None,
     inplace: bool = False,
+    inverse_method: str = "direct",
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
     Arguments as `sparsegpt_layer`. `range_threshold` is the relative range of block losses
     above which the layer counts as columnar and is reordered (the paper's 0.5).
     `scaler` replaces `diag(H)/2` in the pre-pruning score `|W| * sqrt(scaler)` (the ROSE
-    repository's own running scaler, say: see `fastprune.compat.ROSE`).
+    repository's own running scaler, say: see `fastprune.compat.ROSE`). `inverse_method`:
+    how `inverse_hessian` factors the (permuted) `H`, "direct" or "reference".
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
@@ -111,7 +113,12 @@ def rose_layer(
         perm, Hp, Wc = None, H, W.to(dtype, copy=True)
         bounds = block_bounds(cols, sweep_bs)
 
-    inv = inverse_hessian(Hp, percdamp, dtype=dtype)
+    # One inverse per layer: the permutation depends on this layer's W (through its scores),
+    # so layers sharing H (q/k/v, gate/up) get different `H[perm][:, perm]`, whose factors
+    # are not permutations of each other (the Cholesky factor depends on the column order).
+    # Only an unreordered layer could share the pipeline's inverse of H; it is not worth a
+    # second code path, as each layer's reordering is only known here.
+    inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=inverse_method)
     info.update(inv.as_info())
     Wc[:, inv.dead] = 0
     Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels)

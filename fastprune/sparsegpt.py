@@ -29,6 +29,7 @@ def sparsegpt_layer(
     *,
     hinv: InverseHessian | None = None,
     inplace: bool = False,
+    inverse_method: str = "direct",
 ) -> PruneResult:
     """Prune one layer with SparseGPT (OBS updates over blocks of columns).
 
@@ -37,7 +38,9 @@ def sparsegpt_layer(
     (so one more than `int(numel*sparsity)` per block without ties, as the reference);
     N:M picks each group's `prune_n` lowest when the sweep reaches it. `mask` (True = kept)
     prunes exactly that pattern with the same OBS updates. `hinv` reuses an inverse from
-    `fastprune.inverse_hessian(H, percdamp)` for layers sharing an input. Solves in float32
+    `fastprune.inverse_hessian(H, percdamp)` for layers sharing an input; otherwise it is
+    computed by `inverse_method` ("direct", or "reference": SparseGPT's own arithmetic, see
+    `inverse_hessian`). Solves in float32
     (float64 if W or H is float64) and returns W's dtype; `W` is untouched unless `inplace`.
     """
     t0 = time.perf_counter()
@@ -56,7 +59,7 @@ def sparsegpt_layer(
         info.update(sparsity=1.0 - mask.float().mean().item(), pattern="fixed mask")
     elif n == 0 and sparsity == 0.0:
         return unpruned_result(W, H, info, t0, inplace)
-    inv = resolve_inverse(hinv, H, percdamp, dtype)
+    inv = resolve_inverse(hinv, H, percdamp, dtype, inverse_method)
     info.update(inv.as_info())
     Wc = W.to(dtype, copy=True)
     Wc[:, inv.dead] = 0

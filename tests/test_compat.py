@@ -265,7 +265,7 @@ def test_sparsegpt_linear_matches_reference_and_library(gen, pattern):
     ad.free()
     assert ad.H is None
     assert_same_pruning(layer, ref_layer, "SparseGPT vs reference")
-    own = fp.sparsegpt_layer(W0, H, 0.5, n, m, blocksize=64)
+    own = fp.sparsegpt_layer(W0, H, 0.5, n, m, blocksize=64, inverse_method="reference")
     assert torch.equal(layer.weight.data, own.weight)
     assert torch.equal(r.mask, own.mask) and r.loss == pytest.approx(own.loss)
     if n:
@@ -468,7 +468,7 @@ def test_rose_nm_columnar_works_where_original_crashes(gen):
     assert r.info["reordered"]
     assert fp.check_nm_keep_mask(layer.weight.data != 0, 2, 4)
     # with the equal-weight scaler the adapter is exactly fastprune.rose_layer
-    own = fp.rose_layer(W, H, prune_n=2, prune_m=4)
+    own = fp.rose_layer(W, H, prune_n=2, prune_m=4, inverse_method="reference")
     assert torch.equal(layer.weight.data, own.weight) and torch.equal(r.mask, own.mask)
     assert r.loss == pytest.approx(own.loss)
 
@@ -501,14 +501,14 @@ def test_rose_partial_last_block_columnar(gen):
     # the blocks of the sweep are the ROSE blocks: each prunes int(numel*s)+1 (no ties)
     for block_cols in blocks:
         assert (~r.mask[:, block_cols]).sum().item() == int(12 * len(block_cols) * 0.5) + 1
-    own = fp.rose_layer(W, H, 0.5, blocksize=bs, scaler=scaler)
+    own = fp.rose_layer(W, H, 0.5, blocksize=bs, scaler=scaler, inverse_method="reference")
     assert torch.equal(own.weight, r.weight) and torch.equal(own.mask, r.mask)
 
 
 def test_rose_equal_scaler_is_rose_layer(gen):
     W, H, _ = random_layer(16, 128, columnar=True, blocksize=16, generator=gen)
     a = compat.rose_with_scaler(W, H, torch.diagonal(H) / 2, 0.5, blocksize=16)
-    b = fp.rose_layer(W, H, 0.5, blocksize=16)
+    b = fp.rose_layer(W, H, 0.5, blocksize=16, inverse_method="reference")
     assert a.info["reordered"] and b.info["reordered"]
     assert a.info["relative_range"] == b.info["relative_range"]
     assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
@@ -561,7 +561,7 @@ def test_sparsify_weight_contract(gen, pattern):
     assert_masks_agree(Wp == 0, ref_W.half() == 0, MASK_AGREE)
     assert relative_error(Wp.float(), ref_W.half().float()) < 2e-3  # float16 output
     assert loss == pytest.approx(ref_loss, rel=1e-4)
-    own = fp.sparsegpt_layer(W.half().float(), H, 0.5, n, m, 64)
+    own = fp.sparsegpt_layer(W.half().float(), H, 0.5, n, m, 64, inverse_method="reference")
     assert torch.equal(Wp, own.weight.half())
 
 

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from conftest import assert_masks_agree, relative_error
 
 import fastprune as fp
+from fastprune.hessian import upper_triangular_inverse
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -91,6 +93,122 @@ def test_not_psd_raises_naming_H():
     H[0, 0] = 1.0
     with pytest.raises(ValueError, match="H"):
         fp.inverse_hessian(H)
+
+
+def _spd(gen, n: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """A Gram-like `H`: "random" (2/T X X^T, T = 2n+8), "ill" (eigenvalues log-spaced over
+    1e-6..1 in a random basis) or "dead" (random, a quarter of the channels all zero)."""
+    if kind == "ill":
+        Q, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        H = (Q * torch.logspace(-6, 0, n, dtype=torch.float64)) @ Q.t()
+        H = (H + H.t()) / 2
+    else:
+        X = torch.randn(n, 2 * n + 8, generator=gen, dtype=torch.float64)
+        H = 2 / X.shape[1] * X @ X.t()
+        if kind == "dead":
+            d = torch.randperm(n, generator=gen)[: max(1, n // 4)]
+            H[d, :] = 0
+            H[:, d] = 0
+    return H.to(dtype)
+
+
+def _damped64(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+    """The damped `H` of `inverse_hessian` (dead diagonal set to 1), in float64."""
+    Hd = H.double().clone()
+    diag = torch.diagonal(Hd)
+    diag[diag == 0] = 1
+    return Hd + percdamp * diag.mean() * torch.eye(H.shape[0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", fp.hessian.INVERSE_METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kind", ["random", "ill", "dead"])
+@pytest.mark.parametrize("n", [1, 7, 64, 257])
+def test_inverse_against_float64_truth(gen, method, dtype, kind, n):
+    """`U^T U = (H + damp I)^-1`, `U` upper with positive diagonal, in H's precision: 1e-5
+    (float32) or 1e-10 (float64) relative, or the inverse's own forward-error bound
+    `2 cond(H_damped) eps` where that is larger (float32, eigenvalues down to 1e-6: cond ~1e3
+    after damping, and both methods land at ~1-3e-5)."""
+    H = _spd(gen, n, kind, dtype)
+    H0 = H.clone()
+    inv = fp.inverse_hessian(H, 0.01, method=method)
+    assert torch.equal(H, H0)  # not mutated
+    U = inv.hinv
+    assert U.dtype == dtype and U.shape == (n, n)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    assert inv.retries == 0 and inv.percdamp == 0.01
+    assert inv.as_info()["dead_columns"] == (max(1, n // 4) if kind == "dead" else 0)
+    Hd = _damped64(H)
+    truth = torch.linalg.inv(Hd)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    tol = max(tol, 2 * torch.linalg.cond(Hd).item() * torch.finfo(dtype).eps)
+    U = U.double()
+    assert relative_error(U.t() @ U, truth) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n", [1, 7, 64, 257])
+def test_direct_matches_reference_factor(gen, dtype, n):
+    """The upper Cholesky factor of H^-1 is unique: both arithmetics give it, to 1e-4."""
+    H = _spd(gen, n, "random", dtype)
+    a = fp.inverse_hessian(H, 0.01)
+    b = fp.inverse_hessian(H, 0.01, method="reference")
+    assert relative_error(a.hinv, b.hinv) <= 1e-4
+    assert (a.damp, a.percdamp, a.retries) == (b.damp, b.percdamp, b.retries)
+    assert torch.equal(a.dead, b.dead)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64, 257])
+@pytest.mark.parametrize("leaf", [1, 4, 256])
+def test_upper_triangular_inverse(gen, n, leaf):
+    """`R^-1` by halves (corner `-A^-1 B C^-1`) is upper triangular and inverts `R`."""
+    # a Cholesky factor (a random triangular matrix is exponentially ill-conditioned)
+    R = torch.linalg.cholesky(_spd(gen, n, "random", torch.float64), upper=True)
+    R0 = R.clone()
+    Ri = upper_triangular_inverse(R, leaf)
+    assert torch.equal(R, R0)
+    assert torch.equal(Ri, Ri.triu())
+    eye = torch.eye(n, dtype=torch.float64)
+    torch.testing.assert_close(Ri @ R, eye, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", [(0, 0), (2, 4)])
+def test_sparsegpt_masks_direct_vs_reference(gen, pattern):
+    """The layer solve with either inverse: masks agree on >= 99.9% of weights."""
+    n, m = pattern
+    W, H, _ = fp.testing.random_layer(64, 512, dead=3, generator=gen)
+    a = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=128)
+    b = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=128, inverse_method="reference")
+    assert_masks_agree(a.mask, b.mask, 0.999)
+    assert a.info["damp"] == b.info["damp"] and a.info["dead_columns"] == 3
+
+
+@pytest.mark.parametrize("method", fp.hessian.INVERSE_METHODS)
+def test_singular_hessian_retries_with_either_method(gen, method):
+    x = torch.randn(1, 3, 16, generator=gen)  # rank 3 << 16
+    H = fp.accumulate_hessian([x])
+    H0 = H.clone()
+    inv = fp.inverse_hessian(H, percdamp=0.0, method=method)
+    assert torch.equal(H, H0)
+    assert inv.retries >= 1 and inv.percdamp > 0 and inv.damp > 0
+    assert inv.as_info()["damp_retries"] == inv.retries
+    assert torch.isfinite(inv.hinv).all()
+    W = torch.randn(5, 16, generator=gen)
+    r = fp.sparsegpt_layer(W, H, percdamp=0.0, inverse_method=method)
+    assert r.info["damp_retries"] >= 1 and r.info["damp"] > 0
+    r = fp.rose_layer(W, H, percdamp=0.0, blocksize=4, inverse_method=method)
+    assert r.info["damp_retries"] >= 1
+
+
+def test_inverse_method_checked_and_float64_requested(gen):
+    H = _spd(gen, 9, "random", torch.float32)
+    with pytest.raises(ValueError, match="method"):
+        fp.inverse_hessian(H, method="cholesky")
+    with pytest.raises(ValueError, match="method"):
+        fp.sparsegpt_layer(torch.randn(3, 9), H, inverse_method="nope")
+    inv = fp.inverse_hessian(H, dtype=torch.float64)
+    assert inv.hinv.dtype == torch.float64
+    assert fp.inverse_hessian(H.bfloat16()).hinv.dtype == torch.float32
 
 
 def test_layer_loss_is_trace_form(gen):

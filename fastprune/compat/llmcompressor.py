@@ -42,7 +42,8 @@ def sparsify_weight(
     `ValueError` if the layer is already sparser than `sparsity`): unstructured blocks that
     are below the target extend the mask by the usual threshold, full ones keep it; N:M
     groups prune their existing zeros plus the `prune_n` lowest others; error updates never
-    revive a preserved zero. Differences: a Hessian that will not factor is retried with
+    revive a preserved zero. `H^-1` is factored with the reference's arithmetic
+    (`inverse_method="reference"`). Differences: a Hessian that will not factor is retried with
     more damping (llm-compressor falls back to `H^-1 = I`); `sparsity=0` (unstructured,
     no preserved mask) prunes nothing.
     """
@@ -58,7 +59,15 @@ def sparsify_weight(
         )
     else:
         r = sparsegpt_layer(
-            W, H, sparsity, prune_n, prune_m, block_size, dampening_frac, backend=backend
+            W,
+            H,
+            sparsity,
+            prune_n,
+            prune_m,
+            block_size,
+            dampening_frac,
+            backend=backend,
+            inverse_method="reference",  # llm-compressor's own H^-1 arithmetic
         )
         loss, Q = r.info.get("obs_loss_estimate", 0.0), r.weight
     return float(loss), to_layer_layout(Q, module, kind)
@@ -73,7 +82,7 @@ def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp,
     )
     kernels = Kernels(backend, W.device, OBS_OPS)
     dtype = compute_dtype(W, H)
-    inv = inverse_hessian(H, percdamp, dtype=dtype)
+    inv = inverse_hessian(H, percdamp, dtype=dtype, method="reference")
     Wc = W.to(dtype, copy=True)
     Wc[:, inv.dead] = 0
     base = Wc == 0  # True = pruned already (dead columns included, as llm-compressor)

@@ -23,10 +23,13 @@ def rose_with_scaler(
     percdamp: float = 0.01,
     range_threshold: float = 0.5,
     backend: str = "auto",
+    *,
+    inverse_method: str = "reference",
 ) -> PruneResult:
     """ROSE with the pre-pruning score `|W| * sqrt(scaler)` instead of `sqrt(diag(H)/2)`:
-    `fastprune.rose_layer(..., scaler=scaler)` under the ROSE repository's argument order.
-    With `scaler = diag(H)/2` the result is `rose_layer`'s."""
+    `fastprune.rose_layer(..., scaler=scaler)` under the ROSE repository's argument order,
+    with the reference's `H^-1` arithmetic by default (`inverse_method="reference"`). With
+    `scaler = diag(H)/2` the result is `rose_layer(..., inverse_method=inverse_method)`'s."""
     if not isinstance(scaler, torch.Tensor):
         raise TypeError("scaler_row must be a floating-point torch.Tensor")
     W = check_weight(W)
@@ -42,6 +45,7 @@ def rose_with_scaler(
         range_threshold,
         backend,
         scaler=scaler,
+        inverse_method=inverse_method,
     )
 
 

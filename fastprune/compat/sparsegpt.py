@@ -26,7 +26,8 @@ class SparseGPT(_LayerAdapter):
     pruned weight into `layer.weight.data` (in the layer's dtype and layout), `free()` drops
     the Hessian. Attributes `layer`, `dev`, `rows`, `columns`, `nsamples`, `H` as the
     reference; after pruning, `result` holds the `PruneResult` (mask, loss, timing) and
-    `error` the reference's printed OBS error. Differences: nothing is printed; a Hessian
+    `error` the reference's printed OBS error. `H^-1` is factored with the reference's
+    arithmetic (`inverse_method="reference"`). Differences: nothing is printed; a Hessian
     that will not factor is retried with more damping (reported in `result.info`) instead
     of raising; `sparsity=0` prunes nothing; the joint quantizer (`self.quantizer`) of the
     reference is not supported and raises. `backend` picks the solver backend (default: the
@@ -70,7 +71,15 @@ class SparseGPT(_LayerAdapter):
         W = self._weight().float()
         H = self._take_hessian()
         r = sparsegpt_layer(
-            W, H, sparsity, prunen, prunem, blocksize, percdamp, backend=self.backend
+            W,
+            H,
+            sparsity,
+            prunen,
+            prunem,
+            blocksize,
+            percdamp,
+            backend=self.backend,
+            inverse_method="reference",  # the reference's arithmetic for H^-1
         )
         self._write(r)
         return r

@@ -204,6 +204,8 @@ def prune_model(
                     if lead is None:
                         raise RuntimeError(f"{full} was never called in the block's forward")
                     H = hooks.acc[lead].H
+                # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
+                # its own layer's permutation (from |W|), so it has no inverse to share.
                 if meth.shares_inverse and H is not None:
                     if lead not in inverses:
                         t0 = time.perf_counter()
