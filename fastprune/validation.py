@@ -42,7 +42,7 @@ def check_finite(T: torch.Tensor, name: str) -> None:
 
 
 def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -> torch.Tensor:
-    """A finite square floating `[cols, cols]` tensor on `device`."""
+    """A square floating `[cols, cols]` tensor on `device` that passes `check_gram_like`."""
     if not isinstance(H, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(H).__name__}")
     if not H.is_floating_point():
