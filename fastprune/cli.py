@@ -47,7 +47,10 @@ def parse_pattern(text: str) -> tuple[int, int]:
 
 
 def _check_source(spec: str, flag: str, allowed: tuple[str, ...]) -> None:
+    """`spec` is one of `allowed` or a non-empty UTF-8 text file (read once to check)."""
     from pathlib import Path
+
+    from .data import read_text_file
 
     if spec in allowed:
         return
@@ -56,6 +59,72 @@ def _check_source(spec: str, flag: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(
             f"{flag} {spec!r} is neither one of {', '.join(allowed)} nor a readable text file"
         )
+    read_text_file(p, flag)
+
+
+def _check_output(path: str, flag: str, directory: bool) -> None:
+    """An output path that can be written: not an existing file (for a directory) or
+    directory (for a file), under an existing directory or one that can be created."""
+    import os
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if directory and p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {path!r} exists and is not a directory")
+    if not directory and p.is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory; give a file name")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        if not directory:
+            raise ValueError(f"{flag} {path!r}: directory {str(p.parent)!r} does not exist")
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: {str(parent)!r} is not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{flag} {path!r}: directory {str(parent)!r} is not writable")
+
+
+FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
+    """Every `prune` flag and output path checked before anything is loaded; returns the
+    N:M pattern. Errors are `ValueError`s naming the flag."""
+    import torch
+
+    from .data import DATASETS
+    from .validation import check_sparsity
+
+    if args.method not in METHODS:
+        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    n, m = parse_pattern(args.pattern)
+    check_sparsity(args.sparsity, "--sparsity")
+    for flag, v in (
+        ("--nsamples", args.nsamples),
+        ("--seqlen", args.seqlen),
+        ("--eval-windows", args.eval_windows),
+        ("--batch-size", args.batch_size),
+    ):
+        if v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.max_swaps is not None and args.max_swaps < 0:
+        raise ValueError(f"--max-swaps must be >= 0, got {args.max_swaps}")
+    if args.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    _check_source(args.calib, "--calib", ("builtin", *DATASETS))
+    if args.eval != "none":
+        _check_source(args.eval, "--eval", ("builtin", "none", *DATASETS))
+    if args.save:
+        _check_output(args.save, "--save", directory=True)
+    if args.report:
+        _check_output(args.report, "--report", directory=False)
+    return n, m
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -64,25 +133,13 @@ def _prune(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .data import DATASETS, get_calibration, get_eval_ids
+    from .data import get_calibration, get_eval_ids
     from .evaluate import perplexity
     from .models import load_model, resolve_model
     from .pipeline import prune_model
 
     t_start = time.perf_counter()
-    if args.method not in METHODS:
-        raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
-    n, m = parse_pattern(args.pattern)
-    _check_source(args.calib, "--calib", ("builtin", *DATASETS))
-    if args.eval != "none":
-        _check_source(args.eval, "--eval", ("builtin", "none", *DATASETS))
-    for flag, v in (("--nsamples", args.nsamples), ("--seqlen", args.seqlen)):
-        if v < 1:
-            raise ValueError(f"{flag} must be >= 1, got {v}")
-    if args.eval_windows < 1:
-        raise ValueError(f"--eval-windows must be >= 1, got {args.eval_windows}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    n, m = check_prune_args(args)
     resolve_model(args.model)  # unknown model: fail before the slow part
     torch.manual_seed(args.seed)
     progress = not args.no_progress

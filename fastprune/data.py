@@ -50,6 +50,8 @@ def read_text_file(path, what: str = "calibration") -> str:
         raise ValueError(f"{what} file {str(path)!r} cannot be read as UTF-8 text: {e}") from e
     if not text.strip():
         raise ValueError(f"{what} file {str(path)!r} is empty")
+    if "\x00" in text:
+        raise ValueError(f"{what} file {str(path)!r} contains NUL bytes: not a text file")
     return text
 
 

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .validation import check_finite, check_hessian, check_percdamp
+from .validation import (
+    check_finite,
+    check_hessian,
+    check_int,
+    check_percdamp,
+    check_solve_dtype,
+)
 
 HESSIAN_PRECISIONS = ("auto", "exact", "fast")
 _HALF = (torch.float16, torch.bfloat16)
@@ -83,8 +89,8 @@ class HessianAccumulator:
         dtype: torch.dtype = torch.float32,
         precision: str = "auto",
     ) -> None:
-        if cols <= 0:
-            raise ValueError(f"cols must be > 0, got {cols}")
+        cols = check_int(cols, "cols", minimum=1)
+        check_solve_dtype(dtype)
         if precision not in HESSIAN_PRECISIONS:
             raise ValueError(f"precision must be one of {HESSIAN_PRECISIONS}, got {precision!r}")
         self.cols = int(cols)
@@ -97,6 +103,8 @@ class HessianAccumulator:
         """Add a batch of layer inputs (the reference's `add_batch(inp, out)` without `out`)."""
         if not isinstance(inp, torch.Tensor):
             raise TypeError(f"inp must be a torch.Tensor, got {type(inp).__name__}")
+        if not inp.is_floating_point():
+            raise TypeError(f"inp must be a real floating-point tensor, got dtype {inp.dtype}")
         if inp.dim() == 2:
             inp = inp.unsqueeze(0)
         if inp.dim() != 3 or inp.shape[-1] != self.cols:
@@ -104,6 +112,7 @@ class HessianAccumulator:
                 f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
                 f"got {tuple(inp.shape)}"
             )
+        check_finite(inp, "inp")  # before H is touched: one bad batch would poison it
         x = inp.reshape(-1, self.cols).to(device=self.H.device)
         self.nsamples = running_hessian_update(
             self.H, self.nsamples, x.t(), inp.shape[0], self.precision
@@ -236,6 +245,8 @@ def inverse_hessian(
         raise ValueError(f"method must be one of {INVERSE_METHODS}, got {method!r}")
     check_hessian(H, H.shape[0], H.device)
     percdamp = check_percdamp(percdamp)
+    if dtype is not None:
+        check_solve_dtype(dtype)
     dtype = dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32)
     Hd = H.to(dtype, copy=True)
     diag = torch.diagonal(Hd)

@@ -20,7 +20,7 @@ from .masks import pattern_name
 from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .ops import Kernels
 from .result import PruneResult
-from .validation import check_scaler, compute_dtype
+from .validation import check_inplace, check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 
@@ -78,6 +78,7 @@ def rose_layer(
     W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
         W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     )
+    check_inplace(inplace, W)
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
     kernels = Kernels(backend, W.device, ROSE_OPS)

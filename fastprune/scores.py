@@ -16,6 +16,7 @@ from .validation import (
     check_device,
     check_finite,
     check_hessian,
+    check_inplace,
     check_pattern,
     check_sparsity,
     check_weight,
@@ -68,6 +69,7 @@ def magnitude_layer(
     group. `H` is optional and only used to report the loss."""
     t0 = time.perf_counter()
     W = check_weight(W)
+    check_inplace(inplace, W)
     if H is not None:
         check_hessian(H, W.shape[1], W.device)
     s = check_sparsity(sparsity)
@@ -89,6 +91,7 @@ def wanda_layer(
     lowest (stable sort); N:M per group."""
     t0 = time.perf_counter()
     W = check_weight(W)
+    check_inplace(inplace, W)
     check_hessian(H, W.shape[1], W.device)
     s = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
@@ -111,6 +114,7 @@ def gblm_layer(
     gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
     t0 = time.perf_counter()
     W = check_weight(W)
+    check_inplace(inplace, W)
     check_hessian(H, W.shape[1], W.device)
     if not isinstance(G, torch.Tensor):
         raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")

@@ -12,7 +12,7 @@ from .masks import check_nm_keep_mask
 from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .ops import Kernels
 from .result import PruneResult
-from .validation import check_mask, compute_dtype
+from .validation import check_inplace, check_mask, compute_dtype
 
 
 @torch.no_grad()
@@ -47,6 +47,7 @@ def sparsegpt_layer(
     W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
         W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     )
+    check_inplace(inplace, W)
     if mask is not None:
         check_mask(mask, W.shape, W.device)
         if n and not check_nm_keep_mask(mask, n, m):

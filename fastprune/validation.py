@@ -9,6 +9,12 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
+# H must be symmetric to within HESSIAN_RTOL * max|H| (raised to 2 ulp for half-precision H):
+# a Gram matrix accumulated in float32 is symmetric to ~1e-7 relative; the solvers read one
+# triangle, so a larger gap means H is not what they assume.
+HESSIAN_RTOL = 1e-4
+SOLVE_DTYPES = (torch.float32, torch.float64)
+
 
 def check_weight(W: object, name: str = "W") -> torch.Tensor:
     """A finite floating 2-D tensor."""
@@ -25,14 +31,18 @@ def check_weight(W: object, name: str = "W") -> torch.Tensor:
 
 
 def check_finite(T: torch.Tensor, name: str) -> None:
-    """Reject NaN/inf instead of letting them propagate."""
+    """Reject meta tensors (no data) and NaN/inf instead of letting them propagate."""
+    if T.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data): load it first")
+    if T.is_complex():
+        raise TypeError(f"{name} must be real, got dtype {T.dtype}")
     if not torch.isfinite(T).all():
         bad = (~torch.isfinite(T)).sum().item()
         raise ValueError(f"{name} contains {bad} NaN/inf value(s)")
 
 
 def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -> torch.Tensor:
-    """A finite square floating `[cols, cols]` tensor on `device`."""
+    """A square floating `[cols, cols]` tensor on `device` that passes `check_gram_like`."""
     if not isinstance(H, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(H).__name__}")
     if not H.is_floating_point():
@@ -42,8 +52,55 @@ def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -
     if H.shape[0] != cols:
         raise ValueError(f"{name} is {tuple(H.shape)} but W has {cols} columns")
     check_device(H, device, name)
-    check_finite(H, name)
+    if H.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without data): load it first")
+    check_gram_like(H, name)  # also rejects NaN/inf
     return H
+
+
+def hessian_tolerance(dtype: torch.dtype) -> float:
+    """The relative tolerance of `check_gram_like` for an H of `dtype`."""
+    return max(HESSIAN_RTOL, 2 * torch.finfo(dtype).eps)
+
+
+def check_gram_like(H: torch.Tensor, name: str = "H") -> None:
+    """Cheap necessary conditions for a finite positive semi-definite `H`, no factorisation:
+    a non-negative diagonal, `|H_ij - H_ji| <= tol * max|H|` and `|H_ij| <= sqrt(H_ii H_jj)
+    + tol * max|H|` (2x2 principal minors >= 0), `tol = hessian_tolerance(H.dtype)`. One
+    pass over square blocks of the upper triangle; H can still fail a Cholesky later."""
+    diag = torch.diagonal(H)
+    neg = diag < 0
+    if neg.any():
+        i = int(neg.nonzero()[0, 0])
+        raise ValueError(
+            f"{name} is not positive semi-definite: {name}[{i},{i}] = {diag[i].item():g} < 0"
+        )
+    dtype = H.dtype if H.dtype in SOLVE_DTYPES else torch.float32
+    root = diag.to(dtype).sqrt()
+    cols = H.shape[0]
+    b = 512 if H.device.type == "cpu" else 2048  # cache-sized blocks; few launches on a GPU
+    peak, asym, minor = [], [], []
+    for i in range(0, cols, b):
+        for j in range(i, cols, b):
+            A = H[i : i + b, j : j + b].to(dtype)
+            absA = A.abs()
+            peak.append(absA.amax())
+            asym.append((A - H[j : j + b, i : i + b].t().to(dtype)).abs_().amax())
+            minor.append((absA - root[i : i + b, None] * root[None, j : j + b]).amax())
+    scale, worst_asym, worst_minor = (torch.stack(v).amax().item() for v in (peak, asym, minor))
+    if not all(math.isfinite(v) for v in (scale, worst_asym, worst_minor)):
+        check_finite(H, name)  # NaN/inf somewhere: raises, naming H
+    tol = hessian_tolerance(H.dtype) * scale
+    if worst_asym > tol:
+        raise ValueError(
+            f"{name} is not symmetric: max|{name} - {name}^T| = {worst_asym:g} exceeds "
+            f"{hessian_tolerance(H.dtype):g} * max|{name}|"
+        )
+    if worst_minor > tol:
+        raise ValueError(
+            f"{name} is not positive semi-definite: an off-diagonal |{name}[i,j]| exceeds "
+            f"sqrt({name}[i,i] * {name}[j,j]) by {worst_minor:g}"
+        )
 
 
 def check_device(T: torch.Tensor, device: torch.device, name: str) -> None:
@@ -59,6 +116,30 @@ def check_sparsity(sparsity: object, name: str = "sparsity") -> float:
     if not math.isfinite(s) or not 0.0 <= s < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
     return s
+
+
+def check_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool (True/False), got {value!r}")
+    return value
+
+
+def check_inplace(inplace: object, W: torch.Tensor) -> bool:
+    """A bool; `True` needs a W whose entries own distinct memory (not expanded)."""
+    check_bool(inplace, "inplace")
+    if inplace and any(st == 0 and sz > 1 for st, sz in zip(W.stride(), W.shape)):
+        raise ValueError(
+            "inplace=True but W is expanded (a stride-0 view: its entries share memory); "
+            "pass W.contiguous() or inplace=False"
+        )
+    return inplace
+
+
+def check_solve_dtype(dtype: object, name: str = "dtype") -> torch.dtype:
+    """torch.float32 or torch.float64: the dtypes the factorisations run in."""
+    if dtype not in SOLVE_DTYPES:
+        raise TypeError(f"{name} must be torch.float32 or torch.float64, got {dtype!r}")
+    return dtype  # type: ignore[return-value]
 
 
 def check_int(value: object, name: str, minimum: int = 0) -> int:

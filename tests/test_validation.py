@@ -94,3 +94,22 @@ def test_bad_gradient():
         fp.gblm_layer(W, H, -torch.rand(8, 16))
     with pytest.raises(TypeError, match="alpha"):
         fp.gblm_layer(W, H, G, alpha="1")
+
+
+@pytest.mark.parametrize("method", [*HAS_H, "sparseswaps"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_hessian_symmetry_tolerance(method, dtype):
+    """Rounding-level asymmetry passes (tol = max(1e-4, 2 eps) * max|H|); 10x tol does not."""
+    X = torch.randn(16, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    Hg = X @ X.t() / 32
+    tol = fp.validation.hessian_tolerance(dtype) * Hg.abs().max().item()
+    fn = LAYER_FNS.get(method) or (lambda **kw: fp.sparseswaps_layer(W, kw["H"], max_swaps=1))
+    for gap, ok in ((0.4 * tol, True), (10 * tol, False)):
+        Hb = Hg.clone()
+        Hb[2, 7] += gap
+        Hb = Hb.to(dtype)
+        if ok:
+            fn(H=Hb)
+        else:
+            with pytest.raises(ValueError, match="H is not symmetric"):
+                fn(H=Hb)
