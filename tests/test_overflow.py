@@ -205,3 +205,11 @@ def test_accumulator_ordinary_unchanged():
         xx = math.sqrt(2 / ns) * x.reshape(-1, COLS).t().float()
         H += xx @ xx.t()
     assert torch.equal(acc.H, H)
+
+
+def test_weight_that_overflows_when_scaled_back_is_refused():
+    """OBS updates move pruned weight onto correlated columns: at ~3e38 that leaves float32."""
+    H = torch.full((4, 4), 0.999) + 0.001 * torch.eye(4)
+    W = torch.full((2, 4), 3e38)
+    with pytest.raises(ValueError, match=r"W: the pruned weight overflows"):
+        fp.sparsegpt_layer(W, H, 0.5, percdamp=0.0)
