@@ -3,11 +3,13 @@ info, inverse resolution and the finishing of a result (dtype cast, in-place wri
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Callable
 
 import torch
 
-from .hessian import InverseHessian, inverse_hessian
+from .hessian import InverseHessian, hessian_scale_exponent, inverse_hessian, scale_pow2
 from .masks import pattern_name
 from .result import PruneResult
 from .validation import (
@@ -37,6 +39,88 @@ def wanda_score(
         scaler = torch.diagonal(H) / 2
     dtype = dtype or compute_dtype(W, scaler)
     return W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
+
+
+# A layer is solved as given when max|W| and max diag(H) lie in these ranges and
+# max|W|^2 * max diag(H) (the size of a score `w^2 h` or a loss term) is below PRODUCT_MAX:
+# then no score, OBS error or loss term comes near float32's range (2^-126 .. 2^128) even
+# summed over 2^20 columns. Outside them it is solved on a power-of-two rescaled copy.
+W_RANGE = (2.0**-32, 2.0**32)
+H_RANGE = (2.0**-48, 2.0**48)
+PRODUCT_MAX = 2.0**96
+W_TARGET_EXP = 17  # a rescaled W has max|W| in [2^16, 2^17)
+# info entries that carry a loss (scale s_w^2 s_h); "damp" carries H's scale s_h
+LOSS_INFO_KEYS = ("obs_loss_estimate", "loss_before", "loss_after", "loss_masked")
+
+
+def problem_scales(W: torch.Tensor, H: torch.Tensor | None) -> tuple[int, int] | None:
+    """None when `W`, `H` are in the ranges above (solved as given, bit for bit), else the
+    exponents `(ew, eh)` of the power-of-two scales `s_w = 2^ew`, `s_h = 2^eh` (`eh` even,
+    so `sqrt(s_h)` is exact too) that bring max|W| to [2^16, 2^17) and max diag(H) to [1, 4).
+    Every mask rule here is invariant to these scales (see docs/semantics.md)."""
+    wmax = W.abs().amax().item()
+    hmax = 0.0 if H is None else torch.diagonal(H).amax().item()
+    w_ok = wmax == 0 or W_RANGE[0] <= wmax <= W_RANGE[1]
+    h_ok = hmax == 0 or H_RANGE[0] <= hmax <= H_RANGE[1]
+    if w_ok and h_ok and wmax * wmax * hmax <= PRODUCT_MAX:
+        return None
+    ew = math.frexp(wmax)[1] - W_TARGET_EXP if wmax > 0 else 0
+    return ew, hessian_scale_exponent(hmax)
+
+
+def solve_rescaled(
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    scales: tuple[int, int],
+    solve: Callable[[torch.Tensor, torch.Tensor | None], PruneResult],
+    t0: float,
+    inplace: bool,
+) -> PruneResult:
+    """`solve(W / s_w, H / s_h)` (copies in the solve dtype, scaled exactly) with the result
+    scaled back: weight by `s_w`, the loss (and the losses in `info`) by `s_w^2 s_h`, the
+    damping by `s_h`. Raises if the weight or the loss is not representable unscaled."""
+    ew, eh = scales
+    dtype = compute_dtype(W, H)
+    Ws = scale_pow2(W.to(dtype, copy=True), -ew)
+    Hs = None if H is None else scale_pow2(H.to(dtype, copy=True), -eh)
+    r = solve(Ws, Hs)
+    weight = scale_pow2(r.weight.to(dtype), ew).to(W.dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"W: the pruned weight overflows {W.dtype} when scaled back (the updates grew "
+            f"weights beyond its range; max|W| = {W.abs().amax().item():g})"
+        )
+    info = dict(r.info)
+    info["compute_dtype"] = str(compute_dtype(W, H)).replace("torch.", "")
+    loss = None if r.loss is None else _unscale_loss(r.loss, ew, eh)
+    for key in LOSS_INFO_KEYS:
+        if info.get(key) is not None:
+            info[key] = _unscale_loss(info[key], ew, eh)
+    if "damp" in info:
+        info["damp"] = math.ldexp(info["damp"], eh)
+    info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
+    return finish(W, weight, r.mask, loss, info, t0, inplace)
+
+
+def _unscale_loss(loss: float, ew: int, eh: int) -> float:
+    try:
+        out = math.ldexp(loss, 2 * ew + eh)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ValueError(
+            f"the layer loss (~{loss:g} x 2^{2 * ew + eh}) overflows float64: W and H are "
+            "too large to report it"
+        )
+    return out
+
+
+def scale_inverse(hinv: InverseHessian, eh: int, dtype: torch.dtype) -> InverseHessian:
+    """The inverse of `H / 2^eh` from `hinv`, that of `H`: `U` times `2^(eh/2)` (eh even)."""
+    if not isinstance(hinv, InverseHessian):
+        raise TypeError("hinv must be an InverseHessian from fastprune.inverse_hessian")
+    U = scale_pow2(hinv.hinv.to(dtype, copy=True), eh // 2)
+    return InverseHessian(U, hinv.dead, math.ldexp(hinv.damp, -eh), hinv.percdamp, hinv.retries)
 
 
 def check_obs_args(

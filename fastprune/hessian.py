@@ -32,6 +32,25 @@ from .validation import (
 
 HESSIAN_PRECISIONS = ("auto", "exact", "fast")
 _HALF = (torch.float16, torch.bfloat16)
+# `inverse_hessian` factors H as given when max diag(H) is 0 or in this range, else a copy
+# scaled by a power of four (exactly: the factor then scales by a power of two)
+H_RANGE = (2.0**-48, 2.0**48)
+
+
+def scale_pow2(T: torch.Tensor, e: int) -> torch.Tensor:
+    """`T *= 2^e` in place, exactly (barring over/underflow of the results themselves): in
+    steps small enough that each factor is representable in T's dtype."""
+    step = math.frexp(torch.finfo(T.dtype).max)[1] - 2
+    while e:
+        k = max(-step, min(step, e))
+        T.mul_(math.ldexp(1.0, k))
+        e -= k
+    return T
+
+
+def hessian_scale_exponent(hmax: float) -> int:
+    """The even `eh` with `hmax / 2^eh` in [1, 4) (0 for hmax == 0)."""
+    return 2 * ((math.frexp(hmax)[1] - 1) // 2) if hmax > 0 else 0
 
 
 def _half_gram(x: torch.Tensor) -> torch.Tensor:
@@ -57,14 +76,51 @@ def uses_fast_hessian(precision: str, x: torch.Tensor) -> bool:
     return precision == "fast" or x.is_cuda
 
 
+def _check_update_range(
+    H: torch.Tensor, nsamples: int, x: torch.Tensor, total: int, fast: bool, name: str
+) -> bool:
+    """Refuse (before `H` is touched) an update whose `H` would overflow H's dtype; returns
+    whether the fast arithmetic may run (its raw `x x^T`, before the `2/n`, must fit too).
+    Ordinary inputs pass on one max-reduction; only near the limit are the exact per-column
+    sums of squares taken (float64). PSD: every entry is bounded by the largest diagonal."""
+    lim = torch.finfo(H.dtype).max / 4
+    xmax = torch.linalg.vector_norm(x, float("inf")).item()
+    hmax = torch.diagonal(H).amax().item() if nsamples else 0.0
+    raw = xmax * xmax * x.shape[1]
+    if hmax * (nsamples / total) + raw * (2 / total) <= lim and (not fast or raw <= lim):
+        return fast
+    d = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+    raw = d.max().item()
+    new = (torch.diagonal(H).double() * (nsamples / total) + d * (2 / total)).max().item()
+    if not new <= lim:
+        hint = (
+            "accumulate in float64 (HessianAccumulator(..., dtype=torch.float64)) or scale "
+            "the activations down"
+            if H.dtype != torch.float64
+            else "scale the activations down"
+        )
+        raise ValueError(
+            f"{name}: the {str(H.dtype).replace('torch.', '')} Hessian would overflow "
+            f"(max diag(H) ~{new:.3g}, above {lim:.3g}; |{name}| up to {xmax:.3g}); {hint}"
+        )
+    return fast and raw <= lim
+
+
 def running_hessian_update(
-    H: torch.Tensor, nsamples: int, x: torch.Tensor, b: int, precision: str = "exact"
+    H: torch.Tensor,
+    nsamples: int,
+    x: torch.Tensor,
+    b: int,
+    precision: str = "exact",
+    name: str = "inp",
 ) -> int:
     """Running update of `H = 2/n sum x x^T` in place, for `b` new samples whose inputs are
     the columns of `x [cols, tokens]`; returns the new sample count. `precision`: see the
-    module docstring ("exact", the default, is the reference's arithmetic)."""
+    module docstring ("exact", the default, is the reference's arithmetic). An update whose
+    `H` would overflow is refused with a ValueError naming `name`, `H` untouched."""
     total = nsamples + b
-    if H.dtype == torch.float32 and uses_fast_hessian(precision, x):
+    fast = H.dtype == torch.float32 and uses_fast_hessian(precision, x)
+    if _check_update_range(H, nsamples, x, total, fast, name):
         H.mul_(nsamples / total).add_(_half_gram(x), alpha=2 / total)
         return total
     H *= nsamples / total
@@ -237,7 +293,9 @@ def inverse_hessian(
     cholesky -> cholesky_inverse -> upper cholesky (~4/3 n^3 flops), kept for the drop-in
     replacements in `fastprune.compat`. Both give the same `U` up to rounding. A
     factorisation that fails (or gives non-finite values) is retried with 10x more damping
-    each time and reported instead of raising. `H` is not modified.
+    each time and reported instead of raising. An `H` whose largest diagonal entry is
+    outside `H_RANGE` is factored as `H / 4^k` and `U` scaled back by `2^-k` (exact).
+    `H` is not modified.
     """
     if not isinstance(H, torch.Tensor) or H.dim() != 2:
         raise TypeError("H must be a 2-D torch.Tensor")
@@ -248,9 +306,16 @@ def inverse_hessian(
     if dtype is not None:
         check_solve_dtype(dtype)
     dtype = dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32)
-    Hd = H.to(dtype, copy=True)
+    hmax = torch.diagonal(H).amax().item()
+    eh = 0 if hmax == 0 or H_RANGE[0] <= hmax <= H_RANGE[1] else hessian_scale_exponent(hmax)
+    if eh:  # scaled exactly in H's precision first, so a float64 H fits a float32 solve
+        wide = torch.float64 if H.dtype == torch.float64 else dtype
+        Hd = scale_pow2(H.to(wide, copy=True), -eh).to(dtype)
+        dead = torch.diagonal(H) == 0  # not the entries the scaling flushed to zero
+    else:
+        Hd = H.to(dtype, copy=True)
+        dead = torch.diagonal(Hd) == 0
     diag = torch.diagonal(Hd)
-    dead = diag == 0
     diag[dead] = 1
     mean_diag = diag.mean().item()
     if mean_diag <= 0:
@@ -261,7 +326,16 @@ def inverse_hessian(
         U = factor(Hd, damp)
         if U is None or not torch.isfinite(U).all():
             continue
-        return InverseHessian(hinv=U, dead=dead, damp=damp, percdamp=p, retries=tries)
+        if eh:  # H = 2^eh H' => H^-1 = 2^-eh U'^T U' => U = 2^(-eh/2) U'
+            U = scale_pow2(U, -eh // 2)
+            if not torch.isfinite(U).all() or not (U.diagonal() > 0).all():
+                raise ValueError(
+                    f"H (max diag {hmax:g}) is positive semi-definite but the factor of its "
+                    f"inverse is not representable in {dtype}: pass H in float64"
+                )
+        return InverseHessian(
+            hinv=U, dead=dead, damp=math.ldexp(damp, eh), percdamp=p, retries=tries
+        )
     raise ValueError(
         f"H could not be factored even with damping {p:g} x mean(diag(H)): it is not "
         "positive semi-definite (check how it was accumulated)"

@@ -14,8 +14,16 @@ import time
 
 import torch
 
-from .core import base_info, check_obs_args, finish, unpruned_result, wanda_score
-from .hessian import inverse_hessian
+from .core import (
+    base_info,
+    check_obs_args,
+    finish,
+    problem_scales,
+    solve_rescaled,
+    unpruned_result,
+    wanda_score,
+)
+from .hessian import inverse_hessian, scale_pow2
 from .masks import pattern_name
 from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .ops import Kernels
@@ -81,9 +89,23 @@ def rose_layer(
     check_inplace(inplace, W)
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
+    cols = W.shape[1]
+    if scaler is not None:
+        scaler = check_scaler(scaler, cols, W.device, "scaler")
+    scales = problem_scales(W, H)
+    if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
+        if scaler is not None:  # it stands for diag(H)/2, so it scales as H
+            scaler = scale_pow2(scaler.to(compute_dtype(scaler), copy=True), -scales[1])
+
+        def solve(Ws, Hs):
+            return rose_layer(
+                Ws, Hs, sparsity, n, m, blocksize, percdamp, range_threshold, backend,
+                scaler=scaler, inverse_method=inverse_method,
+            )  # fmt: skip
+
+        return solve_rescaled(W, H, scales, solve, t0, inplace)
     kernels = Kernels(backend, W.device, ROSE_OPS)
     dtype = compute_dtype(W, H)
-    cols = W.shape[1]
     info = base_info("rose", W, sparsity, n, m, kernels.backend, dtype)
     sweep_bs = nm_blocksize(blocksize, m)
     info.update(blocksize=sweep_bs, percdamp=percdamp, range_threshold=float(range_threshold))
@@ -91,8 +113,6 @@ def rose_layer(
         info.update(relative_range=0.0, reordered=False)
         return unpruned_result(W, H, info, t0, inplace)
 
-    if scaler is not None:
-        scaler = check_scaler(scaler, cols, W.device, "scaler")
     S = wanda_score(W, H, scaler=scaler, dtype=dtype)
     rose_bounds = block_bounds(cols, m if n else blocksize)
     col_loss, block_loss = kernels("column_losses", S, rose_bounds, sparsity, n, m)

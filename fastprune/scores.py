@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from .core import base_info, finish, wanda_score
-from .hessian import layer_loss
+from .core import base_info, finish, problem_scales, solve_rescaled, wanda_score
+from .hessian import layer_loss, scale_pow2
 from .masks import selection_prune_mask
 from .result import PruneResult
 from .validation import (
@@ -74,6 +74,10 @@ def magnitude_layer(
         check_hessian(H, W.shape[1], W.device)
     s = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    scales = problem_scales(W, H)
+    if scales is not None:
+        solve = lambda Ws, Hs: magnitude_layer(Ws, s, n, m, H=Hs)  # noqa: E731
+        return solve_rescaled(W, H, scales, solve, t0, inplace)
     return _apply("magnitude", W, H, W.abs(), s, n, m, False, t0, inplace)
 
 
@@ -95,6 +99,10 @@ def wanda_layer(
     check_hessian(H, W.shape[1], W.device)
     s = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    scales = problem_scales(W, H)
+    if scales is not None:
+        solve = lambda Ws, Hs: wanda_layer(Ws, Hs, s, n, m)  # noqa: E731
+        return solve_rescaled(W, H, scales, solve, t0, inplace)
     return _apply("wanda", W, H, wanda_score(W, H), s, n, m, True, t0, inplace)
 
 
@@ -130,6 +138,11 @@ def gblm_layer(
         raise TypeError(f"alpha must be a finite number, got {alpha!r}")
     s = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    scales = problem_scales(W, H)
+    if scales is not None:  # G scales as sqrt(H), so the score's two terms keep their ratio
+        Gs = scale_pow2(G.to(compute_dtype(G), copy=True), -scales[1] // 2)
+        solve = lambda Ws, Hs: gblm_layer(Ws, Hs, Gs, s, n, m, alpha)  # noqa: E731
+        return solve_rescaled(W, H, scales, solve, t0, inplace)
     score = gblm_score(W, H, G, float(alpha))
     return _apply("gblm", W, H, score, s, n, m, True, t0, inplace, {"alpha": float(alpha)})
 

@@ -6,7 +6,16 @@ import time
 
 import torch
 
-from .core import base_info, check_obs_args, finish, resolve_inverse, unpruned_result
+from .core import (
+    base_info,
+    check_obs_args,
+    finish,
+    problem_scales,
+    resolve_inverse,
+    scale_inverse,
+    solve_rescaled,
+    unpruned_result,
+)
 from .hessian import InverseHessian
 from .masks import check_nm_keep_mask
 from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
@@ -52,6 +61,18 @@ def sparsegpt_layer(
         check_mask(mask, W.shape, W.device)
         if n and not check_nm_keep_mask(mask, n, m):
             raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
+    scales = problem_scales(W, H)
+    if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
+        if hinv is not None:
+            hinv = scale_inverse(hinv, scales[1], compute_dtype(W, H))
+
+        def solve(Ws, Hs):
+            return sparsegpt_layer(
+                Ws, Hs, sparsity, n, m, blocksize, percdamp, mask, backend,
+                hinv=hinv, inverse_method=inverse_method,
+            )  # fmt: skip
+
+        return solve_rescaled(W, H, scales, solve, t0, inplace)
     kernels = Kernels(backend, W.device, OBS_OPS)
     dtype = compute_dtype(W, H)
     info = base_info("sparsegpt", W, sparsity, n, m, kernels.backend, dtype)

@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .core import base_info, finish, wanda_score
+from .core import base_info, finish, problem_scales, solve_rescaled, wanda_score
 from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
 from .ops import Kernels
 from .result import PruneResult
@@ -119,6 +119,16 @@ def sparseswaps_layer(
     check_backend(backend)
     if max_swaps is not None:
         max_swaps = check_int(max_swaps, "max_swaps", minimum=0)
+    scales = problem_scales(W, H)
+    if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
+
+        def solve(Ws, Hs):
+            return sparseswaps_layer(
+                Ws, Hs, mask, max_swaps, backend, sparsity=sparsity, prune_n=n, prune_m=m,
+                reconstruct=reconstruct, percdamp=percdamp, progress=progress,
+            )  # fmt: skip
+
+        return solve_rescaled(W, H, scales, solve, t0, False)
     dtype = compute_dtype(W, H)
     Wc = W.to(dtype)
     Hc = H.to(dtype)
