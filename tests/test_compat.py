@@ -473,35 +473,37 @@ def test_rose_nm_columnar_works_where_original_crashes(gen):
     assert r.loss == pytest.approx(own.loss)
 
 
-def test_rose_partial_last_block_columnar(gen):
+@pytest.mark.parametrize("cols,bs", [(100, 16), (120, 16), (70, 32)])
+def test_rose_partial_last_block_columnar(gen, cols, bs):
     """The original crashes on a reordered layer whose last block is partial; the adapter
-    orders all blocks (the partial one by its loss too) and sweeps each with its own size.
-    Oracle: the original's own block losses and column orders, then the original SparseGPT
-    loop on that permutation, block by block."""
-    cols, bs = 100, 16
+    orders all blocks by their loss sums (the original's rule, the partial one included)
+    and sweeps each with its own size. Oracle: the original's own block losses, range and
+    column orders, then the original SparseGPT loop on that permutation with those widths."""
     W, H, _ = random_layer(12, cols, columnar=True, blocksize=bs, generator=gen)
     scaler = torch.diagonal(H) / 2 * torch.linspace(1, 2, cols)  # any non-negative scaler
     with pytest.raises(NotImplementedError):
         original_rose(W, H, scaler, 0.5, blocksize=bs)
     r = compat.rose_with_scaler(W, H, scaler, 0.5, blocksize=bs)
-    assert r.info["reordered"]
+    assert r.info["reordered"] and r.info["range_rule"] == "block_sum"
     score = W.abs() * torch.sqrt(scaler).reshape(1, -1)
     reorder_column, losses = _rose_block_losses(score, cols, bs, 0.5)
+    ste = ((losses.max() - losses.min()) / losses.max()).item()
+    assert r.info["relative_range"] == pytest.approx(ste, rel=1e-5)
     order = torch.sort(losses, descending=True, stable=True).indices.tolist()
     blocks = [reorder_column[b * bs : min(cols, (b + 1) * bs)] for b in order]
     perm = torch.cat(blocks)
-    # the original loop with per-block sizes: sweep each reordered block as one block
-    Wp, Hp = W[:, perm], H[perm][:, perm]
-    sizes = [len(x) for x in blocks]
-    if len(set(sizes[:-1])) == 1 and sizes[-1] == sizes[0]:
-        Wq, pruned = original_sparsegpt(Wp, Hp, 0.5, blocksize=bs)
-        inv = torch.argsort(perm)
-        assert_masks_agree(~r.mask, pruned[:, inv], MASK_AGREE)
-        assert relative_error(r.weight, Wq[:, inv]) < WEIGHT_RTOL
-    # the blocks of the sweep are the ROSE blocks: each prunes int(numel*s)+1 (no ties)
+    Wq, pruned = original_sparsegpt(
+        W[:, perm], H[perm][:, perm], 0.5, widths=[len(x) for x in blocks]
+    )
+    inv = torch.argsort(perm)
+    assert_masks_agree(~r.mask, pruned[:, inv], MASK_AGREE)
+    assert relative_error(r.weight, Wq[:, inv]) < WEIGHT_RTOL
+    # the sweep keeps each ROSE block's budget: int(numel*s)+1 pruned (no ties)
     for block_cols in blocks:
         assert (~r.mask[:, block_cols]).sum().item() == int(12 * len(block_cols) * 0.5) + 1
-    own = fp.rose_layer(W, H, 0.5, blocksize=bs, scaler=scaler, inverse_method="reference")
+    own = fp.rose_layer(
+        W, H, 0.5, blocksize=bs, scaler=scaler, inverse_method="reference", range_rule="block_sum"
+    )
     assert torch.equal(own.weight, r.weight) and torch.equal(own.mask, r.mask)
 
 
