@@ -598,6 +598,59 @@ def test_sparsify_weight_preserve_sparsity_mask(gen, pattern):
         compat.sparsify_weight(too_sparse, {too_sparse: H}, 0.5, 0, 0, 32, 0.01, True)
 
 
+@pytest.mark.parametrize(
+    "cols,pattern,block,preserve",
+    [(130, (2, 4), 64, False), (130, (2, 4), 64, True), (27, (2, 4), 128, False)],
+    ids=str,
+)
+def test_sparsify_weight_nm_partial_last_group(gen, caplog, cols, pattern, block, preserve):
+    """llm-compressor prunes N:M layers whose width is not a multiple of M: full groups as
+    usual, then the `prune_n` lowest of the partial last group (130 columns, 2:4: both of
+    the last 2; 27 columns: 2 of the last 3). Oracle: its loop, restated."""
+    n, m = pattern
+    W, H, _ = random_layer(16, cols, generator=gen)
+    if preserve:
+        W[torch.rand(W.shape, generator=gen) < 0.2] = 0
+    if cols == 27:  # a Conv2d(3, 16, 3) stem: weight [16, 3, 3, 3] flattened to 27 columns
+        layer = nn.Conv2d(3, 16, 3, bias=False)
+        layer.weight.data = W.reshape(16, 3, 3, 3).clone()
+    else:
+        layer = nn.Linear(cols, 16, bias=False)
+        layer.weight.data = W.clone()
+    with caplog.at_level("INFO", logger="fastprune"):
+        loss, Wp = compat.sparsify_weight(
+            layer, {layer: H.clone()}, 0.5, n, m, block, 0.01, preserve
+        )
+    assert "partial last group" in caplog.text
+    Wp = Wp.reshape(16, cols)
+    ref_loss, ref_W = ref_sparsify_weight(W, H, 0.5, n, m, block, 0.01, preserve, fixed_index=True)
+    assert_masks_agree(Wp == 0, ref_W == 0, MASK_AGREE)
+    assert relative_error(Wp, ref_W) < WEIGHT_RTOL
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    full = cols - cols % m
+    assert ((Wp[:, :full] == 0).reshape(16, -1, m).sum(-1) >= n).all()
+    assert ((Wp[:, full:] == 0).sum(1) >= n).all()  # n pruned in the partial group too
+    if not preserve:
+        assert fp.check_nm_keep_mask(Wp[:, :full] != 0, n, m)
+        assert ((Wp[:, full:] == 0).sum(1) == n).all()
+
+
+def test_sparsify_weight_partial_group_narrower_than_n(gen):
+    """27 columns with 4:8 leave a group of 3 < 4, where llm-compressor's topk fails: those
+    columns stay dense; the full groups are pruned 4:8."""
+    W, H, _ = random_layer(16, 27, generator=gen)
+    with pytest.raises(RuntimeError):
+        ref_sparsify_weight(W, H, 0.5, 4, 8, 128, 0.01, False)
+    layer = nn.Conv2d(3, 16, 3, bias=False)
+    layer.weight.data = W.reshape(16, 3, 3, 3).clone()
+    _, Wp = compat.sparsify_weight(layer, {layer: H.clone()}, 0.5, 4, 8, 128, 0.01, False)
+    Wp = Wp.reshape(16, 27)
+    assert fp.check_nm_keep_mask(Wp[:, :24] != 0, 4, 8)
+    assert (Wp[:, 24:] != 0).all()
+    with pytest.raises(ValueError, match="prune_n must be < prune_m"):
+        compat.sparsify_weight(layer, {layer: H.clone()}, 0.5, 8, 8, 128, 0.01, False)
+
+
 def test_patch_llmcompressor_without_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "llmcompressor", None)  # import raises ImportError
     with pytest.raises(ImportError, match="pip install llmcompressor"):
