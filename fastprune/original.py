@@ -19,8 +19,13 @@ def original_sparsegpt(
     prunem: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    widths: list[int] | None = None,
 ):
-    """The IST-DASLab `SparseGPT.fasterprune` loop (no quantizer). Returns (W, pruned)."""
+    """The IST-DASLab `SparseGPT.fasterprune` loop (no quantizer). Returns (W, pruned).
+
+    `widths`: the block widths in sweep order instead of `blocksize` each (not in the
+    original; an oracle for sweeps whose blocks differ in size, as a reordered ROSE layer's).
+    """
     W = W.clone().float()
     H = H.clone().float()
     rows, cols = W.shape
@@ -34,9 +39,12 @@ def original_sparsegpt(
     H = torch.cholesky_inverse(H)
     Hinv = torch.linalg.cholesky(H, upper=True)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
-        count = i2 - i1
+    if widths is None:
+        widths = [min(blocksize, cols - i1) for i1 in range(0, cols, blocksize)]
+    assert sum(widths) == cols
+    i2 = 0
+    for count in widths:
+        i1, i2 = i2, i2 + count
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)

@@ -4,8 +4,11 @@ Pre-pruning score `S = |W| * sqrt(diag(H)/2)`; per block, the `sparsity` fractio
 `S` forms the loss matrix; columns are sorted by descending column loss inside each block and
 blocks by descending block loss when the block losses' relative range `(max-min)/max`
 exceeds `range_threshold`; SparseGPT then runs on the permuted layer and the result is
-un-permuted. For N:M the blocks are the groups of `prune_m` columns, so a permutation only
-moves whole groups (and columns inside a group) and the pattern stays valid.
+un-permuted. Blocks are compared per column (block loss / block width) when a short last
+block makes their widths differ (`range_rule="per_column"`), so that block's smaller sum
+does not make a uniform layer look columnar; `range_rule="block_sum"` is the original rule.
+For N:M the blocks are the groups of `prune_m` columns, so a permutation only moves whole
+groups (and columns inside a group) and the pattern stays valid.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from .result import PruneResult
 from .validation import check_inplace, check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
+RANGE_RULES = ("per_column", "block_sum")
 
 
 def relative_range(block_loss: torch.Tensor) -> float:
@@ -38,6 +42,23 @@ def relative_range(block_loss: torch.Tensor) -> float:
     hi = block_loss.max().item()
     lo = block_loss.min().item()
     return 0.0 if hi <= 0 else (hi - lo) / hi
+
+
+def comparable_block_losses(
+    block_loss: torch.Tensor, bounds: list[tuple[int, int]], rule: str = "per_column"
+) -> torch.Tensor:
+    """The block losses ROSE ranks and takes the relative range of.
+
+    "per_column": each block's loss over its width when the widths differ (a short last
+    block), else the sums unchanged, so full-block layers get exactly the original values.
+    "block_sum": the sums, as the ROSE repository (geometry-dependent with a short block).
+    """
+    if rule not in RANGE_RULES:
+        raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {rule!r}")
+    widths = [i2 - i1 for i1, i2 in bounds]
+    if rule == "block_sum" or len(set(widths)) <= 1:
+        return block_loss
+    return block_loss / torch.tensor(widths, dtype=block_loss.dtype, device=block_loss.device)
 
 
 def rose_permutation(
@@ -73,6 +94,7 @@ def rose_layer(
     scaler: torch.Tensor | None = None,
     inplace: bool = False,
     inverse_method: str = "direct",
+    range_rule: str = "per_column",
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
@@ -81,6 +103,9 @@ def rose_layer(
     `scaler` replaces `diag(H)/2` in the pre-pruning score `|W| * sqrt(scaler)` (the ROSE
     repository's own running scaler, say: see `fastprune.compat.ROSE`). `inverse_method`:
     how `inverse_hessian` factors the (permuted) `H`, "direct" or "reference".
+    `range_rule`: how blocks are compared (range and order), "per_column" (loss per column
+    where a short last block makes widths differ; identical to the sums otherwise) or
+    "block_sum" (the ROSE repository's sums; `fastprune.compat` uses it).
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
@@ -89,6 +114,8 @@ def rose_layer(
     check_inplace(inplace, W)
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
+    if range_rule not in RANGE_RULES:
+        raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
     cols = W.shape[1]
     if scaler is not None:
         scaler = check_scaler(scaler, cols, W.device, "scaler")
@@ -100,7 +127,7 @@ def rose_layer(
         def solve(Ws, Hs):
             return rose_layer(
                 Ws, Hs, sparsity, n, m, blocksize, percdamp, range_threshold, backend,
-                scaler=scaler, inverse_method=inverse_method,
+                scaler=scaler, inverse_method=inverse_method, range_rule=range_rule,
             )  # fmt: skip
 
         return solve_rescaled(W, H, scales, solve, t0, inplace)
@@ -108,7 +135,12 @@ def rose_layer(
     dtype = compute_dtype(W, H)
     info = base_info("rose", W, sparsity, n, m, kernels.backend, dtype)
     sweep_bs = nm_blocksize(blocksize, m)
-    info.update(blocksize=sweep_bs, percdamp=percdamp, range_threshold=float(range_threshold))
+    info.update(
+        blocksize=sweep_bs,
+        percdamp=percdamp,
+        range_threshold=float(range_threshold),
+        range_rule=range_rule,
+    )
     if n == 0 and sparsity == 0.0:
         info.update(relative_range=0.0, reordered=False)
         return unpruned_result(W, H, info, t0, inplace)
@@ -116,6 +148,7 @@ def rose_layer(
     S = wanda_score(W, H, scaler=scaler, dtype=dtype)
     rose_bounds = block_bounds(cols, m if n else blocksize)
     col_loss, block_loss = kernels("column_losses", S, rose_bounds, sparsity, n, m)
+    block_loss = comparable_block_losses(block_loss, rose_bounds, range_rule)
     rel = relative_range(block_loss)
     reorder = rel > range_threshold
     info.update(relative_range=rel, reordered=bool(reorder), num_blocks=len(rose_bounds))

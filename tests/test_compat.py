@@ -473,35 +473,37 @@ def test_rose_nm_columnar_works_where_original_crashes(gen):
     assert r.loss == pytest.approx(own.loss)
 
 
-def test_rose_partial_last_block_columnar(gen):
+@pytest.mark.parametrize("cols,bs", [(100, 16), (120, 16), (70, 32)])
+def test_rose_partial_last_block_columnar(gen, cols, bs):
     """The original crashes on a reordered layer whose last block is partial; the adapter
-    orders all blocks (the partial one by its loss too) and sweeps each with its own size.
-    Oracle: the original's own block losses and column orders, then the original SparseGPT
-    loop on that permutation, block by block."""
-    cols, bs = 100, 16
+    orders all blocks by their loss sums (the original's rule, the partial one included)
+    and sweeps each with its own size. Oracle: the original's own block losses, range and
+    column orders, then the original SparseGPT loop on that permutation with those widths."""
     W, H, _ = random_layer(12, cols, columnar=True, blocksize=bs, generator=gen)
     scaler = torch.diagonal(H) / 2 * torch.linspace(1, 2, cols)  # any non-negative scaler
     with pytest.raises(NotImplementedError):
         original_rose(W, H, scaler, 0.5, blocksize=bs)
     r = compat.rose_with_scaler(W, H, scaler, 0.5, blocksize=bs)
-    assert r.info["reordered"]
+    assert r.info["reordered"] and r.info["range_rule"] == "block_sum"
     score = W.abs() * torch.sqrt(scaler).reshape(1, -1)
     reorder_column, losses = _rose_block_losses(score, cols, bs, 0.5)
+    ste = ((losses.max() - losses.min()) / losses.max()).item()
+    assert r.info["relative_range"] == pytest.approx(ste, rel=1e-5)
     order = torch.sort(losses, descending=True, stable=True).indices.tolist()
     blocks = [reorder_column[b * bs : min(cols, (b + 1) * bs)] for b in order]
     perm = torch.cat(blocks)
-    # the original loop with per-block sizes: sweep each reordered block as one block
-    Wp, Hp = W[:, perm], H[perm][:, perm]
-    sizes = [len(x) for x in blocks]
-    if len(set(sizes[:-1])) == 1 and sizes[-1] == sizes[0]:
-        Wq, pruned = original_sparsegpt(Wp, Hp, 0.5, blocksize=bs)
-        inv = torch.argsort(perm)
-        assert_masks_agree(~r.mask, pruned[:, inv], MASK_AGREE)
-        assert relative_error(r.weight, Wq[:, inv]) < WEIGHT_RTOL
-    # the blocks of the sweep are the ROSE blocks: each prunes int(numel*s)+1 (no ties)
+    Wq, pruned = original_sparsegpt(
+        W[:, perm], H[perm][:, perm], 0.5, widths=[len(x) for x in blocks]
+    )
+    inv = torch.argsort(perm)
+    assert_masks_agree(~r.mask, pruned[:, inv], MASK_AGREE)
+    assert relative_error(r.weight, Wq[:, inv]) < WEIGHT_RTOL
+    # the sweep keeps each ROSE block's budget: int(numel*s)+1 pruned (no ties)
     for block_cols in blocks:
         assert (~r.mask[:, block_cols]).sum().item() == int(12 * len(block_cols) * 0.5) + 1
-    own = fp.rose_layer(W, H, 0.5, blocksize=bs, scaler=scaler, inverse_method="reference")
+    own = fp.rose_layer(
+        W, H, 0.5, blocksize=bs, scaler=scaler, inverse_method="reference", range_rule="block_sum"
+    )
     assert torch.equal(own.weight, r.weight) and torch.equal(own.mask, r.mask)
 
 
@@ -594,6 +596,59 @@ def test_sparsify_weight_preserve_sparsity_mask(gen, pattern):
     too_sparse.weight.data = W.masked_fill(torch.rand(W.shape, generator=gen) < 0.5, 0)
     with pytest.raises(ValueError, match="preserve_sparsity_mask"):
         compat.sparsify_weight(too_sparse, {too_sparse: H}, 0.5, 0, 0, 32, 0.01, True)
+
+
+@pytest.mark.parametrize(
+    "cols,pattern,block,preserve",
+    [(130, (2, 4), 64, False), (130, (2, 4), 64, True), (27, (2, 4), 128, False)],
+    ids=str,
+)
+def test_sparsify_weight_nm_partial_last_group(gen, caplog, cols, pattern, block, preserve):
+    """llm-compressor prunes N:M layers whose width is not a multiple of M: full groups as
+    usual, then the `prune_n` lowest of the partial last group (130 columns, 2:4: both of
+    the last 2; 27 columns: 2 of the last 3). Oracle: its loop, restated."""
+    n, m = pattern
+    W, H, _ = random_layer(16, cols, generator=gen)
+    if preserve:
+        W[torch.rand(W.shape, generator=gen) < 0.2] = 0
+    if cols == 27:  # a Conv2d(3, 16, 3) stem: weight [16, 3, 3, 3] flattened to 27 columns
+        layer = nn.Conv2d(3, 16, 3, bias=False)
+        layer.weight.data = W.reshape(16, 3, 3, 3).clone()
+    else:
+        layer = nn.Linear(cols, 16, bias=False)
+        layer.weight.data = W.clone()
+    with caplog.at_level("INFO", logger="fastprune"):
+        loss, Wp = compat.sparsify_weight(
+            layer, {layer: H.clone()}, 0.5, n, m, block, 0.01, preserve
+        )
+    assert "partial last group" in caplog.text
+    Wp = Wp.reshape(16, cols)
+    ref_loss, ref_W = ref_sparsify_weight(W, H, 0.5, n, m, block, 0.01, preserve, fixed_index=True)
+    assert_masks_agree(Wp == 0, ref_W == 0, MASK_AGREE)
+    assert relative_error(Wp, ref_W) < WEIGHT_RTOL
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    full = cols - cols % m
+    assert ((Wp[:, :full] == 0).reshape(16, -1, m).sum(-1) >= n).all()
+    assert ((Wp[:, full:] == 0).sum(1) >= n).all()  # n pruned in the partial group too
+    if not preserve:
+        assert fp.check_nm_keep_mask(Wp[:, :full] != 0, n, m)
+        assert ((Wp[:, full:] == 0).sum(1) == n).all()
+
+
+def test_sparsify_weight_partial_group_narrower_than_n(gen):
+    """27 columns with 4:8 leave a group of 3 < 4, where llm-compressor's topk fails: those
+    columns stay dense; the full groups are pruned 4:8."""
+    W, H, _ = random_layer(16, 27, generator=gen)
+    with pytest.raises(RuntimeError):
+        ref_sparsify_weight(W, H, 0.5, 4, 8, 128, 0.01, False)
+    layer = nn.Conv2d(3, 16, 3, bias=False)
+    layer.weight.data = W.reshape(16, 3, 3, 3).clone()
+    _, Wp = compat.sparsify_weight(layer, {layer: H.clone()}, 0.5, 4, 8, 128, 0.01, False)
+    Wp = Wp.reshape(16, 27)
+    assert fp.check_nm_keep_mask(Wp[:, :24] != 0, 4, 8)
+    assert (Wp[:, 24:] != 0).all()
+    with pytest.raises(ValueError, match="prune_n must be < prune_m"):
+        compat.sparsify_weight(layer, {layer: H.clone()}, 0.5, 8, 8, 128, 0.01, False)
 
 
 def test_patch_llmcompressor_without_it(monkeypatch):

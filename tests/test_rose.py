@@ -7,8 +7,9 @@ from conftest import assert_masks_agree, relative_error
 import fastprune as fp
 from fastprune.core import wanda_score
 from fastprune.obs import block_bounds
-from fastprune.original import original_rose
-from fastprune.rose import rose_permutation
+from fastprune.ops import torch_column_losses
+from fastprune.original import original_rose, original_sparsegpt
+from fastprune.rose import relative_range, rose_permutation
 
 
 @pytest.mark.parametrize("rows,cols,bs", [(1, 128, 32), (29, 192, 64), (64, 256, 128)])
@@ -120,3 +121,84 @@ def test_loss_with_dead_columns_and_reordering(gen, n, m):
     r = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, range_threshold=0.0)
     assert r.info["reordered"] and r.info["dead_columns"] == 7
     assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, H), rel=1e-4)
+
+
+# ------------------------------------------- the range rule with a short last block
+
+
+def iid_layer(rows, cols, gen):
+    """A uniform layer: i.i.d. weights and identically scaled i.i.d. inputs."""
+    W = torch.randn(rows, cols, generator=gen)
+    X = torch.randn(4 * cols, cols, generator=gen)
+    return W, 2 * X.t() @ X / X.shape[0]
+
+
+def sum_range(W, H, bs=128):
+    """The relative range of the block loss sums (the original rule)."""
+    _, blk = torch_column_losses(wanda_score(W, H), block_bounds(W.shape[1], bs), 0.5)
+    return relative_range(blk)
+
+
+@pytest.mark.parametrize("rows,cols", [(576, 576), (1536, 576), (45, 136)])
+def test_short_last_block_does_not_make_uniform_layer_columnar(gen, rows, cols):
+    """Block sums put a short last block near `1 - width/128` below the others (0.5 for 576
+    columns, 0.94 for 136), so the old rule reordered uniform layers by their geometry;
+    per column the blocks of a uniform layer are alike."""
+    W, H = iid_layer(rows, cols, gen)
+    r = fp.rose_layer(W, H, backend="torch")
+    old = fp.rose_layer(W, H, backend="torch", range_rule="block_sum")
+    assert not r.info["reordered"] and r.info["relative_range"] < 0.15
+    assert r.info["range_rule"] == "per_column"
+    assert old.info["relative_range"] == sum_range(W, H) > 0.45
+    if cols == 136:
+        assert old.info["reordered"]
+
+
+FULL_BLOCKS = [(29, 192, 64, 0, 0), (40, 256, 128, 0, 0), (24, 96, 128, 2, 4), (16, 64, 128, 4, 8)]
+
+
+@pytest.mark.parametrize("rows,cols,bs,n,m", FULL_BLOCKS)
+def test_full_block_layers_keep_the_original_range(gen, rows, cols, bs, n, m):
+    """Equal widths: the block sums are used as they are, so `relative_range` is bit for bit
+    the old rule's (the sums' range) and the result equals the `block_sum` rule's."""
+    for columnar in (False, True):
+        W, H, _ = fp.testing.random_layer(rows, cols, columnar=columnar, blocksize=m or bs,
+                                          generator=gen)  # fmt: skip
+        kw = dict(prune_n=n, prune_m=m, blocksize=bs, backend="torch")
+        a = fp.rose_layer(W, H, **kw)
+        b = fp.rose_layer(W, H, range_rule="block_sum", **kw)
+        bounds = block_bounds(cols, m or bs)
+        _, blk = torch_column_losses(wanda_score(W, H), bounds, 0.5, n, m)
+        assert a.info["relative_range"] == b.info["relative_range"] == relative_range(blk)
+        assert a.info["reordered"] == b.info["reordered"] == (relative_range(blk) > 0.5)
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("cols,bs", [(100, 32), (576, 128), (136, 128)])
+def test_columnar_layer_with_short_last_block_reorders(gen, cols, bs):
+    """Per-column losses rank the short block among the others; oracle: that permutation,
+    then the original SparseGPT loop sweeping the reordered blocks with their widths."""
+    W, H, _ = fp.testing.random_layer(24, cols, columnar=True, blocksize=bs, generator=gen)
+    r = fp.rose_layer(W, H, blocksize=bs, backend="torch", inverse_method="reference")
+    assert r.info["reordered"] and r.info["relative_range"] > 0.5
+    bounds = block_bounds(cols, bs)
+    col, blk = torch_column_losses(wanda_score(W, H), bounds, 0.5)
+    per_col = blk / torch.tensor([i2 - i1 for i1, i2 in bounds], dtype=blk.dtype)
+    assert r.info["relative_range"] == relative_range(per_col)
+    blocks = []
+    for b in torch.sort(per_col, descending=True, stable=True).indices.tolist():
+        i1, i2 = bounds[b]
+        blocks.append(i1 + torch.sort(col[i1:i2], descending=True, stable=True).indices)
+    perm = torch.cat(blocks)
+    Wq, pruned = original_sparsegpt(
+        W[:, perm], H[perm][:, perm], 0.5, widths=[len(x) for x in blocks]
+    )
+    inv = torch.argsort(perm)
+    assert_masks_agree(r.mask, ~pruned[:, inv], 0.999)
+    assert relative_error(r.weight, Wq[:, inv]) < 1e-4
+
+
+def test_range_rule_is_checked(gen):
+    W, H, _ = fp.testing.random_layer(8, 64, generator=gen)
+    with pytest.raises(ValueError, match="range_rule"):
+        fp.rose_layer(W, H, range_rule="sum")

@@ -4,6 +4,7 @@ makes an installed llm-compressor's `SparseGPTModifier` call it."""
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 
 import torch
@@ -15,9 +16,9 @@ from ..layers import get_weight, layer_kind, to_layer_layout
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..ops import Kernels
 from ..sparsegpt import sparsegpt_layer
-from ..validation import (
-    compute_dtype,
-)
+from ..validation import check_pattern, compute_dtype
+
+log = logging.getLogger("fastprune")
 
 
 @torch.no_grad()
@@ -43,9 +44,13 @@ def sparsify_weight(
     are below the target extend the mask by the usual threshold, full ones keep it; N:M
     groups prune their existing zeros plus the `prune_n` lowest others; error updates never
     revive a preserved zero. `H^-1` is factored with the reference's arithmetic
-    (`inverse_method="reference"`). Differences: a Hessian that will not factor is retried with
-    more damping (llm-compressor falls back to `H^-1 = I`); `sparsity=0` (unstructured,
-    no preserved mask) prunes nothing.
+    (`inverse_method="reference"`). N:M on a width that is not a multiple of M (a 130-column
+    Linear, a 27-column Conv2d stem) prunes the full groups and then, as llm-compressor,
+    the `prune_n` lowest of the partial last group (all of it when it has `prune_n`
+    columns); narrower than `prune_n` (where llm-compressor fails) it stays dense. This is
+    logged on the "fastprune" logger (INFO). Differences: a Hessian that will not factor is
+    retried with more damping (llm-compressor falls back to `H^-1 = I`); `sparsity=0`
+    (unstructured, no preserved mask) prunes nothing.
     """
     kind = layer_kind(module)
     if dampening_frac is None:
@@ -53,9 +58,10 @@ def sparsify_weight(
     W = get_weight(module, kind).detach().float()
     H = hessians_dict.pop(module)  # the original consumes the Hessian the same way
     H = H.to(W.device)
-    if preserve_sparsity_mask:
-        loss, Q = _sparsify_preserving(
-            W, H, sparsity, prune_n, prune_m, block_size, dampening_frac, backend
+    n, m = check_pattern(prune_n, prune_m, 0)  # types and values; the width is ours below
+    if preserve_sparsity_mask or (n and W.shape[1] % m):
+        loss, Q = _sparsify_obs(
+            W, H, sparsity, n, m, block_size, dampening_frac, backend, preserve_sparsity_mask
         )
     else:
         r = sparsegpt_layer(
@@ -74,27 +80,73 @@ def sparsify_weight(
 
 
 def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend):
-    """SparseGPT that keeps the existing zeros of `W` pruned (llm-compressor's
-    `preserve_sparsity_mask`), on the shared OBS loop. Returns `(obs_loss, pruned float32
-    weight)`."""
-    W, H, sparsity, n, m, block_size, percdamp = check_obs_args(
-        W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend, blocksize_name="block_size"
+    """`_sparsify_obs` keeping the existing zeros of `W` pruned."""
+    n, m = check_pattern(prune_n, prune_m, 0)
+    return _sparsify_obs(W, H, sparsity, n, m, block_size, percdamp, backend, True)
+
+
+def _sparsify_obs(W, H, sparsity, n, m, block_size, percdamp, backend, preserve):
+    """SparseGPT on the shared OBS loop with llm-compressor's extras: `preserve` keeps the
+    existing zeros of `W` pruned (`preserve_sparsity_mask`), and N:M on a width that is not
+    a multiple of M prunes the full groups and then the partial last group as llm-compressor
+    does (see `_partial_group_keep`). Returns `(obs_loss, pruned float32 weight)`."""
+    W, H, sparsity, _, _, block_size, percdamp = check_obs_args(
+        W, H, sparsity, 0, 0, block_size, percdamp, backend, blocksize_name="block_size"
     )
     kernels = Kernels(backend, W.device, OBS_OPS)
     dtype = compute_dtype(W, H)
     inv = inverse_hessian(H, percdamp, dtype=dtype, method="reference")
     Wc = W.to(dtype, copy=True)
     Wc[:, inv.dead] = 0
-    base = Wc == 0  # True = pruned already (dead columns included, as llm-compressor)
-    current = base.sum().item() / base.numel()
-    if current > sparsity:
-        raise ValueError(
-            f"the layer is already {current:.4f} sparse, above the target sparsity "
-            f"{sparsity}: lower the target or set preserve_sparsity_mask=False"
+    base = None
+    if preserve:
+        base = Wc == 0  # True = pruned already (dead columns included, as llm-compressor)
+        current = base.sum().item() / base.numel()
+        if current > sparsity:
+            raise ValueError(
+                f"the layer is already {current:.4f} sparse, above the target sparsity "
+                f"{sparsity}: lower the target or set preserve_sparsity_mask=False"
+            )
+    cols = W.shape[1]
+    full = cols - cols % m if n else cols
+    bounds = block_bounds(full, nm_blocksize(block_size, m))
+    # the full part; its error updates reach the partial group's columns too
+    Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels, preserve=base)
+    if full < cols:
+        tail_base = None if base is None else base[:, full:]
+        tail_keep = _partial_group_keep(Q[:, full:], inv.hinv.diagonal()[full:], n, tail_base)
+        fixed = torch.ones_like(keep)
+        fixed[:, full:] = tail_keep
+        Q, _, tail_losses = obs_prune(
+            Q, inv.hinv, [(full, cols)], 0.0, 0, 0, kernels, fixed_keep=fixed
         )
-    bounds = block_bounds(W.shape[1], nm_blocksize(block_size, m))
-    Q, _, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels, preserve=base)
+        losses += tail_losses
+        log.info(
+            "sparsify_weight: %d columns, not a multiple of M=%d: %d pruned per row in "
+            "the partial last group of %d (llm-compressor's rule)",
+            cols,
+            m,
+            n if cols - full >= n else 0,
+            cols - full,
+        )
     return losses.sum().item(), Q
+
+
+def _partial_group_keep(W1, hdiag, n, base1=None):
+    """Keep-mask of a trailing N:M group narrower than M, as llm-compressor's loop treats
+    it: the `n` lowest `w^2 / Hinv_jj^2` of its columns pruned per row (preserved zeros
+    first), which with `n` columns left prunes them all. With fewer than `n` columns
+    llm-compressor fails (`topk` out of range); here they keep their weights (preserved
+    zeros stay pruned)."""
+    pruned = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
+    if base1 is not None:
+        pruned |= base1
+    if W1.shape[1] >= n:
+        score = W1**2 / hdiag.reshape(1, -1) ** 2
+        if base1 is not None:
+            score = score.masked_fill(base1, 0)
+        pruned.scatter_(1, torch.topk(score, n, dim=1, largest=False).indices, True)
+    return ~pruned
 
 
 # modules whose `sparsify_weight` the SparseGPT modifier calls, newest layout first

@@ -27,9 +27,12 @@ def rose_with_scaler(
     inverse_method: str = "reference",
 ) -> PruneResult:
     """ROSE with the pre-pruning score `|W| * sqrt(scaler)` instead of `sqrt(diag(H)/2)`:
-    `fastprune.rose_layer(..., scaler=scaler)` under the ROSE repository's argument order,
-    with the reference's `H^-1` arithmetic by default (`inverse_method="reference"`). With
-    `scaler = diag(H)/2` the result is `rose_layer(..., inverse_method=inverse_method)`'s."""
+    `fastprune.rose_layer(..., scaler=scaler, range_rule="block_sum")` under the ROSE
+    repository's argument order, with the reference's `H^-1` arithmetic by default
+    (`inverse_method="reference"`). Blocks are compared by their loss sums as in the
+    original, also when a short last block makes that geometry-dependent (`rose_layer`
+    compares them per column there). With `scaler = diag(H)/2` the result is
+    `rose_layer(..., inverse_method=inverse_method, range_rule="block_sum")`'s."""
     if not isinstance(scaler, torch.Tensor):
         raise TypeError("scaler_row must be a floating-point torch.Tensor")
     W = check_weight(W)
@@ -46,6 +49,7 @@ def rose_with_scaler(
         backend,
         scaler=scaler,
         inverse_method=inverse_method,
+        range_rule="block_sum",  # the original's rule, short last block included
     )
 
 
@@ -63,7 +67,8 @@ class ROSE(_LayerAdapter):
 
     `fasterprune(sparsity, prune_n, prune_m, blocksize, percdamp)` writes the pruned weight
     into the layer. Where the original crashes it works: N:M on a columnar layer (groups are
-    reordered as in `rose_layer`), a reordered layer whose last block is partial, Conv1D
+    reordered as in `rose_layer`), a reordered layer whose last block is partial (blocks
+    ranked by their loss sums, as the original decides whether to reorder), Conv1D
     layers (the original never transposes them back) and Conv2d inputs (unfolded as in
     SparseGPT). For N:M the original sweeps in blocks of `prune_m`; this uses `blocksize`
     rounded to a multiple of `prune_m`, which changes only float rounding.
