@@ -199,6 +199,31 @@ def backend(request, monkeypatch) -> Backend:
     return Backend(name, device, emulated)
 
 
+@pytest.fixture
+def shadow(monkeypatch):
+    """Check every call of the mask ops (and column_losses) that any `Kernels` runs against
+    the op's float64 oracle (tests/op_oracles.py) on the same inputs, before the solve goes
+    on: each mask entry that differs from the oracle's is a near-tie where it was made.
+    Counts the calls checked."""
+    from op_oracles import CHECKS
+
+    from fastprune.ops import Kernels
+
+    checked: dict[str, int] = {}
+    run = Kernels.__call__
+
+    def checked_call(self, op, *args, **kwargs):
+        out = run(self, op, *args, **kwargs)
+        if op in ("obs_sweep", "block_prune_mask", "column_losses"):
+            what = f"{op} call {checked.get(op, 0)} ({'+'.join(self.ran[op])})"
+            CHECKS[op](out, *args, **kwargs, what=what)
+            checked[op] = checked.get(op, 0) + 1
+        return out
+
+    monkeypatch.setattr(Kernels, "__call__", checked_call)
+    return checked
+
+
 # -------------------------------------------------------------------------- comparisons
 
 
