@@ -161,7 +161,7 @@ def check_pattern(prune_n: object, prune_m: object, cols: int) -> tuple[int, int
     if n >= m:
         raise ValueError(f"prune_n must be < prune_m for an N:M pattern, got {n}:{m}")
     if cols % m != 0:
-        raise ValueError(f"W has {cols} columns, not divisible by prune_m={m}")
+        raise ValueError(f"prune_m={m} does not divide the {cols} columns of W")
     return n, m
 
 

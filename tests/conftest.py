@@ -6,6 +6,8 @@
   and in a "fastprune seed" section of every failure report; set `FASTPRUNE_TEST_SEED=<seed>`
   to replay it, e.g. `FASTPRUNE_TEST_SEED=1234 pytest 'tests/ops/test_obs_sweep.py::test_x[..]'`
   (with the variable set, every test uses that one seed).
+- `FASTPRUNE_REQUIRE=<pkg>[,<pkg>]`: a test skipped for want of one of these packages
+  (`pytest.importorskip`) fails instead (CI's llm-compressor venv, scripts/setup_llmc.sh).
 - `backend`: the op backends a test is parametrized over (`backend_params(op)`): "torch"
   everywhere, "triton" (the interpreter on CPU), "cuda" for ops with a hand-written CUDA
   kernel (on a GPU, else the CPU emulator of the same sources, FASTPRUNE_CUDA_EMULATE=1).
@@ -95,10 +97,37 @@ def gen(seed) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+REQUIRE_ENV = "FASTPRUNE_REQUIRE"
+"""Comma-separated packages a run must have (e.g. `FASTPRUNE_REQUIRE=llmcompressor` in CI's
+llm-compressor venv): a test skipped because one of them does not import fails instead."""
+
+
+def _required_but_missing(report) -> str | None:
+    wanted = [p.strip() for p in os.environ.get(REQUIRE_ENV, "").split(",") if p.strip()]
+    if not wanted or not report.skipped or not isinstance(report.longrepr, tuple):
+        return None
+    reason = str(report.longrepr[2])
+    return next((p for p in wanted if f"import '{p}'" in reason), None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    report = outcome.get_result()
+    missing = _required_but_missing(report)
+    if missing:  # a module-level importorskip
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_ENV} names {missing!r}, but: {report.longrepr[2]}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
+    missing = _required_but_missing(report)
+    if missing:
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_ENV} names {missing!r}, but: {report.longrepr[2]}"
     if report.failed and _SEED_KEY in item.stash:
         s = item.stash[_SEED_KEY]
         report.sections.append(
@@ -197,6 +226,31 @@ def backend(request, monkeypatch) -> Backend:
     if emulated:
         monkeypatch.setenv("FASTPRUNE_CUDA_EMULATE", "1")
     return Backend(name, device, emulated)
+
+
+@pytest.fixture
+def shadow(monkeypatch):
+    """Check every call of the mask ops (and column_losses) that any `Kernels` runs against
+    the op's float64 oracle (tests/op_oracles.py) on the same inputs, before the solve goes
+    on: each mask entry that differs from the oracle's is a near-tie where it was made.
+    Counts the calls checked."""
+    from op_oracles import CHECKS
+
+    from fastprune.ops import Kernels
+
+    checked: dict[str, int] = {}
+    run = Kernels.__call__
+
+    def checked_call(self, op, *args, **kwargs):
+        out = run(self, op, *args, **kwargs)
+        if op in ("obs_sweep", "block_prune_mask", "column_losses"):
+            what = f"{op} call {checked.get(op, 0)} ({'+'.join(self.ran[op])})"
+            CHECKS[op](out, *args, **kwargs, what=what)
+            checked[op] = checked.get(op, 0) + 1
+        return out
+
+    monkeypatch.setattr(Kernels, "__call__", checked_call)
+    return checked
 
 
 # -------------------------------------------------------------------------- comparisons

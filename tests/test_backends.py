@@ -3,7 +3,7 @@ fast backend (Triton, CUDA) against the same solve on backend="torch".
 
 How a fast solve is held to the reference (docs/semantics.md, Exactness):
 - every kernel call of the solve is checked as it happens against its op's float64 oracle
-  on the very inputs it got (`shadow` below: masks agree up to near-ties, values within
+  on the very inputs it got (`shadow` in conftest: masks agree up to near-ties, values within
   OP_RTOL), so each mask flip is a float32 near-tie where it was made;
 - the final masks agree with the torch solve's on >= MASK_AGREE of entries, and the weights
   are compared on every row whose mask agrees (rows of an OBS solve are independent given
@@ -29,7 +29,7 @@ from conftest import (
     assert_weights_agree_where_masks_do,
     backend_params,
 )
-from op_oracles import CHECKS, PATTERNS, layer
+from op_oracles import PATTERNS, layer
 
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask
@@ -46,25 +46,6 @@ def solver_backend(backend, monkeypatch):
     if backend.emulated:
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     return backend
-
-
-@pytest.fixture
-def shadow(monkeypatch):
-    """Check every call of the mask ops (and column_losses) that any `Kernels` runs against
-    the op's oracle on the same inputs, before the solve goes on; counts the calls checked."""
-    checked: dict[str, int] = {}
-    run = Kernels.__call__
-
-    def checked_call(self, op, *args, **kwargs):
-        out = run(self, op, *args, **kwargs)
-        if op in ("obs_sweep", "block_prune_mask", "column_losses"):
-            what = f"{op} call {checked.get(op, 0)} ({'+'.join(self.ran[op])})"
-            CHECKS[op](out, *args, **kwargs, what=what)
-            checked[op] = checked.get(op, 0) + 1
-        return out
-
-    monkeypatch.setattr(Kernels, "__call__", checked_call)
-    return checked
 
 
 def compare_layers(a, b, W, rtol=LAYER_RTOL):

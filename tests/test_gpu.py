@@ -3,7 +3,7 @@ Skipped without a GPU; CPU CI covers the same semantics on CPU tensors."""
 
 import pytest
 import torch
-from conftest import assert_masks_agree, relative_error
+from conftest import MASK_AGREE, assert_masks_agree, assert_weights_agree_where_masks_do
 
 import fastprune as fp
 
@@ -21,15 +21,20 @@ CASES = [
 @pytest.mark.parametrize("name,fn", CASES)
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
-def test_obs_solvers_on_cuda_match_cpu(gen, name, fn, backend, n, m):
+def test_obs_solvers_on_cuda_match_cpu(shadow, gen, name, fn, backend, n, m):
+    """Masks agree (every mask choice of both solves is checked against the float64 oracle as
+    it is made by `shadow`, so a flip is a float32 near-tie); weights within 1e-4 on every
+    row whose mask agrees."""
     torch.backends.cuda.matmul.allow_tf32 = False
     W, H, _ = fp.testing.random_layer(96, 384, columnar=True, generator=gen)
     cpu = fn(W, H, prune_n=n, prune_m=m, backend="torch")
     gpu = fn(W.cuda(), H.cuda(), prune_n=n, prune_m=m, backend=backend)
     assert gpu.weight.device.type == "cuda" and gpu.info["device"].startswith("cuda")
-    assert_masks_agree(gpu.mask.cpu(), cpu.mask, 0.999)
-    if torch.equal(gpu.mask.cpu(), cpu.mask):
-        assert relative_error(gpu.weight.cpu(), cpu.weight) < 1e-4
+    assert shadow["obs_sweep"] >= 2
+    assert_masks_agree(gpu.mask.cpu(), cpu.mask, MASK_AGREE)
+    assert_weights_agree_where_masks_do(
+        gpu.weight.cpu(), cpu.weight, gpu.mask.cpu(), cpu.mask, 1e-4, min_rows=0.9
+    )
     assert gpu.loss == pytest.approx(cpu.loss, rel=1e-3)
 
 

@@ -25,11 +25,45 @@ def _linears(model):
     return {f"{i}.{k}": m for i, b in enumerate(blocks) for k, m in find_linears(b).items()}
 
 
+def _snapshot(model):
+    """Every parameter and buffer by every name it has (tied ones under each name)."""
+    named = [*model.named_parameters(remove_duplicate=False)]
+    named += model.named_buffers(remove_duplicate=False)
+    return {k: v.detach().clone() for k, v in named}
+
+
+def _tied_groups(model):
+    """Names that share one tensor (e.g. tied embeddings and lm_head)."""
+    groups: dict[int, list[str]] = {}
+    for k, v in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(v), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def assert_only_pruned_changed(model, before, rep, tied=None):
+    """The weights of the linears `rep` pruned changed; every other parameter and buffer
+    (embeddings, norms, biases, lm_head, tied or not) is bit-identical to `before`
+    (`_snapshot`), and tied parameters are still one tensor."""
+    path = rep.totals["blocks_path"]
+    pruned = {f"{path}.{lr.name}.weight" for lr in rep.layers}
+    after = _snapshot(model)
+    assert after.keys() == before.keys()
+    assert pruned <= after.keys(), sorted(pruned - after.keys())
+    for k in pruned:
+        assert not torch.equal(after[k], before[k]), f"{k} was pruned but did not change"
+    others = sorted(after.keys() - pruned)
+    assert any("lm_head" in k for k in others) and any("embed" in k or "wte" in k for k in others)
+    for k in others:
+        assert torch.equal(after[k], before[k]), f"{k} changed but is not a pruned linear"
+    if tied is not None:
+        assert _tied_groups(model) == tied, "tied parameters were untied"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_every_family_unstructured(family, method):
     model = tiny_model(family)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before, tied = _snapshot(model), _tied_groups(model)
     calib = calib_ids()
     calib_copy = calib.clone()
     rep = fp.prune_model(
@@ -54,10 +88,7 @@ def test_every_method_every_family_unstructured(family, method):
         assert lr.seconds >= 0 and lr.shape == (rows, cols)
         if method != "magnitude":
             assert lr.loss is not None and lr.loss >= 0
-    pruned_names = {f"{rep.totals['blocks_path']}.{n}.weight" for n in lins}
-    for k, v in model.state_dict().items():
-        if k not in pruned_names and not k.endswith(".weight") or "norm" in k or "embed" in k:
-            assert torch.equal(v, before[k]), f"{k} changed but is not a pruned linear"
+    assert_only_pruned_changed(model, before, rep, tied)
     assert rep.achieved_sparsity == pytest.approx(check_model_sparsity(model, rep)["sparsity"])
     json.dumps(rep.to_dict())  # JSON-ready
     assert method in rep.summary()
@@ -220,7 +251,7 @@ def test_gblm_gradients_are_real():
 
 def test_targets_and_ignore():
     model = tiny_model("llama")
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = _snapshot(model)
     rep = fp.prune_model(model, calib_ids(), method="wanda", ignore=["mlp.*"], progress=False)
     assert {lr.name.split(".", 1)[1] for lr in rep.layers} == {
         "self_attn.q_proj",
@@ -228,9 +259,7 @@ def test_targets_and_ignore():
         "self_attn.v_proj",
         "self_attn.o_proj",
     }
-    for k, v in model.state_dict().items():
-        if ".mlp." in k:
-            assert torch.equal(v, before[k])
+    assert_only_pruned_changed(model, before, rep)  # the ignored mlp.* among the others
     rep = fp.prune_model(tiny_model("llama"), calib_ids(), method="magnitude", targets="q_proj")
     assert [lr.name for lr in rep.layers] == ["0.self_attn.q_proj", "1.self_attn.q_proj"]
 
