@@ -53,7 +53,7 @@ def _run(case, progress=False):
     calib = None if meth == "magnitude" else calib_ids(NSAMPLES)
     opts = {"blocksize": 16} if meth in ("sparsegpt", "rose") else {}
     report = prune_model(model, calib, meth, 0.5, n, m, batch_size=bs, progress=progress, **opts)
-    return _pruned_weights(model), report.to_dict()
+    return _pruned_weights(model), report.to_dict(), report.summary()
 
 
 def _worker(rank: int, init: str, out: str) -> None:
@@ -90,9 +90,9 @@ def dist_results(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_distributed_matches_single_process(dist_results, case):
     key = _case_id(case)
-    want_w, want_rep = _run(case)
-    got_w, got_rep = dist_results[0]["results"][key]
-    other_w, other_rep = dist_results[1]["results"][key]
+    want_w, want_rep, _ = _run(case)
+    got_w, got_rep, got_summary = dist_results[0]["results"][key]
+    other_w, other_rep, _ = dist_results[1]["results"][key]
     for name, Ws in want_w.items():
         Wd = got_w[name]
         assert torch.equal(Wd, other_w[name]), f"{name}: the ranks' replicas differ"
@@ -119,6 +119,7 @@ def test_distributed_matches_single_process(dist_results, case):
     t = got_rep["totals"]
     assert t["world_size"] == WORLD and len(t["rank_solve_seconds"]) == WORLD
     assert t["communicated_bytes"] > 0
+    assert "distributed: 2 ranks (gloo)" in got_summary
     assert got_rep["nsamples"] == (0 if case[1] == "magnitude" else NSAMPLES)
     assert "world_size" not in want_rep["totals"]
 
