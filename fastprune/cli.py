@@ -142,8 +142,12 @@ def _prune(args: argparse.Namespace) -> int:
     n, m = check_prune_args(args)
     resolve_model(args.model)  # unknown model: fail before the slow part
     torch.manual_seed(args.seed)
-    progress = not args.no_progress
-    say = print if not args.quiet else (lambda *a, **k: None)
+    from .pipeline.distributed import active_world
+
+    # under torchrun every rank prunes; only rank 0 talks, evaluates and writes files
+    lead = active_world() == 1 or torch.distributed.get_rank() == 0
+    progress = not args.no_progress and lead
+    say = print if lead and not args.quiet else (lambda *a, **k: None)
 
     say(f"loading {args.model} ...", flush=True)
     t0 = time.perf_counter()
@@ -152,7 +156,7 @@ def _prune(args: argparse.Namespace) -> int:
     calib = None
     if METHODS[args.method].needs_calibration:
         calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed)
-    eval_ids = None if args.eval == "none" else get_eval_ids(args.eval, tok)
+    eval_ids = None if args.eval == "none" or not lead else get_eval_ids(args.eval, tok)
 
     def ppl(desc):
         if eval_ids is None:
@@ -188,7 +192,7 @@ def _prune(args: argparse.Namespace) -> int:
     )
     pruned = ppl("perplexity pruned")
     saved = None
-    if args.save:
+    if args.save and lead:
         from .saving import save_pruned, verify_saved
 
         out = save_pruned(model, tok, args.save, report)
@@ -206,7 +210,7 @@ def _prune(args: argparse.Namespace) -> int:
             f"dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f}"
         )
     say(f"total {seconds:.1f}s (load {load_s:.1f}s, prune {report.seconds:.1f}s)")
-    if args.report:
+    if args.report and lead:
         doc = {
             "model": args.model,
             "method": args.method,

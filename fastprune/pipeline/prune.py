@@ -4,6 +4,7 @@ called comes from `fastprune.METHODS`."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -17,6 +18,7 @@ from ..methods import get_method
 from ..models import check_selection, find_blocks, find_linears, model_device
 from ..validation import check_int, check_pattern, check_sparsity
 from .capture import _capture, _run_block, _to, block_kinds
+from .distributed import Comm, active_world
 from .gradients import compute_gradient_norms
 from .hessian_hooks import _HessianHooks
 from .report import LayerReport, PruneReport, _jsonable
@@ -85,6 +87,11 @@ def prune_model(
     blocks: module path of the decoder block list when auto-detection is not wanted.
     offload_activations: keep the calibration activations on CPU (True), on `device`
         (False), or decide by free memory (None).
+
+    Inside an initialised torch.distributed process group of size > 1, every rank calls this
+    with its own replica of the model and the same arguments: each rank calibrates on its
+    shard of the samples, layers are solved on owner ranks and broadcast, and every rank
+    ends with the same pruned model and report (see `fastprune.pipeline.distributed`).
     """
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -100,6 +107,12 @@ def prune_model(
         )
     home = model_device(model)
     dev = _check_device(device, home)
+    comm = Comm(dev) if active_world() > 1 else None
+    if comm is not None and meth.needs_gradients and opts["gradients"] is None:
+        raise NotImplementedError(
+            f"method {method!r} computes gradients, which distributed pruning does not do "
+            "yet: pass precomputed gradients=... or run it in a single process"
+        )
     blocks_path, block_list = find_blocks(model, blocks)
     kinds = block_kinds(model, len(block_list))
     check_selection(block_list, targets, ignore)
@@ -123,6 +136,7 @@ def prune_model(
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab and calib.max().item() >= vocab:
             raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+    local = calib if comm is None or calib is None else comm.shard(calib)
 
     report = PruneReport(
         method=method,
@@ -173,13 +187,37 @@ def prune_model(
     acts = arg_sets = None
     if calib is not None:
         t0 = time.perf_counter()
-        acts = _capture(model, block_list, kinds, calib, batch_size, dev, offload_activations)
+        acts = _capture(model, block_list, kinds, local, batch_size, dev, offload_activations)
         clock("capture_seconds", t0)
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
         arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
 
-    bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not progress)
+    def solve_layer(i, hooks, inverses, name, mod):
+        """Prune one linear of block `i` in place; its `LayerReport`."""
+        full = f"{blocks_path}.{i}.{name}"
+        W = get_weight(mod).detach()
+        H = lead = hinv = None
+        if hooks is not None:
+            lead = hooks.leader.get(name)
+            if lead is None:
+                raise RuntimeError(f"{full} was never called in the block's forward")
+            H = hooks.acc[lead].H
+        # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
+        # its own layer's permutation (from |W|), so it has no inverse to share.
+        if meth.shares_inverse and H is not None:
+            if lead not in inverses:
+                t0 = time.perf_counter()
+                inverses[lead] = inverse_hessian(H, opts["percdamp"])
+                clock("inverse_seconds", t0)
+            hinv = inverses[lead]
+        g = None if G is None else G[full]
+        r = meth.solve(W, H, g, sparsity, n, m, opts, hinv)
+        set_weight(mod, r.weight)
+        return _layer_report(i, name, W, method, r, lead)
+
+    show = progress and (comm is None or comm.rank == 0)
+    bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
     try:
         for i, block in bar:
             block_home = next(block.parameters()).device
@@ -193,31 +231,20 @@ def prune_model(
                     _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
                 finally:
                     hooks.remove()
+                if comm is not None:
+                    comm.reduce_hessians(hooks)
                 clock("hessian_seconds", t0)
             inverses = {}
-            for name, mod in lins.items():
-                full = f"{blocks_path}.{i}.{name}"
-                W = get_weight(mod).detach()
-                H = lead = hinv = None
-                if hooks is not None:
-                    lead = hooks.leader.get(name)
-                    if lead is None:
-                        raise RuntimeError(f"{full} was never called in the block's forward")
-                    H = hooks.acc[lead].H
-                # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
-                # its own layer's permutation (from |W|), so it has no inverse to share.
-                if meth.shares_inverse and H is not None:
-                    if lead not in inverses:
-                        t0 = time.perf_counter()
-                        inverses[lead] = inverse_hessian(H, opts["percdamp"])
-                        clock("inverse_seconds", t0)
-                    hinv = inverses[lead]
-                g = None if G is None else G[full]
-                r = meth.solve(W, H, g, sparsity, n, m, opts, hinv)
-                set_weight(mod, r.weight)
-                totals["solve_seconds"] += r.info.get("seconds", 0.0)
-                report.layers.append(_layer_report(i, name, W, method, r, lead))
-            del hooks, inverses
+            solve = functools.partial(solve_layer, i, hooks, inverses)
+            if comm is None:
+                done = [solve(name, mod) for name, mod in lins.items()]
+            else:
+                lead_of = {} if hooks is None else hooks.leader
+                done = comm.solve_block(lins, lead_of, meth.shares_inverse, solve)
+            for lr in done:
+                totals["solve_seconds"] += lr.seconds
+            report.layers.extend(done)
+            del hooks, inverses, solve
             if acts is not None and i + 1 < len(block_list):
                 t0 = time.perf_counter()
                 _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
@@ -236,6 +263,8 @@ def prune_model(
     totals.update(params=params, layers=len(report.layers), blocks_path=blocks_path)
     if losses:
         totals["loss"] = float(sum(losses))
+    if comm is not None:
+        totals.update(comm.gather_stats())
     report.totals = totals
     report.seconds = time.perf_counter() - t_start
     return report

@@ -91,6 +91,12 @@ class PruneReport:
                 f"shared inverses {t.get('inverse_seconds', 0):.1f}s, solves "
                 f"{t.get('solve_seconds', 0):.1f}s"
             )
+        if "world_size" in t:
+            lines.append(
+                f"distributed: {t['world_size']} ranks ({t.get('backend')}), solve seconds per "
+                f"rank {', '.join(f'{x:.1f}' for x in t['rank_solve_seconds'])}, "
+                f"{t['communicated_bytes'] / 2**20:.1f} MiB communicated"
+            )
         kernels = self.kernels()
         if kernels:
             lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
