@@ -73,11 +73,10 @@ def load_tasks(
     """Build lm-eval tasks by name (`'arc_easy,piqa'` or a list), with task YAMLs from the
     `include` directories too. Unknown names and datasets that cannot be fetched are
     `ValueError`s naming the task (and `arg`, the argument or flag it came from)."""
-    _, _, TaskManager = _import_lm_eval()
+    _import_lm_eval()
     names = parse_tasks(tasks, arg)
     paths = _include_paths(include, include_arg)
-    _quiet_lm_eval()
-    manager = TaskManager(include_path=paths or None)
+    manager = _task_manager(tuple(paths))
     known = set(manager.all_tasks)
     objects = []
     for name in names:
@@ -99,6 +98,19 @@ def load_tasks(
         else:
             objects.extend(loaded["tasks"].values())
     return LoadedTasks(names, objects, paths)
+
+
+_MANAGERS: dict[tuple[str, ...], object] = {}
+
+
+def _task_manager(paths: tuple[str, ...]):
+    """lm-eval's TaskManager for these include paths, built once per process (it indexes
+    every task YAML lm-eval ships: seconds)."""
+    if paths not in _MANAGERS:
+        _, _, TaskManager = _import_lm_eval()
+        _quiet_lm_eval()
+        _MANAGERS[paths] = TaskManager(include_path=list(paths) or None)
+    return _MANAGERS[paths]
 
 
 def _first_line(e: BaseException) -> str:

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import fastprune as fp
 from fastprune.cli import main
@@ -98,51 +99,68 @@ def test_flag_errors_before_loading(argv, needle, capsys):
 def test_unknown_task_is_named(task_dir, capsys):
     with pytest.raises(ValueError, match="'fastprune_easi' is not an lm-eval task.*fastprune_easy"):
         load_tasks("fastprune_easi", task_dir)
-    assert main(["eval", "--lm-eval", "no_such_task_xyz", "--no-progress"]) == 2
+    argv = ["eval", "--lm-eval", "no_such_task_xyz", "--lm-eval-include", str(task_dir)]
+    assert main([*argv, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "--lm-eval" in err and "'no_such_task_xyz' is not an lm-eval task" in err
 
 
 @needs_lm_eval
-def test_dataset_that_cannot_be_loaded_is_named(tmp_path, capsys):
-    d = write_task(tmp_path / "tasks", "fastprune_gone", data=tmp_path / "missing.jsonl")
+def test_dataset_that_cannot_be_loaded_is_named(task_dir, capsys):
+    write_task(task_dir, "fastprune_gone", data=task_dir / "missing.jsonl")
     with pytest.raises(ValueError, match="task 'fastprune_gone': its dataset could not be loaded"):
-        load_tasks(["fastprune_gone"], d)
-    argv = ["prune", "--lm-eval", "fastprune_gone", "--lm-eval-include", str(d)]
+        load_tasks(["fastprune_gone"], task_dir)
+    argv = ["prune", "--lm-eval", "fastprune_gone", "--lm-eval-include", str(task_dir)]
     assert main([*argv, "--no-progress"]) == 2  # before the model is loaded
     err = capsys.readouterr().err
     assert "--lm-eval" in err and "fastprune_gone" in err and "could not be loaded" in err
 
 
 @needs_lm_eval
-@needs_smollm
-@pytest.mark.slow
-def test_dense_default_model_above_chance(task_dir):
-    model, tok = fp.load_model("smollm2-135m")
-    res = fp.lm_eval_tasks(model, tok, TASK, include=task_dir, batch_size=8, progress=False)
+def test_api_and_eval_command_on_a_tiny_model(task_dir, tmp_path, capsys):
+    from pipeline_helpers import byte_tokenizer, tiny_model
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fp.lm_eval_tasks(model, tok, [TASK], include=task_dir, limit=8, progress=False)
     row = res[TASK]
-    assert row["samples"] == 40
-    assert 0 < row["acc_stderr"] < 0.2 and "acc_norm_stderr" in row
-    assert row["acc"] >= 0.6 and row["acc_norm"] >= 0.6, row  # chance is 0.25
+    assert row["samples"] == 8 and 0 <= row["acc"] <= 1 and 0 <= row["acc_norm"] <= 1
+    assert {"acc_stderr", "acc_norm_stderr"} <= row.keys()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.training
+
+    d = tmp_path / "tiny"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    rep = tmp_path / "eval.json"
+    argv = ["eval", "--model", str(d), "--lm-eval", TASK, "--lm-eval-include", str(task_dir)]
+    argv += ["--lm-eval-limit", "8", "--lm-eval-batch-size", "4", "--report", str(rep)]
+    assert main([*argv, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "zero-shot (lm-eval, limit 8)" in out and "dense" in out and "pruned" not in out
+    doc = json.loads(rep.read_text())["lm_eval"]
+    assert doc["tasks"] == [TASK] and doc["batch_size"] == 4 and "pruned" not in doc
+    assert doc["dense"][TASK]["samples"] == 8
+    assert doc["dense"][TASK]["acc"] == pytest.approx(row["acc"])  # same model, same examples
 
 
 @needs_lm_eval
 @needs_smollm
 @pytest.mark.slow
-def test_cli_prune_reports_dense_and_pruned(task_dir, tmp_path, capsys):
+def test_cli_prune_default_model_dense_above_chance_and_pruned(task_dir, tmp_path, capsys):
     rep = tmp_path / "report.json"
     argv = ["prune", "--model", "smollm2-135m", "--method", "wanda", "--sparsity", "0.5"]
     argv += ["--nsamples", "2", "--seqlen", "64", "--eval", "none", "--no-progress"]
     argv += ["--lm-eval", TASK, "--lm-eval-include", str(task_dir)]
-    argv += ["--lm-eval-limit", "20", "--lm-eval-batch-size", "8", "--report", str(rep)]
+    argv += ["--lm-eval-limit", "24", "--lm-eval-batch-size", "8", "--report", str(rep)]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "zero-shot (lm-eval, limit 20)" in out and "acc_norm" in out
+    assert "zero-shot (lm-eval, limit 24)" in out and "acc_norm" in out and "pruned" in out
     doc = json.loads(rep.read_text())["lm_eval"]
-    assert doc["tasks"] == [TASK] and doc["limit"] == 20 and doc["batch_size"] == 8
+    assert doc["tasks"] == [TASK] and doc["limit"] == 24 and doc["batch_size"] == 8
     dense, pruned = doc["dense"][TASK], doc["pruned"][TASK]
     for row in (dense, pruned):
-        assert row["samples"] == 20
+        assert row["samples"] == 24
         assert {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"} <= row.keys()
-    assert dense["acc"] > 0.25, dense
+    assert dense["acc"] >= 0.6 and dense["acc_norm"] >= 0.6, dense  # chance is 0.25
     print(f"dense {dense}\npruned {pruned}")
