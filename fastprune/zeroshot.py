@@ -100,17 +100,26 @@ def load_tasks(
     return LoadedTasks(names, objects, paths)
 
 
-_MANAGERS: dict[tuple[str, ...], object] = {}
+_MANAGERS: dict[tuple, object] = {}
 
 
 def _task_manager(paths: tuple[str, ...]):
-    """lm-eval's TaskManager for these include paths, built once per process (it indexes
-    every task YAML lm-eval ships: seconds)."""
-    if paths not in _MANAGERS:
+    """lm-eval's TaskManager for these include paths, built again only when their YAML files
+    change (it indexes every task YAML lm-eval ships: seconds)."""
+    key = (paths, tuple(sorted(_yaml_stamps(paths))))
+    if key not in _MANAGERS:
         _, _, TaskManager = _import_lm_eval()
         _quiet_lm_eval()
-        _MANAGERS[paths] = TaskManager(include_path=list(paths) or None)
-    return _MANAGERS[paths]
+        _MANAGERS.clear()
+        _MANAGERS[key] = TaskManager(include_path=list(paths) or None)
+    return _MANAGERS[key]
+
+
+def _yaml_stamps(paths):
+    for p in paths:
+        for f in Path(p).rglob("*.y*ml"):
+            st = f.stat()
+            yield str(f), st.st_mtime_ns, st.st_size
 
 
 def _first_line(e: BaseException) -> str:
