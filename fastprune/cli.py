@@ -87,10 +87,21 @@ def _check_output(path: str, flag: str, directory: bool) -> None:
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
+def check_device(spec: str) -> None:
+    """--device names a device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {spec!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {spec}: CUDA is not available on this machine")
+
+
 def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
     """Every `prune` flag and output path checked before anything is loaded; returns the
     N:M pattern. Errors are `ValueError`s naming the flag."""
-    import torch
 
     from .data import DATASETS
     from .validation import check_sparsity
@@ -111,12 +122,7 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
         raise ValueError(f"--max-swaps must be >= 0, got {args.max_swaps}")
     if args.dtype not in FLOAT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
-    try:
-        device = torch.device(args.device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    check_device(args.device)
     _check_source(args.calib, "--calib", ("builtin", *DATASETS))
     if args.eval != "none":
         _check_source(args.eval, "--eval", ("builtin", "none", *DATASETS))
@@ -124,7 +130,72 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
         _check_output(args.save, "--save", directory=True)
     if args.report:
         _check_output(args.report, "--report", directory=False)
+    check_lm_eval_args(args)
     return n, m
+
+
+def check_lm_eval_args(args: argparse.Namespace) -> None:
+    """The --lm-eval* flags (lm-eval itself is imported only when --lm-eval is given)."""
+    if args.lm_eval_limit is not None and args.lm_eval_limit <= 0:
+        raise ValueError(f"--lm-eval-limit must be > 0, got {args.lm_eval_limit}")
+    if args.lm_eval_batch_size < 1:
+        raise ValueError(f"--lm-eval-batch-size must be >= 1, got {args.lm_eval_batch_size}")
+    if args.lm_eval is None and args.lm_eval_include:
+        raise ValueError("--lm-eval-include needs --lm-eval TASKS")
+
+
+def _load_lm_eval_tasks(args: argparse.Namespace):
+    """The --lm-eval tasks, built (datasets fetched) before the model is loaded."""
+    if args.lm_eval is None:
+        return None
+    from .zeroshot import load_tasks
+
+    return load_tasks(
+        args.lm_eval, args.lm_eval_include, arg="--lm-eval", include_arg="--lm-eval-include"
+    )
+
+
+def _run_lm_eval(args: argparse.Namespace, tasks, model, tok, label: str, say) -> dict | None:
+    if tasks is None:
+        return None
+    import time
+
+    from .zeroshot import lm_eval_tasks
+
+    say(f"lm-eval {label}: {', '.join(tasks.names)} ...", flush=True)
+    t0 = time.perf_counter()
+    res = lm_eval_tasks(
+        model,
+        tok,
+        tasks,
+        limit=_limit(args.lm_eval_limit),
+        batch_size=args.lm_eval_batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+        seed=args.seed,
+    )
+    say(f"lm-eval {label}: done in {time.perf_counter() - t0:.1f}s", flush=True)
+    return res
+
+
+def _limit(value: float | None):
+    """--lm-eval-limit: a whole number is a count of examples, below 1 a fraction."""
+    return int(value) if value is not None and value >= 1 and value == int(value) else value
+
+
+def _lm_eval_report(args: argparse.Namespace, tasks, dense, pruned=None) -> dict | None:
+    if tasks is None:
+        return None
+    doc = {
+        "tasks": tasks.names,
+        "limit": _limit(args.lm_eval_limit),
+        "batch_size": args.lm_eval_batch_size,
+        "include": tasks.include,
+        "dense": dense,
+    }
+    if pruned is not None:
+        doc["pruned"] = pruned
+    return doc
 
 
 def _prune(args: argparse.Namespace) -> int:
@@ -148,6 +219,8 @@ def _prune(args: argparse.Namespace) -> int:
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
     progress = not args.no_progress and lead
     say = print if lead and not args.quiet else (lambda *a, **k: None)
+    # bad task or unreachable dataset: fail early too (rank 0 evaluates)
+    lm_tasks = _load_lm_eval_tasks(args) if lead else None
 
     say(f"loading {args.model} ...", flush=True)
     t0 = time.perf_counter()
@@ -174,6 +247,7 @@ def _prune(args: argparse.Namespace) -> int:
         return r
 
     dense = ppl("perplexity dense")
+    zs_dense = _run_lm_eval(args, lm_tasks, model, tok, "dense", say)
     options = method_options(args)
     report = prune_model(
         model,
@@ -191,6 +265,7 @@ def _prune(args: argparse.Namespace) -> int:
         **options,
     )
     pruned = ppl("perplexity pruned")
+    zs_pruned = _run_lm_eval(args, lm_tasks, model, tok, "pruned", say)
     saved = None
     if args.save and lead:
         from .saving import save_pruned, verify_saved
@@ -209,6 +284,11 @@ def _prune(args: argparse.Namespace) -> int:
             f"perplexity ({args.eval}, {dense['windows']}x{args.seqlen} tokens): "
             f"dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f}"
         )
+    if lm_tasks is not None:
+        from .zeroshot import format_comparison
+
+        say(f"zero-shot (lm-eval, limit {_limit(args.lm_eval_limit)}):")
+        say(format_comparison(zs_dense, zs_pruned))
     say(f"total {seconds:.1f}s (load {load_s:.1f}s, prune {report.seconds:.1f}s)")
     if args.report and lead:
         doc = {
@@ -232,12 +312,81 @@ def _prune(args: argparse.Namespace) -> int:
             "ppl_pruned": None if pruned is None else pruned["ppl"],
             "achieved_sparsity": report.achieved_sparsity,
             "saved": saved,
+            "lm_eval": _lm_eval_report(args, lm_tasks, zs_dense, zs_pruned),
             **{k: v for k, v in report.to_dict().items() if k in ("totals", "options", "layers")},
         }
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
         say(f"report written to {args.report}")
     return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    import torch
+
+    from .models import load_model, resolve_model
+    from .zeroshot import format_comparison
+
+    t_start = time.perf_counter()
+    if args.lm_eval is None:
+        raise ValueError("--lm-eval TASKS is required (e.g. --lm-eval arc_easy,piqa)")
+    check_lm_eval_args(args)
+    check_device(args.device)
+    if args.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
+    if args.report:
+        _check_output(args.report, "--report", directory=False)
+    say = print if not args.quiet else (lambda *a, **k: None)
+    tasks = _load_lm_eval_tasks(args)
+    resolve_model(args.model)
+    say(f"loading {args.model} ...", flush=True)
+    model, tok = load_model(args.model, dtype=args.dtype)
+    res = _run_lm_eval(args, tasks, model, tok, "dense", say)
+    say(f"zero-shot (lm-eval, limit {_limit(args.lm_eval_limit)}):")
+    say(format_comparison(res, None))
+    seconds = time.perf_counter() - t_start
+    say(f"total {seconds:.1f}s")
+    if args.report:
+        doc = {
+            "model": args.model,
+            "device": args.device,
+            "dtype": args.dtype,
+            "seed": args.seed,
+            "torch": torch.__version__,
+            "seconds": seconds,
+            "lm_eval": _lm_eval_report(args, tasks, res),
+        }
+        with open(args.report, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1)
+        say(f"report written to {args.report}")
+    return 0
+
+
+def _add_lm_eval_flags(q: argparse.ArgumentParser) -> None:
+    q.add_argument(
+        "--lm-eval",
+        default=None,
+        metavar="TASKS",
+        help="zero-shot lm-eval tasks, comma-separated (e.g. arc_easy,piqa); "
+        "needs pip install 'fastprune[eval]'",
+    )
+    q.add_argument(
+        "--lm-eval-limit",
+        type=float,
+        default=None,
+        help="at most this many examples per lm-eval task (below 1: a fraction)",
+    )
+    q.add_argument("--lm-eval-batch-size", type=int, default=1, help="lm-eval requests per forward")
+    q.add_argument(
+        "--lm-eval-include",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="directories of your own lm-eval task YAMLs",
+    )
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -332,7 +481,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_lm_eval_flags(q)
     q.set_defaults(func=_prune)
+
+    e = sub.add_parser(
+        "eval",
+        help="zero-shot lm-eval tasks on a model (no pruning)",
+        description="Run lm-evaluation-harness tasks on a model as loaded by `prune`.",
+    )
+    e.add_argument("--model", default="smollm2-135m", help="as for `prune`")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    e.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
+    e.add_argument("--report", default=None, help="write a JSON report here")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_lm_eval_flags(e)
+    e.set_defaults(func=_eval)
     return p
 
 
