@@ -9,7 +9,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .models import model_device
+from .models import evaluating_on
 
 
 @torch.no_grad()
@@ -37,15 +37,9 @@ def perplexity(
         nwin = min(nwin, max_windows)
     if nwin == 0:
         raise ValueError(f"evaluation text has {ids.numel()} tokens, fewer than seqlen={seqlen}")
-    home = model_device(model)
-    dev = torch.device(device) if device is not None else home
-    was_training = model.training
-    model.eval()
-    if dev != home:
-        model.to(dev)
     windows = ids[: nwin * seqlen].view(nwin, seqlen)
     total, count = 0.0, 0
-    try:
+    with evaluating_on(model, device) as dev:
         for s in tqdm(range(0, nwin, batch_size), desc=desc, disable=not progress, leave=False):
             x = windows[s : s + batch_size].to(dev)
             logits = model(input_ids=x, use_cache=False).logits
@@ -56,10 +50,6 @@ def perplexity(
             )
             total += nll.item()
             count += tgt.numel()
-    finally:
-        if dev != home:
-            model.to(home)
-        model.train(was_training)
     mean = total / count
     return {
         "ppl": math.exp(mean) if mean < 700 else float("inf"),

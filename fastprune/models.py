@@ -252,3 +252,21 @@ def model_device(model: nn.Module) -> torch.device:
     if mod is not None and getattr(mod, "weight", None) is not None:
         return mod.weight.device
     return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def evaluating_on(model: nn.Module, device=None):
+    """Run `model` in eval mode on `device` (default: where it is) for the block, then put it
+    back where it was, in the mode it was in; yields the device."""
+    home = model_device(model)
+    dev = torch.device(device) if device is not None else home
+    was_training = model.training
+    model.eval()
+    if dev != home:
+        model.to(dev)
+    try:
+        yield dev
+    finally:
+        if dev != home:
+            model.to(home)
+        model.train(was_training)

@@ -12,9 +12,7 @@ import difflib
 import logging
 from pathlib import Path
 
-import torch
-
-from .models import model_device
+from .models import evaluating_on
 
 INSTALL_HINT = "pip install 'fastprune[eval]'"
 
@@ -161,13 +159,7 @@ def lm_eval_tasks(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     loaded = tasks if isinstance(tasks, LoadedTasks) else load_tasks(tasks, include)
     _quiet_lm_eval()
-    home = model_device(model)
-    dev = torch.device(device) if device is not None else home
-    was_training = model.training
-    model.eval()
-    if dev != home:
-        model.to(dev)
-    try:
+    with evaluating_on(model, device):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         if not progress:
             _silence(lm)
@@ -182,10 +174,6 @@ def lm_eval_tasks(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
-    finally:
-        if dev != home:
-            model.to(home)
-        model.train(was_training)
     return _metrics(out)
 
 
