@@ -27,7 +27,9 @@ from .validation import (
     check_hessian,
     check_int,
     check_percdamp,
+    check_real_data,
     check_solve_dtype,
+    non_finite_error,
 )
 
 HESSIAN_PRECISIONS = ("auto", "exact", "fast")
@@ -81,11 +83,14 @@ def _check_update_range(
 ) -> bool:
     """Refuse (before `H` is touched) an update whose `H` would overflow H's dtype; returns
     whether the fast arithmetic may run (its raw `x x^T`, before the `2/n`, must fit too).
-    Ordinary inputs pass on one max-reduction; only near the limit are the exact per-column
+    Ordinary inputs pass on one host sync (max|x| and max diag(H) read together; a NaN/inf in
+    `x` shows in max|x| and is refused here too); only near the limit are the exact per-column
     sums of squares taken (float64). PSD: every entry is bounded by the largest diagonal."""
     lim = torch.finfo(H.dtype).max / 4
-    xmax = torch.linalg.vector_norm(x, float("inf")).item()
-    hmax = torch.diagonal(H).amax().item() if nsamples else 0.0
+    peaks = [torch.linalg.vector_norm(x, float("inf")), torch.diagonal(H).amax()]
+    xmax, hmax = torch.stack([p.double() for p in peaks]).tolist()
+    if not math.isfinite(xmax):
+        raise non_finite_error(x, name)
     raw = xmax * xmax * x.shape[1]
     if hmax * (nsamples / total) + raw * (2 / total) <= lim and (not fast or raw <= lim):
         return fast
@@ -168,7 +173,8 @@ class HessianAccumulator:
                 f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
                 f"got {tuple(inp.shape)}"
             )
-        check_finite(inp, "inp")  # before H is touched: one bad batch would poison it
+        # NaN/inf are refused by the update's range check, before H is touched
+        check_real_data(inp, "inp")
         x = inp.reshape(-1, self.cols).to(device=self.H.device)
         self.nsamples = running_hessian_update(
             self.H, self.nsamples, x.t(), inp.shape[0], self.precision

@@ -30,15 +30,25 @@ def check_weight(W: object, name: str = "W") -> torch.Tensor:
     return W
 
 
-def check_finite(T: torch.Tensor, name: str) -> None:
-    """Reject meta tensors (no data) and NaN/inf instead of letting them propagate."""
+def check_real_data(T: torch.Tensor, name: str) -> None:
+    """Reject meta tensors (no data) and complex ones."""
     if T.is_meta:
         raise ValueError(f"{name} is on the meta device (a shape without data): load it first")
     if T.is_complex():
         raise TypeError(f"{name} must be real, got dtype {T.dtype}")
+
+
+def non_finite_error(T: torch.Tensor, name: str) -> ValueError:
+    """The error for a tensor known to hold NaN/inf (counts them)."""
+    bad = (~torch.isfinite(T)).sum().item()
+    return ValueError(f"{name} contains {bad} NaN/inf value(s)")
+
+
+def check_finite(T: torch.Tensor, name: str) -> None:
+    """Reject meta tensors (no data) and NaN/inf instead of letting them propagate."""
+    check_real_data(T, name)
     if not torch.isfinite(T).all():
-        bad = (~torch.isfinite(T)).sum().item()
-        raise ValueError(f"{name} contains {bad} NaN/inf value(s)")
+        raise non_finite_error(T, name)
 
 
 def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -> torch.Tensor:
