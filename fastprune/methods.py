@@ -151,7 +151,6 @@ def _check_sparseswaps(opts: dict) -> dict:
 CPU_SWAP_PAIR_BUDGET = 3e8
 GPU_SWAP_PAIR_BUDGET = 5e12
 MAX_AUTO_SWAPS = 100
-CPU_MAX_SWAPS = MAX_AUTO_SWAPS  # (the older name)
 
 
 def auto_max_swaps(rows: int, cols: int, prune_m: int, device: torch.device) -> int | None:
