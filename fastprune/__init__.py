@@ -19,6 +19,7 @@ from .methods import METHODS
 from .models import load_model
 from .ops import BackendUnavailableError
 from .pipeline import PruneReport, compute_gradient_norms, prune_model
+from .recipes import RECIPE, compose_layer, fastprune_layer
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer, wanda_layer
@@ -36,9 +37,12 @@ __all__ = [
     "METHODS",
     "PruneReport",
     "PruneResult",
+    "RECIPE",
     "accumulate_hessian",
     "check_nm_keep_mask",
+    "compose_layer",
     "compute_gradient_norms",
+    "fastprune_layer",
     "gblm_layer",
     "gradient_norm",
     "inverse_hessian",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .methods import METHODS, methods_with
+from .methods import METHODS, composed, methods_with
+from .recipes import REFINE_ON, REFINERS, SELECTORS
 
 # CLI flags that carry a method option: argparse dest -> option name. A flag reaches every
 # method in METHODS that declares the option; a flag left at None keeps the method's default.
@@ -13,6 +14,8 @@ OPTION_FLAGS = {
     "backend": "backend",
     "max_swaps": "max_swaps",
     "reconstruct": "reconstruct",
+    "refine": "refine",
+    "refine_on": "refine_on",
     "gblm_norm": "norm",
 }
 
@@ -120,6 +123,18 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     if args.max_swaps is not None and args.max_swaps < 0:
         raise ValueError(f"--max-swaps must be >= 0, got {args.max_swaps}")
+    takes = (*SELECTORS, "fastprune")
+    for flag, v in (("--refine", args.refine), ("--refine-on", args.refine_on)):
+        if v is not None and args.method not in takes:
+            raise ValueError(f"{flag} applies to --method {'/'.join(takes)}, not {args.method}")
+    if args.reconstruct == "best" and args.method not in takes:
+        raise ValueError(f"--reconstruct best applies to --method {'/'.join(takes)}")
+    from .pipeline.allocation import check_allocation
+
+    try:
+        check_allocation(args.allocation or "uniform", args.owl_threshold, args.owl_lambda)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
     if args.dtype not in FLOAT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
     check_device(args.device)
@@ -259,6 +274,9 @@ def _prune(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         hessian_precision=args.hessian_precision,
+        allocation=args.allocation,
+        owl_threshold=args.owl_threshold,
+        owl_lambda=args.owl_lambda,
         targets=args.targets,
         ignore=args.ignore,
         progress=progress,
@@ -335,6 +353,18 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--lm-eval TASKS is required (e.g. --lm-eval arc_easy,piqa)")
     check_lm_eval_args(args)
     check_device(args.device)
+    takes = (*SELECTORS, "fastprune")
+    for flag, v in (("--refine", args.refine), ("--refine-on", args.refine_on)):
+        if v is not None and args.method not in takes:
+            raise ValueError(f"{flag} applies to --method {'/'.join(takes)}, not {args.method}")
+    if args.reconstruct == "best" and args.method not in takes:
+        raise ValueError(f"--reconstruct best applies to --method {'/'.join(takes)}")
+    from .pipeline.allocation import check_allocation
+
+    try:
+        check_allocation(args.allocation or "uniform", args.owl_threshold, args.owl_lambda)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
     if args.dtype not in FLOAT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
     if args.report:
@@ -389,10 +419,17 @@ def _add_lm_eval_flags(q: argparse.ArgumentParser) -> None:
     )
 
 
+def _reconstruct_arg(text: str):
+    if text != "best":
+        raise argparse.ArgumentTypeError(f"--reconstruct takes no value or 'best', got {text!r}")
+    return "best"
+
+
 def method_options(args: argparse.Namespace) -> dict:
     """The options `args.method` gets from the CLI's flags (`OPTION_FLAGS`): those its
     `METHODS` entry declares, where the flag was given a value."""
-    declared = METHODS[args.method].options
+    flags = {o: getattr(args, d) for d, o in OPTION_FLAGS.items() if getattr(args, d) is not None}
+    declared = composed(METHODS[args.method], flags).options
     return {
         opt: getattr(args, dest)
         for dest, opt in OPTION_FLAGS.items()
@@ -405,6 +442,8 @@ def _for(option: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .pipeline.allocation import ALLOCATIONS, OWL_LAMBDA, OWL_THRESHOLD
+
     p = argparse.ArgumentParser(prog="fastprune", description="Fast, exact one-shot LLM pruning")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="prune one synthetic layer with every method")
@@ -463,9 +502,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--reconstruct",
-        action="store_true",
+        nargs="?",
+        const=True,
         default=None,
-        help=f"{_for('reconstruct')}: OBS reconstruction on the refined mask",
+        type=_reconstruct_arg,
+        metavar="best",
+        help=f"{_for('reconstruct')}/{'/'.join(SELECTORS)}: OBS reconstruction on the final "
+        "mask (--reconstruct best: only where it lowers the layer's loss)",
+    )
+    q.add_argument(
+        "--refine",
+        default=None,
+        choices=REFINERS,
+        help=f"{'/'.join(SELECTORS)}/fastprune: refine the method's mask by optimal 1-swaps",
+    )
+    q.add_argument(
+        "--refine-on",
+        default=None,
+        choices=REFINE_ON,
+        help="the kept weights the swaps are scored with: the original W, or the method's "
+        "updated weights (sparsegpt/rose; default)",
+    )
+    q.add_argument(
+        "--allocation",
+        default=None,
+        choices=ALLOCATIONS,
+        help="layer-wise sparsity: uniform, or owl (outlier-weighted per block, same total; "
+        "N:M stays uniform). Default: owl for fastprune, else uniform",
+    )
+    q.add_argument(
+        "--owl-lambda",
+        type=float,
+        default=OWL_LAMBDA,
+        help=f"owl: block sparsities within sparsity +- this (default {OWL_LAMBDA})",
+    )
+    q.add_argument(
+        "--owl-threshold",
+        type=float,
+        default=OWL_THRESHOLD,
+        help=f"owl: an outlier scores above this x its block's mean (default {OWL_THRESHOLD})",
     )
     q.add_argument(
         "--gblm-norm", default=None, choices=["l1", "l2"], help=f"{_for('norm')} gradient norm"

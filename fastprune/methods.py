@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .recipes import RECIPE, SELECTORS, check_recipe, compose_layer
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
@@ -38,7 +39,8 @@ class Method:
     `layer_options` rewrites them per layer, e.g. SparseSwaps' `max_swaps="auto"`).
     `shares_inverse`: layers fed the same input (q/k/v, gate/up) are solved with one inverse
     Hessian (`inverse_hessian(H, percdamp)`, passed as `hinv=`). `check` validates and
-    normalises a full option dict (errors name the option).
+    normalises a full option dict (errors name the option). `allocation`: the layer-wise
+    sparsity `prune_model` uses unless told otherwise ("uniform" or "owl").
     """
 
     name: str
@@ -51,6 +53,7 @@ class Method:
     pipeline_options: tuple[str, ...] = ()
     check: Callable[[dict], dict] | None = None
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
+    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -115,6 +118,44 @@ class Method:
         return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
 
 
+COMPOSE_OPTIONS = ("refine", "refine_on", "reconstruct")
+
+
+def composed(base: Method, options: Mapping[str, Any]) -> Method:
+    """`base` (a mask selector: magnitude, wanda, gblm, sparsegpt, rose) with a refinement
+    and/or a reconstruction (`fastprune.compose_layer`), when `options` ask for one; else
+    `base`. Named after its parts, e.g. "wanda+sparseswaps+reconstruct"."""
+    if base.name not in SELECTORS or not any(k in options for k in COMPOSE_OPTIONS):
+        return base
+    refine, reconstruct = options.get("refine"), options.get("reconstruct", False)
+    name = base.name + (f"+{refine}" if refine else "")
+    name += "" if not reconstruct else "+reconstruct" if reconstruct is True else "+best"
+    extra = {"refine": None, "refine_on": "reconstructed", "reconstruct": False}
+    extra |= {"max_swaps": "auto", "percdamp": 0.01, "backend": "auto"}
+    opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
+
+    def check(o: dict) -> dict:
+        o = base.check(o) if base.check is not None else o
+        check_recipe(base.name, o["refine"], o["refine_on"], o["reconstruct"])
+        return _check_sparseswaps(o)
+
+    def solver(W, *args, **kw):  # args: H (and G for gblm)
+        return compose_layer(W, *args, select=base.name, **kw)
+
+    return Method(
+        name,
+        solver,
+        f"{base.name}'s mask, refined/reconstructed (fastprune.compose_layer)",
+        opts,
+        needs_hessian=True,
+        needs_gradients=base.needs_gradients,
+        shares_inverse=True,
+        pipeline_options=base.pipeline_options,
+        check=check,
+        layer_options=_sparseswaps_layer_options,
+    )
+
+
 def get_method(name) -> Method:
     """`METHODS[name]`, or a `ValueError` listing the methods."""
     if not isinstance(name, str) or name not in METHODS:
@@ -134,6 +175,15 @@ def _check_gblm(opts: dict) -> dict:
     if opts["norm"] not in ("l1", "l2"):
         raise ValueError(f"norm must be 'l1' or 'l2', got {opts['norm']!r}")
     return opts
+
+
+def _check_recipe(opts: dict) -> dict:
+    if opts["select"] == "gblm":
+        raise ValueError(
+            "select='gblm' needs gradients: use method='gblm' with refine=/reconstruct= instead"
+        )
+    check_recipe(opts["select"], opts["refine"], opts["refine_on"], opts["reconstruct"])
+    return _check_sparseswaps(opts)
 
 
 def _check_sparseswaps(opts: dict) -> dict:
@@ -202,6 +252,24 @@ METHODS: dict[str, Method] = {
             needs_gradients=True,
             pipeline_options=GRADIENT_OPTIONS,
             check=_check_gblm,
+        ),
+        Method(
+            "fastprune",
+            compose_layer,
+            "fastprune's recipe: SparseGPT, refined by swaps on its own weights, "
+            "reconstructed where that helps, OWL layer sparsity (see the README)",
+            {
+                **RECIPE,
+                "max_swaps": "auto",
+                **_OBS,
+                "range_threshold": 0.5,
+                "alpha": 1.0,
+                "backend": "auto",
+            },
+            shares_inverse=True,
+            check=_check_recipe,
+            layer_options=_sparseswaps_layer_options,
+            allocation="owl",
         ),
         Method(
             "sparseswaps",

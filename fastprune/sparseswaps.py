@@ -14,13 +14,22 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .core import base_info, finish, problem_scales, solve_rescaled, wanda_score
+from .core import (
+    base_info,
+    finish,
+    problem_scales,
+    scale_inverse,
+    solve_rescaled,
+    wanda_score,
+)
+from .hessian import InverseHessian, scale_pow2
 from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
 from .ops import Kernels
 from .result import PruneResult
 from .sparsegpt import sparsegpt_layer
 from .validation import (
     check_backend,
+    check_device,
     check_hessian,
     check_int,
     check_mask,
@@ -54,15 +63,24 @@ def swap_refine(
     max_swaps: int | None = None,
     kernels: Kernels | None = None,
     progress: bool = False,
+    target: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The SparseSwaps step loop on float32/64 `W`, `H`; returns the refined keep-mask and
     counters. `max_swaps` bounds the number of steps (each step swaps at most once per row);
-    `kernels` runs the ops (default: the torch reference)."""
+    `kernels` runs the ops (default: the torch reference). `W` holds the value each entry has
+    while kept; the residual is `target - W * keep` (`target` default `W`: `W * ~keep`), and
+    the same Δ holds for any residual, since a swap adds `W_u e_u - W_p e_p` to it."""
     kernels = kernels or Kernels("torch", W.device, SWAP_OPS)
     search, apply = kernels.op("swap_search"), kernels.op("swap_apply")
     rows = W.shape[0]
     keep = keep.clone()
-    r = W * ~keep
+
+    def residual(rows_=slice(None)):
+        if target is None:
+            return W[rows_] * ~keep[rows_]
+        return target[rows_] - W[rows_] * keep[rows_]
+
+    r = residual()
     c = r @ H
     row_loss = (r * c).sum(1)
     active = torch.arange(rows, device=W.device)
@@ -71,8 +89,7 @@ def swap_refine(
     bar = tqdm(desc="sparseswaps", unit="step", disable=not progress, leave=False)
     while active.numel() and steps < limit:
         if steps and steps % REFRESH_EVERY == 0:
-            ra = W[active] * ~keep[active]
-            c[active] = ra @ H
+            c[active] = residual(active) @ H
         u, p, delta = search(W, keep, c, H, prune_n, prune_m, rows=active)
         finite = torch.isfinite(delta)
         tol = _noise_floor(W, c, H, active, u, p)
@@ -102,6 +119,8 @@ def sparseswaps_layer(
     reconstruct: bool = False,
     percdamp: float = 0.01,
     progress: bool = False,
+    values: torch.Tensor | None = None,
+    hinv: InverseHessian | None = None,
 ) -> PruneResult:
     """Refine a keep-mask (True = kept) by optimal 1-swaps; weights are not changed.
 
@@ -109,8 +128,11 @@ def sparseswaps_layer(
     `prune_n > 0` swaps stay inside each group of `prune_m` columns, so the N:M pattern is
     kept. `max_swaps` caps the number of steps (None: until no row improves). The loss
     (`r^T H r` summed over rows) never rises. `reconstruct=True` then runs SparseGPT's OBS
-    updates on the final mask (`sparsegpt_layer(W, H, mask=...)`) and returns those weights.
-    `info` has loss_before, loss_after, swaps, steps.
+    updates on the final mask (`sparsegpt_layer(W, H, mask=...)`, with `hinv` if given) and
+    returns those weights. `values`: the value each entry has while kept (default `W`), e.g.
+    SparseGPT's updated weights where its mask keeps and `W` elsewhere; the loss is then that
+    of the residual `D = W - values * mask` (`tr(D H D^T)`) and without `reconstruct` the
+    result is `values * mask`. `info` has loss_before, loss_after, swaps, steps.
     """
     t0 = time.perf_counter()
     W = check_weight(W)
@@ -119,18 +141,28 @@ def sparseswaps_layer(
     check_backend(backend)
     if max_swaps is not None:
         max_swaps = check_int(max_swaps, "max_swaps", minimum=0)
+    if values is not None:
+        values = check_weight(values, "values")
+        if values.shape != W.shape:
+            raise ValueError(f"values has shape {tuple(values.shape)} but W has {tuple(W.shape)}")
+        check_device(values, W.device, "values")
     scales = problem_scales(W, H)
     if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
+        dt = compute_dtype(W, H)
+        Vs = None if values is None else scale_pow2(values.to(dt, copy=True), -scales[0])
+        hs = None if hinv is None else scale_inverse(hinv, scales[1], dt)
 
         def solve(Ws, Hs):
             return sparseswaps_layer(
                 Ws, Hs, mask, max_swaps, backend, sparsity=sparsity, prune_n=n, prune_m=m,
-                reconstruct=reconstruct, percdamp=percdamp, progress=progress,
+                reconstruct=reconstruct, percdamp=percdamp, progress=progress, values=Vs,
+                hinv=hs,
             )  # fmt: skip
 
         return solve_rescaled(W, H, scales, solve, t0, False)
     dtype = compute_dtype(W, H)
     Wc = W.to(dtype)
+    Vc = Wc if values is None else values.to(dtype)
     Hc = H.to(dtype)
     Hc = (Hc + Hc.t()) / 2  # the algebra assumes a symmetric H; exact for one that is
     if mask is None:
@@ -147,10 +179,15 @@ def sparseswaps_layer(
         "sparseswaps", W, 1.0 - keep0.float().mean().item(), n, m, kernels.backend, dtype
     )
     info["warm_start"] = warm
-    r0 = Wc * ~keep0
+    target = None if values is None else Wc
+
+    def residual(keep):
+        return Wc * ~keep if target is None else Wc - Vc * keep
+
+    r0 = residual(keep0)
     loss_before = ((r0 @ Hc) * r0).sum(dtype=torch.float64).item()
-    keep, counters = swap_refine(Wc, Hc, keep0, n, m, max_swaps, kernels, progress)
-    r1 = Wc * ~keep
+    keep, counters = swap_refine(Vc, Hc, keep0, n, m, max_swaps, kernels, progress, target)
+    r1 = residual(keep)
     loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
     info.update(
         counters,
@@ -162,7 +199,7 @@ def sparseswaps_layer(
     )
     if reconstruct:
         rec = sparsegpt_layer(
-            W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp, backend=backend
+            W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp, backend=backend, hinv=hinv
         )
         info.update(
             reconstructed=True,
@@ -177,6 +214,6 @@ def sparseswaps_layer(
             }
         weight, loss = rec.weight, rec.loss
     else:
-        weight = W.masked_fill(~keep, 0)
+        weight = (W if values is None else values).masked_fill(~keep, 0)
         loss = loss_after
     return finish(W, weight, keep, loss, info, t0, False)

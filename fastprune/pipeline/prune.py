@@ -5,6 +5,7 @@ called comes from `fastprune.METHODS`."""
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
@@ -14,15 +15,23 @@ from tqdm.auto import tqdm
 from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
-from ..methods import get_method
+from ..methods import composed, get_method
 from ..models import check_selection, find_blocks, find_linears, model_device
 from ..validation import check_int, check_pattern, check_sparsity
+from .allocation import (
+    OWL_LAMBDA,
+    OWL_THRESHOLD,
+    check_allocation,
+    outlier_ratios,
+    owl_block_sparsities,
+)
 from .capture import _capture, _run_block, _to, block_kinds
 from .distributed import Comm, active_world
 from .gradients import compute_gradient_norms
 from .hessian_hooks import _HessianHooks
 from .report import LayerReport, PruneReport, _jsonable
 
+logger = logging.getLogger("fastprune")
 _INFO_SKIP = {"shape", "device", "method"}
 _UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
 
@@ -61,6 +70,9 @@ def prune_model(
     ignore=None,
     blocks: str | None = None,
     offload_activations: bool | None = None,
+    allocation: str | None = None,
+    owl_threshold: float = OWL_THRESHOLD,
+    owl_lambda: float = OWL_LAMBDA,
     progress: bool = True,
     **method_options,
 ) -> PruneReport:
@@ -76,7 +88,12 @@ def prune_model(
         gblm: alpha, norm ('l1'/'l2'), scale, gradients (precomputed {name: G});
         sparseswaps: max_swaps ('auto': on CPU a budget of 3e8 pair evaluations per layer,
         1 to 100 steps; on GPU a budget of 5e12, ~2 s a layer on an H100),
-        reconstruct (OBS reconstruction on the refined mask), percdamp, backend.
+        reconstruct (OBS reconstruction on the refined mask), percdamp, backend;
+        fastprune (the recipe): select, refine, refine_on, reconstruct, max_swaps,
+        blocksize, percdamp, range_threshold, backend (see `fastprune.recipes`).
+        Any mask selector (magnitude, wanda, gblm, sparsegpt, rose) also takes
+        refine='sparseswaps', refine_on ('original' | 'reconstructed'), reconstruct
+        (True | 'best') and max_swaps: `fastprune.compose_layer` then solves each layer.
     sparsity / prune_n:prune_m: unstructured fraction, or N pruned in every M inputs.
     device: where each block runs (the model stays where it is; default: the model's
         device). batch_size: calibration samples per block forward (and per Hessian GEMM).
@@ -87,6 +104,9 @@ def prune_model(
     blocks: module path of the decoder block list when auto-detection is not wanted.
     offload_activations: keep the calibration activations on CPU (True), on `device`
         (False), or decide by free memory (None).
+    allocation: layer-wise sparsity, "uniform" or "owl" (outlier-weighted per decoder block,
+        same total; `owl_threshold` is OWL's M, `owl_lambda` the spread; N:M stays
+        uniform); None: the method's default (owl for fastprune, else uniform).
 
     Inside an initialised torch.distributed process group of size > 1, every rank calls this
     with its own replica of the model and the same arguments: each rank calibrates on its
@@ -96,10 +116,18 @@ def prune_model(
     t_start = time.perf_counter()
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meth = get_method(method)
+    meth = composed(get_method(method), method_options)
     opts = meth.check_options(method_options)
     sparsity = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, prune_m or 1)
+    allocation, owl_threshold, owl_lambda = check_allocation(
+        meth.allocation if allocation is None else allocation, owl_threshold, owl_lambda
+    )
+    if allocation == "owl" and n:
+        logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
+        allocation = "uniform"
+    if allocation == "owl" and not meth.needs_calibration:
+        raise ValueError(f"allocation='owl' needs calibration data, which {method!r} does not use")
     batch_size = check_int(batch_size, "batch_size", minimum=1)
     if hessian_precision not in HESSIAN_PRECISIONS:
         raise ValueError(
@@ -139,7 +167,7 @@ def prune_model(
     local = calib if comm is None or calib is None else comm.shard(calib)
 
     report = PruneReport(
-        method=method,
+        method=meth.name,
         sparsity=n / m if n else sparsity,
         pattern=pattern_name(n, m),
         nsamples=0 if calib is None else calib.shape[0],
@@ -148,6 +176,7 @@ def prune_model(
         options=_jsonable(
             {k: v for k, v in opts.items() if k not in _UNREPORTED}
             | ({"hessian_precision": hessian_precision} if meth.needs_calibration else {})
+            | ({"allocation": allocation} if meth.needs_calibration else {})
         ),
     )
     totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(block_list)}
@@ -184,6 +213,20 @@ def prune_model(
 
     was_training = model.training
     model.eval()
+    block_sparsity = [sparsity] * len(block_list)
+    if allocation == "owl":
+        t0 = time.perf_counter()
+        ratios = outlier_ratios(
+            model, block_list, per_block, kinds, local, batch_size, dev,
+            offload_activations, owl_threshold, comm,
+        )  # fmt: skip
+        params = [sum(get_weight(x).numel() for x in lins.values()) for lins in per_block]
+        block_sparsity = owl_block_sparsities(ratios, params, sparsity, owl_lambda)
+        totals["allocation_seconds"] = clock("forward_seconds", t0) - t0
+        totals["allocation"] = {
+            "rule": "owl", "threshold": owl_threshold, "lambda": owl_lambda,
+            "outlier_ratios": ratios, "block_sparsity": block_sparsity,
+        }  # fmt: skip
     acts = arg_sets = None
     if calib is not None:
         t0 = time.perf_counter()
@@ -212,7 +255,7 @@ def prune_model(
                 clock("inverse_seconds", t0)
             hinv = inverses[lead]
         g = None if G is None else G[full]
-        r = meth.solve(W, H, g, sparsity, n, m, opts, hinv)
+        r = meth.solve(W, H, g, block_sparsity[i], n, m, opts, hinv)
         set_weight(mod, r.weight)
         return _layer_report(i, name, W, method, r, lead)
 

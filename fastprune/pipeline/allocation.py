@@ -1,0 +1,109 @@
+"""Layer-wise sparsity: uniform, or OWL's outlier-weighted allocation (Yin et al., 2023).
+
+OWL gives decoder blocks with more outliers a lower sparsity. One dense pass over the
+calibration activations (block by block, as the pruning pass) collects each linear's
+per-input-channel `sum_t x_tj^2`; a block's outlier ratio `D_i` is the fraction of its
+weights (all its pruned linears together) whose Wanda score `|W_ij| ||x_j||` exceeds
+`threshold` x the block's mean score. The ratios are scaled to `[0, 2 lambda]` (min-max) and
+block i keeps `1 - sparsity + D'_i - mean(D')`, the mean weighted by the block's pruned
+parameters, so the whole model keeps `1 - sparsity` of them. N:M patterns stay uniform.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layers import get_weight
+from .capture import _capture, _run_block, _to
+
+ALLOCATIONS = ("uniform", "owl")
+OWL_THRESHOLD = 5.0  # OWL's M: an outlier scores above M x its block's mean
+OWL_LAMBDA = 0.08  # OWL's lambda: block sparsities lie within sparsity +- lambda
+
+
+def check_allocation(
+    allocation: object, threshold: object, lam: object
+) -> tuple[str, float, float]:
+    """The allocation arguments checked (errors name the argument)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+    limits = (("owl_threshold", threshold, 0.0, math.inf), ("owl_lambda", lam, 0.0, 0.5))
+    for name, v, lo, hi in limits:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v < hi:
+            raise ValueError(f"{name} must be a number in ({lo}, {hi}), got {v!r}")
+    return allocation, float(threshold), float(lam)
+
+
+def owl_block_sparsities(
+    ratios: list[float], params: list[int], sparsity: float, lam: float
+) -> list[float]:
+    """Per-block sparsities from outlier ratios (OWL's rule, parameter-weighted mean so the
+    total stays `sparsity`). `ValueError` naming owl_lambda if a block leaves [0, 1)."""
+    r = torch.tensor(ratios, dtype=torch.float64)
+    w = torch.tensor(params, dtype=torch.float64)
+    span = (r.max() - r.min()).item()
+    if len(ratios) < 2 or span == 0:
+        return [sparsity] * len(ratios)
+    d = (r - r.min()) / span * (2 * lam)
+    keep = (1 - sparsity) + d - (d * w).sum() / w.sum()
+    out = (1 - keep).tolist()
+    if min(out) < 0 or max(out) >= 1:
+        raise ValueError(
+            f"owl_lambda={lam} moves block sparsities to [{min(out):.3f}, {max(out):.3f}], "
+            f"outside [0, 1) at sparsity {sparsity}: use a smaller owl_lambda"
+        )
+    return out
+
+
+@torch.no_grad()
+def outlier_ratios(
+    model, block_list, per_block, kinds, calib, batch_size, device, offload, threshold, comm=None
+) -> list[float]:
+    """Each block's fraction of Wanda-score outliers (above `threshold` x the block's mean),
+    from one dense pass over `calib` (reduced over ranks when `comm` is given)."""
+    acts = _capture(model, block_list, kinds, calib, batch_size, device, offload)
+    arg_sets = [(_to(a, device), _to(k, device)) for a, k in acts.arg_sets]
+    ratios = []
+    for i, block in enumerate(block_list):
+        home = next(block.parameters()).device
+        block.to(device)
+        sumsq: dict[str, torch.Tensor] = {}
+
+        def hook_for(name, sumsq=sumsq):
+            def hook(_mod, args, kwargs):
+                x = args[0] if args else kwargs["input"]
+                x = x.detach().reshape(-1, x.shape[-1]).double()
+                s = x.pow(2).sum(0)
+                sumsq[name] = s if name not in sumsq else sumsq[name] + s
+
+            return hook
+
+        handles = [
+            m.register_forward_pre_hook(hook_for(k), with_kwargs=True)
+            for k, m in per_block[i].items()
+        ]
+        try:
+            _run_block(block, acts, batch_size, device, arg_sets, kinds[i])
+        finally:
+            for h in handles:
+                h.remove()
+        acts.swap()
+        if comm is not None:  # sums over every rank's shard
+            for k in sorted(sumsq):
+                buf = sumsq[k].to(comm.device)
+                torch.distributed.all_reduce(buf)
+                sumsq[k] = buf
+        scores = []
+        for k, mod in per_block[i].items():
+            if k not in sumsq:
+                raise RuntimeError(f"block {i}: {k} was never called in the block's forward")
+            W = get_weight(mod).detach()
+            scale = sumsq[k].to(W.device).sqrt().to(torch.float32)
+            scores.append((W.float().abs() * scale).flatten())
+        s = torch.cat(scores)
+        ratios.append((s > threshold * s.mean()).double().mean().item())
+        block.to(home)
+    del acts
+    return ratios

@@ -1,0 +1,165 @@
+"""Recipes: a mask selector, an optional mask refinement and an optional OBS reconstruction
+composed into one layer solve (`compose_layer`), and `fastprune_layer`, the composition that
+pruned the built-in model best (see the README's "Recipes" table).
+
+1. select: magnitude | wanda | gblm | sparsegpt | rose gives a mask and weights (SparseGPT and
+   ROSE update the kept weights; the score methods keep `W`).
+2. refine="sparseswaps": optimal 1-swaps per row, warm-started from that mask, with the kept
+   entries fixed at `refine_on`'s values: "original" (`W`: the loss of `W * mask`) or
+   "reconstructed" (the selector's weights where its mask keeps, `W` where it prunes: the
+   loss of the selector's own result, lowered swap by swap). The two coincide for the score
+   methods.
+3. reconstruct=True: SparseGPT's OBS updates on the final mask from the original `W`
+   (`sparsegpt_layer(W, H, mask=...)`); "best" keeps whichever of the refined and the
+   reconstructed weights has the lower layer loss `tr(D H D^T)`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .hessian import InverseHessian
+from .result import PruneResult
+from .rose import rose_layer
+from .scores import gblm_layer, magnitude_layer, wanda_layer
+from .sparsegpt import sparsegpt_layer
+from .sparseswaps import sparseswaps_layer
+from .validation import check_weight
+
+SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
+REFINERS = ("sparseswaps",)
+REFINE_ON = ("original", "reconstructed")
+RECONSTRUCT = (False, True, "best")
+
+# fastprune's recipe: the composition the README's table chose (the pipeline adds
+# `allocation`, see fastprune.pipeline.allocation).
+RECIPE = {
+    "select": "sparsegpt",
+    "refine": "sparseswaps",
+    "refine_on": "reconstructed",
+    "reconstruct": "best",
+}
+
+
+def check_recipe(
+    select: object, refine: object, refine_on: object, reconstruct: object
+) -> tuple[str, str | None, str, bool | str]:
+    """The composition's choices checked (errors name the argument)."""
+    if select not in SELECTORS:
+        raise ValueError(f"select must be one of {', '.join(SELECTORS)}; got {select!r}")
+    if refine is not None and refine not in REFINERS:
+        raise ValueError(f"refine must be None or one of {', '.join(REFINERS)}; got {refine!r}")
+    if refine_on not in REFINE_ON:
+        raise ValueError(f"refine_on must be one of {', '.join(REFINE_ON)}; got {refine_on!r}")
+    if not any(reconstruct is r or (isinstance(r, str) and reconstruct == r) for r in RECONSTRUCT):
+        raise ValueError(f"reconstruct must be False, True or 'best'; got {reconstruct!r}")
+    return select, refine, refine_on, reconstruct
+
+
+def _layer_loss(W: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> float:
+    D = W.double() - weight.double()
+    return ((D @ H.double()) * D).sum().item()
+
+
+def _merge_kernels(info: dict, more: dict) -> None:
+    """What ran (and what fell back, with why) in a later step joins `info`."""
+    info["kernels"] = {**info["kernels"], **more["kernels"]}
+    if "kernel_fallbacks" in more:
+        info["kernel_fallbacks"] = {**info.get("kernel_fallbacks", {}), **more["kernel_fallbacks"]}
+
+
+@torch.no_grad()
+def compose_layer(
+    W: torch.Tensor,
+    H: torch.Tensor | None = None,
+    G: torch.Tensor | None = None,
+    *,
+    select: str = "sparsegpt",
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    refine: str | None = None,
+    refine_on: str = "reconstructed",
+    reconstruct: bool | str = False,
+    max_swaps: int | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    range_threshold: float = 0.5,
+    alpha: float = 1.0,
+    backend: str = "auto",
+    hinv: InverseHessian | None = None,
+) -> PruneResult:
+    """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
+    (see the module docstring). `G` is GBLM's gradient norm (only for select="gblm"); `hinv`
+    an inverse of `H` from `fastprune.inverse_hessian(H, percdamp)` that the SparseGPT
+    selection and the reconstruction reuse. `info`: the selector's loss (`loss_selected`),
+    the refinement's counters, which weights were kept (`result`) and `recipe`."""
+    t0 = time.perf_counter()
+    select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
+    W = check_weight(W)
+    if H is None and (select != "magnitude" or refine or reconstruct):
+        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
+    if (G is not None) != (select == "gblm"):
+        raise ValueError("G is needed for select='gblm' and only for it")
+    pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
+    obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
+    if select == "magnitude":
+        sel = magnitude_layer(W, **pat, H=H)
+    elif select == "wanda":
+        sel = wanda_layer(W, H, **pat)
+    elif select == "gblm":
+        sel = gblm_layer(W, H, G, **pat, alpha=alpha)
+    elif select == "sparsegpt":
+        sel = sparsegpt_layer(W, H, **pat, **obs, hinv=hinv)
+    else:
+        sel = rose_layer(W, H, **pat, **obs, range_threshold=range_threshold)
+    info = dict(sel.info)
+    recipe = {"select": select, "refine": refine, "refine_on": refine_on}
+    info.update(recipe=recipe | {"reconstruct": reconstruct}, loss_selected=sel.loss)
+    weight, mask, loss, result = sel.weight, sel.mask, sel.loss, select
+    if refine is not None:
+        values = None
+        if refine_on == "reconstructed" and select in ("sparsegpt", "rose"):
+            values = torch.where(sel.mask, sel.weight, W)
+        ref = sparseswaps_layer(
+            W, H, sel.mask, max_swaps, backend, prune_n=prune_n, prune_m=prune_m,
+            percdamp=percdamp, values=values,
+        )  # fmt: skip
+        weight, mask, loss, result = ref.weight, ref.mask, ref.info["loss_after"], "refined"
+        for k in ("swaps", "steps", "converged", "max_swaps", "loss_before", "loss_after"):
+            info[f"refine_{k}"] = ref.info[k]
+        _merge_kernels(info, ref.info)
+    if reconstruct and (refine is not None or select not in ("sparsegpt",)):
+        rec = sparsegpt_layer(W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv)
+        info["loss_reconstructed"] = rec.loss
+        _merge_kernels(info, rec.info)
+        if loss is None:
+            loss = _layer_loss(W, weight, H)
+        if reconstruct is True or rec.loss < loss:
+            weight, loss, result = rec.weight, rec.loss, "reconstructed"
+    info.update(method="compose", result=result)
+    info["achieved_sparsity"] = 1.0 - mask.float().mean().item()
+    info["seconds"] = time.perf_counter() - t0
+    return PruneResult(weight.to(W.dtype), mask, loss, info)
+
+
+def fastprune_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float = 0.5,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    *,
+    max_swaps: int | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    backend: str = "auto",
+    hinv: InverseHessian | None = None,
+) -> PruneResult:
+    """fastprune's recipe on one layer: `compose_layer(W, H, **RECIPE)`."""
+    return compose_layer(
+        W, H, **RECIPE, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
+        max_swaps=max_swaps, blocksize=blocksize, percdamp=percdamp, backend=backend, hinv=hinv,
+    )  # fmt: skip
