@@ -242,7 +242,7 @@ def _prune(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model, dtype=args.dtype)
     load_s = time.perf_counter() - t0
     calib = None
-    if METHODS[args.method].needs_calibration:
+    if options_method(args).needs_calibration:
         calib = get_calibration(args.calib, tok, args.nsamples, args.seqlen, args.seed)
     eval_ids = None if args.eval == "none" or not lead else get_eval_ids(args.eval, tok)
 
@@ -311,7 +311,7 @@ def _prune(args: argparse.Namespace) -> int:
     if args.report and lead:
         doc = {
             "model": args.model,
-            "method": args.method,
+            "method": report.method,
             "sparsity": report.sparsity,
             "pattern": report.pattern,
             "nsamples": report.nsamples,
@@ -353,18 +353,6 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("--lm-eval TASKS is required (e.g. --lm-eval arc_easy,piqa)")
     check_lm_eval_args(args)
     check_device(args.device)
-    takes = (*SELECTORS, "fastprune")
-    for flag, v in (("--refine", args.refine), ("--refine-on", args.refine_on)):
-        if v is not None and args.method not in takes:
-            raise ValueError(f"{flag} applies to --method {'/'.join(takes)}, not {args.method}")
-    if args.reconstruct == "best" and args.method not in takes:
-        raise ValueError(f"--reconstruct best applies to --method {'/'.join(takes)}")
-    from .pipeline.allocation import check_allocation
-
-    try:
-        check_allocation(args.allocation or "uniform", args.owl_threshold, args.owl_lambda)
-    except ValueError as e:
-        raise ValueError(f"--{str(e).replace('_', '-')}") from None
     if args.dtype not in FLOAT_DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(FLOAT_DTYPES)}, got {args.dtype!r}")
     if args.report:
@@ -425,11 +413,17 @@ def _reconstruct_arg(text: str):
     return "best"
 
 
+def options_method(args: argparse.Namespace):
+    """The `Method` that runs: `args.method`'s entry, composed with --refine/--reconstruct
+    for a mask selector."""
+    flags = {o: getattr(args, d) for d, o in OPTION_FLAGS.items() if getattr(args, d) is not None}
+    return composed(METHODS[args.method], flags)
+
+
 def method_options(args: argparse.Namespace) -> dict:
     """The options `args.method` gets from the CLI's flags (`OPTION_FLAGS`): those its
-    `METHODS` entry declares, where the flag was given a value."""
-    flags = {o: getattr(args, d) for d, o in OPTION_FLAGS.items() if getattr(args, d) is not None}
-    declared = composed(METHODS[args.method], flags).options
+    `METHODS` entry (composed with --refine/--reconstruct) declares, where given."""
+    declared = options_method(args).options
     return {
         opt: getattr(args, dest)
         for dest, opt in OPTION_FLAGS.items()

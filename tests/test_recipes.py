@@ -200,3 +200,163 @@ def test_owl_uniform_when_ratios_agree_and_errors():
         check_allocation("owl", 5, 0.6)
     with pytest.raises(ValueError, match="owl_threshold"):
         check_allocation("owl", 0, 0.08)
+
+
+# ------------------------------------------------------------------ pipeline and CLI
+
+pipeline_helpers = pytest.importorskip("pipeline_helpers")
+
+
+def _ratios_by_full_forward(model, calib, threshold):
+    """OWL's outlier ratios from hooks on the dense model's own forward."""
+    from fastprune.models import find_blocks, find_linears, get_weight
+
+    _, blocks = find_blocks(model)
+    sumsq, handles = {}, []
+    for i, b in enumerate(blocks):
+        for k, lin in find_linears(b).items():
+
+            def hook(_m, args, key=(i, k)):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sumsq[key] = sumsq.get(key, 0) + x.pow(2).sum(0)
+
+            handles.append(lin.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for s in range(calib.shape[0]):
+            model(calib[s : s + 1])
+    for h in handles:
+        h.remove()
+    out = []
+    for i, b in enumerate(blocks):
+        sc = [
+            (get_weight(lin).abs() * sumsq[(i, k)].sqrt().float()).flatten()
+            for k, lin in find_linears(b).items()
+        ]
+        s = torch.cat(sc)
+        out.append(((s > threshold * s.mean()).sum().item(), s.numel()))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_owl_allocation_in_the_pipeline(family):
+    model = pipeline_helpers.tiny_model(family)
+    calib = pipeline_helpers.calib_ids(4, 32)
+    expect = _ratios_by_full_forward(model, calib, 2.0)
+    rep = fp.prune_model(
+        model, calib, method="wanda", sparsity=0.6, allocation="owl", owl_threshold=2.0,
+        owl_lambda=0.1, progress=False,
+    )  # fmt: skip
+    alloc = rep.totals["allocation"]
+    for got, (count, numel) in zip(alloc["outlier_ratios"], expect):
+        assert abs(got * numel - count) <= 2  # a score within rounding of the threshold
+    bs = alloc["block_sparsity"]
+    assert rep.options["allocation"] == "owl"
+    assert sum(bs) / len(bs) == pytest.approx(0.6) and max(bs) - min(bs) == pytest.approx(0.2)
+    for lr in rep.layers:  # Wanda prunes int(cols * s) per row
+        cols = lr.shape[1]
+        assert lr.sparsity == pytest.approx(int(cols * bs[lr.block]) / cols)
+    assert rep.achieved_sparsity == pytest.approx(0.6, abs=0.02)
+
+
+def test_owl_keeps_nm_uniform_and_needs_calibration():
+    model = pipeline_helpers.tiny_model("llama")
+    calib = pipeline_helpers.calib_ids(2, 32)
+    rep = fp.prune_model(
+        model, calib, method="sparsegpt", prune_n=2, prune_m=4, allocation="owl", progress=False
+    )
+    assert rep.options["allocation"] == "uniform" and "allocation" not in rep.totals
+    assert all(lr.sparsity == 0.5 for lr in rep.layers)
+    with pytest.raises(ValueError, match="calibration"):
+        fp.prune_model(model, None, method="magnitude", allocation="owl", progress=False)
+    with pytest.raises(ValueError, match="allocation"):
+        fp.prune_model(model, calib, method="wanda", allocation="random", progress=False)
+
+
+def test_fastprune_method_and_composed_methods():
+    calib = pipeline_helpers.calib_ids(4, 32)
+    losses = {}
+    for name, kw in {
+        "wanda": {"method": "wanda"},
+        "wanda+sparseswaps+reconstruct": {
+            "method": "wanda", "refine": "sparseswaps", "reconstruct": True
+        },
+        "sparsegpt": {"method": "sparsegpt"},
+        "sparsegpt+sparseswaps+best": {
+            "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best"
+        },
+        "fastprune": {"method": "fastprune", "allocation": "uniform"},
+    }.items():  # fmt: skip
+        if name not in ("wanda", "sparsegpt"):
+            kw["max_swaps"] = 8  # the CPU reference's per-row loop: keep the test short
+        rep = fp.prune_model(pipeline_helpers.tiny_model("llama"), calib, progress=False, **kw)
+        assert rep.method == name
+        assert rep.achieved_sparsity == pytest.approx(0.5, abs=0.01)
+        # block 0 sees the same inputs whatever the method: compare its layers' losses
+        losses[name] = sum(lr.loss for lr in rep.layers if lr.block == 0)
+        if name != "wanda" and name != "sparsegpt":
+            assert {"recipe", "result", "loss_selected"} <= set(rep.layers[0].info)
+    assert losses["wanda+sparseswaps+reconstruct"] < losses["wanda"]
+    assert losses["sparsegpt+sparseswaps+best"] <= losses["sparsegpt"] * (1 + 1e-6)
+    assert losses["fastprune"] == pytest.approx(losses["sparsegpt+sparseswaps+best"], rel=1e-6)
+    with pytest.raises(TypeError, match="refine"):
+        fp.prune_model(
+            pipeline_helpers.tiny_model("llama"), calib, method="sparseswaps",
+            refine="sparseswaps", progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="gblm"):
+        fp.prune_model(
+            pipeline_helpers.tiny_model("llama"), calib, method="fastprune", select="gblm",
+            progress=False,
+        )  # fmt: skip
+
+
+def test_gblm_composed_with_swaps():
+    calib = pipeline_helpers.calib_ids(2, 16)
+    rep = fp.prune_model(
+        pipeline_helpers.tiny_model("llama"), calib, method="gblm", refine="sparseswaps",
+        reconstruct="best", max_swaps=4, progress=False,
+    )  # fmt: skip
+    assert rep.method == "gblm+sparseswaps+best"
+    assert rep.layers[0].info["recipe"]["select"] == "gblm"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--method", "sparseswaps", "--refine", "sparseswaps"], "--refine"),
+        (["--method", "sparseswaps", "--reconstruct", "best"], "--reconstruct"),
+        (["--allocation", "owl", "--owl-lambda", "0.7"], "--owl-lambda"),
+        (["--allocation", "owl", "--owl-threshold", "-1"], "--owl-threshold"),
+    ],
+)
+def test_cli_recipe_flag_errors(argv, needle, capsys):
+    from fastprune.cli import main
+
+    assert main(["prune", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "fastprune: error:" in err and needle in err
+
+
+def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
+    import json
+
+    from fastprune.cli import main
+
+    d = tmp_path / "tiny"
+    pipeline_helpers.tiny_model("llama").save_pretrained(d)
+    pipeline_helpers.byte_tokenizer().save_pretrained(d)
+    rep = tmp_path / "r.json"
+    argv = ["prune", "--model", str(d), "--method", "wanda", "--refine", "sparseswaps"]
+    argv += ["--reconstruct", "best", "--allocation", "owl", "--owl-lambda", "0.05"]
+    argv += ["--max-swaps", "4"]
+    argv += ["--nsamples", "2", "--seqlen", "16", "--eval", "none", "--no-progress"]
+    assert main([*argv, "--report", str(rep)]) == 0
+    doc = json.loads(rep.read_text())
+    assert doc["method"] == "wanda+sparseswaps+best"
+    assert doc["options"]["allocation"] == "owl" and doc["options"]["reconstruct"] == "best"
+    assert "wanda+sparseswaps+best" in capsys.readouterr().out
+    argv = ["prune", "--model", str(d), "--method", "fastprune", "--nsamples", "2"]
+    argv += ["--seqlen", "16", "--eval", "none", "--no-progress", "--report", str(rep)]
+    assert main([*argv, "--max-swaps", "4"]) == 0
+    doc = json.loads(rep.read_text())
+    assert doc["method"] == "fastprune" and doc["options"]["allocation"] == "owl"
