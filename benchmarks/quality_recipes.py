@@ -40,23 +40,16 @@ PEERS = {
     "sparseswaps+rec": {"method": "sparseswaps", "reconstruct": True},
 }
 COMBOS = {
+    "fastprune": {"method": "fastprune"},
+    "sparsegpt+swaps+best": {
+        "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
+    },
+    "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
     "sparsegpt+swaps(orig)+rec": {
         "method": "sparsegpt", "refine": "sparseswaps", "refine_on": "original",
         "reconstruct": True,
     },
-    "sparsegpt+swaps(rec)": {
-        "method": "sparsegpt", "refine": "sparseswaps", "refine_on": "reconstructed",
-    },
-    "sparsegpt+swaps(rec)+rec": {
-        "method": "sparsegpt", "refine": "sparseswaps", "refine_on": "reconstructed",
-        "reconstruct": True,
-    },
-    "rose+swaps(rec)": {
-        "method": "rose", "refine": "sparseswaps", "refine_on": "reconstructed",
-    },
     "wanda+swaps+rec": {"method": "wanda", "refine": "sparseswaps", "reconstruct": True},
-    "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
-    "fastprune": {"method": "fastprune"},
 }  # fmt: skip
 GROUPS = {"peers": PEERS, "combos": COMBOS}
 
