@@ -90,9 +90,12 @@ def prune_model(
         (False), or decide by free memory (None).
 
     Inside an initialised torch.distributed process group of size > 1, every rank calls this
-    with its own replica of the model and the same arguments: each rank calibrates on its
-    shard of the samples, layers are solved on owner ranks and broadcast, and every rank
-    ends with the same pruned model and report (see `fastprune.pipeline.distributed`).
+    with its own replica of the model and the same arguments (checked before any work: a
+    `ValueError` names what differs): each rank calibrates on its shard of the samples (GBLM:
+    computes its gradient norms on it), Hessians and gradient norms are summed onto owner
+    ranks, layers are solved on their owners and broadcast, and every rank ends with the
+    same pruned model and report. An error on one rank stops all of them (`RankFailedError`
+    on the others); see `fastprune.pipeline.distributed`.
     """
     t_start = time.perf_counter()
     comm = Comm() if active_world() > 1 else None
