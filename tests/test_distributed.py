@@ -426,3 +426,19 @@ def test_dist_timeout(monkeypatch):
     for bad in (0, -1, float("inf")):
         with pytest.raises(ValueError, match="^--dist-timeout must be a finite number"):
             dist_timeout(bad, "--dist-timeout")
+
+
+def test_choose_backend(monkeypatch):
+    from fastprune.pipeline.distributed import choose_backend, init_from_env
+
+    monkeypatch.delenv("FASTPRUNE_DIST_BACKEND", raising=False)
+    assert choose_backend("cpu") == "gloo"
+    if not torch.cuda.is_available():
+        assert choose_backend("cuda") == "gloo" and choose_backend() == "gloo"
+    monkeypatch.setenv("FASTPRUNE_DIST_BACKEND", "NCCL")
+    assert choose_backend("cpu") == "nccl"
+    monkeypatch.setenv("FASTPRUNE_DIST_BACKEND", "mpi")
+    with pytest.raises(ValueError, match="^FASTPRUNE_DIST_BACKEND must be gloo or nccl"):
+        choose_backend()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_from_env() is False and not dist.is_initialized()
