@@ -274,7 +274,7 @@ def fault_results(tmp_path_factory):
         ("setup", 1, "setup"),
         ("gradients", 1, "the GBLM gradient passes"),
         ("forward", 1, "block 0: its forward with the Hessian hooks"),
-        ("solve", 1, "the layer solves"),
+        ("solve", 1, "block 0: its layer solves"),
         ("propagate", 0, "block 0: the propagation through the pruned block"),
     ],
 )

@@ -411,7 +411,9 @@ class Comm:
                 dist.all_reduce(buf)
         self.reduced_bytes += buf.numel() * buf.element_size()
 
-    def solve_block(self, lins: dict[str, nn.Module], owner_of: dict[str, int], solve) -> list:
+    def solve_block(
+        self, lins: dict[str, nn.Module], owner_of: dict[str, int], solve, what: str = "the solves"
+    ) -> list:
         """Solve the block's layers on their owners and broadcast the results; returns the
         layer reports in the order of `lins` (the same list on every rank). `solve(name,
         module)` prunes one layer in place and returns its report. An error on any rank
@@ -426,13 +428,13 @@ class Comm:
             error = e
         self.solve_seconds += time.perf_counter() - t0
         msg = None if error is None else f"{type(error).__name__}: {error}"
-        got = self._gather((mine, msg), "the exchange of the layer reports")
+        got = self._gather((mine, msg), f"the exchange of the layer reports after {what}")
         failed = [r for r, (_, e) in enumerate(got) if e is not None]
         if error is not None:
             raise error
         if failed:
             r = failed[0]
-            raise RankFailedError(f"rank {r} failed in the layer solves: {got[r][1]}", failed)
+            raise RankFailedError(f"rank {r} failed in {what}: {got[r][1]}", failed)
         reports = {k: v for part, _ in got for k, v in part.items()}
         with self._talk("the broadcast of the pruned weights"):
             for name, mod in lins.items():

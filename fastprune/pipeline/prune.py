@@ -280,7 +280,7 @@ def prune_model(
                 if partial_G:
                     full = {f"{blocks_path}.{i}.{k}": r for k, r in owner_of.items()}
                     comm.reduce_gradients(G, full, opts["norm"])
-                done = comm.solve_block(lins, owner_of, solve)
+                done = comm.solve_block(lins, owner_of, solve, f"block {i}: its layer solves")
             for lr in done:
                 totals["solve_seconds"] += lr.seconds
             report.layers.extend(done)
