@@ -121,6 +121,16 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
     ):
         if v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and METHODS[args.method].needs_calibration and args.nproc > args.nsamples:
+        raise ValueError(
+            f"--nproc {args.nproc} is larger than --nsamples {args.nsamples}: every process "
+            "needs at least one calibration sample"
+        )
+    from .pipeline.distributed import dist_timeout
+
+    dist_timeout(args.dist_timeout, "--dist-timeout")
     if args.max_swaps is not None and args.max_swaps < 0:
         raise ValueError(f"--max-swaps must be >= 0, got {args.max_swaps}")
     takes = (*SELECTORS, "fastprune")
@@ -214,6 +224,36 @@ def _lm_eval_report(args: argparse.Namespace, tasks, dense, pruned=None) -> dict
 
 
 def _prune(args: argparse.Namespace) -> int:
+    import os
+
+    import torch.distributed as dist
+
+    from .launch import launch, launched, prune_command
+    from .models import resolve_model
+    from .pipeline.distributed import init_from_env
+
+    check_prune_args(args)
+    resolve_model(args.model)  # unknown model: fail before the slow part
+    if args.nproc > 1 and not launched():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "--nproc starts its own processes: do not combine it with torchrun "
+                f"(WORLD_SIZE={os.environ['WORLD_SIZE']} is set)"
+            )
+        status, msg = launch(args.nproc, prune_command(args.argv))
+        if msg:
+            print(f"fastprune: error: {msg}", file=sys.stderr)
+        return status
+    created = init_from_env(args.dist_timeout, args.device)
+    try:
+        return _prune_here(args)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prune_here(args: argparse.Namespace) -> int:
+    """`prune` in this process (one rank of several under torchrun or --nproc)."""
     import json
     import time
 
@@ -221,14 +261,13 @@ def _prune(args: argparse.Namespace) -> int:
 
     from .data import get_calibration, get_eval_ids
     from .evaluate import perplexity
-    from .models import load_model, resolve_model
+    from .models import load_model
     from .pipeline import prune_model
+    from .pipeline.distributed import active_world
 
     t_start = time.perf_counter()
-    n, m = check_prune_args(args)
-    resolve_model(args.model)  # unknown model: fail before the slow part
+    n, m = parse_pattern(args.pattern)
     torch.manual_seed(args.seed)
-    from .pipeline.distributed import active_world
 
     # under torchrun every rank prunes; only rank 0 talks, evaluates and writes files
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
@@ -545,6 +584,23 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "torch", "triton", "cuda"],
         help=f"kernels for {_for('backend')} (default auto: the fastest for --device)",
     )
+    q.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="prune with N local processes (torch.distributed: gloo on CPU, NCCL with one GPU "
+        "each for --device cuda when there are >= N GPUs); each calibrates on its share of "
+        "the samples and solves its share of the layers. 1: this process only",
+    )
+    q.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="several processes (--nproc or torchrun): how long a process waits for the "
+        "others at a synchronisation point before failing (default $FASTPRUNE_DIST_TIMEOUT "
+        "or 1800; it covers rank 0's dense evaluation before pruning)",
+    )
     q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
     q.add_argument("--report", default=None, help="write a JSON report here")
     q.add_argument("--seed", type=int, default=0)
@@ -571,12 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:
-        print(f"fastprune: error: {e}", file=sys.stderr)
-        return 2
+        from .launch import PEER_FAILED_EXIT
+        from .pipeline.distributed import RankFailedError
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""
+        print(f"fastprune: error: {rank}{e}", file=sys.stderr)
+        return PEER_FAILED_EXIT if isinstance(e, RankFailedError) else 2
 
 
 if __name__ == "__main__":

@@ -120,3 +120,51 @@ def test_end_to_end_benchmark_row(tmp_path):
     assert r["timer"] == "once" and r["reps"] == 1
     assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert r["projected_full_model_s"] == pytest.approx(r["seconds_per_block"] * 4, abs=0.2)
+
+
+def test_distributed_benchmark_measures_1_and_2_processes(tmp_path):
+    pytest.importorskip("transformers")
+    from pipeline_helpers import byte_tokenizer, tiny_model
+
+    d = tmp_path / "tiny"
+    tiny_model("llama").save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    rows = run("bench_distributed", ["--quick", "--model", str(d), "--threads", "2"], tmp_path)
+    assert [r["nproc"] for r in rows] == [1, 2]
+    one, two = rows
+    assert one["speedup_vs_1"] == 1.0 and one["reduced_mb"] == 0 and "backend_dist" not in one
+    assert two["backend_dist"] == "gloo" and two["reduced_mb"] > 0 and two["broadcast_mb"] > 0
+    assert len(two["rank_calibration_s"].split("/")) == 2
+    assert two["speedup_vs_1"] == pytest.approx(one["seconds"] / two["seconds"], rel=0.01)
+    assert two["max_rel_loss_diff_vs_1"] < 1e-3  # same losses up to summation order
+    assert one["shape"] == f"{d} (2 blocks)" and one["calibration"] == "4x64"
+
+
+def test_distributed_cost_model(tmp_path):
+    from benchmarks import bench_distributed as bd
+
+    times = (1.0, 0.5, 0.25)
+    one = bd.project("llama2-7b", times, 1, 128, 100.0, 30.0, True)
+    assert one["comm_s"] == 0 and one["speedup"] == pytest.approx(1.0)
+    # SparseGPT shares inverses: every H has one owner, so it is reduced (not all-reduced)
+    two = bd.project("llama2-7b", times, 2, 128, 100.0, 0.0, True)
+    h_bytes = (3 * 4096**2 + 11008**2) * 8
+    w_bytes = (4 * 4096**2 + 3 * 4096 * 11008) * 2
+    assert two["reduced_mb"] * 2**20 == pytest.approx(h_bytes)
+    assert two["comm_s"] == pytest.approx((h_bytes + w_bytes) / 100e9)
+    assert two["calibration_s"] == 0.5 and two["other_s"] == 0.125
+    for n in (2, 4, 8):
+        p = bd.project("llama2-70b", times, n, 128, 100.0, 30.0, False)
+        assert p["solve_s"] >= times[1] * p["largest_layer_share"] - 1e-12  # down_proj bounds it
+        assert 0 < p["efficiency"] <= 1 and p["speedup"] <= n
+    out = tmp_path / "cost"
+    bd.main(["--cost-model", "--gpus", "1,4", "--nccl-gbps", "50", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert [(r["shape"], r["gpus"]) for r in rows] == [
+        (s, n) for s in ("llama2-7b", "llama2-70b") for n in (1, 4)
+    ]
+    first = rows[0]  # the measured H100 figures: 1.738 s per block, 55.6 s for 32 blocks
+    assert first["per_block_s"] == pytest.approx(1.738, abs=1e-3)
+    assert first["projected_model_s"] == pytest.approx(55.6, abs=0.1)
+    with pytest.raises(SystemExit):
+        bd.main(["--cost-model", "--times", "llama2-7b=1,2"])

@@ -18,11 +18,16 @@ def compute_gradient_norms(
     norm: str = "l2",
     scale: float = 100.0,
     progress: bool = False,
+    finalize: bool = True,
 ) -> dict[str, torch.Tensor]:
     """GBLM's `G` per named linear (`[out, in]`, float32, on CPU): one backward pass per
     calibration sample through the whole model (on `device`), the language-modelling loss on
     the sample itself; each weight's gradient is folded into its l1/l2 accumulator by a hook
-    and freed at once, so at most one gradient per weight exists at any time."""
+    and freed at once, so at most one gradient per weight exists at any time.
+
+    `finalize=False` returns the raw float32 sums instead (`sum_s (scale*g_s)^2` for l2,
+    `sum_s |scale*g_s|` for l1), which add exactly over disjoint sample sets: the
+    distributed pipeline sums the ranks' and takes the l2 square root itself."""
     home = model_device(model)
     dev = torch.device(device) if device is not None else home
     modules = {n: model.get_submodule(n) for n in names}
@@ -61,4 +66,4 @@ def compute_gradient_norms(
         if dev != home:
             model.to(home)
         model.train(was_training)
-    return {n: a.G.cpu() for n, a in accs.items()}
+    return {n: (a.G if finalize else a.acc).cpu() for n, a in accs.items()}

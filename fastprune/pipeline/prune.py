@@ -4,6 +4,7 @@ called comes from `fastprune.METHODS`."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -26,7 +27,7 @@ from .allocation import (
     owl_block_sparsities,
 )
 from .capture import _capture, _run_block, _to, block_kinds
-from .distributed import Comm, active_world
+from .distributed import Comm, active_world, fingerprint
 from .gradients import compute_gradient_norms
 from .hessian_hooks import _HessianHooks
 from .report import LayerReport, PruneReport, _jsonable
@@ -109,61 +110,87 @@ def prune_model(
         uniform); None: the method's default (owl for fastprune, else uniform).
 
     Inside an initialised torch.distributed process group of size > 1, every rank calls this
-    with its own replica of the model and the same arguments: each rank calibrates on its
-    shard of the samples, layers are solved on owner ranks and broadcast, and every rank
-    ends with the same pruned model and report (see `fastprune.pipeline.distributed`).
+    with its own replica of the model and the same arguments (checked before any work: a
+    `ValueError` names what differs): each rank calibrates on its shard of the samples (GBLM:
+    computes its gradient norms on it), Hessians and gradient norms are summed onto owner
+    ranks, layers are solved on their owners and broadcast, and every rank ends with the
+    same pruned model and report. An error on one rank stops all of them (`RankFailedError`
+    on the others); see `fastprune.pipeline.distributed`.
     """
     t_start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    meth = composed(get_method(method), method_options)
-    opts = meth.check_options(method_options)
-    sparsity = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, prune_m or 1)
-    allocation, owl_threshold, owl_lambda = check_allocation(
-        meth.allocation if allocation is None else allocation, owl_threshold, owl_lambda
-    )
-    if allocation == "owl" and n:
-        logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
-        allocation = "uniform"
-    if allocation == "owl" and not meth.needs_calibration:
-        raise ValueError(f"allocation='owl' needs calibration data, which {method!r} does not use")
-    batch_size = check_int(batch_size, "batch_size", minimum=1)
-    if hessian_precision not in HESSIAN_PRECISIONS:
-        raise ValueError(
-            f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
-        )
-    home = model_device(model)
-    dev = _check_device(device, home)
-    comm = Comm(dev) if active_world() > 1 else None
-    if comm is not None and meth.needs_gradients and opts["gradients"] is None:
-        raise NotImplementedError(
-            f"method {method!r} computes gradients, which distributed pruning does not do "
-            "yet: pass precomputed gradients=... or run it in a single process"
-        )
-    blocks_path, block_list = find_blocks(model, blocks)
-    kinds = block_kinds(model, len(block_list))
-    check_selection(block_list, targets, ignore)
-    per_block = [find_linears(b, targets, ignore) for b in block_list]
-    for i, lins in enumerate(per_block):
-        for name, mod in lins.items():
-            try:
-                check_pattern(n, m, get_weight(mod).shape[1])
-            except ValueError as e:
-                raise ValueError(
-                    f"prune_n:prune_m={n}:{m} does not fit {blocks_path}.{i}.{name}: {e}"
-                ) from e
+    comm = Comm() if active_world() > 1 else None
 
-    calib = None
-    if meth.needs_calibration:
-        if calibration is None:
-            raise ValueError(f"method {method!r} needs calibration data (calibration=...)")
-        from ..data import get_calibration
+    def guard(what: str):
+        """Distributed: a phase whose error every rank hears of (`Comm.guard`)."""
+        return contextlib.nullcontext() if comm is None else comm.guard(what)
 
-        calib = get_calibration(calibration, tokenizer, nsamples, seqlen, seed)
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-        if vocab and calib.max().item() >= vocab:
-            raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+    with guard("setup (arguments, model, calibration)"):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        meth = composed(get_method(method), method_options)
+        opts = meth.check_options(method_options)
+        sparsity = check_sparsity(sparsity)
+        n, m = check_pattern(prune_n, prune_m, prune_m or 1)
+        allocation, owl_threshold, owl_lambda = check_allocation(
+            meth.allocation if allocation is None else allocation, owl_threshold, owl_lambda
+        )
+        if allocation == "owl" and n:
+            logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
+            allocation = "uniform"
+        if allocation == "owl" and not meth.needs_calibration:
+            raise ValueError(
+                f"allocation='owl' needs calibration data, which {method!r} does not use"
+            )
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
+        if hessian_precision not in HESSIAN_PRECISIONS:
+            raise ValueError(
+                f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
+            )
+        home = model_device(model)
+        dev = _check_device(device, home)
+        blocks_path, block_list = find_blocks(model, blocks)
+        kinds = block_kinds(model, len(block_list))
+        check_selection(block_list, targets, ignore)
+        per_block = [find_linears(b, targets, ignore) for b in block_list]
+        for i, lins in enumerate(per_block):
+            for name, mod in lins.items():
+                try:
+                    check_pattern(n, m, get_weight(mod).shape[1])
+                except ValueError as e:
+                    raise ValueError(
+                        f"prune_n:prune_m={n}:{m} does not fit {blocks_path}.{i}.{name}: {e}"
+                    ) from e
+
+        calib = None
+        if meth.needs_calibration:
+            if calibration is None:
+                raise ValueError(f"method {method!r} needs calibration data (calibration=...)")
+            from ..data import get_calibration
+
+            calib = get_calibration(calibration, tokenizer, nsamples, seqlen, seed)
+            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+            if vocab and calib.max().item() >= vocab:
+                raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+    if comm is not None:
+        # before any work: every rank was given the same model, data and arguments
+        comm.check_consistent(
+            fingerprint(
+                model,
+                calib,
+                method=method,
+                sparsity=sparsity,
+                pattern=pattern_name(n, m),
+                options=opts,
+                seed=seed,
+                blocks=blocks_path,
+                targets=targets,
+                ignore=ignore,
+                hessian_precision=hessian_precision,
+                batch_size=batch_size,
+                allocation=(allocation, owl_threshold, owl_lambda),
+                **{"device type": dev.type},
+            )
+        )
     local = calib if comm is None or calib is None else comm.shard(calib)
 
     report = PruneReport(
@@ -195,16 +222,27 @@ def prune_model(
             totals["forward_seconds"] += t - t0
         return t
 
+    show = progress and (comm is None or comm.rank == 0)
     G = None
+    partial_G = False  # distributed GBLM: G holds this rank's raw sums until reduced
     if meth.needs_gradients:
         names = [f"{blocks_path}.{i}.{k}" for i, lins in enumerate(per_block) for k in lins]
         G = opts["gradients"]
         if G is None:
-            t0 = time.perf_counter()
-            G = compute_gradient_norms(
-                model, calib, names, dev, opts["norm"], opts["scale"], progress
-            )
-            totals["gradient_seconds"] = time.perf_counter() - t0
+            with guard("the GBLM gradient passes"):
+                t0 = time.perf_counter()
+                G = compute_gradient_norms(
+                    model,
+                    local,
+                    names,
+                    dev,
+                    opts["norm"],
+                    opts["scale"],
+                    show,
+                    finalize=comm is None,
+                )
+                totals["gradient_seconds"] = time.perf_counter() - t0
+            partial_G = comm is not None
         missing = [k for k in names if k not in G]
         if missing:
             raise ValueError(
@@ -216,10 +254,11 @@ def prune_model(
     block_sparsity = [sparsity] * len(block_list)
     if allocation == "owl":
         t0 = time.perf_counter()
-        ratios = outlier_ratios(
-            model, block_list, per_block, kinds, local, batch_size, dev,
-            offload_activations, owl_threshold, comm,
-        )  # fmt: skip
+        with guard("the OWL allocation pass"):
+            ratios = outlier_ratios(
+                model, block_list, per_block, kinds, local, batch_size, dev,
+                offload_activations, owl_threshold, comm,
+            )  # fmt: skip
         params = [sum(get_weight(x).numel() for x in lins.values()) for lins in per_block]
         block_sparsity = owl_block_sparsities(ratios, params, sparsity, owl_lambda)
         totals["allocation_seconds"] = clock("forward_seconds", t0) - t0
@@ -229,12 +268,13 @@ def prune_model(
         }  # fmt: skip
     acts = arg_sets = None
     if calib is not None:
-        t0 = time.perf_counter()
-        acts = _capture(model, block_list, kinds, local, batch_size, dev, offload_activations)
-        clock("capture_seconds", t0)
+        with guard("the capture of the first block's inputs"):
+            t0 = time.perf_counter()
+            acts = _capture(model, block_list, kinds, local, batch_size, dev, offload_activations)
+            clock("capture_seconds", t0)
+            arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
-        arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
 
     def solve_layer(i, hooks, inverses, name, mod):
         """Prune one linear of block `i` in place; its `LayerReport`."""
@@ -259,41 +299,46 @@ def prune_model(
         set_weight(mod, r.weight)
         return _layer_report(i, name, W, method, r, lead)
 
-    show = progress and (comm is None or comm.rank == 0)
     bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
     try:
         for i, block in bar:
-            block_home = next(block.parameters()).device
-            block.to(dev)
             lins = per_block[i]
             hooks = None
-            if acts is not None:
-                t0 = time.perf_counter()
-                hooks = _HessianHooks(lins, dev, hessian_precision)
-                try:
-                    _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
-                finally:
-                    hooks.remove()
-                if comm is not None:
-                    comm.reduce_hessians(hooks)
-                clock("hessian_seconds", t0)
+            t0 = time.perf_counter()
+            with guard(f"block {i}: its forward with the Hessian hooks"):
+                block_home = next(block.parameters()).device
+                block.to(dev)
+                if acts is not None:
+                    hooks = _HessianHooks(lins, dev, hessian_precision)
+                    try:
+                        _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
+                    finally:
+                        hooks.remove()
+                    clock("hessian_seconds", t0)
             inverses = {}
             solve = functools.partial(solve_layer, i, hooks, inverses)
             if comm is None:
                 done = [solve(name, mod) for name, mod in lins.items()]
             else:
                 lead_of = {} if hooks is None else hooks.leader
-                done = comm.solve_block(lins, lead_of, meth.shares_inverse, solve)
+                owner_of = comm.plan(lins, lead_of, meth.shares_inverse)
+                if hooks is not None:
+                    comm.reduce_hessians(hooks, owner_of)
+                if partial_G:
+                    full = {f"{blocks_path}.{i}.{k}": r for k, r in owner_of.items()}
+                    comm.reduce_gradients(G, full, opts["norm"])
+                done = comm.solve_block(lins, owner_of, solve, f"block {i}: its layer solves")
             for lr in done:
                 totals["solve_seconds"] += lr.seconds
             report.layers.extend(done)
             del hooks, inverses, solve
-            if acts is not None and i + 1 < len(block_list):
-                t0 = time.perf_counter()
-                _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
-                acts.swap()
-                clock("propagate_seconds", t0)
-            block.to(block_home)
+            t0 = time.perf_counter()
+            with guard(f"block {i}: the propagation through the pruned block"):
+                if acts is not None and i + 1 < len(block_list):
+                    _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
+                    acts.swap()
+                    clock("propagate_seconds", t0)
+                block.to(block_home)
             bar.set_postfix(block=i)
     finally:
         bar.close()
@@ -307,7 +352,8 @@ def prune_model(
     if losses:
         totals["loss"] = float(sum(losses))
     if comm is not None:
-        totals.update(comm.gather_stats())
+        own = totals["forward_seconds"] + totals.get("gradient_seconds", 0.0)
+        totals.update(comm.gather_stats(own))
     report.totals = totals
     report.seconds = time.perf_counter() - t_start
     return report

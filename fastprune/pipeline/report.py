@@ -92,10 +92,17 @@ class PruneReport:
                 f"{t.get('solve_seconds', 0):.1f}s"
             )
         if "world_size" in t:
+
+            def per_rank(key: str) -> str:
+                return "/".join(f"{x:.1f}" for x in t.get(key, []))
+
             lines.append(
-                f"distributed: {t['world_size']} ranks ({t.get('backend')}), solve seconds per "
-                f"rank {', '.join(f'{x:.1f}' for x in t['rank_solve_seconds'])}, "
-                f"{t['communicated_bytes'] / 2**20:.1f} MiB communicated"
+                f"distributed: {t['world_size']} ranks ({t.get('backend')}); seconds per rank: "
+                f"calibration {per_rank('rank_calibration_seconds')}, solves "
+                f"{per_rank('rank_solve_seconds')}, in collectives "
+                f"{per_rank('rank_comm_seconds')}; {t['communicated_bytes'] / 2**20:.1f} MiB "
+                f"communicated ({t.get('reduced_bytes', 0) / 2**20:.1f} MiB reduced, "
+                f"{t.get('broadcast_bytes', 0) / 2**20:.1f} MiB weights broadcast)"
             )
         kernels = self.kernels()
         if kernels:
