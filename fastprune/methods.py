@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .recipes import RECIPE, SELECTORS, check_recipe, compose_layer
+from .recipes import RECIPE, SELECTORS, check_recipe, compose_layer, fastprune_layer
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
@@ -254,8 +254,16 @@ METHODS: dict[str, Method] = {
             check=_check_gblm,
         ),
         Method(
+            "sparseswaps",
+            sparseswaps_layer,
+            "Wanda's mask refined by loss-reducing swaps, optionally OBS-reconstructed",
+            {"max_swaps": "auto", "reconstruct": False, "percdamp": 0.01, "backend": "auto"},
+            check=_check_sparseswaps,
+            layer_options=_sparseswaps_layer_options,
+        ),
+        Method(
             "fastprune",
-            compose_layer,
+            fastprune_layer,
             "fastprune's recipe: SparseGPT, refined by swaps on its own weights, "
             "reconstructed where that helps, OWL layer sparsity (see the README)",
             {
@@ -263,21 +271,12 @@ METHODS: dict[str, Method] = {
                 "max_swaps": "auto",
                 **_OBS,
                 "range_threshold": 0.5,
-                "alpha": 1.0,
                 "backend": "auto",
             },
             shares_inverse=True,
             check=_check_recipe,
             layer_options=_sparseswaps_layer_options,
             allocation="owl",
-        ),
-        Method(
-            "sparseswaps",
-            sparseswaps_layer,
-            "Wanda's mask refined by loss-reducing swaps, optionally OBS-reconstructed",
-            {"max_swaps": "auto", "reconstruct": False, "percdamp": 0.01, "backend": "auto"},
-            check=_check_sparseswaps,
-            layer_options=_sparseswaps_layer_options,
         ),
     )
 }

@@ -16,6 +16,7 @@ pruned the built-in model best (see the README's "Recipes" table).
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -32,15 +33,6 @@ SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
 REFINERS = ("sparseswaps",)
 REFINE_ON = ("original", "reconstructed")
 RECONSTRUCT = (False, True, "best")
-
-# fastprune's recipe: the composition the README's table chose (the pipeline adds
-# `allocation`, see fastprune.pipeline.allocation).
-RECIPE = {
-    "select": "sparsegpt",
-    "refine": "sparseswaps",
-    "refine_on": "reconstructed",
-    "reconstruct": "best",
-}
 
 
 def check_recipe(
@@ -152,14 +144,31 @@ def fastprune_layer(
     prune_n: int = 0,
     prune_m: int = 0,
     *,
+    select: str = "sparsegpt",
+    refine: str | None = "sparseswaps",
+    refine_on: str = "reconstructed",
+    reconstruct: bool | str = "best",
     max_swaps: int | None = None,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    range_threshold: float = 0.5,
+    alpha: float = 1.0,
     backend: str = "auto",
     hinv: InverseHessian | None = None,
 ) -> PruneResult:
-    """fastprune's recipe on one layer: `compose_layer(W, H, **RECIPE)`."""
+    """fastprune's recipe on one layer: `compose_layer` with the recipe's defaults (`RECIPE`:
+    SparseGPT's mask and weights, refined by swaps scored on those weights, then the better of
+    that and an OBS reconstruction on the refined mask)."""
     return compose_layer(
-        W, H, **RECIPE, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
-        max_swaps=max_swaps, blocksize=blocksize, percdamp=percdamp, backend=backend, hinv=hinv,
+        W, H, select=select, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
+        refine=refine, refine_on=refine_on, reconstruct=reconstruct, max_swaps=max_swaps,
+        blocksize=blocksize, percdamp=percdamp, range_threshold=range_threshold, alpha=alpha,
+        backend=backend, hinv=hinv,
     )  # fmt: skip
+
+
+# the recipe's composition, as `fastprune_layer`'s defaults state it
+RECIPE = {
+    k: inspect.signature(fastprune_layer).parameters[k].default
+    for k in ("select", "refine", "refine_on", "reconstruct")
+}

@@ -13,11 +13,15 @@ import fastprune as fp
 import fastprune.pipeline
 from fastprune import cli
 from fastprune.hessian import InverseHessian
-from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, get_method
+from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, composed, get_method
 from fastprune.models import find_blocks, find_linears, get_weight
+from fastprune.recipes import SELECTORS
 
 # model-level defaults that differ from the solver's own on purpose
-PIPELINE_DEFAULTS = {("sparseswaps", "max_swaps"): ("auto", None)}
+PIPELINE_DEFAULTS = {
+    ("sparseswaps", "max_swaps"): ("auto", None),
+    ("fastprune", "max_swaps"): ("auto", None),
+}
 
 
 def _params(fn) -> dict[str, inspect.Parameter]:
@@ -25,7 +29,15 @@ def _params(fn) -> dict[str, inspect.Parameter]:
 
 
 def test_one_registry_everywhere():
-    assert list(METHODS) == ["magnitude", "wanda", "sparsegpt", "rose", "gblm", "sparseswaps"]
+    assert list(METHODS) == [
+        "magnitude",
+        "wanda",
+        "sparsegpt",
+        "rose",
+        "gblm",
+        "sparseswaps",
+        "fastprune",
+    ]
     assert fp.METHODS is METHODS and fastprune.pipeline.METHODS is METHODS
     assert "METHODS" in fp.__all__
     for name, m in METHODS.items():
@@ -118,8 +130,11 @@ def test_cli_flags_reach_the_methods_that_declare_them():
         assert cli.method_options(bare) == {}, name  # the registry's defaults apply
         args = cli.build_parser().parse_args(["prune", "--method", name, *flags])
         opts = cli.method_options(args)
-        assert opts == {k: v for k, v in given.items() if k in m.options}, name
-        m.check_options(opts)
+        # --reconstruct on a mask selector composes it (fastprune.methods.composed)
+        runs = composed(m, given)
+        assert (runs is not m) == (name in SELECTORS), name
+        assert opts == {k: v for k, v in given.items() if k in runs.options}, name
+        runs.check_options(opts)
     assert cli.method_options(
         cli.build_parser().parse_args(["prune", "--method", "sparseswaps", *flags])
     ) == {"backend": "torch", "max_swaps": 3, "reconstruct": True}
@@ -152,7 +167,8 @@ def test_registered_toy_method_runs_through_prune_model_and_cli(monkeypatch, cap
     rep = fp.prune_model(model, calib, method="toy", tag="mine", progress=False)
     fp.prune_model(ref, calib, method="wanda", progress=False)
     assert rep.method == "toy"
-    assert rep.options == {"tag": "mine", "percdamp": 0.01, "hessian_precision": "auto"}
+    want = {"tag": "mine", "percdamp": 0.01, "hessian_precision": "auto", "allocation": "uniform"}
+    assert rep.options == want
     _, blocks = find_blocks(model)
     _, ref_blocks = find_blocks(ref)
     lins = [lin for b in blocks for lin in find_linears(b).values()]

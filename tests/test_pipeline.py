@@ -17,7 +17,8 @@ from fastprune.models import find_blocks, find_linears, get_weight, set_weight
 from fastprune.pipeline import check_model_sparsity
 from fastprune.saving import save_pruned, verify_saved
 
-OPTS = {"sparseswaps": {"max_swaps": 5}}
+# fastprune: uniform here so the per-layer counts below hold (OWL: tests/test_recipes.py)
+OPTS = {"sparseswaps": {"max_swaps": 5}, "fastprune": {"max_swaps": 5, "allocation": "uniform"}}
 
 
 def _linears(model):
@@ -82,6 +83,7 @@ def test_every_method_every_family_unstructured(family, method):
             assert ((W == 0).sum(1) == cols // 2).all(), lr.name  # per-row count kept
         else:
             # SparseGPT/ROSE's reference rule prunes int(numel*s)+1 per block of columns
+            # (fastprune: SparseGPT's mask, whose per-row counts the swaps keep)
             nblocks = -(-cols // 128)
             assert W.numel() // 2 <= zeros <= W.numel() // 2 + nblocks, lr.name
         assert lr.sparsity == pytest.approx(zeros / W.numel(), abs=1e-12)
