@@ -168,3 +168,30 @@ def test_distributed_cost_model(tmp_path):
     assert first["projected_model_s"] == pytest.approx(55.6, abs=0.1)
     with pytest.raises(SystemExit):
         bd.main(["--cost-model", "--times", "llama2-7b=1,2"])
+
+
+def test_quality_recipes_table(tmp_path):
+    """The recipes table is built from the resumable rows (no model is run here)."""
+    import argparse
+    import json
+
+    from benchmarks import quality_recipes as q
+
+    out = tmp_path / "q"
+    rows = [
+        {"config": "dense", "pattern": "-", "ppl_builtin": 12.5, "ppl_gpl3": 23.0},
+        {"config": "sparsegpt", "pattern": "50%", "ppl_builtin": 18.3, "ppl_gpl3": 47.6,
+         "prune_s": 150.0},
+        {"config": "fastprune", "pattern": "2:4", "ppl_builtin": 30.1, "ppl_gpl3": 80.2,
+         "prune_s": 400.0},
+    ]  # fmt: skip
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    q.table(argparse.Namespace(out=str(out)))
+    md = (tmp_path / "q.md").read_text().splitlines()
+    assert md[0].startswith("| method | 50% builtin | 50% gpl3 | 50% s | 2:4 builtin")
+    assert md[2].startswith("| dense | 12.5 | 23.0 |")
+    assert "| sparsegpt | 18.3 | 47.6 | 150.0 |  |  |  |" in md
+    assert "| fastprune |  |  |  | 30.1 | 80.2 | 400.0 |" in md
+    assert json.loads((tmp_path / "q.json").read_text())[1]["config"] == "sparsegpt"
+    assert q.pattern_args("2:4") == {"sparsity": 0.5, "prune_n": 2, "prune_m": 4}
+    assert q.pattern_args("70%") == {"sparsity": 0.7, "prune_n": 0, "prune_m": 0}
