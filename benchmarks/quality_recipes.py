@@ -45,6 +45,12 @@ COMBOS = {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
     },
     "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
+    "sparsegpt+swaps4+best": {
+        "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 4,
+    },
+    "sparsegpt+swaps16+best": {
+        "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 16,
+    },
     "sparsegpt+swaps(orig)+rec": {
         "method": "sparsegpt", "refine": "sparseswaps", "refine_on": "original",
         "reconstruct": True,

@@ -142,7 +142,7 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
     from .pipeline.allocation import check_allocation
 
     try:
-        check_allocation(args.allocation or "uniform", args.owl_threshold, args.owl_lambda)
+        check_allocation(args.allocation, args.owl_threshold, args.owl_lambda)
     except ValueError as e:
         raise ValueError(f"--{str(e).replace('_', '-')}") from None
     if args.dtype not in FLOAT_DTYPES:
@@ -558,10 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--allocation",
-        default=None,
+        default="uniform",
         choices=ALLOCATIONS,
         help="layer-wise sparsity: uniform, or owl (outlier-weighted per block, same total; "
-        "N:M stays uniform). Default: owl for fastprune, else uniform",
+        "N:M stays uniform)",
     )
     q.add_argument(
         "--owl-lambda",

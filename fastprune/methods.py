@@ -16,7 +16,14 @@ from typing import Any
 
 import torch
 
-from .recipes import RECIPE, SELECTORS, check_recipe, compose_layer, fastprune_layer
+from .recipes import (
+    RECIPE,
+    RECIPE_MAX_SWAPS,
+    SELECTORS,
+    check_recipe,
+    compose_layer,
+    fastprune_layer,
+)
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
@@ -39,8 +46,7 @@ class Method:
     `layer_options` rewrites them per layer, e.g. SparseSwaps' `max_swaps="auto"`).
     `shares_inverse`: layers fed the same input (q/k/v, gate/up) are solved with one inverse
     Hessian (`inverse_hessian(H, percdamp)`, passed as `hinv=`). `check` validates and
-    normalises a full option dict (errors name the option). `allocation`: the layer-wise
-    sparsity `prune_model` uses unless told otherwise ("uniform" or "owl").
+    normalises a full option dict (errors name the option).
     """
 
     name: str
@@ -53,7 +59,6 @@ class Method:
     pipeline_options: tuple[str, ...] = ()
     check: Callable[[dict], dict] | None = None
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
-    allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -217,6 +222,14 @@ def _sparseswaps_layer_options(W: torch.Tensor, prune_m: int, kw: dict) -> dict:
     return kw
 
 
+def _recipe_layer_options(W: torch.Tensor, prune_m: int, kw: dict) -> dict:
+    """fastprune's "auto": the SparseSwaps budget, capped at the recipe's step count."""
+    if kw["max_swaps"] == "auto":
+        steps = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
+        kw["max_swaps"] = RECIPE_MAX_SWAPS if steps is None else min(steps, RECIPE_MAX_SWAPS)
+    return kw
+
+
 # ---------------------------------------------------------------------------- the registry
 
 _OBS = {"blocksize": 128, "percdamp": 0.01}
@@ -265,7 +278,7 @@ METHODS: dict[str, Method] = {
             "fastprune",
             fastprune_layer,
             "fastprune's recipe: SparseGPT, refined by swaps on its own weights, "
-            "reconstructed where that helps, OWL layer sparsity (see the README)",
+            "reconstructed where that helps (see the README)",
             {
                 **RECIPE,
                 "max_swaps": "auto",
@@ -275,8 +288,7 @@ METHODS: dict[str, Method] = {
             },
             shares_inverse=True,
             check=_check_recipe,
-            layer_options=_sparseswaps_layer_options,
-            allocation="owl",
+            layer_options=_recipe_layer_options,
         ),
     )
 }

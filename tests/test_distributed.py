@@ -56,7 +56,7 @@ CASES = (
     + [("gpt2", "sparsegpt", 0, 0, 2), ("gpt2", "rose", 2, 4, 1), ("gpt2", "gblm", 0, 0, 1)]
     + [("qwen2", meth, n, m, 1) for meth, n, m in (("sparsegpt", 2, 4), ("gblm-l1", 0, 0))]
     + [("qwen2", "sparseswaps", 0, 0, 1), ("qwen2", "wanda", 2, 4, 1)]
-    + [("llama", "fastprune", 0, 0, 1), ("llama", "fastprune", 2, 4, 1)]  # OWL; uniform
+    + [("llama", "fastprune", 0, 0, 1), ("llama", "fastprune", 2, 4, 1)]  # OWL; N:M uniform
 )
 
 
@@ -82,7 +82,7 @@ def _options(meth: str) -> tuple[str, dict]:
     if meth == "sparseswaps":
         return meth, {"max_swaps": 8, "reconstruct": True}
     if meth == "fastprune":
-        return meth, {"blocksize": 16, "max_swaps": 8}
+        return meth, {"blocksize": 16, "max_swaps": 8, "allocation": "owl"}
     return meth, {}
 
 

@@ -17,8 +17,7 @@ from fastprune.models import find_blocks, find_linears, get_weight, set_weight
 from fastprune.pipeline import check_model_sparsity
 from fastprune.saving import save_pruned, verify_saved
 
-# fastprune: uniform here so the per-layer counts below hold (OWL: tests/test_recipes.py)
-OPTS = {"sparseswaps": {"max_swaps": 5}, "fastprune": {"max_swaps": 5, "allocation": "uniform"}}
+OPTS = {"sparseswaps": {"max_swaps": 5}, "fastprune": {"max_swaps": 5}}
 
 
 def _linears(model):

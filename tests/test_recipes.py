@@ -284,7 +284,7 @@ def test_fastprune_method_and_composed_methods():
         "sparsegpt+sparseswaps+best": {
             "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best"
         },
-        "fastprune": {"method": "fastprune", "allocation": "uniform"},
+        "fastprune": {"method": "fastprune"},
     }.items():  # fmt: skip
         if name not in ("wanda", "sparsegpt"):
             kw["max_swaps"] = 8  # the CPU reference's per-row loop: keep the test short
@@ -359,4 +359,4 @@ def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
     argv += ["--seqlen", "16", "--eval", "none", "--no-progress", "--report", str(rep)]
     assert main([*argv, "--max-swaps", "4"]) == 0
     doc = json.loads(rep.read_text())
-    assert doc["method"] == "fastprune" and doc["options"]["allocation"] == "owl"
+    assert doc["method"] == "fastprune" and doc["options"]["allocation"] == "uniform"

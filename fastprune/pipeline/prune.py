@@ -71,7 +71,7 @@ def prune_model(
     ignore=None,
     blocks: str | None = None,
     offload_activations: bool | None = None,
-    allocation: str | None = None,
+    allocation: str = "uniform",
     owl_threshold: float = OWL_THRESHOLD,
     owl_lambda: float = OWL_LAMBDA,
     progress: bool = True,
@@ -107,7 +107,7 @@ def prune_model(
         (False), or decide by free memory (None).
     allocation: layer-wise sparsity, "uniform" or "owl" (outlier-weighted per decoder block,
         same total; `owl_threshold` is OWL's M, `owl_lambda` the spread; N:M stays
-        uniform); None: the method's default (owl for fastprune, else uniform).
+        uniform).
 
     Inside an initialised torch.distributed process group of size > 1, every rank calls this
     with its own replica of the model and the same arguments (checked before any work: a
@@ -132,7 +132,7 @@ def prune_model(
         sparsity = check_sparsity(sparsity)
         n, m = check_pattern(prune_n, prune_m, prune_m or 1)
         allocation, owl_threshold, owl_lambda = check_allocation(
-            meth.allocation if allocation is None else allocation, owl_threshold, owl_lambda
+            allocation, owl_threshold, owl_lambda
         )
         if allocation == "owl" and n:
             logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
