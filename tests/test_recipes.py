@@ -360,3 +360,16 @@ def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
     assert main([*argv, "--max-swaps", "4"]) == 0
     doc = json.loads(rep.read_text())
     assert doc["method"] == "fastprune" and doc["options"]["allocation"] == "uniform"
+
+
+def test_fastprune_caps_its_swap_steps():
+    from fastprune.recipes import RECIPE_MAX_SWAPS
+
+    rep = fp.prune_model(
+        pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),
+        method="fastprune", prune_n=2, prune_m=4, progress=False,
+    )  # fmt: skip
+    # "auto" would allow 100 steps on these tiny layers; the recipe stops at its cap
+    assert {lr.info["refine_max_swaps"] for lr in rep.layers} == {RECIPE_MAX_SWAPS}
+    assert all(lr.info["refine_steps"] <= RECIPE_MAX_SWAPS for lr in rep.layers)
+    assert rep.options["max_swaps"] == "auto" and rep.options["reconstruct"] == "best"
