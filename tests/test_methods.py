@@ -20,7 +20,7 @@ from fastprune.recipes import SELECTORS
 # model-level defaults that differ from the solver's own on purpose
 PIPELINE_DEFAULTS = {
     ("sparseswaps", "max_swaps"): ("auto", None),
-    ("fastprune", "max_swaps"): ("auto", 4),
+    ("fastprune", "max_swaps"): ("auto", 16),
 }
 
 
