@@ -45,6 +45,10 @@ COMBOS = {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
     },
     "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
+    "rose+swaps+best": {"method": "rose", "refine": "sparseswaps", "reconstruct": "best"},
+    "rose+swaps16+best": {
+        "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 16,
+    },
     "sparsegpt+swaps4+best": {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 4,
     },

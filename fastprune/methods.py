@@ -277,7 +277,7 @@ METHODS: dict[str, Method] = {
         Method(
             "fastprune",
             fastprune_layer,
-            "fastprune's recipe: SparseGPT, refined by swaps on its own weights, "
+            "fastprune's recipe: ROSE, refined by swaps on its own weights, "
             "reconstructed where that helps (see the README)",
             {
                 **RECIPE,

@@ -151,7 +151,7 @@ def fastprune_layer(
     prune_n: int = 0,
     prune_m: int = 0,
     *,
-    select: str = "sparsegpt",
+    select: str = "rose",
     refine: str | None = "sparseswaps",
     refine_on: str = "reconstructed",
     reconstruct: bool | str = "best",
@@ -164,8 +164,8 @@ def fastprune_layer(
     hinv: InverseHessian | None = None,
 ) -> PruneResult:
     """fastprune's recipe on one layer: `compose_layer` with the recipe's defaults (`RECIPE`:
-    SparseGPT's mask and weights, refined by at most `RECIPE_MAX_SWAPS` swap steps scored on
-    those weights, then the better of that and an OBS reconstruction on the refined mask)."""
+    ROSE's mask and weights, refined by at most `RECIPE_MAX_SWAPS` swap steps scored on those
+    weights, then the better of that and an OBS reconstruction on the refined mask)."""
     return compose_layer(
         W, H, select=select, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
         refine=refine, refine_on=refine_on, reconstruct=reconstruct, max_swaps=max_swaps,

@@ -284,6 +284,9 @@ def test_fastprune_method_and_composed_methods():
         "sparsegpt+sparseswaps+best": {
             "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best"
         },
+        "rose+sparseswaps+best": {
+            "method": "rose", "refine": "sparseswaps", "reconstruct": "best"
+        },
         "fastprune": {"method": "fastprune"},
     }.items():  # fmt: skip
         if name not in ("wanda", "sparsegpt"):
@@ -297,7 +300,7 @@ def test_fastprune_method_and_composed_methods():
             assert {"recipe", "result", "loss_selected"} <= set(rep.layers[0].info)
     assert losses["wanda+sparseswaps+reconstruct"] < losses["wanda"]
     assert losses["sparsegpt+sparseswaps+best"] <= losses["sparsegpt"] * (1 + 1e-6)
-    assert losses["fastprune"] == pytest.approx(losses["sparsegpt+sparseswaps+best"], rel=1e-6)
+    assert losses["fastprune"] == pytest.approx(losses["rose+sparseswaps+best"], rel=1e-6)
     with pytest.raises(TypeError, match="refine"):
         fp.prune_model(
             pipeline_helpers.tiny_model("llama"), calib, method="sparseswaps",
