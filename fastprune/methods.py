@@ -187,7 +187,8 @@ def _check_recipe(opts: dict) -> dict:
         raise ValueError(
             "select='gblm' needs gradients: use method='gblm' with refine=/reconstruct= instead"
         )
-    check_recipe(opts["select"], opts["refine"], opts["refine_on"], opts["reconstruct"])
+    select = "sparsegpt" if opts["select"] == "auto" else opts["select"]
+    check_recipe(select, opts["refine"], opts["refine_on"], opts["reconstruct"])
     return _check_sparseswaps(opts)
 
 
@@ -277,8 +278,8 @@ METHODS: dict[str, Method] = {
         Method(
             "fastprune",
             fastprune_layer,
-            "fastprune's recipe: ROSE, refined by swaps on its own weights, "
-            "reconstructed where that helps (see the README)",
+            "fastprune's recipe: SparseGPT (ROSE for N:M), refined by swaps on its own "
+            "weights, reconstructed where that helps (see the README)",
             {
                 **RECIPE,
                 "max_swaps": "auto",

@@ -151,7 +151,7 @@ def fastprune_layer(
     prune_n: int = 0,
     prune_m: int = 0,
     *,
-    select: str = "rose",
+    select: str = "auto",
     refine: str | None = "sparseswaps",
     refine_on: str = "reconstructed",
     reconstruct: bool | str = "best",
@@ -164,14 +164,24 @@ def fastprune_layer(
     hinv: InverseHessian | None = None,
 ) -> PruneResult:
     """fastprune's recipe on one layer: `compose_layer` with the recipe's defaults (`RECIPE`:
-    ROSE's mask and weights, refined by at most `RECIPE_MAX_SWAPS` swap steps scored on those
-    weights, then the better of that and an OBS reconstruction on the refined mask)."""
+    the selector's mask and weights (`select="auto"`: ROSE for N:M, SparseGPT unstructured),
+    refined by at most `RECIPE_MAX_SWAPS` swap steps scored on those weights, then the better
+    of that and an OBS reconstruction on the refined mask)."""
+    if select == "auto":
+        select = recipe_selector(prune_n)
     return compose_layer(
         W, H, select=select, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
         refine=refine, refine_on=refine_on, reconstruct=reconstruct, max_swaps=max_swaps,
         blocksize=blocksize, percdamp=percdamp, range_threshold=range_threshold, alpha=alpha,
         backend=backend, hinv=hinv,
     )  # fmt: skip
+
+
+def recipe_selector(prune_n: int) -> str:
+    """The recipe's `select="auto"`: ROSE for N:M (it reorders the groups there, and beat
+    SparseGPT by 9-12% at 2:4 on SmolLM2), SparseGPT unstructured (with the swaps it was the
+    better of the two on both texts at 50%)."""
+    return "rose" if prune_n else "sparsegpt"
 
 
 # the recipe's composition, as `fastprune_layer`'s defaults state it

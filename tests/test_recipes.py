@@ -146,10 +146,13 @@ def test_compose_overflowing_layer_is_rescaled():
     assert big.loss == pytest.approx(ref.loss * 2.0**120, rel=1e-4)
 
 
-def test_fastprune_layer_is_the_recipe():
+@pytest.mark.parametrize("n,m,select", [(0, 0, "sparsegpt"), (2, 4, "rose")])
+def test_fastprune_layer_is_the_recipe(n, m, select):
     W, H = layer(16, 64, seed=9)
-    a = fastprune_layer(W, H, 0.5)
-    b = compose_layer(W, H, **fp.RECIPE, sparsity=0.5)
+    a = fastprune_layer(W, H, 0.5, n, m)
+    recipe = {**fp.RECIPE, "select": select}
+    b = compose_layer(W, H, **recipe, sparsity=0.5, prune_n=n, prune_m=m, max_swaps=16)
+    assert fp.RECIPE["select"] == "auto" and a.info["recipe"]["select"] == select
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
 
 
@@ -300,7 +303,7 @@ def test_fastprune_method_and_composed_methods():
             assert {"recipe", "result", "loss_selected"} <= set(rep.layers[0].info)
     assert losses["wanda+sparseswaps+reconstruct"] < losses["wanda"]
     assert losses["sparsegpt+sparseswaps+best"] <= losses["sparsegpt"] * (1 + 1e-6)
-    assert losses["fastprune"] == pytest.approx(losses["rose+sparseswaps+best"], rel=1e-6)
+    assert losses["fastprune"] == pytest.approx(losses["sparsegpt+sparseswaps+best"], rel=1e-6)
     with pytest.raises(TypeError, match="refine"):
         fp.prune_model(
             pipeline_helpers.tiny_model("llama"), calib, method="sparseswaps",
