@@ -276,3 +276,33 @@ def write_rows(rows: list[dict], out: str | None) -> None:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
             w.writerows(rows)
+
+
+def dense_layer_hessians(model, calib, blocks, skip: tuple[str, ...] = ()) -> dict:
+    """`{"block.name": (HessianAccumulator, linear)}` for the linears of the decoder blocks
+    `blocks` (indices), from the dense model's own forward over `calib` (one sample at a
+    time); linears whose name ends with one of `skip` are left out."""
+    import fastprune as fp
+    from fastprune.models import find_blocks, find_linears, get_weight
+
+    _, block_list = find_blocks(model)
+    accs, hooks = {}, []
+    for b in blocks:
+        for name, lin in find_linears(block_list[b]).items():
+            if skip and name.endswith(skip):
+                continue
+            key = f"{b}.{name}"
+            accs[key] = (fp.HessianAccumulator(get_weight(lin).shape[1]), lin)
+            hooks.append(
+                lin.register_forward_pre_hook(
+                    lambda mod, inp, k=key: accs[k][0].add_batch(inp[0].detach())
+                )
+            )
+    try:
+        with torch.no_grad():
+            for i in range(calib.shape[0]):
+                model(calib[i : i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return accs

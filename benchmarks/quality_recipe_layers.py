@@ -17,9 +17,10 @@ import time
 import torch
 
 import fastprune as fp
+from benchmarks.harness import dense_layer_hessians
 from fastprune.data import get_calibration
 from fastprune.methods import auto_max_swaps
-from fastprune.models import find_blocks, find_linears, get_weight
+from fastprune.models import get_weight
 from fastprune.recipes import compose_layer
 
 VARIANTS = {
@@ -50,24 +51,9 @@ def main() -> None:
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
     calib = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed=0)
-    _, blocks = find_blocks(model)
-    accs, hooks = {}, []
-    for b in (int(x) for x in args.blocks.split(",")):
-        for name, lin in find_linears(blocks[b]).items():
-            if name.endswith(("k_proj", "v_proj", "up_proj")):
-                continue
-            key = f"{b}.{name}"
-            accs[key] = (fp.HessianAccumulator(get_weight(lin).shape[1]), lin)
-            hooks.append(
-                lin.register_forward_pre_hook(
-                    lambda mod, inp, k=key: accs[k][0].add_batch(inp[0].detach())
-                )
-            )
-    with torch.no_grad():
-        for i in range(calib.shape[0]):
-            model(calib[i : i + 1])
-    for h in hooks:
-        h.remove()
+    blocks = [int(x) for x in args.blocks.split(",")]
+    # k/v and up read q's and gate's inputs: the same H, so one of each group is enough
+    accs = dense_layer_hessians(model, calib, blocks, skip=("k_proj", "v_proj", "up_proj"))
     for pat in args.patterns.split(","):
         n, m = (0, 0) if pat.endswith("%") else map(int, pat.split(":"))
         s = float(pat[:-1]) / 100 if pat.endswith("%") else n / m

@@ -15,9 +15,9 @@ import time
 import torch
 
 import fastprune as fp
-from benchmarks.harness import row, write_rows
+from benchmarks.harness import dense_layer_hessians, row, write_rows
 from fastprune.data import get_calibration
-from fastprune.models import find_blocks, find_linears, get_weight
+from fastprune.models import get_weight
 from fastprune.timing import Timing
 
 
@@ -35,22 +35,8 @@ def main() -> None:
     n, m = (0, 0) if args.pattern.endswith("%") else map(int, args.pattern.split(":"))
     model, tok = fp.load_model(args.model)
     calib = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed=0)
-    _, blocks = find_blocks(model)
-    accs, hooks = {}, []
-    for b in (int(x) for x in args.blocks.split(",")):
-        for name, lin in find_linears(blocks[b]).items():
-            key = f"{b}.{name}"
-            accs[key] = (fp.HessianAccumulator(get_weight(lin).shape[1]), lin)
-            hooks.append(
-                lin.register_forward_pre_hook(
-                    lambda mod, inp, k=key: accs[k][0].add_batch(inp[0].detach())
-                )
-            )
-    with torch.no_grad():
-        for i in range(calib.shape[0]):
-            model(calib[i : i + 1])
-    for h in hooks:
-        h.remove()
+    blocks = [int(x) for x in args.blocks.split(",")]
+    accs = dense_layer_hessians(model, calib, blocks)
     out = []
     for key, (acc, lin) in accs.items():
         W = get_weight(lin).detach().float().to(args.device)
