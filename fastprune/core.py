@@ -185,6 +185,14 @@ def resolve_inverse(
     return hinv
 
 
+def merge_kernel_info(info: dict, more: dict) -> None:
+    """A later step's `kernels` (what ran) and `kernel_fallbacks` (what fell back, and why)
+    join `info`'s, for a solve made of several solver calls."""
+    info["kernels"] = {**info["kernels"], **more["kernels"]}
+    if "kernel_fallbacks" in more:
+        info["kernel_fallbacks"] = {**info.get("kernel_fallbacks", {}), **more["kernel_fallbacks"]}
+
+
 def finish(
     W: torch.Tensor,
     weight: torch.Tensor,

@@ -154,7 +154,8 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         opts,
         needs_hessian=True,
         needs_gradients=base.needs_gradients,
-        shares_inverse=True,
+        # the inverse serves SparseGPT's selection and the reconstruction, nothing else
+        shares_inverse=base.name == "sparsegpt" or bool(reconstruct),
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=_sparseswaps_layer_options,

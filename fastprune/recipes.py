@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .core import merge_kernel_info
 from .hessian import InverseHessian
 from .result import PruneResult
 from .rose import rose_layer
@@ -48,18 +49,6 @@ def check_recipe(
     if not any(reconstruct is r or (isinstance(r, str) and reconstruct == r) for r in RECONSTRUCT):
         raise ValueError(f"reconstruct must be False, True or 'best'; got {reconstruct!r}")
     return select, refine, refine_on, reconstruct
-
-
-def _layer_loss(W: torch.Tensor, weight: torch.Tensor, H: torch.Tensor) -> float:
-    D = W.double() - weight.double()
-    return ((D @ H.double()) * D).sum().item()
-
-
-def _merge_kernels(info: dict, more: dict) -> None:
-    """What ran (and what fell back, with why) in a later step joins `info`."""
-    info["kernels"] = {**info["kernels"], **more["kernels"]}
-    if "kernel_fallbacks" in more:
-        info["kernel_fallbacks"] = {**info.get("kernel_fallbacks", {}), **more["kernel_fallbacks"]}
 
 
 @torch.no_grad()
@@ -122,13 +111,11 @@ def compose_layer(
         weight, mask, loss, result = ref.weight, ref.mask, ref.info["loss_after"], "refined"
         for k in ("swaps", "steps", "converged", "max_swaps", "loss_before", "loss_after"):
             info[f"refine_{k}"] = ref.info[k]
-        _merge_kernels(info, ref.info)
-    if reconstruct and (refine is not None or select not in ("sparsegpt",)):
+        merge_kernel_info(info, ref.info)
+    if reconstruct and (refine is not None or select != "sparsegpt"):
         rec = sparsegpt_layer(W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv)
         info["loss_reconstructed"] = rec.loss
-        _merge_kernels(info, rec.info)
-        if loss is None:
-            loss = _layer_loss(W, weight, H)
+        merge_kernel_info(info, rec.info)
         if reconstruct is True or rec.loss < loss:
             weight, loss, result = rec.weight, rec.loss, "reconstructed"
     info.update(method="compose", result=result)

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from .core import (
     base_info,
     finish,
+    merge_kernel_info,
     problem_scales,
     scale_inverse,
     solve_rescaled,
@@ -206,12 +207,7 @@ def sparseswaps_layer(
             loss_masked=loss_after,
             **{k: rec.info[k] for k in ("damp", "damp_retries")},
         )
-        info["kernels"] = {**info["kernels"], **rec.info["kernels"]}
-        if "kernel_fallbacks" in rec.info:
-            info["kernel_fallbacks"] = {
-                **info.get("kernel_fallbacks", {}),
-                **rec.info["kernel_fallbacks"],
-            }
+        merge_kernel_info(info, rec.info)
         weight, loss = rec.weight, rec.loss
     else:
         weight = (W if values is None else values).masked_fill(~keep, 0)
