@@ -123,7 +123,7 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"{flag} must be >= 1, got {v}")
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    if args.nproc > 1 and METHODS[args.method].needs_calibration and args.nproc > args.nsamples:
+    if args.nproc > 1 and options_method(args).needs_calibration and args.nproc > args.nsamples:
         raise ValueError(
             f"--nproc {args.nproc} is larger than --nsamples {args.nsamples}: every process "
             "needs at least one calibration sample"
