@@ -6,7 +6,8 @@ the GNU GPL version 3 (legal prose; Debian ships it in `/usr/share/common-licens
 any file can be given with `--second-text`). Every configuration prunes a fresh copy of the
 dense weights; its prune seconds are `PruneReport.seconds` (calibration forwards, Hessians,
 gradients, solves). Rows are appended to `OUT.jsonl` as they finish, so an interrupted run
-resumes where it stopped; `--table` writes `OUT.json`, `OUT.csv` and `OUT.md` from them.
+resumes where it stopped (`--rerun` runs finished rows again; the table keeps the last row of
+each configuration and pattern); `--table` writes `OUT.json`, `OUT.csv` and `OUT.md` from them.
 
     python -m benchmarks.quality_recipes --configs peers --patterns 50%,2:4
     python -m benchmarks.quality_recipes --table
@@ -89,7 +90,12 @@ def run(args) -> None:
         else:
             known = ", ".join([*GROUPS, *PEERS, *COMBOS])
             raise SystemExit(f"unknown config {name!r}; known: {known}")
-    todo = [(c, p) for p in args.patterns.split(",") for c in configs if (c, p) not in done]
+    todo = [
+        (c, p)
+        for p in args.patterns.split(",")
+        for c in configs
+        if args.rerun or (c, p) not in done
+    ]
     if not todo and ("dense", "-") in done:
         print("nothing to do")
         return
@@ -174,6 +180,9 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=16)
     ap.add_argument("--second-text", default=SECOND_TEXT)
     ap.add_argument("--out", default=OUT)
+    ap.add_argument(
+        "--rerun", action="store_true", help="run finished rows again (the table keeps the last)"
+    )
     ap.add_argument("--table", action="store_true", help="only write the table from OUT.jsonl")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
