@@ -20,12 +20,14 @@ fasthessian.json`, LLaMA-2-7B shape, ROSE 50%, 128x2048 calibration: calibration
 with Hessians, solve, other = the rest) and from the bytes the pipeline moves per block:
 
 - calibration and other: split over the ranks by samples (the largest shard, ceil(n/N));
-- solve: the most loaded rank's share of the block's `rows*cols^2` (owners by the same bin
-  packing as the pipeline: `fastprune.pipeline.distributed.assign_owners`); the largest layer
-  (down_proj) bounds it;
+- solve: the most loaded rank's share of the block's `rows*cols^2` (the pipeline's own plan,
+  `fastprune.pipeline.distributed.plan_block`); the largest layer (down_proj) bounds it,
+  unless the method solves rows independently (Wanda, GBLM, SparseSwaps, N:M SparseGPT:
+  `--method`, `--pattern`) and `--row-split auto` cuts the layers costlier than an even
+  share into row ranges on several ranks;
 - communication (no overlap): each distinct H (`cols^2` float64) summed onto its owners, a
   reduce (`bytes/B`) or, when layers fed one input have several owners, an all_reduce
-  (`2(N-1)/N bytes/B`); each pruned weight (float16) broadcast (`bytes/B`); plus
+  (`2(N-1)/N bytes/B`); each pruned weight (float16) broadcast (`bytes/B`, by parts); plus
   `--latency-us` per collective. B = `--nccl-gbps`.
 
 The 70B shape has no measured run: its times are the 7B ones scaled by work per token (calibration:
@@ -46,6 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.harness import device_name, row, versions, write_rows
+from fastprune.methods import get_method
 from fastprune.timing import Timing
 
 E2E_RESULT = Path(__file__).parent / "results" / "h100" / "e2e_llama2-7b_2blocks_fasthessian.json"
@@ -236,22 +239,24 @@ def project(
     latency_us: float,
     shares_inverse: bool,
     weight_bytes: int = 2,
+    separable: bool = False,
+    row_split: str = "auto",
 ) -> dict:
     """The projected time of one decoder block on `nproc` GPUs (see the module docstring)."""
-    from fastprune.pipeline.distributed import assign_owners
+    from fastprune.pipeline.distributed import plan_block
 
     calib, solve, other = times
     layers = block_layers(shape)
-    units: dict[str, list[str]] = {}
-    for name, (_, _, src) in layers.items():
-        units.setdefault(src if shares_inverse else name, []).append(name)
+    lins = {k: torch.nn.Linear(c, r, bias=False, device="meta") for k, (r, c, _) in layers.items()}
+    first = {}
+    leader = {k: first.setdefault(src, k) for k, (_, _, src) in layers.items()}
+    plan = plan_block(lins, leader, shares_inverse, nproc, separable, row_split)
     cost = {k: r * c * c for k, (r, c, _) in layers.items()}
-    groups = list(units.values())
-    owners = assign_owners([sum(cost[k] for k in g) for g in groups], nproc)
-    owner_of = {k: owners[i] for i, g in enumerate(groups) for k in g}
     load = [0.0] * nproc
-    for k, o in owner_of.items():
-        load[o] += cost[k]
+    for k, parts in plan.items():
+        rows = layers[k][0]
+        for part in parts:
+            load[part.rank] += cost[k] * (part.stop - part.start) / rows
     total = sum(cost.values())
     shard = math.ceil(nsamples / nproc) / nsamples
     bw = gbps * 1e9
@@ -261,14 +266,14 @@ def project(
         for src in dict.fromkeys(s for _, _, s in layers.values()):
             cols = next(c for _, c, s in layers.values() if s == src)
             nbytes = cols * cols * 8
-            dests = {owner_of[k] for k, (_, _, s) in layers.items() if s == src}
+            dests = {p.rank for k, (_, _, s) in layers.items() if s == src for p in plan[k]}
             comm += nbytes / bw * (1 if len(dests) == 1 else 2 * (nproc - 1) / nproc)
             reduced += nbytes
             collectives += 1
-        for r, c, _ in layers.values():
+        for k, (r, c, _) in layers.items():
             broadcast += r * c * weight_bytes
             comm += r * c * weight_bytes / bw
-            collectives += 1
+            collectives += len(plan[k])
         comm += collectives * latency_us * 1e-6
     t_calib, t_other = calib * shard, other * shard
     t_solve = solve * max(load) / total
@@ -286,6 +291,7 @@ def project(
         "reduced_mb": reduced / 2**20,
         "broadcast_mb": broadcast / 2**20,
         "largest_layer_share": max(cost.values()) / total,
+        "row_parts": sum(len(ps) for ps in plan.values()) - len(plan),
     }
 
 
@@ -302,7 +308,10 @@ def cost_model(args) -> list[dict]:
         except (ValueError, AssertionError):
             raise SystemExit(f"--times {spec!r}: want SHAPE=CALIB,SOLVE,OTHER seconds") from None
     w7 = work_per_token("llama2-7b")
-    shares = method == "sparsegpt" if args.method is None else args.method == "sparsegpt"
+    meth = get_method(args.method or method)
+    prune_n = int(args.pattern.split(":")[0]) if ":" in args.pattern else 0
+    shares = meth.shares_inverse
+    separable = meth.separable(prune_n, meth.check_options({}))
     rows = []
     for shape in SHAPES:
         if shape in given:
@@ -315,12 +324,17 @@ def cost_model(args) -> list[dict]:
             origin = f"7B figures scaled by work per token ({src})"
         layers = SHAPES[shape][4]
         for n in args.gpus:
-            p = project(shape, times, n, nsamples, args.nccl_gbps, args.latency_us, shares)
+            p = project(
+                shape, times, n, nsamples, args.nccl_gbps, args.latency_us, shares,
+                separable=separable, row_split=args.row_split,
+            )  # fmt: skip
             rows.append(
                 {
                     "kernel": "cost_model",
                     "shape": shape,
                     "method": args.method or method,
+                    "pattern": args.pattern,
+                    "row_split": args.row_split if separable else "not separable",
                     "gpus": n,
                     "nccl_gbps": args.nccl_gbps,
                     **{k: round(v, 4) for k, v in p.items()},
@@ -350,6 +364,13 @@ def main(argv=None) -> None:
     ap.add_argument("--gpus", default="1,2,4,8", help="cost model: GPU counts")
     ap.add_argument("--nccl-gbps", type=float, default=100.0, help="cost model: GB/s per link")
     ap.add_argument("--latency-us", type=float, default=30.0, help="cost model: per collective")
+    ap.add_argument("--pattern", default="50%", help="cost model: 50%% or N:M (row splitting)")
+    ap.add_argument(
+        "--row-split",
+        default="auto",
+        choices=("auto", "never"),
+        help="cost model: split a separable method's large layers' rows (FASTPRUNE_ROW_SPLIT)",
+    )
     ap.add_argument("--times", action="append", help="cost model: SHAPE=CALIB,SOLVE,OTHER")
     ap.add_argument("--out", default=None, help="write OUT.json / OUT.csv")
     args = ap.parse_args(argv)

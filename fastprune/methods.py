@@ -46,7 +46,10 @@ class Method:
     `layer_options` rewrites them per layer, e.g. SparseSwaps' `max_swaps="auto"`).
     `shares_inverse`: layers fed the same input (q/k/v, gate/up) are solved with one inverse
     Hessian (`inverse_hessian(H, percdamp)`, passed as `hinv=`). `check` validates and
-    normalises a full option dict (errors name the option).
+    normalises a full option dict (errors name the option). `row_separable(prune_n, options)`:
+    whether the solve of any rows of a layer (the same `H`, those rows of `G`) equals those
+    rows of the whole layer's solve, so a distributed prune may split a layer's rows across
+    ranks (None: never).
     """
 
     name: str
@@ -59,6 +62,11 @@ class Method:
     pipeline_options: tuple[str, ...] = ()
     check: Callable[[dict], dict] | None = None
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
+    row_separable: Callable[[int, Mapping[str, Any]], bool] | None = None
+
+    def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
+        """Whether this method's layers may be solved in row slices (see `row_separable`)."""
+        return self.row_separable is not None and self.row_separable(prune_n, options)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
@@ -107,17 +115,25 @@ class Method:
         prune_m: int,
         options: Mapping[str, Any],
         hinv=None,
+        rows: slice | None = None,
     ) -> PruneResult:
         """One layer: `options` as returned by `check_options`; `hinv` the shared inverse
-        (only for `shares_inverse` methods, None to let the solver compute it)."""
+        (only for `shares_inverse` methods, None to let the solver compute it). `rows`: solve
+        only these rows of `W` (and `G`), for a `separable` method; per-layer options (the
+        swap budget) are still those of the whole layer."""
+        kw = {k: options[k] for k in self.solver_options}
+        if self.layer_options is not None:
+            kw = self.layer_options(W, prune_m, kw)
+        if rows is not None:
+            if not self.separable(prune_n, options):
+                raise ValueError(f"method {self.name!r} cannot solve a layer's rows separately")
+            W = W[rows]
+            G = None if G is None else G[rows]
         args: list = [W]
         if self.needs_hessian:
             args.append(H)
         if self.needs_gradients:
             args.append(G.to(W.device))
-        kw = {k: options[k] for k in self.solver_options}
-        if self.layer_options is not None:
-            kw = self.layer_options(W, prune_m, kw)
         if self.shares_inverse:
             kw["hinv"] = hinv
         return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
@@ -159,6 +175,7 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=_sparseswaps_layer_options,
+        row_separable=lambda n, o: _composition_separable(base.name, n, o),
     )
 
 
@@ -191,6 +208,25 @@ def _check_recipe(opts: dict) -> dict:
     select = "sparsegpt" if opts["select"] == "auto" else opts["select"]
     check_recipe(select, opts["refine"], opts["refine_on"], opts["reconstruct"])
     return _check_sparseswaps(opts)
+
+
+# Row-separable mask selectors: per output row (Wanda, GBLM) or per N:M group. A layer-wide
+# threshold (magnitude, SparseGPT's per-block threshold over all rows) or ROSE's column order
+# (from every row's losses) couples the rows. SparseSwaps and an OBS reconstruction on a fixed
+# mask treat each row on its own; reconstruct="best" picks by the whole layer's loss.
+_SEPARABLE_SELECTORS = {
+    "magnitude": lambda n: n > 0,
+    "wanda": lambda n: True,
+    "gblm": lambda n: True,
+    "sparsegpt": lambda n: n > 0,
+    "rose": lambda n: False,
+}
+
+
+def _composition_separable(select: str, prune_n: int, opts: Mapping[str, Any]) -> bool:
+    if select == "auto":
+        return False  # ROSE for N:M, SparseGPT's block threshold unstructured
+    return _SEPARABLE_SELECTORS[select](prune_n) and opts.get("reconstruct") != "best"
 
 
 def _check_sparseswaps(opts: dict) -> dict:
@@ -244,14 +280,21 @@ METHODS: dict[str, Method] = {
             magnitude_layer,
             "|W|; one threshold over the whole layer (no calibration)",
             needs_hessian=False,
+            row_separable=lambda n, o: _SEPARABLE_SELECTORS["magnitude"](n),
         ),
-        Method("wanda", wanda_layer, "|W| * sqrt(diag(H)/2), per output row"),
+        Method(
+            "wanda",
+            wanda_layer,
+            "|W| * sqrt(diag(H)/2), per output row",
+            row_separable=lambda n, o: True,
+        ),
         Method(
             "sparsegpt",
             sparsegpt_layer,
             "OBS pruning with weight updates (IST-DASLab SparseGPT)",
             {**_OBS, "backend": "auto"},
             shares_inverse=True,
+            row_separable=lambda n, o: _SEPARABLE_SELECTORS["sparsegpt"](n),
         ),
         Method(
             "rose",
@@ -267,6 +310,7 @@ METHODS: dict[str, Method] = {
             needs_gradients=True,
             pipeline_options=GRADIENT_OPTIONS,
             check=_check_gblm,
+            row_separable=lambda n, o: True,
         ),
         Method(
             "sparseswaps",
@@ -275,6 +319,7 @@ METHODS: dict[str, Method] = {
             {"max_swaps": "auto", "reconstruct": False, "percdamp": 0.01, "backend": "auto"},
             check=_check_sparseswaps,
             layer_options=_sparseswaps_layer_options,
+            row_separable=lambda n, o: True,  # Wanda's per-row warm start, per-row swaps
         ),
         Method(
             "fastprune",
@@ -291,6 +336,7 @@ METHODS: dict[str, Method] = {
             shares_inverse=True,
             check=_check_recipe,
             layer_options=_recipe_layer_options,
+            row_separable=lambda n, o: _composition_separable(o["select"], n, o),
         ),
     )
 }

@@ -21,6 +21,7 @@ group timeout.
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 import os
 import time
@@ -37,11 +38,15 @@ from fastprune import prune_model
 from fastprune.layers import get_weight
 from fastprune.models import find_blocks, find_linears
 from fastprune.pipeline.distributed import (
+    ROW_SPLIT_ENV,
+    Part,
     assign_owners,
     disagreement,
     dist_timeout,
     fingerprint,
+    merge_part_reports,
     plan_block,
+    row_split_mode,
 )
 
 WORLD = 2
@@ -58,6 +63,16 @@ CASES = (
     + [("qwen2", "sparseswaps", 0, 0, 1), ("qwen2", "wanda", 2, 4, 1)]
     + [("llama", "fastprune", 0, 0, 1), ("llama", "fastprune", 2, 4, 1)]  # OWL; N:M uniform
 )
+# the same, with every layer's rows split across the ranks (FASTPRUNE_ROW_SPLIT=always) for
+# the methods whose rows are solved independently; GPT-2 has Conv1D ([in, out]) weights
+SPLIT_CASES = [
+    ("llama", "split-wanda", 0, 0, 1),
+    ("llama", "split-sparsegpt", 2, 4, 1),
+    ("llama", "split-sparseswaps", 0, 0, 1),
+    ("llama", "split-magnitude", 2, 4, 1),
+    ("gpt2", "split-gblm", 0, 0, 1),
+    ("qwen2", "split-wanda+rec", 2, 4, 1),
+]
 
 
 def _case_id(case) -> str:
@@ -75,6 +90,9 @@ def _pruned_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _options(meth: str) -> tuple[str, dict]:
+    meth = meth.removeprefix("split-")
+    if meth == "wanda+rec":
+        return "wanda", {"refine": "sparseswaps", "reconstruct": True, "max_swaps": 4}
     if meth in ("sparsegpt", "rose"):
         return meth, {"blocksize": 16}
     if meth == "gblm-l1":
@@ -89,7 +107,7 @@ def _options(meth: str) -> tuple[str, dict]:
 def _run(case, progress=False):
     fam, meth, n, m, bs = case
     model = tiny_model(fam)
-    calib = None if meth == "magnitude" else calib_ids(NSAMPLES)
+    calib = None if meth.endswith("magnitude") else calib_ids(NSAMPLES)
     name, opts = _options(meth)
     report = prune_model(model, calib, name, 0.5, n, m, batch_size=bs, progress=progress, **opts)
     return _pruned_weights(model), report.to_dict(), report.summary()
@@ -106,6 +124,11 @@ def _worker(rank: int, init: str, out: str) -> None:
     _init(rank, init)
     try:
         results = {_case_id(c): _run(c, progress=True) for c in CASES}
+        os.environ[ROW_SPLIT_ENV] = "always"
+        try:
+            results |= {_case_id(c): _run(c) for c in SPLIT_CASES}
+        finally:
+            del os.environ[ROW_SPLIT_ENV]
         errors = {}
         try:
             prune_model(tiny_model("llama"), calib_ids(1), "wanda")
@@ -131,7 +154,7 @@ def dist_results(tmp_path_factory):
     return _spawn(_worker, tmp_path_factory.mktemp("dist"))
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES + SPLIT_CASES, ids=_case_id)
 def test_distributed_matches_single_process(dist_results, case):
     key = _case_id(case)
     want_w, want_rep, _ = _run(case)
@@ -149,6 +172,11 @@ def test_distributed_matches_single_process(dist_results, case):
         tol = 5e-5 if case[0] == "gpt2" else 1e-5
         assert (diff <= tol * scale).all(), f"{name}: max rel {(diff / scale).max():.3g}"
     assert got_rep["layers"] == other_rep["layers"]
+    split = [ld["info"].get("row_parts") for ld in got_rep["layers"]]
+    if case in SPLIT_CASES:  # every layer was solved in two row ranges, one per rank
+        assert all(s is not None and len(s) == WORLD for s in split), split
+        for ld in got_rep["layers"]:
+            assert sum(ld["info"]["row_parts"]) == ld["shape"][0]
     path = got_rep["totals"]["blocks_path"]
     for ls, ld in zip(want_rep["layers"], got_rep["layers"], strict=True):
         assert ls["name"] == ld["name"] and ls["shape"] == ld["shape"]
@@ -168,12 +196,12 @@ def test_distributed_matches_single_process(dist_results, case):
     # every pruned weight is broadcast once from its owner (each rank sends its size)
     weight_bytes = sum(W.numel() * W.element_size() for W in want_w.values())
     assert t["broadcast_bytes"] == WORLD * weight_bytes
-    if case[1] == "magnitude":
+    if case[1].endswith("magnitude"):
         assert t["reduced_bytes"] == 0 and max(t["rank_calibration_seconds"]) == 0
     else:
         assert t["reduced_bytes"] > 0 and min(t["rank_calibration_seconds"]) > 0
     assert "distributed: 2 ranks (gloo); seconds per rank: calibration" in got_summary
-    assert got_rep["nsamples"] == (0 if case[1] == "magnitude" else NSAMPLES)
+    assert got_rep["nsamples"] == (0 if case[1].endswith("magnitude") else NSAMPLES)
     assert "world_size" not in want_rep["totals"]
 
 
@@ -388,12 +416,90 @@ def test_plan_groups_shared_inverses_only_when_asked():
     lead |= {"self_attn.v_proj": "self_attn.q_proj", "mlp.gate_proj": "mlp.gate_proj"}
     lead |= {"mlp.up_proj": "mlp.gate_proj"}
     shared = plan_block(lins, lead, True, 2)
-    assert (
-        len({shared[k] for k in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}) == 1
-    )
+    assert all(len(ps) == 1 for ps in shared.values())  # not separable: no row split
+    qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    assert len({shared[k][0].rank for k in qkv}) == 1
     assert shared["mlp.gate_proj"] == shared["mlp.up_proj"]
     single = plan_block(lins, lead, False, 2)
-    assert set(single) == set(lins) and set(single.values()) == {0, 1}
+    assert set(single) == set(lins) and {ps[0].rank for ps in single.values()} == {0, 1}
+
+
+def _block_7b():
+    """A LLaMA-2-7B block's linears (on the meta device: shapes only)."""
+    shapes = {f"self_attn.{k}_proj": (4096, 4096) for k in "qkvo"}
+    shapes |= {"mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096)}
+    shapes |= {"mlp.down_proj": (4096, 11008)}
+    return {k: torch.nn.Linear(c, r, bias=False, device="meta") for k, (r, c) in shapes.items()}
+
+
+def _makespan(plan, lins) -> float:
+    load: dict[int, float] = {}
+    for k, parts in plan.items():
+        r, c = get_weight(lins[k]).shape
+        for p in parts:
+            load[p.rank] = load.get(p.rank, 0.0) + (p.stop - p.start) * c * c
+    return max(load.values())
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_row_split_balances_a_7b_block(world):
+    lins = _block_7b()
+    total = sum(get_weight(m).shape[0] * get_weight(m).shape[1] ** 2 for m in lins.values())
+    whole = plan_block(lins, {}, False, world, separable=True, row_split="never")
+    auto = plan_block(lins, {}, False, world, separable=True, row_split="auto")
+    for plan in (whole, auto):  # every layer's rows covered once, in order
+        for k, parts in plan.items():
+            rows = get_weight(lins[k]).shape[0]
+            bounds = [(p.start, p.stop) for p in parts]
+            assert bounds[0][0] == 0 and bounds[-1][1] == rows
+            assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:], strict=False))
+            assert len({p.rank for p in parts}) == len(parts)  # parts on distinct ranks
+    # down_proj alone is 44% of the block: without splitting it bounds the makespan
+    assert _makespan(whole, lins) >= 4096 * 11008**2
+    assert _makespan(auto, lins) <= 1.01 * total / world
+    if world == 2:  # nothing exceeds half the block: nothing is split
+        assert all(len(ps) == 1 for ps in auto.values())
+    else:
+        assert len(auto["mlp.down_proj"]) == math.ceil(4096 * 11008**2 / (total / world))
+    not_sep = plan_block(lins, {}, False, world, separable=False, row_split="always")
+    assert all(len(ps) == 1 for ps in not_sep.values())
+
+
+def test_row_split_always_keeps_shared_inverse_groups_together():
+    lins = _block_7b()
+    lead = {f"self_attn.{k}_proj": "self_attn.q_proj" for k in "qkv"}
+    plan = plan_block(lins, lead, True, 3, separable=True, row_split="always")
+    for k, parts in plan.items():
+        assert len(parts) == 3, k
+    for j in range(3):  # part j of q, k and v on one rank (one inverse per rank)
+        assert len({plan[f"self_attn.{k}_proj"][j].rank for k in "qkv"}) == 1
+    assert plan["self_attn.q_proj"][1] == Part(plan["self_attn.q_proj"][1].rank, 1365, 2731)
+
+
+def test_row_split_mode(monkeypatch):
+    monkeypatch.delenv(ROW_SPLIT_ENV, raising=False)
+    assert row_split_mode() == "auto"
+    monkeypatch.setenv(ROW_SPLIT_ENV, "never")
+    assert row_split_mode() == "never"
+    monkeypatch.setenv(ROW_SPLIT_ENV, "sometimes")
+    with pytest.raises(ValueError, match=ROW_SPLIT_ENV):
+        row_split_mode()
+
+
+def test_merge_part_reports():
+    from fastprune.pipeline.report import LayerReport
+
+    def part(rows, sparsity, loss, info):
+        return LayerReport("0.mlp", 0, (rows, 8), "sparseswaps", sparsity, loss, 1.5, "0.mlp", info)
+
+    a = part(3, 0.5, 2.0, {"steps": 4, "swaps": 5, "converged": True, "backend": "torch"})
+    b = part(1, 0.25, 1.0, {"steps": 6, "swaps": 1, "converged": False, "backend": "torch"})
+    m = merge_part_reports([a, b], (4, 8))
+    assert m.shape == (4, 8) and m.name == "0.mlp" and m.seconds == 3.0
+    assert m.sparsity == pytest.approx(0.4375) and m.loss == 3.0
+    assert m.info == {
+        "steps": 6, "swaps": 6, "converged": False, "backend": "torch", "row_parts": [3, 1]
+    }  # fmt: skip
 
 
 def test_fingerprint_and_disagreement():

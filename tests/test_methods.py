@@ -205,3 +205,71 @@ def test_toy_method_without_calibration(monkeypatch):
     assert all(lr.loss is None and lr.hessian is None for lr in rep.layers)
     Wp = get_weight(blocks[0].self_attn.q_proj)
     assert torch.equal(Wp, fp.magnitude_layer(W0 * 2.0).weight)
+
+
+# (method, pattern, options) whose rows the registry says are solved independently, and some
+# it says are not (a layer-wide threshold, ROSE's column order, reconstruct="best")
+SEPARABLE = [
+    ("magnitude", (2, 4), {}),
+    ("wanda", (0, 0), {}),
+    ("wanda", (4, 8), {}),
+    ("gblm", (0, 0), {}),
+    ("sparsegpt", (2, 4), {"blocksize": 8}),
+    ("sparseswaps", (0, 0), {"max_swaps": 6}),
+    ("sparseswaps", (2, 4), {"max_swaps": 6, "reconstruct": True}),
+    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": True, "max_swaps": 3}),
+    ("sparsegpt", (2, 4), {"refine": "sparseswaps", "max_swaps": 3, "blocksize": 8}),
+    ("fastprune", (0, 0), {"select": "wanda", "reconstruct": True, "max_swaps": 3}),
+]
+COUPLED = [
+    ("magnitude", (0, 0), {}),
+    ("sparsegpt", (0, 0), {}),
+    ("rose", (2, 4), {}),
+    ("fastprune", (2, 4), {}),
+    ("fastprune", (0, 0), {}),
+    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best"}),
+]
+
+
+def _layer(rows=13, cols=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(4 * cols, cols, generator=g) * torch.rand(cols, generator=g) * 3
+    H = 2 * X.t() @ X / X.shape[0]
+    G = torch.rand(rows, cols, generator=g)
+    return W, H, G
+
+
+@pytest.mark.parametrize("name,pattern,options", SEPARABLE, ids=str)
+def test_separable_methods_solve_row_slices_exactly(name, pattern, options):
+    """What a distributed prune relies on when it splits a layer's rows across ranks: the
+    row slices' solves, stacked, are the whole layer's solve, and their losses add up."""
+    meth = composed(get_method(name), options)
+    opts = meth.check_options(options)
+    n, m = pattern
+    assert meth.separable(n, opts)
+    W, H, G = _layer()
+    W0 = W.clone()
+    hinv = fp.inverse_hessian(H, 0.01) if meth.shares_inverse else None
+    whole = meth.solve(W, H, G, 0.5, n, m, opts, hinv)
+    parts = [
+        meth.solve(W, H, G, 0.5, n, m, opts, hinv, slice(a, b))
+        for a, b in ((0, 5), (5, 6), (6, 13))
+    ]
+    assert torch.equal(W, W0)
+    assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
+    torch.testing.assert_close(
+        torch.cat([p.weight for p in parts]), whole.weight, rtol=1e-5, atol=1e-6
+    )
+    if whole.loss is not None:
+        assert sum(p.loss for p in parts) == pytest.approx(whole.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("name,pattern,options", COUPLED, ids=str)
+def test_coupled_methods_refuse_row_slices(name, pattern, options):
+    meth = composed(get_method(name), options)
+    opts = meth.check_options(options)
+    assert not meth.separable(pattern[0], opts)
+    W, H, G = _layer()
+    with pytest.raises(ValueError, match="rows separately"):
+        meth.solve(W, H, G, 0.5, *pattern, opts, None, slice(0, 5))

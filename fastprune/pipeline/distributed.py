@@ -18,7 +18,12 @@ differs (`check_consistent`). GBLM's gradient norms are accumulated per rank ove
    result only in summation order (they are not bit-identical to it). Wanda's `diag(H)/2`
    comes from the same `H`.
 3. each owner solves its layers; the layer reports are gathered to every rank and each
-   pruned weight is broadcast from its owner;
+   pruned weight is broadcast from its owner. For a method whose rows are solved
+   independently (`Method.separable`: Wanda, GBLM, SparseSwaps, N:M SparseGPT/magnitude) a
+   block the whole layers cannot balance has layers cut into row ranges on several ranks
+   (`plan_block`, `FASTPRUNE_ROW_SPLIT`); each such rank gets the layer's full `H`, solves
+   its rows (computing its own inverse) and broadcasts them, and the parts' reports are
+   merged (`merge_part_reports`: losses summed);
 4. every rank propagates its shard through the pruned block.
 
 Faults: every local phase (setup, capture, gradients, a block's forward, solves,
@@ -40,6 +45,7 @@ import math
 import os
 import time
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -140,20 +146,145 @@ def solve_cost(W: torch.Tensor) -> float:
     return float(W.shape[0]) * float(W.shape[1]) ** 2
 
 
+class Part(NamedTuple):
+    """Rows `[start, stop)` of a layer, solved on `rank`."""
+
+    rank: int
+    start: int
+    stop: int
+
+
+ROW_SPLITS = ("auto", "always", "never")
+ROW_SPLIT_ENV = "FASTPRUNE_ROW_SPLIT"
+
+
+def row_split_mode(value: str | None = None) -> str:
+    """`FASTPRUNE_ROW_SPLIT` (or `value`): when a distributed prune splits a layer's rows
+    across ranks, for methods whose rows are solved independently (`Method.separable`):
+    "auto" (a unit costlier than an even share of the block), "always" or "never"."""
+    mode = os.environ.get(ROW_SPLIT_ENV, "auto") if value is None else value
+    if mode not in ROW_SPLITS:
+        raise ValueError(f"{ROW_SPLIT_ENV} must be one of {', '.join(ROW_SPLITS)}; got {mode!r}")
+    return mode
+
+
+SPLIT_SLACK = 0.05  # "auto" splits rows only when whole layers leave a rank 5% over an even share
+
+
 def plan_block(
-    lins: dict[str, nn.Module], leader: dict[str, str], shares_inverse: bool, world: int
-) -> dict[str, int]:
-    """{layer name: owner rank} for one block. Layers that share one inverse (q/k/v with
-    SparseGPT) form one unit, every other layer is its own unit; units are bin-packed on
-    `solve_cost`."""
+    lins: dict[str, nn.Module],
+    leader: dict[str, str],
+    shares_inverse: bool,
+    world: int,
+    separable: bool = False,
+    row_split: str = "never",
+) -> dict[str, list[Part]]:
+    """{layer name: its parts}, for one block. Layers that share one inverse (q/k/v with
+    SparseGPT) form one unit, every other layer is its own unit; units cost `solve_cost`.
+
+    Whole units are bin-packed (greedy, largest first). For a `separable` method,
+    `row_split="auto"` instead cuts rows when that packing leaves a rank more than
+    `SPLIT_SLACK` over an even share `C` of the block: the units, largest first, fill rank 0
+    up to `C`, then rank 1, ... (McNaughton's rule), so every rank gets `C` and at most
+    `world - 1` units are cut, each into row ranges on consecutive ranks. "always" cuts every
+    unit into `world` equal row ranges (a test of the machinery). A cut unit's part j is the
+    same fraction of each of its layers, so a rank needs one inverse per unit it works on."""
     units: dict[str, list[str]] = {}
     for name in lins:
         key = (leader.get(name) or name) if shares_inverse else name
         units.setdefault(key, []).append(name)
     groups = list(units.values())
+    rows = {k: get_weight(lins[k]).shape[0] for k in lins}
     costs = [sum(solve_cost(get_weight(lins[k])) for k in g) for g in groups]
     owners = assign_owners(costs, world)
-    return {k: owners[i] for i, g in enumerate(groups) for k in g}
+    # per unit: [(rank, first fraction, last fraction)] of its rows
+    pieces = [[(r, 0.0, 1.0)] for r in owners]
+    if separable and world > 1 and row_split == "always":
+        k = min(world, *(rows[n] for n in lins))
+        parts = [(i, j) for i in range(len(groups)) for j in range(k)]
+        ranks = assign_owners([costs[i] / k for i, _ in parts], world)
+        pieces = [[] for _ in groups]
+        for (i, j), r in zip(parts, ranks, strict=True):
+            pieces[i].append((r, j / k, (j + 1) / k))
+    elif separable and world > 1 and row_split == "auto":
+        share = sum(costs) / world
+        load = [0.0] * world
+        for i, r in enumerate(owners):
+            load[r] += costs[i]
+        if max(load) > (1 + SPLIT_SLACK) * share:
+            pieces = _fill_ranks(costs, world, share)
+    plan: dict[str, list[Part]] = {}
+    for i, g in enumerate(groups):
+        for name in g:
+            n, parts = rows[name], []
+            for r, f0, f1 in pieces[i]:
+                start, stop = round(f0 * n), n if f1 >= 1.0 else round(f1 * n)
+                if stop > start:
+                    parts.append(Part(r, start, stop))
+            plan[name] = parts
+    return plan
+
+
+def _fill_ranks(costs: list[float], world: int, share: float) -> list[list]:
+    """McNaughton's wrap-around rule: units largest first fill each rank up to `share`; a
+    unit crossing a rank's end continues on the next. Per unit its (rank, f0, f1) pieces."""
+    pieces: list[list] = [[] for _ in costs]
+    rank, fill = 0, 0.0
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        left, f0 = costs[i], 0.0
+        while left > 0:
+            room = float("inf") if rank == world - 1 else share - fill
+            take = min(left, room)
+            f1 = 1.0 if take >= left else f0 + take / costs[i]
+            pieces[i].append((rank, f0, f1))
+            fill, left, f0 = fill + take, left - take, f1
+            if rank < world - 1 and fill >= share * (1 - 1e-9):
+                rank, fill = rank + 1, 0.0
+        if not pieces[i]:  # a unit of no cost
+            pieces[i].append((rank, 0.0, 1.0))
+    return pieces
+
+
+def merge_part_reports(parts: list, shape: tuple[int, int]):
+    """One `LayerReport` from those of a layer's row parts (in row order): losses, seconds
+    and counters summed, sparsities weighted by rows, step counts the largest, `converged`
+    only if every part converged; other info fields kept where the parts agree, else listed
+    per part. `info["row_parts"]` records the rows each part had."""
+    first = parts[0]
+    sizes = [p.shape[0] for p in parts]
+    info: dict = {}
+    for key in dict.fromkeys(k for p in parts for k in p.info):
+        vals = [p.info.get(key) for p in parts]
+        if all(v == vals[0] for v in vals):
+            info[key] = vals[0]
+        elif key in _PART_MAX:
+            info[key] = max(vals)
+        elif key == "converged":
+            info[key] = all(vals)
+        elif key in _PART_MEAN:
+            info[key] = sum(v * r for v, r in zip(vals, sizes, strict=True)) / sum(sizes)
+        elif key in _PART_SUM or key.startswith("loss"):
+            info[key] = None if None in vals else sum(vals)
+        else:
+            info[key] = vals
+    info["row_parts"] = sizes
+    losses = [p.loss for p in parts]
+    return type(first)(
+        name=first.name,
+        block=first.block,
+        shape=tuple(shape),
+        method=first.method,
+        sparsity=sum(p.sparsity * r for p, r in zip(parts, sizes, strict=True)) / sum(sizes),
+        loss=None if None in losses else float(sum(losses)),
+        seconds=float(sum(p.seconds for p in parts)),
+        hessian=first.hessian,
+        info=info,
+    )
+
+
+_PART_MAX = {"steps", "max_swaps", "damp", "damp_retries"}
+_PART_SUM = {"swaps", "seconds", "pruned", "kept"}
+_PART_MEAN = {"sparsity", "achieved_sparsity"}
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -278,6 +409,7 @@ class Comm:
         self.broadcast_bytes = 0  # payload of the weight broadcasts
         self.solve_seconds = 0.0  # this rank's own solves
         self.comm_seconds = 0.0  # inside collectives (includes waiting for other ranks)
+        self.row_split = row_split_mode()
 
     @contextlib.contextmanager
     def _talk(self, what: str):
@@ -357,16 +489,23 @@ class Comm:
 
     # ------------------------------------------------------------------------ one block
 
-    def plan(self, lins: dict[str, nn.Module], leader: dict[str, str], shares_inverse: bool):
-        """`plan_block`, after checking every rank saw the same Hessian groups."""
+    def plan(
+        self,
+        lins: dict[str, nn.Module],
+        leader: dict[str, str],
+        shares_inverse: bool,
+        separable: bool = False,
+    ) -> dict[str, list[Part]]:
+        """`plan_block` (with this group's row-split mode), after checking every rank saw the
+        same Hessian groups."""
         got = self._gather(sorted(leader.items()), "the exchange of the block's Hessian groups")
         if any(g != got[0] for g in got):
             raise RuntimeError(f"ranks disagree on the block's Hessian groups: {got}")
-        return plan_block(lins, leader, shares_inverse, self.world)
+        return plan_block(lins, leader, shares_inverse, self.world, separable, self.row_split)
 
     @torch.no_grad()
-    def reduce_hessians(self, hooks, owner_of: dict[str, int]) -> None:
-        """Sum the ranks' partial `H`s onto the owners of the layers that use them: there
+    def reduce_hessians(self, hooks, parts_of: dict[str, list[Part]]) -> None:
+        """Sum the ranks' partial `H`s onto the ranks that solve (part of) a layer using them: there
         `acc.H` becomes the exact `H` over all samples; elsewhere it is dropped (None)."""
         names = sorted(hooks.acc)
         counts = torch.tensor(
@@ -377,7 +516,9 @@ class Comm:
         self.reduced_bytes += counts.numel() * counts.element_size()
         for j, name in enumerate(names):
             acc = hooks.acc[name]
-            dests = sorted({owner_of[k] for k, lead in hooks.leader.items() if lead == name})
+            dests = sorted(
+                {p.rank for k, lead in hooks.leader.items() if lead == name for p in parts_of[k]}
+            )
             buf = acc.H.to(self.device, torch.float64).mul_(acc.nsamples)
             self._sum_onto(buf, dests, "the Hessian reduction")
             total = int(counts[j].item())
@@ -389,15 +530,16 @@ class Comm:
 
     @torch.no_grad()
     def reduce_gradients(
-        self, partial: dict[str, torch.Tensor], owner_of: dict[str, int], norm: str
+        self, partial: dict[str, torch.Tensor], parts_of: dict[str, list[Part]], norm: str
     ) -> None:
         """GBLM: replace this block's raw gradient-norm sums (`partial[name]`, float32) by the
-        finished `G` on each layer's owner (the float64 sum over ranks rounded to float32,
-        then its square root for l2); other ranks drop theirs."""
-        for name, owner in owner_of.items():
+        finished `G` on the ranks that solve (part of) each layer (the float64 sum over ranks
+        rounded to float32, then its square root for l2); other ranks drop theirs."""
+        for name, parts in parts_of.items():
+            dests = sorted({p.rank for p in parts})
             buf = partial[name].to(self.device, torch.float64)
-            self._sum_onto(buf, [owner], "the gradient-norm reduction")
-            if self.rank == owner:
+            self._sum_onto(buf, dests, "the gradient-norm reduction")
+            if self.rank in dests:
                 total = buf.to(torch.float32).cpu()
                 partial[name] = total.sqrt_() if norm == "l2" else total
             else:
@@ -412,18 +554,26 @@ class Comm:
         self.reduced_bytes += buf.numel() * buf.element_size()
 
     def solve_block(
-        self, lins: dict[str, nn.Module], owner_of: dict[str, int], solve, what: str = "the solves"
+        self,
+        lins: dict[str, nn.Module],
+        parts_of: dict[str, list[Part]],
+        solve,
+        what: str = "the solves",
     ) -> list:
-        """Solve the block's layers on their owners and broadcast the results; returns the
-        layer reports in the order of `lins` (the same list on every rank). `solve(name,
-        module)` prunes one layer in place and returns its report. An error on any rank
-        stops every rank (as `guard`)."""
+        """Solve the block's layers (or their row parts) on their ranks and broadcast the
+        results; returns the layer reports in the order of `lins` (the same list on every
+        rank). `solve(name, module, rows)` prunes those rows of one layer in place (`rows`
+        None: the whole layer) and returns its report. An error on any rank stops every
+        rank (as `guard`)."""
         mine, error = {}, None
         t0 = time.perf_counter()
         try:
             for name, mod in lins.items():
-                if owner_of[name] == self.rank:
-                    mine[name] = solve(name, mod)
+                parts = parts_of[name]
+                for j, p in enumerate(parts):
+                    if p.rank == self.rank:
+                        rows = None if len(parts) == 1 else slice(p.start, p.stop)
+                        mine[name, j] = solve(name, mod, rows)
         except Exception as e:  # every rank must hear of it, or the others hang
             error = e
         self.solve_seconds += time.perf_counter() - t0
@@ -438,14 +588,25 @@ class Comm:
         reports = {k: v for part, _ in got for k, v in part.items()}
         with self._talk("the broadcast of the pruned weights"):
             for name, mod in lins.items():
-                self._broadcast_weight(mod, owner_of[name])
-        return [reports[k] for k in lins]
+                for p in parts_of[name]:
+                    self._broadcast_rows(mod, p)
+        done = []
+        for name, mod in lins.items():
+            parts = [reports[name, j] for j in range(len(parts_of[name]))]
+            shape = tuple(get_weight(mod).shape)
+            done.append(parts[0] if len(parts) == 1 else merge_part_reports(parts, shape))
+        return done
 
     @torch.no_grad()
-    def _broadcast_weight(self, mod: nn.Module, src: int) -> None:
-        w = mod.weight.data
+    def _broadcast_rows(self, mod: nn.Module, part: Part) -> None:
+        """Rows `part.start:part.stop` of a layer's `[rows, cols]` weight, from `part.rank`."""
+        w = get_weight(mod).detach()
+        if part.start or part.stop < w.shape[0]:
+            w = w[part.start : part.stop]
+        else:
+            w = mod.weight.detach()  # all of it, in its own (contiguous) layout
         buf = w if w.device == self.device and w.is_contiguous() else w.to(self.device).contiguous()
-        dist.broadcast(buf, src)
+        dist.broadcast(buf, part.rank)
         self.broadcast_bytes += buf.numel() * buf.element_size()
         if buf is not w:
             w.copy_(buf)

@@ -113,9 +113,11 @@ def prune_model(
     with its own replica of the model and the same arguments (checked before any work: a
     `ValueError` names what differs): each rank calibrates on its shard of the samples (GBLM:
     computes its gradient norms on it), Hessians and gradient norms are summed onto owner
-    ranks, layers are solved on their owners and broadcast, and every rank ends with the
-    same pruned model and report. An error on one rank stops all of them (`RankFailedError`
-    on the others); see `fastprune.pipeline.distributed`.
+    ranks, layers are solved on their owners (or, for methods whose rows are independent,
+    in row ranges on several ranks when that balances the block better; see
+    `FASTPRUNE_ROW_SPLIT` in `fastprune.pipeline.distributed`) and broadcast, and every
+    rank ends with the same pruned model and report. An error on one rank stops all of them
+    (`RankFailedError` on the others); see `fastprune.pipeline.distributed`.
     """
     t_start = time.perf_counter()
     comm = Comm() if active_world() > 1 else None
@@ -188,7 +190,7 @@ def prune_model(
                 hessian_precision=hessian_precision,
                 batch_size=batch_size,
                 allocation=(allocation, owl_threshold, owl_lambda),
-                **{"device type": dev.type},
+                **{"device type": dev.type, "row split": comm.row_split},
             )
         )
     local = calib if comm is None or calib is None else comm.shard(calib)
@@ -276,8 +278,9 @@ def prune_model(
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
 
-    def solve_layer(i, hooks, inverses, name, mod):
-        """Prune one linear of block `i` in place; its `LayerReport`."""
+    def solve_layer(i, hooks, inverses, name, mod, rows=None):
+        """Prune one linear of block `i` (or its `rows`, a slice) in place; its
+        `LayerReport` (of those rows)."""
         full = f"{blocks_path}.{i}.{name}"
         W = get_weight(mod).detach()
         H = lead = hinv = None
@@ -295,9 +298,13 @@ def prune_model(
                 clock("inverse_seconds", t0)
             hinv = inverses[lead]
         g = None if G is None else G[full]
-        r = meth.solve(W, H, g, block_sparsity[i], n, m, opts, hinv)
-        set_weight(mod, r.weight)
-        return _layer_report(i, name, W, method, r, lead)
+        r = meth.solve(W, H, g, block_sparsity[i], n, m, opts, hinv, rows)
+        if rows is None:
+            set_weight(mod, r.weight)
+        else:
+            with torch.no_grad():
+                W[rows].copy_(r.weight)
+        return _layer_report(i, name, W if rows is None else W[rows], method, r, lead)
 
     bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
     try:
@@ -321,13 +328,14 @@ def prune_model(
                 done = [solve(name, mod) for name, mod in lins.items()]
             else:
                 lead_of = {} if hooks is None else hooks.leader
-                owner_of = comm.plan(lins, lead_of, meth.shares_inverse)
+                separable = meth.separable(n, opts)
+                parts_of = comm.plan(lins, lead_of, meth.shares_inverse, separable)
                 if hooks is not None:
-                    comm.reduce_hessians(hooks, owner_of)
+                    comm.reduce_hessians(hooks, parts_of)
                 if partial_G:
-                    full = {f"{blocks_path}.{i}.{k}": r for k, r in owner_of.items()}
+                    full = {f"{blocks_path}.{i}.{k}": ps for k, ps in parts_of.items()}
                     comm.reduce_gradients(G, full, opts["norm"])
-                done = comm.solve_block(lins, owner_of, solve, f"block {i}: its layer solves")
+                done = comm.solve_block(lins, parts_of, solve, f"block {i}: its layer solves")
             for lr in done:
                 totals["solve_seconds"] += lr.seconds
             report.layers.extend(done)
