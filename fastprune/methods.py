@@ -23,6 +23,7 @@ from .recipes import (
     check_recipe,
     compose_layer,
     fastprune_layer,
+    recipe_selector,
 )
 from .result import PruneResult
 from .rose import rose_layer
@@ -63,6 +64,7 @@ class Method:
     check: Callable[[dict], dict] | None = None
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
     row_separable: Callable[[int, Mapping[str, Any]], bool] | None = None
+    takes_rows: bool = False  # the solver slices rows itself (`rows=`: ROSE's column order)
 
     def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
         """Whether this method's layers may be solved in row slices (see `row_separable`)."""
@@ -127,8 +129,11 @@ class Method:
         if rows is not None:
             if not self.separable(prune_n, options):
                 raise ValueError(f"method {self.name!r} cannot solve a layer's rows separately")
-            W = W[rows]
-            G = None if G is None else G[rows]
+            if self.takes_rows:
+                kw["rows"] = rows
+            else:
+                W = W[rows]
+                G = None if G is None else G[rows]
         args: list = [W]
         if self.needs_hessian:
             args.append(H)
@@ -175,7 +180,8 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=_sparseswaps_layer_options,
-        row_separable=lambda n, o: _composition_separable(base.name, n, o),
+        row_separable=lambda n, o: _composition_separable(base.name, n),
+        takes_rows=True,
     )
 
 
@@ -210,23 +216,21 @@ def _check_recipe(opts: dict) -> dict:
     return _check_sparseswaps(opts)
 
 
-# Row-separable mask selectors: per output row (Wanda, GBLM) or per N:M group. A layer-wide
-# threshold (magnitude, SparseGPT's per-block threshold over all rows) or ROSE's column order
-# (from every row's losses) couples the rows. SparseSwaps and an OBS reconstruction on a fixed
-# mask treat each row on its own; reconstruct="best" picks by the whole layer's loss.
+# Row-separable mask selectors: per output row (Wanda, GBLM) or per N:M group (ROSE with the
+# whole layer's column order, which its solver takes itself). A layer-wide threshold
+# (magnitude, SparseGPT's per-block threshold over all rows) couples the rows. SparseSwaps, an
+# OBS reconstruction on a fixed mask and reconstruct="best" (row by row) treat each row alone.
 _SEPARABLE_SELECTORS = {
     "magnitude": lambda n: n > 0,
     "wanda": lambda n: True,
     "gblm": lambda n: True,
     "sparsegpt": lambda n: n > 0,
-    "rose": lambda n: False,
+    "rose": lambda n: n > 0,
 }
 
 
-def _composition_separable(select: str, prune_n: int, opts: Mapping[str, Any]) -> bool:
-    if select == "auto":
-        return False  # ROSE for N:M, SparseGPT's block threshold unstructured
-    return _SEPARABLE_SELECTORS[select](prune_n) and opts.get("reconstruct") != "best"
+def _composition_separable(select: str, prune_n: int) -> bool:
+    return _SEPARABLE_SELECTORS[recipe_selector(prune_n) if select == "auto" else select](prune_n)
 
 
 def _check_sparseswaps(opts: dict) -> dict:
@@ -301,6 +305,8 @@ METHODS: dict[str, Method] = {
             rose_layer,
             "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
             {**_OBS, "range_threshold": 0.5, "backend": "auto"},
+            row_separable=lambda n, o: _SEPARABLE_SELECTORS["rose"](n),
+            takes_rows=True,
         ),
         Method(
             "gblm",
@@ -336,7 +342,8 @@ METHODS: dict[str, Method] = {
             shares_inverse=True,
             check=_check_recipe,
             layer_options=_recipe_layer_options,
-            row_separable=lambda n, o: _composition_separable(o["select"], n, o),
+            row_separable=lambda n, o: _composition_separable(o["select"], n),
+            takes_rows=True,
         ),
     )
 }

@@ -10,8 +10,14 @@ pruned the built-in model best (see the README's "Recipes" table).
    loss of the selector's own result, lowered swap by swap). The two coincide for the score
    methods.
 3. reconstruct=True: SparseGPT's OBS updates on the final mask from the original `W`
-   (`sparsegpt_layer(W, H, mask=...)`); "best" keeps whichever of the refined and the
-   reconstructed weights has the lower layer loss `tr(D H D^T)`.
+   (`sparsegpt_layer(W, H, mask=...)`); "best" keeps, row by row, whichever of the refined
+   and the reconstructed row has the lower loss `d H d^T` (both have the same mask, and the
+   layer loss `tr(D H D^T)` is the sum of the rows', so this is never above either).
+
+Every step treats each row on its own except the selection of magnitude (unstructured: one
+threshold), SparseGPT (unstructured: a threshold per block over all rows) and ROSE (its column
+order, from every row, which `rows=` takes from the whole layer): with an N:M pattern or a
+per-row selector, `compose_layer(..., rows=slice)` is exactly those rows of the whole solve.
 """
 
 from __future__ import annotations
@@ -71,15 +77,25 @@ def compose_layer(
     alpha: float = 1.0,
     backend: str = "auto",
     hinv: InverseHessian | None = None,
+    rows: slice | None = None,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
     (see the module docstring). `G` is GBLM's gradient norm (only for select="gblm"); `hinv`
     an inverse of `H` from `fastprune.inverse_hessian(H, percdamp)` that the SparseGPT
-    selection and the reconstruction reuse. `info`: the selector's loss (`loss_selected`),
-    the refinement's counters, which weights were kept (`result`) and `recipe`."""
+    selection and the reconstruction reuse. `rows`: solve only these rows of `W` (and `G`),
+    ROSE with the whole layer's column order. `info`: the selector's loss
+    (`loss_selected`), the refinement's counters, which weights were kept (`result`:
+    the selector's, "refined", "reconstructed" or "per row", with `rows_reconstructed`) and
+    `recipe`."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     W = check_weight(W)
+    whole = W
+    if rows is not None:
+        if not isinstance(rows, slice):
+            raise ValueError(f"rows must be a slice of W's rows, got {rows!r}")
+        W = W[rows]
+        G = None if G is None else G[rows]
     if H is None and (select != "magnitude" or refine or reconstruct):
         raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
     if (G is not None) != (select == "gblm"):
@@ -95,7 +111,7 @@ def compose_layer(
     elif select == "sparsegpt":
         sel = sparsegpt_layer(W, H, **pat, **obs, hinv=hinv)
     else:
-        sel = rose_layer(W, H, **pat, **obs, range_threshold=range_threshold)
+        sel = rose_layer(whole, H, **pat, **obs, range_threshold=range_threshold, rows=rows)
     info = dict(sel.info)
     recipe = {"select": select, "refine": refine, "refine_on": refine_on}
     info.update(recipe=recipe | {"reconstruct": reconstruct}, loss_selected=sel.loss)
@@ -116,12 +132,40 @@ def compose_layer(
         rec = sparsegpt_layer(W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv)
         info["loss_reconstructed"] = rec.loss
         merge_kernel_info(info, rec.info)
-        if reconstruct is True or rec.loss < loss:
+        if reconstruct is True:
             weight, loss, result = rec.weight, rec.loss, "reconstructed"
+        else:
+            weight, loss, result, info["rows_reconstructed"] = _best_rows(
+                W, H, weight, rec.weight, result
+            )
     info.update(method="compose", result=result)
     info["achieved_sparsity"] = 1.0 - mask.float().mean().item()
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight.to(W.dtype), mask, loss, info)
+
+
+def _best_rows(
+    W: torch.Tensor, H: torch.Tensor, kept: torch.Tensor, rec: torch.Tensor, name: str
+) -> tuple[torch.Tensor, float, str, int]:
+    """reconstruct="best": per row the lower loss `d H d^T` (`d = w - row`) of `kept` and
+    `rec`; (weights, their layer loss, what was kept, how many rows come from `rec`)."""
+    dt = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    Hc = H.to(dt)
+
+    def row_losses(Q):
+        D = W.to(dt) - Q.to(dt)
+        return ((D @ Hc) * D).sum(1, dtype=torch.float64)
+
+    lk, lr = row_losses(kept), row_losses(rec)
+    take = lr < lk
+    count = int(take.sum().item())
+    loss = float(torch.where(take, lr, lk).sum().item())
+    if count == 0:
+        return kept, loss, name, 0
+    if count == take.numel():
+        return rec, loss, "reconstructed", count
+    weight = torch.where(take[:, None], rec.to(kept.dtype), kept)
+    return weight, loss, "per row", count
 
 
 # SparseSwaps steps in fastprune's recipe: at most this many (and at most the budget of
@@ -149,18 +193,20 @@ def fastprune_layer(
     alpha: float = 1.0,
     backend: str = "auto",
     hinv: InverseHessian | None = None,
+    rows: slice | None = None,
 ) -> PruneResult:
     """fastprune's recipe on one layer: `compose_layer` with the recipe's defaults (`RECIPE`:
     the selector's mask and weights (`select="auto"`: ROSE for N:M, SparseGPT unstructured),
     refined by at most `RECIPE_MAX_SWAPS` swap steps scored on those weights, then the better
-    of that and an OBS reconstruction on the refined mask)."""
+    of that and an OBS reconstruction on the refined mask, row by row). `rows`: as
+    `compose_layer`'s."""
     if select == "auto":
         select = recipe_selector(prune_n)
     return compose_layer(
         W, H, select=select, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
         refine=refine, refine_on=refine_on, reconstruct=reconstruct, max_swaps=max_swaps,
         blocksize=blocksize, percdamp=percdamp, range_threshold=range_threshold, alpha=alpha,
-        backend=backend, hinv=hinv,
+        backend=backend, hinv=hinv, rows=rows,
     )  # fmt: skip
 
 

@@ -95,6 +95,7 @@ def rose_layer(
     inplace: bool = False,
     inverse_method: str = "direct",
     range_rule: str = "per_column",
+    rows: slice | None = None,
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
@@ -106,12 +107,16 @@ def rose_layer(
     `range_rule`: how blocks are compared (range and order), "per_column" (loss per column
     where a short last block makes widths differ; identical to the sums otherwise) or
     "block_sum" (the ROSE repository's sums; `fastprune.compat` uses it).
+    `rows`: prune only these rows (a slice), with the column order of the whole layer, so
+    for N:M the result is exactly those rows of the whole layer's (not with `inplace`).
     """
     t0 = time.perf_counter()
     W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
         W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     )
     check_inplace(inplace, W)
+    if rows is not None and (not isinstance(rows, slice) or inplace):
+        raise ValueError(f"rows must be a slice of W's rows (and inplace=False), got {rows!r}")
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
     if range_rule not in RANGE_RULES:
@@ -127,7 +132,7 @@ def rose_layer(
         def solve(Ws, Hs):
             return rose_layer(
                 Ws, Hs, sparsity, n, m, blocksize, percdamp, range_threshold, backend,
-                scaler=scaler, inverse_method=inverse_method, range_rule=range_rule,
+                scaler=scaler, inverse_method=inverse_method, range_rule=range_rule, rows=rows,
             )  # fmt: skip
 
         return solve_rescaled(W, H, scales, solve, t0, inplace)
@@ -141,9 +146,10 @@ def rose_layer(
         range_threshold=float(range_threshold),
         range_rule=range_rule,
     )
+    Wr = W if rows is None else W[rows]  # the rows pruned (the order comes from all of W)
     if n == 0 and sparsity == 0.0:
         info.update(relative_range=0.0, reordered=False)
-        return unpruned_result(W, H, info, t0, inplace)
+        return unpruned_result(Wr, H, info, t0, inplace)
 
     S = wanda_score(W, H, scaler=scaler, dtype=dtype)
     rose_bounds = block_bounds(cols, m if n else blocksize)
@@ -157,14 +163,14 @@ def rose_layer(
         perm, sizes = rose_permutation(col_loss, block_loss, rose_bounds)
         perm = perm.to(W.device)
         Hp = H[perm][:, perm]
-        Wc = W.to(dtype)[:, perm]
+        Wc = Wr.to(dtype)[:, perm]
         if n:  # whole groups moved: any multiple of M keeps groups inside one sweep block
             bounds = block_bounds(cols, sweep_bs)
         else:  # the sweep's blocks are the reordered ROSE blocks (last one may be short)
             edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
             bounds = list(zip(edges[:-1], edges[1:]))
     else:
-        perm, Hp, Wc = None, H, W.to(dtype, copy=True)
+        perm, Hp, Wc = None, H, Wr.to(dtype, copy=True)
         bounds = block_bounds(cols, sweep_bs)
 
     # One inverse per layer: the permutation depends on this layer's W (through its scores),
@@ -181,6 +187,6 @@ def rose_layer(
         inv_perm = torch.argsort(perm)
         Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
     info["pattern"] = pattern_name(n, m)
-    loss = obs_loss_info(W, Q, H, inv, losses, info, dead)
+    loss = obs_loss_info(Wr, Q, H, inv, losses, info, dead)
     info.update(kernels.info())
-    return finish(W, Q, keep, loss, info, t0, inplace)
+    return finish(Wr, Q, keep, loss, info, t0, inplace)

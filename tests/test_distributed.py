@@ -72,6 +72,8 @@ SPLIT_CASES = [
     ("llama", "split-magnitude", 2, 4, 1),
     ("gpt2", "split-gblm", 0, 0, 1),
     ("qwen2", "split-wanda+rec", 2, 4, 1),
+    ("gpt2", "split-rose", 2, 4, 1),  # the column order of the whole layer on each rank
+    ("llama", "split-fastprune", 2, 4, 1),  # ROSE, swaps, the better of each row
 ]
 
 

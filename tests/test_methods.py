@@ -220,14 +220,17 @@ SEPARABLE = [
     ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": True, "max_swaps": 3}),
     ("sparsegpt", (2, 4), {"refine": "sparseswaps", "max_swaps": 3, "blocksize": 8}),
     ("fastprune", (0, 0), {"select": "wanda", "reconstruct": True, "max_swaps": 3}),
+    ("rose", (2, 4), {"blocksize": 8}),  # the column order of the whole layer
+    ("rose", (4, 8), {"blocksize": 8, "range_threshold": 0.0}),  # always reordered
+    ("fastprune", (2, 4), {"max_swaps": 3, "blocksize": 8}),  # ROSE, swaps, best per row
+    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best", "max_swaps": 3}),
 ]
 COUPLED = [
     ("magnitude", (0, 0), {}),
     ("sparsegpt", (0, 0), {}),
-    ("rose", (2, 4), {}),
-    ("fastprune", (2, 4), {}),
+    ("rose", (0, 0), {}),
     ("fastprune", (0, 0), {}),
-    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best"}),
+    ("sparsegpt", (0, 0), {"refine": "sparseswaps", "reconstruct": "best"}),
 ]
 
 
@@ -257,6 +260,8 @@ def test_separable_methods_solve_row_slices_exactly(name, pattern, options):
         for a, b in ((0, 5), (5, 6), (6, 13))
     ]
     assert torch.equal(W, W0)
+    if options.get("range_threshold") == 0.0:
+        assert whole.info["reordered"] and all(p.info["reordered"] for p in parts)
     assert torch.equal(torch.cat([p.mask for p in parts]), whole.mask)
     torch.testing.assert_close(
         torch.cat([p.weight for p in parts]), whole.weight, rtol=1e-5, atol=1e-6

@@ -123,11 +123,42 @@ def test_compose_refine_and_best(rows, cols, n, m, select):
         check_pattern_of(r.mask, sel.mask, n, m)
         assert r.loss == pytest.approx(trace_loss(W, r.weight, H), rel=1e-3, abs=1e-6)
         assert not r.weight[~r.mask].any()
-    # swaps on the selector's own weights never lose; 'best' is the lower of the two
+    # swaps on the selector's own weights never lose; 'best' takes the better row of the two
     assert ref.loss <= sel.loss * (1 + 1e-5)
-    assert best.loss == pytest.approx(min(ref.loss, rec.loss), rel=1e-6)
-    assert best.info["result"] in ("refined", "reconstructed")
     assert torch.equal(ref.mask, best.mask) and torch.equal(ref.mask, rec.mask)
+    row_ref = row_losses(W, ref.weight, H)
+    row_rec = row_losses(W, rec.weight, H)
+    take = row_rec < row_ref
+    want = torch.where(take[:, None], rec.weight, ref.weight)
+    assert torch.equal(best.weight, want)
+    assert best.loss == pytest.approx(torch.minimum(row_ref, row_rec).sum().item(), rel=1e-6)
+    assert best.loss <= min(ref.loss, rec.loss) * (1 + 1e-6)
+    k = int(take.sum())
+    assert best.info["rows_reconstructed"] == k
+    assert best.info["result"] == (
+        "refined" if k == 0 else "reconstructed" if k == rows else "per row"
+    )
+
+
+def row_losses(W, Q, H):
+    D = (W - Q).double()
+    return ((D @ H.double()) * D).sum(1)
+
+
+def test_best_mixes_rows_when_each_side_wins_some():
+    """A layer where some rows are better reconstructed and some better refined: 'best' is
+    strictly below both whole-layer choices."""
+    hits = 0
+    for seed in range(6):
+        W, H = layer(24, 64, seed=100 + seed)
+        kw = dict(select="sparsegpt", blocksize=16, refine="sparseswaps", max_swaps=2)
+        ref = compose_layer(W, H, **kw)
+        rec = compose_layer(W, H, **kw, reconstruct=True)
+        best = compose_layer(W, H, **kw, reconstruct="best")
+        if best.info["result"] == "per row":
+            hits += 1
+            assert best.loss < min(ref.loss, rec.loss)
+    assert hits > 0
 
 
 def test_compose_shares_an_inverse():
