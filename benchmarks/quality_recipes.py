@@ -46,6 +46,7 @@ COMBOS = {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
     },
     "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
+    "fastprune+owl": {"method": "fastprune", "allocation": "owl"},
     "rose+swaps+best": {"method": "rose", "refine": "sparseswaps", "reconstruct": "best"},
     "rose+swaps16+best": {
         "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 16,
