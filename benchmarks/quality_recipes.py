@@ -38,10 +38,11 @@ PEERS = {
     "sparsegpt": {"method": "sparsegpt"},
     "rose": {"method": "rose"},
     "sparseswaps": {"method": "sparseswaps"},
-    "sparseswaps+rec": {"method": "sparseswaps", "reconstruct": True},
 }
 COMBOS = {
     "fastprune": {"method": "fastprune"},
+    # SparseSwaps (Wanda's mask, swaps within its budget) + fastprune's OBS reconstruction
+    "sparseswaps+rec": {"method": "sparseswaps", "reconstruct": True},
     "sparsegpt+swaps+best": {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
     },
