@@ -137,8 +137,8 @@ def check_prune_args(args: argparse.Namespace) -> tuple[int, int]:
     for flag, v in (("--refine", args.refine), ("--refine-on", args.refine_on)):
         if v is not None and args.method not in takes:
             raise ValueError(f"{flag} applies to --method {'/'.join(takes)}, not {args.method}")
-    if args.reconstruct == "best" and args.method not in takes:
-        raise ValueError(f"--reconstruct best applies to --method {'/'.join(takes)}")
+    if args.reconstruct in ("best", "best_rows") and args.method not in takes:
+        raise ValueError(f"--reconstruct {args.reconstruct} applies to --method {'/'.join(takes)}")
     from .pipeline.allocation import check_allocation
 
     try:
@@ -447,9 +447,11 @@ def _add_lm_eval_flags(q: argparse.ArgumentParser) -> None:
 
 
 def _reconstruct_arg(text: str):
-    if text != "best":
-        raise argparse.ArgumentTypeError(f"--reconstruct takes no value or 'best', got {text!r}")
-    return "best"
+    if text not in ("best", "best_rows"):
+        raise argparse.ArgumentTypeError(
+            f"--reconstruct takes no value, 'best' or 'best_rows', got {text!r}"
+        )
+    return text
 
 
 def options_method(args: argparse.Namespace):
@@ -539,9 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=None,
         type=_reconstruct_arg,
-        metavar="best",
+        metavar="best|best_rows",
         help=f"{_for('reconstruct')}/{'/'.join(SELECTORS)}: OBS reconstruction on the final "
-        "mask (--reconstruct best: only where it lowers the layer's loss)",
+        "mask (--reconstruct best: only where it lowers the layer's loss; best_rows: row by "
+        "row)",
     )
     q.add_argument(
         "--refine",

@@ -155,7 +155,7 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         return base
     refine, reconstruct = options.get("refine"), options.get("reconstruct", False)
     name = base.name + (f"+{refine}" if refine else "")
-    name += "" if not reconstruct else "+reconstruct" if reconstruct is True else "+best"
+    name += "" if not reconstruct else "+reconstruct" if reconstruct is True else f"+{reconstruct}"
     extra = {"refine": None, "refine_on": "reconstructed", "reconstruct": False}
     extra |= {"max_swaps": "auto", "percdamp": 0.01, "backend": "auto"}
     opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
@@ -180,7 +180,7 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=_sparseswaps_layer_options,
-        row_separable=lambda n, o: _composition_separable(base.name, n),
+        row_separable=lambda n, o: _composition_separable(base.name, n, o),
         takes_rows=True,
     )
 
@@ -219,7 +219,8 @@ def _check_recipe(opts: dict) -> dict:
 # Row-separable mask selectors: per output row (Wanda, GBLM) or per N:M group (ROSE with the
 # whole layer's column order, which its solver takes itself). A layer-wide threshold
 # (magnitude, SparseGPT's per-block threshold over all rows) couples the rows. SparseSwaps, an
-# OBS reconstruction on a fixed mask and reconstruct="best" (row by row) treat each row alone.
+# OBS reconstruction on a fixed mask and reconstruct="best_rows" treat each row alone;
+# reconstruct="best" chooses by the whole layer's loss.
 _SEPARABLE_SELECTORS = {
     "magnitude": lambda n: n > 0,
     "wanda": lambda n: True,
@@ -229,8 +230,9 @@ _SEPARABLE_SELECTORS = {
 }
 
 
-def _composition_separable(select: str, prune_n: int) -> bool:
-    return _SEPARABLE_SELECTORS[recipe_selector(prune_n) if select == "auto" else select](prune_n)
+def _composition_separable(select: str, prune_n: int, opts: Mapping[str, Any]) -> bool:
+    select = recipe_selector(prune_n) if select == "auto" else select
+    return _SEPARABLE_SELECTORS[select](prune_n) and opts.get("reconstruct") != "best"
 
 
 def _check_sparseswaps(opts: dict) -> dict:
@@ -342,7 +344,7 @@ METHODS: dict[str, Method] = {
             shares_inverse=True,
             check=_check_recipe,
             layer_options=_recipe_layer_options,
-            row_separable=lambda n, o: _composition_separable(o["select"], n),
+            row_separable=lambda n, o: _composition_separable(o["select"], n, o),
             takes_rows=True,
         ),
     )

@@ -73,7 +73,7 @@ SPLIT_CASES = [
     ("gpt2", "split-gblm", 0, 0, 1),
     ("qwen2", "split-wanda+rec", 2, 4, 1),
     ("gpt2", "split-rose", 2, 4, 1),  # the column order of the whole layer on each rank
-    ("llama", "split-fastprune", 2, 4, 1),  # ROSE, swaps, the better of each row
+    ("llama", "split-fastprune", 2, 4, 1),  # ROSE, swaps, reconstruct="best_rows"
 ]
 
 
@@ -92,6 +92,7 @@ def _pruned_weights(model) -> dict[str, torch.Tensor]:
 
 
 def _options(meth: str) -> tuple[str, dict]:
+    split = meth.startswith("split-")
     meth = meth.removeprefix("split-")
     if meth == "wanda+rec":
         return "wanda", {"refine": "sparseswaps", "reconstruct": True, "max_swaps": 4}
@@ -101,6 +102,8 @@ def _options(meth: str) -> tuple[str, dict]:
         return "gblm", {"norm": "l1"}
     if meth == "sparseswaps":
         return meth, {"max_swaps": 8, "reconstruct": True}
+    if meth == "fastprune" and split:
+        return meth, {"blocksize": 16, "max_swaps": 8, "reconstruct": "best_rows"}
     if meth == "fastprune":
         return meth, {"blocksize": 16, "max_swaps": 8, "allocation": "owl"}
     return meth, {}

@@ -222,8 +222,8 @@ SEPARABLE = [
     ("fastprune", (0, 0), {"select": "wanda", "reconstruct": True, "max_swaps": 3}),
     ("rose", (2, 4), {"blocksize": 8}),  # the column order of the whole layer
     ("rose", (4, 8), {"blocksize": 8, "range_threshold": 0.0}),  # always reordered
-    ("fastprune", (2, 4), {"max_swaps": 3, "blocksize": 8}),  # ROSE, swaps, best per row
-    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best", "max_swaps": 3}),
+    ("fastprune", (2, 4), {"max_swaps": 3, "blocksize": 8, "reconstruct": "best_rows"}),
+    ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best_rows", "max_swaps": 3}),
 ]
 COUPLED = [
     ("magnitude", (0, 0), {}),
@@ -231,6 +231,8 @@ COUPLED = [
     ("rose", (0, 0), {}),
     ("fastprune", (0, 0), {}),
     ("sparsegpt", (0, 0), {"refine": "sparseswaps", "reconstruct": "best"}),
+    ("fastprune", (2, 4), {}),  # reconstruct="best": by the whole layer's loss
+    ("wanda", (2, 4), {"refine": "sparseswaps", "reconstruct": "best"}),
 ]
 
 

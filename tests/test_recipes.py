@@ -118,12 +118,16 @@ def test_compose_refine_and_best(rows, cols, n, m, select):
     sel = compose_layer(W, H, select=select, prune_n=n, prune_m=m, blocksize=16)
     ref = compose_layer(W, H, **kw)
     rec = compose_layer(W, H, **kw, reconstruct=True)
-    best = compose_layer(W, H, **kw, reconstruct="best")
-    for r in (ref, rec, best):
+    best = compose_layer(W, H, **kw, reconstruct="best_rows")
+    layer_best = compose_layer(W, H, **kw, reconstruct="best")
+    assert layer_best.loss == pytest.approx(min(ref.loss, rec.loss), rel=1e-6)
+    assert layer_best.info["result"] in ("refined", "reconstructed")
+    assert torch.equal(layer_best.weight, (rec if rec.loss < ref.loss else ref).weight)
+    for r in (ref, rec, best, layer_best):
         check_pattern_of(r.mask, sel.mask, n, m)
         assert r.loss == pytest.approx(trace_loss(W, r.weight, H), rel=1e-3, abs=1e-6)
         assert not r.weight[~r.mask].any()
-    # swaps on the selector's own weights never lose; 'best' takes the better row of the two
+    # swaps on the selector's own weights never lose; 'best_rows' takes the better row
     assert ref.loss <= sel.loss * (1 + 1e-5)
     assert torch.equal(ref.mask, best.mask) and torch.equal(ref.mask, rec.mask)
     row_ref = row_losses(W, ref.weight, H)
@@ -146,15 +150,15 @@ def row_losses(W, Q, H):
 
 
 def test_best_mixes_rows_when_each_side_wins_some():
-    """A layer where some rows are better reconstructed and some better refined: 'best' is
-    strictly below both whole-layer choices."""
+    """A layer where some rows are better reconstructed and some better refined: 'best_rows'
+    is strictly below both whole-layer choices (and so below 'best')."""
     hits = 0
     for seed in range(6):
         W, H = layer(24, 64, seed=100 + seed)
         kw = dict(select="sparsegpt", blocksize=16, refine="sparseswaps", max_swaps=2)
         ref = compose_layer(W, H, **kw)
         rec = compose_layer(W, H, **kw, reconstruct=True)
-        best = compose_layer(W, H, **kw, reconstruct="best")
+        best = compose_layer(W, H, **kw, reconstruct="best_rows")
         if best.info["result"] == "per row":
             hits += 1
             assert best.loss < min(ref.loss, rec.loss)
@@ -357,11 +361,31 @@ def test_gblm_composed_with_swaps():
     assert rep.layers[0].info["recipe"]["select"] == "gblm"
 
 
+def test_cli_reconstruct_value_error(capsys):
+    from fastprune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--method", "wanda", "--reconstruct", "rows"])
+    assert e.value.code == 2
+    assert "--reconstruct takes no value, 'best' or 'best_rows'" in capsys.readouterr().err
+
+
+def test_best_rows_composition_is_named_and_separable():
+    from fastprune.methods import composed, get_method
+
+    m = composed(get_method("wanda"), {"refine": "sparseswaps", "reconstruct": "best_rows"})
+    assert m.name == "wanda+sparseswaps+best_rows"
+    assert m.separable(0, m.check_options({"refine": "sparseswaps", "reconstruct": "best_rows"}))
+    b = composed(get_method("wanda"), {"refine": "sparseswaps", "reconstruct": "best"})
+    assert not b.separable(0, b.check_options({"refine": "sparseswaps", "reconstruct": "best"}))
+
+
 @pytest.mark.parametrize(
     "argv,needle",
     [
         (["--method", "sparseswaps", "--refine", "sparseswaps"], "--refine"),
         (["--method", "sparseswaps", "--reconstruct", "best"], "--reconstruct"),
+        (["--method", "sparseswaps", "--reconstruct", "best_rows"], "--reconstruct best_rows"),
         (["--allocation", "owl", "--owl-lambda", "0.7"], "--owl-lambda"),
         (["--allocation", "owl", "--owl-threshold", "-1"], "--owl-threshold"),
     ],
