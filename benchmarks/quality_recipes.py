@@ -152,22 +152,33 @@ def run(args) -> None:
 
 
 def table(args) -> None:
+    """OUT.json/.csv (every row) and OUT.md: per configuration (peers and fastprune first) and pattern, the
+    last row's perplexity on both texts and its prune seconds."""
     rows = load_rows(Path(args.out + ".jsonl"))
     write_rows(rows, args.out)
     pats = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] != "-"))
     by = {(r["config"], r["pattern"]): r for r in rows}
     dense = by.get(("dense", "-"), {})
+    ran = list(dict.fromkeys(r["config"] for r in rows if r["config"] != "dense"))
+    first = [c for c in (*PEERS, "fastprune") if c in ran]
+    order = first + [c for c in ran if c not in first]
     lines = [
-        "| method | " + " | ".join(f"{p} builtin | {p} gpl3 | {p} s" for p in pats) + " |",
-        "|---|" + "---|---|---|" * len(pats),
-        "| dense | " + f"{dense.get('ppl_builtin')} | {dense.get('ppl_gpl3')} | | " * len(pats),
-    ]
-    for c in dict.fromkeys(r["config"] for r in rows if r["config"] != "dense"):
+        "| method | " + " | ".join(f"{p}: builtin / gpl3 (prune s)" for p in pats) + " |",
+        "|---|" + "---|" * len(pats),
+        "| dense | " + " | ".join(
+            f"{dense.get('ppl_builtin', 0):.2f} / {dense.get('ppl_gpl3', 0):.2f}" for _ in pats
+        ) + " |",
+    ]  # fmt: skip
+    for c in order:
         cells = []
         for p in pats:
             r = by.get((c, p))
-            cells += ["", "", ""] if r is None else [r["ppl_builtin"], r["ppl_gpl3"], r["prune_s"]]
-        lines.append(f"| {c} | " + " | ".join(str(x) for x in cells) + " |")
+            cells.append(
+                ""
+                if r is None
+                else f"{r['ppl_builtin']:.2f} / {r['ppl_gpl3']:.2f} ({r['prune_s']:.0f})"
+            )
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
