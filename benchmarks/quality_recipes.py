@@ -152,8 +152,8 @@ def run(args) -> None:
 
 
 def table(args) -> None:
-    """OUT.json/.csv (every row) and OUT.md: per configuration (peers and fastprune first) and pattern, the
-    last row's perplexity on both texts and its prune seconds."""
+    """OUT.json/.csv (every row) and OUT.md: per configuration (peers and fastprune first)
+    and pattern, the last row's perplexity on both texts and its prune seconds."""
     rows = load_rows(Path(args.out + ".jsonl"))
     write_rows(rows, args.out)
     pats = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] != "-"))
