@@ -182,16 +182,23 @@ def test_quality_recipes_table(tmp_path):
         {"config": "dense", "pattern": "-", "ppl_builtin": 12.5, "ppl_gpl3": 23.0},
         {"config": "sparsegpt", "pattern": "50%", "ppl_builtin": 18.3, "ppl_gpl3": 47.6,
          "prune_s": 150.0},
+        {"config": "sparsegpt+owl", "pattern": "50%", "ppl_builtin": 19.0, "ppl_gpl3": 52.0,
+         "prune_s": 160.0},
         {"config": "fastprune", "pattern": "2:4", "ppl_builtin": 30.1, "ppl_gpl3": 80.2,
          "prune_s": 400.0},
+        {"config": "sparsegpt", "pattern": "50%", "ppl_builtin": 18.3, "ppl_gpl3": 47.6,
+         "prune_s": 110.4},  # a rerun: the table keeps the last row
     ]  # fmt: skip
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     q.table(argparse.Namespace(out=str(out)))
     md = (tmp_path / "q.md").read_text().splitlines()
-    assert md[0].startswith("| method | 50% builtin | 50% gpl3 | 50% s | 2:4 builtin")
-    assert md[2].startswith("| dense | 12.5 | 23.0 |")
-    assert "| sparsegpt | 18.3 | 47.6 | 150.0 |  |  |  |" in md
-    assert "| fastprune |  |  |  | 30.1 | 80.2 | 400.0 |" in md
+    assert md[0] == "| method | 50%: builtin / gpl3 (prune s) | 2:4: builtin / gpl3 (prune s) |"
+    assert md[2] == "| dense | 12.50 / 23.00 | 12.50 / 23.00 |"
+    assert md[3:] == [  # peers, then fastprune, then the other combinations
+        "| sparsegpt | 18.30 / 47.60 (110) |  |",
+        "| fastprune |  | 30.10 / 80.20 (400) |",
+        "| sparsegpt+owl | 19.00 / 52.00 (160) |  |",
+    ]
     assert json.loads((tmp_path / "q.json").read_text())[1]["config"] == "sparsegpt"
     assert q.pattern_args("2:4") == {"sparsity": 0.5, "prune_n": 2, "prune_m": 4}
     assert q.pattern_args("70%") == {"sparsity": 0.7, "prune_n": 0, "prune_m": 0}
