@@ -32,7 +32,7 @@ import time
 import torch
 
 from .core import merge_kernel_info
-from .hessian import InverseHessian
+from .hessian import InverseHessian, row_losses
 from .result import PruneResult
 from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
@@ -155,14 +155,7 @@ def _best_rows(
 ) -> tuple[torch.Tensor, float, str, int]:
     """reconstruct="best_rows": per row the lower loss `d H d^T` (`d = w - row`) of `kept` and
     `rec`; (weights, their layer loss, what was kept, how many rows come from `rec`)."""
-    dt = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
-    Hc = H.to(dt)
-
-    def row_losses(Q):
-        D = W.to(dt) - Q.to(dt)
-        return ((D @ Hc) * D).sum(1, dtype=torch.float64)
-
-    lk, lr = row_losses(kept), row_losses(rec)
+    lk, lr = row_losses(W, kept, H), row_losses(W, rec, H)
     take = lr < lk
     count = int(take.sum().item())
     loss = float(torch.where(take, lr, lk).sum().item())
