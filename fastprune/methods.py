@@ -230,6 +230,11 @@ _SEPARABLE_SELECTORS = {
 }
 
 
+def _selector_separable(name: str) -> Callable[[int, Mapping[str, Any]], bool]:
+    """A selector method's `row_separable`, from `_SEPARABLE_SELECTORS`."""
+    return lambda prune_n, opts: _SEPARABLE_SELECTORS[name](prune_n)
+
+
 def _composition_separable(select: str, prune_n: int, opts: Mapping[str, Any]) -> bool:
     select = recipe_selector(prune_n) if select == "auto" else select
     return _SEPARABLE_SELECTORS[select](prune_n) and opts.get("reconstruct") != "best"
@@ -286,13 +291,13 @@ METHODS: dict[str, Method] = {
             magnitude_layer,
             "|W|; one threshold over the whole layer (no calibration)",
             needs_hessian=False,
-            row_separable=lambda n, o: _SEPARABLE_SELECTORS["magnitude"](n),
+            row_separable=_selector_separable("magnitude"),
         ),
         Method(
             "wanda",
             wanda_layer,
             "|W| * sqrt(diag(H)/2), per output row",
-            row_separable=lambda n, o: True,
+            row_separable=_selector_separable("wanda"),
         ),
         Method(
             "sparsegpt",
@@ -300,14 +305,14 @@ METHODS: dict[str, Method] = {
             "OBS pruning with weight updates (IST-DASLab SparseGPT)",
             {**_OBS, "backend": "auto"},
             shares_inverse=True,
-            row_separable=lambda n, o: _SEPARABLE_SELECTORS["sparsegpt"](n),
+            row_separable=_selector_separable("sparsegpt"),
         ),
         Method(
             "rose",
             rose_layer,
             "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
             {**_OBS, "range_threshold": 0.5, "backend": "auto"},
-            row_separable=lambda n, o: _SEPARABLE_SELECTORS["rose"](n),
+            row_separable=_selector_separable("rose"),
             takes_rows=True,
         ),
         Method(
@@ -318,7 +323,7 @@ METHODS: dict[str, Method] = {
             needs_gradients=True,
             pipeline_options=GRADIENT_OPTIONS,
             check=_check_gblm,
-            row_separable=lambda n, o: True,
+            row_separable=_selector_separable("gblm"),
         ),
         Method(
             "sparseswaps",

@@ -38,7 +38,7 @@ from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
-from .validation import check_weight
+from .validation import check_rows, check_weight
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
 REFINERS = ("sparseswaps",)
@@ -97,9 +97,7 @@ def compose_layer(
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     W = check_weight(W)
     whole = W
-    if rows is not None:
-        if not isinstance(rows, slice):
-            raise ValueError(f"rows must be a slice of W's rows, got {rows!r}")
+    if check_rows(rows) is not None:
         W = W[rows]
         G = None if G is None else G[rows]
     if H is None and (select != "magnitude" or refine or reconstruct):

@@ -31,7 +31,7 @@ from .masks import pattern_name
 from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .ops import Kernels
 from .result import PruneResult
-from .validation import check_inplace, check_scaler, compute_dtype
+from .validation import check_inplace, check_rows, check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
@@ -115,8 +115,7 @@ def rose_layer(
         W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
     )
     check_inplace(inplace, W)
-    if rows is not None and (not isinstance(rows, slice) or inplace):
-        raise ValueError(f"rows must be a slice of W's rows (and inplace=False), got {rows!r}")
+    check_rows(rows, inplace)
     if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
         raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
     if range_rule not in RANGE_RULES:

@@ -134,6 +134,13 @@ def check_bool(value: object, name: str) -> bool:
     return value
 
 
+def check_rows(rows: object, inplace: bool = False) -> slice | None:
+    """None, or a slice of W's rows to solve (`rows=`); not together with `inplace`."""
+    if rows is not None and (not isinstance(rows, slice) or inplace):
+        raise ValueError(f"rows must be a slice of W's rows (and inplace=False), got {rows!r}")
+    return rows
+
+
 def check_inplace(inplace: object, W: torch.Tensor) -> bool:
     """A bool; `True` needs a W whose entries own distinct memory (not expanded)."""
     check_bool(inplace, "inplace")

@@ -280,3 +280,13 @@ def test_coupled_methods_refuse_row_slices(name, pattern, options):
     W, H, G = _layer()
     with pytest.raises(ValueError, match="rows separately"):
         meth.solve(W, H, G, 0.5, *pattern, opts, None, slice(0, 5))
+
+
+def test_rows_must_be_a_slice():
+    W, H, _ = _layer()
+    with pytest.raises(ValueError, match="rows must be a slice"):
+        fp.rose_layer(W, H, prune_n=2, prune_m=4, rows=[0, 1])
+    with pytest.raises(ValueError, match="rows must be a slice"):
+        fp.rose_layer(W.clone(), H, prune_n=2, prune_m=4, rows=slice(0, 2), inplace=True)
+    with pytest.raises(ValueError, match="rows must be a slice"):
+        fp.compose_layer(W, H, select="wanda", rows=3)
