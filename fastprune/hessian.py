@@ -138,9 +138,9 @@ class HessianAccumulator:
     """Streams activations `[batch, tokens, cols]` or `[tokens, cols]` into `H`.
 
     Mirrors the reference's `add_batch`: a 2-D input counts as one sample; a 3-D input counts
-    `batch` samples. Accumulates in float32 whatever the input dtype; `precision` picks the
-    arithmetic ("auto": tensor cores for half-precision inputs on a GPU, else the reference's;
-    see the module docstring).
+    `batch` samples; a batch without tokens adds and counts nothing. Accumulates in float32
+    whatever the input dtype; `precision` picks the arithmetic ("auto": tensor cores for
+    half-precision inputs on a GPU, else the reference's; see the module docstring).
     """
 
     def __init__(
@@ -173,6 +173,8 @@ class HessianAccumulator:
                 f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
                 f"got {tuple(inp.shape)}"
             )
+        if inp.shape[0] * inp.shape[1] == 0:  # no tokens (an expert no token was routed to)
+            return
         # NaN/inf are refused by the update's range check, before H is touched
         check_real_data(inp, "inp")
         x = inp.reshape(-1, self.cols).to(device=self.H.device)

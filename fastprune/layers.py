@@ -4,7 +4,9 @@
 - `nn.Linear`: `weight` is `[out, in]` already;
 - `transformers.Conv1D` (GPT-2): `weight` is `[in, out]`, transposed;
 - `nn.Conv2d` (groups=1): `weight` `[out, in, kh, kw]` flattened to `[out, in*kh*kw]`, the
-  columns an unfolded input patch multiplies.
+  columns an unfolded input patch multiplies;
+- one expert of a fused MoE parameter (`fastprune.experts.ExpertProjection`): its slice
+  `[out, in]`, or `[in, out]` where the model stores experts transposed (gpt-oss).
 
 Used by the model pipeline and by the drop-in adapters (`fastprune.compat`). Nothing here
 imports transformers: a Conv1D layer can only exist once transformers is imported.
@@ -17,7 +19,10 @@ import sys
 import torch
 from torch import nn
 
-LAYER_KINDS = ("linear", "conv1d", "conv2d")
+from .experts import ExpertProjection
+
+LAYER_KINDS = ("linear", "conv1d", "conv2d", "expert", "expert_t")
+_TRANSPOSED = ("conv1d", "expert_t")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -48,6 +53,8 @@ def layer_kind(layer: object) -> str:
         return "conv2d"
     if isinstance(layer, nn.Module) and is_conv1d(layer):
         return "conv1d"
+    if isinstance(layer, ExpertProjection):
+        return "expert_t" if layer.transposed else "expert"
     raise TypeError(
         f"layer must be an nn.Linear, nn.Conv2d or transformers Conv1D, got {type(layer).__name__}"
     )
@@ -58,7 +65,7 @@ def as_matrix(t: torch.Tensor, kind: str) -> torch.Tensor:
     `[rows, cols]`: a view."""
     if kind == "conv2d":
         return t.flatten(1)
-    if kind == "conv1d":
+    if kind in _TRANSPOSED:
         return t.t()
     return t
 
@@ -72,7 +79,7 @@ def get_weight(module: nn.Module, kind: str | None = None) -> torch.Tensor:
 def to_layer_layout(W: torch.Tensor, module: nn.Module, kind: str | None = None) -> torch.Tensor:
     """A `[rows, cols]` matrix back in `module.weight`'s shape and dtype (not written)."""
     kind = kind or layer_kind(module)
-    if kind == "conv1d":
+    if kind in _TRANSPOSED:
         W = W.t()
     return W.reshape(module.weight.shape).to(module.weight.dtype)
 

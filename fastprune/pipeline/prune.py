@@ -13,11 +13,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..block_layers import check_selection, count_block_zeros, find_block_layers
+from ..experts import check_moe_calibration
 from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
 from ..methods import composed, get_method
-from ..models import check_selection, find_blocks, find_linears, model_device
+from ..models import find_blocks, model_device
 from ..validation import check_int, check_pattern, check_sparsity
 from .allocation import (
     OWL_LAMBDA,
@@ -74,10 +76,12 @@ def prune_model(
     allocation: str = "uniform",
     owl_threshold: float = OWL_THRESHOLD,
     owl_lambda: float = OWL_LAMBDA,
+    moe_calibration: str = "routed",
     progress: bool = True,
     **method_options,
 ) -> PruneReport:
-    """Prune every linear layer of the decoder blocks of `model` in place; return a report.
+    """Prune every linear layer (and every expert of MoE blocks) of the decoder blocks of
+    `model` in place; return a report.
 
     calibration: LongTensor `[nsamples, seqlen]` of token ids (used as given), or text to
         tokenize with `tokenizer` and sample `nsamples` windows of `seqlen` from (seeded by
@@ -101,7 +105,14 @@ def prune_model(
     hessian_precision: "auto" (tensor cores with float32 accumulation for a float16/bfloat16
         model on a GPU, else the reference's float32 arithmetic), "exact" (always the
         reference's) or "fast"; see `fastprune.hessian`.
-    targets / ignore: glob patterns on linear names inside a block (`self_attn.*`, `q_proj`).
+    targets / ignore: glob patterns on layer names inside a block (`self_attn.*`, `q_proj`,
+        `mlp.experts.down_proj`). Every matrix of a block is pruned, left dense by a rule
+        (MoE routers, expert bias tables) or by targets/ignore; any other is an error naming
+        it (see `fastprune.block_layers`). The report lists what stayed dense and why.
+    moe_calibration: "routed" (each expert's Hessian from the tokens the router sends it,
+        normalised by their count) or "all" (every token through every expert, for the
+        Hessians only). An expert that receives no token is pruned with `H = I`, i.e. by
+        weight magnitude under the method's own selection, with a warning.
     blocks: module path of the decoder block list when auto-detection is not wanted.
     offload_activations: keep the calibration activations on CPU (True), on `device`
         (False), or decide by free memory (None).
@@ -151,9 +162,16 @@ def prune_model(
         home = model_device(model)
         dev = _check_device(device, home)
         blocks_path, block_list = find_blocks(model, blocks)
+        moe_calibration = check_moe_calibration(moe_calibration)
         kinds = block_kinds(model, len(block_list))
         check_selection(block_list, targets, ignore)
-        per_block = [find_linears(b, targets, ignore) for b in block_list]
+        layouts = [
+            find_block_layers(b, targets, ignore, f"{blocks_path}.{i}")
+            for i, b in enumerate(block_list)
+        ]
+        if not any(bl.layers for bl in layouts):
+            raise ValueError("targets/ignore leave no layer to prune")
+        per_block = [bl.layers for bl in layouts]
         for i, lins in enumerate(per_block):
             for name, mod in lins.items():
                 try:
@@ -283,12 +301,14 @@ def prune_model(
         `LayerReport` (of those rows)."""
         full = f"{blocks_path}.{i}.{name}"
         W = get_weight(mod).detach()
-        H = lead = hinv = None
+        H = lead = hinv = tokens = None
         if hooks is not None:
             lead = hooks.leader.get(name)
             if lead is None:
                 raise RuntimeError(f"{full} was never called in the block's forward")
             H = hooks.acc[lead].H
+            if name in hooks.tokens:  # an expert: the tokens its H was built from
+                tokens = hooks.acc[lead].nsamples
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
         # its own layer's permutation (from |W|), so it has no inverse to share.
         if meth.shares_inverse and H is not None:
@@ -304,8 +324,12 @@ def prune_model(
         else:
             with torch.no_grad():
                 W[rows].copy_(r.weight)
-        return _layer_report(i, name, W if rows is None else W[rows], method, r, lead)
+        lr = _layer_report(i, name, W if rows is None else W[rows], method, r, lead)
+        if tokens is not None:
+            lr.info["tokens"] = int(tokens)
+        return lr
 
+    untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
     bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
     try:
         for i, block in bar:
@@ -316,7 +340,9 @@ def prune_model(
                 block_home = next(block.parameters()).device
                 block.to(dev)
                 if acts is not None:
-                    hooks = _HessianHooks(lins, dev, hessian_precision)
+                    hooks = _HessianHooks(
+                        block, layouts[i], dev, hessian_precision, moe_calibration
+                    )
                     try:
                         _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
                     finally:
@@ -325,6 +351,8 @@ def prune_model(
             inverses = {}
             solve = functools.partial(solve_layer, i, hooks, inverses)
             if comm is None:
+                if hooks is not None:
+                    untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks))
                 done = [solve(name, mod) for name, mod in lins.items()]
             else:
                 lead_of = {} if hooks is None else hooks.leader
@@ -332,6 +360,7 @@ def prune_model(
                 parts_of = comm.plan(lins, lead_of, meth.shares_inverse, separable)
                 if hooks is not None:
                     comm.reduce_hessians(hooks, parts_of)
+                    untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks))
                 if partial_G:
                     full = {f"{blocks_path}.{i}.{k}": ps for k, ps in parts_of.items()}
                     comm.reduce_gradients(G, full, opts["norm"])
@@ -355,8 +384,20 @@ def prune_model(
     params = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
     pruned = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
     report.achieved_sparsity = pruned / max(1, params)
+    zeros, matrices = count_block_zeros(block_list)
+    report.block_sparsity = zeros / max(1, matrices)
     losses = [lr.loss for lr in report.layers if lr.loss is not None]
     totals.update(params=params, layers=len(report.layers), blocks_path=blocks_path)
+    totals.update(block_params=matrices, block_zeros=zeros)
+    if any(bl.is_expert(k) for bl in layouts for k in bl.layers):
+        totals["moe_calibration"] = moe_calibration
+    report.dense = [
+        {"name": f"{i}.{d.name}", "shape": list(d.shape), "reason": d.reason}
+        for i, bl in enumerate(layouts)
+        for d in bl.dense
+    ]
+    if untouched:
+        totals["experts_without_tokens"] = untouched
     if losses:
         totals["loss"] = float(sum(losses))
     if comm is not None:
@@ -365,6 +406,25 @@ def prune_model(
     report.totals = totals
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _identity_for_unrouted(hooks) -> list[str]:
+    """Expert Hessians no calibration token reached (`nsamples == 0`, over every rank) become
+    the identity, so each method prunes such an expert by weight magnitude under its own
+    selection rule and updates nothing; returns their names (warned)."""
+    out = []
+    for name, acc in hooks.acc.items():
+        if name in hooks.tokens and acc.nsamples == 0:
+            out.append(name)
+            if acc.H is not None:
+                acc.H = torch.eye(acc.cols, dtype=acc.H.dtype, device=acc.H.device)
+    if out:
+        logger.warning(
+            "%d expert layer(s) received no calibration token (%s%s): pruned with H = I, by "
+            "weight magnitude; more calibration samples or moe_calibration='all' avoid this",
+            len(out), ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
+        )  # fmt: skip
+    return out
 
 
 def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> LayerReport:

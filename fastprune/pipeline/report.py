@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from ..block_layers import layer_kind_name
+
 
 @dataclass
 class LayerReport:
@@ -33,8 +35,10 @@ class PruneReport:
     seqlen: int
     device: str
     seconds: float = 0.0
-    achieved_sparsity: float = 0.0
+    achieved_sparsity: float = 0.0  # over the pruned layers
+    block_sparsity: float = 0.0  # zeros over every matrix of the decoder blocks
     layers: list[LayerReport] = field(default_factory=list)
+    dense: list[dict] = field(default_factory=list)  # matrices left dense: name, shape, reason
     totals: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -44,11 +48,12 @@ class PruneReport:
         return _jsonable(d)
 
     def by_kind(self) -> list[dict]:
-        """Aggregates per layer kind (`self_attn.q_proj`, ...), in first-seen order."""
+        """Aggregates per layer kind (`self_attn.q_proj`, `mlp.experts.down_proj` over all
+        experts, ...), in first-seen order."""
         rows: dict[str, dict] = {}
         for lr in self.layers:
             r = rows.setdefault(
-                lr.name.split(".", 1)[1] if "." in lr.name else lr.name,
+                _kind(lr.name),
                 {"layers": 0, "params": 0, "pruned": 0.0, "loss": 0.0, "seconds": 0.0},
             )
             n = lr.shape[0] * lr.shape[1]
@@ -69,7 +74,7 @@ class PruneReport:
         ]
         shapes = {}
         for lr in self.layers:
-            shapes.setdefault(lr.name.split(".", 1)[-1], f"{lr.shape[0]}x{lr.shape[1]}")
+            shapes.setdefault(_kind(lr.name), f"{lr.shape[0]}x{lr.shape[1]}")
         for r in self.by_kind():
             lines.append(
                 f"{r['kind']:<24} {r['layers']:>3} {shapes.get(r['kind'], ''):>12} "
@@ -79,11 +84,15 @@ class PruneReport:
         lines.append(
             f"{self.method} {self.pattern} target sparsity {self.sparsity:.2f}: achieved "
             f"{self.achieved_sparsity:.4f} over {t.get('params', 0):,} weights in "
-            f"{len(self.layers)} layers; {self.seconds:.1f}s on {self.device} "
+            f"{len(self.layers)} layers ({self.block_sparsity:.4f} over all "
+            f"{t.get('block_params', 0):,} matrix entries of the blocks); "
+            f"{self.seconds:.1f}s on {self.device} "
             f"(solve {t.get('solve_seconds', 0):.1f}s, forward {t.get('forward_seconds', 0):.1f}s"
             + (f", gradients {t['gradient_seconds']:.1f}s" if "gradient_seconds" in t else "")
             + ")"
         )
+        lines.extend(self._dense_lines())
+        lines.extend(self._expert_lines())
         if t.get("hessian_seconds"):
             lines.append(
                 f"time: capture {t.get('capture_seconds', 0):.1f}s, forwards with Hessians "
@@ -109,6 +118,37 @@ class PruneReport:
             lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
         return "\n".join(lines)
 
+    def _dense_lines(self) -> list[str]:
+        """What stayed dense, grouped by matrix kind and reason."""
+        groups: dict[tuple[str, str], list] = {}
+        for d in self.dense:
+            g = groups.setdefault((_kind(d["name"]), d["reason"]), [0, 0])
+            g[0] += 1
+            g[1] += math.prod(d["shape"])
+        if not groups:
+            return []
+        parts = [f"{k} x{c} ({why}, {n:,} weights)" for (k, why), (c, n) in groups.items()]
+        return ["left dense: " + "; ".join(parts)]
+
+    def _expert_lines(self) -> list[str]:
+        """Calibration tokens per expert layer kind: min / median / max, and experts without."""
+        per: dict[str, list[int]] = {}
+        for lr in self.layers:
+            if "tokens" in lr.info:
+                per.setdefault(_kind(lr.name), []).append(int(lr.info["tokens"]))
+        lines = []
+        for k, ts in per.items():
+            ts = sorted(ts)
+            none = sum(1 for t in ts if t == 0)
+            lines.append(
+                f"experts {k}: {len(ts)} layers, calibration tokens per expert min {ts[0]} / "
+                f"median {ts[len(ts) // 2]} / max {ts[-1]}"
+                + (f"; {none} without tokens (pruned with H = I)" if none else "")
+            )
+        if lines:
+            lines[0] += f" [moe_calibration={self.totals.get('moe_calibration', 'routed')}]"
+        return lines
+
     def kernels(self) -> dict[str, str]:
         """{op: implementations that ran it in any layer} (from each layer's info)."""
         seen: dict[str, list[str]] = {}
@@ -117,6 +157,11 @@ class PruneReport:
                 names = seen.setdefault(op, [])
                 names.extend(n for n in impl.split("+") if n not in names)
         return {op: "+".join(names) for op, names in seen.items()}
+
+
+def _kind(name: str) -> str:
+    """A report name (`3.mlp.experts.down_proj[7]`) without block and expert index."""
+    return layer_kind_name(name.split(".", 1)[1] if "." in name else name)
 
 
 def _jsonable(x):

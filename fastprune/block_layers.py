@@ -1,0 +1,226 @@
+"""What the pipeline does with every matrix of a decoder block: prune it, or leave it dense
+for a stated reason. Nothing with two or more dimensions is skipped silently.
+
+The layers pruned are linears (and GPT-2's Conv1D) and, in MoE blocks, each expert's slice of
+a fused 3-D expert parameter (`mlp.experts.gate_up_proj[3]`, see `fastprune.experts`). Left
+dense by rule: routers (`mlp.gate`, `mlp.router`, Qwen2-MoE's `shared_expert_gate`) and
+per-expert bias tables; left dense by the user: whatever `ignore` matches or `targets` does
+not. A matrix no rule covers is an error that names it and the `ignore` pattern that would
+leave it dense.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .experts import ExpertProjection, expert_list_parent, fused_experts
+from .layers import is_conv1d
+
+_INDEXED = re.compile(r"^(.*)\.([A-Za-z_0-9]+)\[(\d+)\]$")
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def patterns(value, name: str) -> list[str] | None:
+    """`targets` / `ignore` as a list of glob patterns (None when not given)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings (glob patterns)")
+    if not value:
+        raise ValueError(f"{name} is empty")
+    return list(value)
+
+
+def matches(pats: list[str], rel: str) -> bool:
+    """A glob pattern matches a name relative to the block (`mlp.experts.down_proj`) or its
+    last part (`down_proj`)."""
+    leaf = rel.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(leaf, p) for p in pats)
+
+
+def router_reason(block: nn.Module, path: str, module: nn.Module) -> str | None:
+    """Why `module` (at `path` in `block`) is an MoE router, never pruned by default; None if
+    it is not one: a `shared_expert_gate`, a module whose class is a router, or a `gate` /
+    `router` beside an `experts` module."""
+    parent_path, _, leaf = path.rpartition(".")
+    if leaf == "shared_expert_gate":
+        return "shared-expert gate (a router)"
+    if "router" in type(module).__name__.lower():
+        return "router"
+    if leaf in ("gate", "router"):
+        parent = block.get_submodule(parent_path) if parent_path else block
+        if hasattr(parent, "experts"):
+            return "router"
+    return None
+
+
+@dataclass
+class DenseMatrix:
+    name: str  # the parameter, relative to the block (`mlp.gate.weight`)
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class BlockLayers:
+    """One decoder block's layers to prune (name -> nn.Module or `ExpertProjection`, in
+    module order) and every other matrix of the block with the reason it stays dense."""
+
+    layers: dict[str, object] = field(default_factory=dict)
+    dense: list[DenseMatrix] = field(default_factory=list)
+    # linears inside an nn.ModuleList of experts -> that list's path (called on routed tokens)
+    expert_lists: dict[str, str] = field(default_factory=dict)
+
+    def is_expert(self, name: str) -> bool:
+        return name in self.expert_lists or isinstance(self.layers.get(name), ExpertProjection)
+
+
+@dataclass
+class _Candidate:
+    name: str  # what targets / ignore match: `self_attn.q_proj`, `mlp.experts.gate_up_proj`
+    params: tuple[str, ...]  # the block parameters it covers
+    layers: dict[str, object]
+
+
+def _survey(block: nn.Module):
+    """(candidates to prune, {param: dense reason} by rule, every matrix {param: shape})."""
+    matrices = {n: tuple(p.shape) for n, p in block.named_parameters() if p.dim() >= 2}
+    cands: list[_Candidate] = []
+    ruled: dict[str, str] = {}
+    for path, mod in block.named_modules():
+        if not path:
+            continue
+        why = router_reason(block, path, mod)
+        if why is not None:
+            for pn, p in mod.named_parameters():
+                if p.dim() >= 2:
+                    ruled[f"{path}.{pn}"] = why
+            continue
+        fx = fused_experts(mod)
+        if fx is not None:
+            for proj in fx.projections:
+                name = f"{path}.{proj}"
+                layers = {
+                    f"{name}[{e}]": ExpertProjection(fx, proj, e) for e in range(fx.num_experts)
+                }
+                cands.append(_Candidate(name, (name,), layers))
+                if fx.bias(proj) is not None and fx.bias(proj).dim() >= 2:
+                    ruled[f"{name}_bias"] = "expert biases"
+            continue
+        if is_prunable(mod):
+            cands.append(_Candidate(path, (f"{path}.weight",), {path: mod}))
+    # a router's own parameters are not also a linear candidate
+    cands = [c for c in cands if not any(p in ruled for p in c.params)]
+    return cands, ruled, matrices
+
+
+def _names(block: nn.Module) -> list[str]:
+    """Every name `targets` / `ignore` can match in `block`."""
+    cands, ruled, matrices = _survey(block)
+    covered = {p for c in cands for p in c.params} | set(ruled)
+    out = [c.name for c in cands]
+    for p in matrices:
+        if p not in covered:
+            out.extend([p, p.rpartition(".")[0]])
+    return out
+
+
+def find_block_layers(
+    block: nn.Module, targets=None, ignore=None, where: str = "block"
+) -> BlockLayers:
+    """Account for every matrix of `block`: the layers to prune and the rest left dense with
+    its reason. `targets` / `ignore`: glob patterns on names relative to the block
+    (`self_attn.q_proj`, `mlp.experts.down_proj`) or their last part (`q_proj`). A matrix
+    that is neither a layer nor covered by a rule nor ignored raises `ValueError` naming it
+    (`where` says which block)."""
+    targets = patterns(targets, "targets")
+    ignore = patterns(ignore, "ignore")
+    cands, ruled, matrices = _survey(block)
+    out = BlockLayers()
+    covered: set[str] = set()
+    for c in cands:
+        covered.update(c.params)
+        reason = None
+        if ignore is not None and matches(ignore, c.name):
+            reason = "ignored (ignore=)"
+        elif targets is not None and not matches(targets, c.name):
+            reason = "not in targets="
+        if reason is not None:
+            out.dense.extend(DenseMatrix(p, matrices[p], reason) for p in c.params)
+            continue
+        out.layers.update(c.layers)
+        for name in c.layers:
+            parent = expert_list_parent(name)
+            if parent is not None:
+                out.expert_lists[name] = parent
+    for p, why in ruled.items():
+        if p in matrices:
+            covered.add(p)
+            out.dense.append(DenseMatrix(p, matrices[p], why))
+    for p, shape in matrices.items():
+        if p in covered:
+            continue
+        owner = p.rpartition(".")[0]
+        if ignore is not None and (matches(ignore, p) or (owner and matches(ignore, owner))):
+            out.dense.append(DenseMatrix(p, shape, "ignored (ignore=)"))
+            continue
+        raise ValueError(
+            f"{where}: parameter {p} {list(shape)} is neither a linear layer, an expert "
+            f"projection nor a router, and fastprune has no rule for it; leave it dense with "
+            f"ignore=['{p}'] (--ignore {p})"
+        )
+    return out
+
+
+def check_selection(blocks: nn.ModuleList, targets=None, ignore=None) -> None:
+    """Every `targets` / `ignore` pattern must match some layer or matrix of some block
+    (typo protection), and something must remain to prune."""
+    names = sorted({n for b in blocks for n in _names(b)})
+    for arg, value in (("targets", targets), ("ignore", ignore)):
+        for p in patterns(value, arg) or []:
+            if not any(matches([p], n) for n in names):
+                raise ValueError(
+                    f"{arg} pattern {p!r} matches no layer of the blocks; they are: "
+                    f"{', '.join(names)}"
+                )
+
+
+def resolve_layer(block: nn.Module, rel: str):
+    """The layer a report names inside `block`: a module (`self_attn.q_proj`) or an expert's
+    slice of a fused parameter (`mlp.experts.gate_up_proj[3]`)."""
+    m = _INDEXED.match(rel)
+    if m is None:
+        return block.get_submodule(rel)
+    path, proj, e = m.group(1), m.group(2), int(m.group(3))
+    fx = fused_experts(block.get_submodule(path))
+    if fx is None or proj not in fx.projections or not 0 <= e < fx.num_experts:
+        raise ValueError(f"{rel}: no such expert projection in the block")
+    return ExpertProjection(fx, proj, e)
+
+
+def layer_kind_name(rel: str) -> str:
+    """A layer's name without its expert index: what the report groups by."""
+    m = _INDEXED.match(rel)
+    return rel if m is None else f"{m.group(1)}.{m.group(2)}"
+
+
+@torch.no_grad()
+def count_block_zeros(blocks: nn.ModuleList) -> tuple[int, int]:
+    """(zeros, entries) over every matrix (parameter with 2+ dimensions) of the blocks."""
+    zeros = total = 0
+    for b in blocks:
+        for p in b.parameters():
+            if p.dim() >= 2:
+                zeros += int((p == 0).sum().item())
+                total += p.numel()
+    return zeros, total

@@ -1,0 +1,198 @@
+"""Mixture-of-experts layers: fused expert parameters and the tokens each expert sees.
+
+transformers 5 stores the experts of an MoE block as 3-D parameters of one module
+(`mlp.experts.gate_up_proj [E, 2I, H]`, `mlp.experts.down_proj [E, H, I]`; gpt-oss stores
+them transposed, `[E, H, 2I]` / `[E, I, H]`, with biases and its own gate/up layout), called
+as `experts(hidden [T, H], top_k_index [T, k], top_k_weights [T, k])`. Each expert's matrix is
+a layer of its own here (`ExpertProjection`), and its calibration inputs are recomputed from
+the call's arguments: the tokens routed to it for the input projections, and the expert's own
+intermediate activations (through the module's gating) for `down_proj`. This holds whichever
+`experts_implementation` runs the forward, since it reads only the call's arguments and the
+weights.
+
+Older and remote code keeps experts as an `nn.ModuleList` of ordinary MLPs named `experts`:
+those linears are hooked as they are called, on exactly their routed tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+MOE_CALIBRATIONS = ("routed", "all")
+# 3-D parameters of a fused experts module: the projections fed the block's hidden states,
+# and the one fed the experts' intermediate activations
+INPUT_PROJECTIONS = ("gate_up_proj", "gate_proj", "up_proj")
+OUTPUT_PROJECTION = "down_proj"
+
+
+def check_moe_calibration(value: object, name: str = "moe_calibration") -> str:
+    if value not in MOE_CALIBRATIONS:
+        raise ValueError(f"{name} must be one of {', '.join(MOE_CALIBRATIONS)}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """The layout of a fused experts module: which 3-D parameters it has and how they are
+    oriented (`transposed`: stored `[E, in, out]` instead of `[E, out, in]`)."""
+
+    module: nn.Module
+    num_experts: int
+    inputs: tuple[str, ...]  # projections of the hidden states, in the module's order
+    transposed: bool
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.inputs, OUTPUT_PROJECTION)
+
+    @property
+    def intermediate(self) -> int:
+        """The width of `down_proj`'s input."""
+        down = getattr(self.module, OUTPUT_PROJECTION)
+        return down.shape[1] if self.transposed else down.shape[2]
+
+    def bias(self, proj: str) -> torch.Tensor | None:
+        b = getattr(self.module, f"{proj}_bias", None)
+        return b if isinstance(b, torch.Tensor) and getattr(self.module, "has_bias", True) else None
+
+
+def _param3(module: nn.Module, name: str) -> torch.Tensor | None:
+    p = module._parameters.get(name)
+    return p if p is not None and p.dim() == 3 else None
+
+
+def fused_experts(module: nn.Module) -> FusedExperts | None:
+    """The module's fused-expert layout, or None if it is not a fused experts module (one
+    holding a 3-D `down_proj` and 3-D input projections of the same expert count)."""
+    down = _param3(module, OUTPUT_PROJECTION)
+    if down is None:
+        return None
+    inputs = tuple(n for n in INPUT_PROJECTIONS if _param3(module, n) is not None)
+    if not inputs or "gate_up_proj" in inputs and len(inputs) > 1:
+        return None
+    first = _param3(module, inputs[0])
+    if any(_param3(module, n).shape[0] != down.shape[0] for n in inputs):
+        return None
+    transposed = getattr(module, "is_transposed", None)
+    if transposed is None:  # [E, out, in] feeds down_proj [E, H, I]; transposed [E, I, H]
+        if first.shape[2] == down.shape[1] and first.shape[2] != down.shape[2]:
+            transposed = False
+        elif first.shape[1] == down.shape[2] and first.shape[1] != down.shape[1]:
+            transposed = True
+        else:
+            transposed = False
+    return FusedExperts(module, int(down.shape[0]), inputs, bool(transposed))
+
+
+class ExpertProjection:
+    """One expert's matrix inside a fused 3-D parameter, as a layer: `weight` is a view of the
+    parameter's slice in its own layout; `layers.get_weight` orients it `[out, in]`."""
+
+    def __init__(self, experts: FusedExperts, proj: str, index: int):
+        self.experts = experts
+        self.proj = proj
+        self.index = index
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts.module, self.proj)[self.index]
+
+    @property
+    def transposed(self) -> bool:
+        return self.experts.transposed
+
+    def __repr__(self) -> str:
+        return f"ExpertProjection({self.proj}[{self.index}])"
+
+
+def expert_call_inputs(module: nn.Module, args: tuple, kwargs: dict):
+    """`(hidden [T, H], top_k_index [T, k])` of a call `experts(hidden, top_k_index, ...)`,
+    positional or by keyword (gpt-oss names them `router_indices`)."""
+    if len(args) >= 2:
+        return args[0], args[1]
+    params = list(inspect.signature(module.forward).parameters)
+    bound = dict(zip(params, args))
+    bound.update(kwargs)
+    try:
+        return bound[params[0]], bound[params[1]]
+    except (KeyError, IndexError):
+        raise RuntimeError(
+            f"could not read the hidden states and expert indices of a call to "
+            f"{type(module).__name__}"
+        ) from None
+
+
+def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """For each expert, the indices of the tokens routed to it (ascending), from the router's
+    `[T, k]` choices; indices outside `[0, E)` (expert-parallel sentinels) route nowhere."""
+    idx = top_k_index.reshape(top_k_index.shape[0], -1)
+    tok = torch.arange(idx.shape[0], device=idx.device).unsqueeze(1).expand_as(idx).reshape(-1)
+    e = idx.reshape(-1)
+    keep = (e >= 0) & (e < num_experts)
+    e, tok = e[keep], tok[keep]
+    order = torch.argsort(e * idx.shape[0] + tok)
+    counts = torch.bincount(e, minlength=num_experts).tolist()
+    return list(torch.split(tok[order], counts))
+
+
+def _linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, transposed: bool):
+    y = x @ W if transposed else F.linear(x, W)
+    return y if b is None else y + b
+
+
+def expert_intermediate(fx: FusedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+    """Expert `e`'s input to `down_proj` for hidden states `x [n, H]`: its input
+    projection(s), bias and the module's own gating (`_apply_gate`, gpt-oss's clamped and
+    interleaved GLU included), in the model's dtype, as the forward computes them."""
+    mod = fx.module
+    outs = [
+        _linear(x, getattr(mod, p)[e], None if fx.bias(p) is None else fx.bias(p)[e], fx.transposed)
+        for p in fx.inputs
+    ]
+    if fx.inputs == ("gate_up_proj",):
+        h = outs[0]
+        gate = getattr(mod, "_apply_gate", None)
+        if gate is not None:
+            return gate(h)
+        act = getattr(mod, "act_fn", None)
+        if act is None:
+            raise RuntimeError(
+                f"{type(mod).__name__} has a fused gate_up_proj but neither _apply_gate nor "
+                "act_fn: its intermediate activations are unknown (ignore its projections)"
+            )
+        g, u = h.chunk(2, dim=-1)
+        return act(g) * u
+    act = getattr(mod, "act_fn", None)
+    if act is None:
+        raise RuntimeError(f"{type(mod).__name__} has no act_fn: its activations are unknown")
+    if len(outs) == 2:  # separate gate_proj and up_proj
+        return act(outs[0]) * outs[1]
+    return act(outs[0])  # up_proj only: no gate
+
+
+def expert_list_parent(path: str) -> str | None:
+    """For a linear inside an `nn.ModuleList` named `experts` (`mlp.experts.3.w1`), the path
+    of that list (`mlp.experts`); else None."""
+    parts = path.split(".")
+    for i in range(len(parts) - 1):
+        if parts[i] == "experts" and parts[i + 1].isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
+__all__ = [
+    "ExpertProjection",
+    "FusedExperts",
+    "MOE_CALIBRATIONS",
+    "check_moe_calibration",
+    "expert_call_inputs",
+    "expert_intermediate",
+    "expert_list_parent",
+    "fused_experts",
+    "routed_tokens",
+]
