@@ -234,6 +234,10 @@ def _prune(args: argparse.Namespace) -> int:
 
     check_prune_args(args)
     resolve_model(args.model)  # unknown model: fail before the slow part
+    if args.targets or args.ignore:  # patterns that match nothing: fail before the load too
+        from .models import check_selection, find_blocks, model_skeleton
+
+        check_selection(find_blocks(model_skeleton(args.model))[1], args.targets, args.ignore)
     if args.nproc > 1 and not launched():
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError(
@@ -313,6 +317,7 @@ def _prune_here(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         hessian_precision=args.hessian_precision,
+        moe_calibration=args.moe_calibration,
         allocation=args.allocation,
         owl_threshold=args.owl_threshold,
         owl_lambda=args.owl_lambda,
@@ -525,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="auto: tensor cores (float32 accumulation) for half-precision models on a GPU, "
         "else the reference's float32 arithmetic; exact: always the reference's",
+    )
+    q.add_argument(
+        "--moe-calibration",
+        choices=["routed", "all"],
+        default="routed",
+        help="MoE experts' Hessians: routed (the tokens the router sends each expert) or all "
+        "(every token through every expert; the block's output still follows the router)",
     )
     q.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune")
     q.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to skip")

@@ -167,6 +167,21 @@ def load_model(name: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float
     return model, tok
 
 
+def model_skeleton(name: str) -> nn.Module:
+    """The model `name` built from its config alone on the meta device (no weights read):
+    enough to check layer names before the slow load."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = resolve_model(name)
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        cfg = AutoConfig.from_pretrained(src.path, **kw)
+    except OSError as e:
+        raise ValueError(f"could not read the config of model {name!r}: {e}") from e
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg)
+
+
 def tie_gguf_output(model: nn.Module, gguf_path: Path) -> None:
     """A GGUF without an `output.weight` tensor ties the LM head to the token embeddings;
     transformers before ~4.48 leaves such a head randomly initialised, so tie it here."""

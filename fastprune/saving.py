@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .block_layers import count_block_zeros, resolve_layer
 from .models import dtype_kwarg, find_blocks, forget_gguf_origin, get_weight, model_device
 from .pipeline import PruneReport, check_model_sparsity
 
@@ -48,11 +49,21 @@ def verify_saved(
     _, theirs = find_blocks(loaded, path)
     for lr in report.layers:
         rel = lr.name.split(".", 1)[1]
-        a = get_weight(mine[lr.block].get_submodule(rel)).detach().cpu()
-        b = get_weight(theirs[lr.block].get_submodule(rel)).detach().cpu()
+        a = get_weight(resolve_layer(mine[lr.block], rel)).detach().cpu()
+        b = get_weight(resolve_layer(theirs[lr.block], rel)).detach().cpu()
         if a.shape != b.shape or not torch.equal(a, b):
             raise ValueError(f"saved weight {path}.{lr.name} differs from the pruned model")
     counts = check_model_sparsity(loaded, report, path)
+    zeros, entries = count_block_zeros(theirs)
+    if "block_zeros" in report.totals and (zeros, entries) != (
+        report.totals["block_zeros"],
+        report.totals["block_params"],
+    ):
+        raise ValueError(
+            f"the reloaded blocks hold {zeros:,} zeros in {entries:,} matrix entries; the "
+            f"pruned model {report.totals['block_zeros']:,} in {report.totals['block_params']:,}"
+        )
+    counts["block_sparsity"] = zeros / max(1, entries)
     out = {"reloaded": str(directory), **counts, "max_logit_diff": None}
     if sample_ids is not None:
         x = sample_ids.reshape(1, -1) if sample_ids.dim() == 1 else sample_ids

@@ -32,9 +32,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp_mp
-from pipeline_helpers import calib_ids, tiny_model
+from pipeline_helpers import MOE_FAMILIES, calib_ids, tiny_model, tiny_moe_model
 
 from fastprune import prune_model
+from fastprune.block_layers import find_block_layers
 from fastprune.layers import get_weight
 from fastprune.models import find_blocks, find_linears
 from fastprune.pipeline.distributed import (
@@ -62,6 +63,9 @@ CASES = (
     + [("qwen2", meth, n, m, 1) for meth, n, m in (("sparsegpt", 2, 4), ("gblm-l1", 0, 0))]
     + [("qwen2", "sparseswaps", 0, 0, 1), ("qwen2", "wanda", 2, 4, 1)]
     + [("llama", "fastprune", 0, 0, 1), ("llama", "fastprune", 2, 4, 1)]  # OWL; N:M uniform
+    # MoE: every expert a unit of the plan, its Hessian summed over both ranks' routed tokens
+    + [("mixtral", "sparsegpt", 0, 0, 1), ("gpt_oss", "gblm", 0, 0, 1)]
+    + [("qwen2_moe", "wanda", 2, 4, 1), ("deepseek_v3", "rose", 0, 0, 1)]
 )
 # the same, with every layer's rows split across the ranks (FASTPRUNE_ROW_SPLIT=always) for
 # the methods whose rows are solved independently; GPT-2 has Conv1D ([in, out]) weights
@@ -74,6 +78,7 @@ SPLIT_CASES = [
     ("qwen2", "split-wanda+rec", 2, 4, 1),
     ("gpt2", "split-rose", 2, 4, 1),  # the column order of the whole layer on each rank
     ("llama", "split-fastprune", 2, 4, 1),  # ROSE, swaps, reconstruct="best_rows"
+    ("olmoe", "split-sparsegpt", 2, 4, 1),
 ]
 
 
@@ -87,7 +92,7 @@ def _pruned_weights(model) -> dict[str, torch.Tensor]:
     return {
         f"{path}.{i}.{k}": get_weight(mod).detach().clone()
         for i, b in enumerate(blocks)
-        for k, mod in find_linears(b).items()
+        for k, mod in find_block_layers(b).layers.items()
     }
 
 
@@ -111,7 +116,7 @@ def _options(meth: str) -> tuple[str, dict]:
 
 def _run(case, progress=False):
     fam, meth, n, m, bs = case
-    model = tiny_model(fam)
+    model = tiny_moe_model(fam) if fam in MOE_FAMILIES else tiny_model(fam)
     calib = None if meth.endswith("magnitude") else calib_ids(NSAMPLES)
     name, opts = _options(meth)
     report = prune_model(model, calib, name, 0.5, n, m, batch_size=bs, progress=progress, **opts)

@@ -17,6 +17,7 @@ import torch
 
 from ..layers import get_weight
 from .capture import _capture, _run_block, _to
+from .hessian_hooks import _InputHooks
 
 ALLOCATIONS = ("uniform", "owl")
 OWL_THRESHOLD = 5.0  # OWL's M: an outlier scores above M x its block's mean
@@ -57,11 +58,38 @@ def owl_block_sparsities(
     return out
 
 
+class _SumSquares(_InputHooks):
+    """Each input group's `sum_t x_tj^2` per input channel (float64), Wanda's scaler
+    before normalisation; an expert's over the tokens it receives."""
+
+    def __init__(self, block, bl, moe_calibration="routed"):
+        self.sumsq: dict[str, torch.Tensor] = {}
+        super().__init__(block, bl, moe_calibration)
+        for name in bl.expert_lists:  # present on every rank, called or not
+            cols = get_weight(bl.layers[name]).shape[1]
+            self.sumsq[name] = torch.zeros(cols, dtype=torch.float64)
+
+    def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
+        s = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+        self.sumsq[name] = s if name not in self.sumsq else self.sumsq[name].to(s.device) + s
+
+
 @torch.no_grad()
 def outlier_ratios(
-    model, block_list, per_block, kinds, calib, batch_size, device, offload, threshold, comm=None
+    model,
+    block_list,
+    layouts,
+    kinds,
+    calib,
+    batch_size,
+    device,
+    offload,
+    threshold,
+    comm=None,
+    moe_calibration="routed",
 ) -> list[float]:
-    """Each block's fraction of Wanda-score outliers (above `threshold` x the block's mean),
+    """Each block's fraction of Wanda-score outliers (above `threshold` x the block's mean)
+    over all its pruned layers (every expert included; `layouts`: `BlockLayers` per block),
     from one dense pass over `calib` (reduced over ranks when `comm` is given)."""
     acts = _capture(model, block_list, kinds, calib, batch_size, device, offload)
     arg_sets = [(_to(a, device), _to(k, device)) for a, k in acts.arg_sets]
@@ -69,26 +97,12 @@ def outlier_ratios(
     for i, block in enumerate(block_list):
         home = next(block.parameters()).device
         block.to(device)
-        sumsq: dict[str, torch.Tensor] = {}
-
-        def hook_for(name, sumsq=sumsq):
-            def hook(_mod, args, kwargs):
-                x = args[0] if args else kwargs["input"]
-                x = x.detach().reshape(-1, x.shape[-1]).double()
-                s = x.pow(2).sum(0)
-                sumsq[name] = s if name not in sumsq else sumsq[name] + s
-
-            return hook
-
-        handles = [
-            m.register_forward_pre_hook(hook_for(k), with_kwargs=True)
-            for k, m in per_block[i].items()
-        ]
+        hooks = _SumSquares(block, layouts[i], moe_calibration)
         try:
-            _run_block(block, acts, batch_size, device, arg_sets, kinds[i])
+            _run_block(block, acts, batch_size, device, arg_sets, kinds[i], hooks, store=True)
         finally:
-            for h in handles:
-                h.remove()
+            hooks.remove()
+        sumsq = hooks.sumsq
         acts.swap()
         if comm is not None:  # sums over every rank's shard
             for k in sorted(sumsq):
@@ -96,11 +110,14 @@ def outlier_ratios(
                 torch.distributed.all_reduce(buf)
                 sumsq[k] = buf
         scores = []
-        for k, mod in per_block[i].items():
-            if k not in sumsq:
+        for k, mod in layouts[i].layers.items():
+            lead = hooks.leader.get(k, k)
+            if lead not in sumsq:
                 raise RuntimeError(f"block {i}: {k} was never called in the block's forward")
+            if k in hooks.tokens and not bool(sumsq[lead].any()):
+                continue  # an expert no token reached: no Wanda score
             W = get_weight(mod).detach()
-            scale = sumsq[k].to(W.device).sqrt().to(torch.float32)
+            scale = sumsq[lead].to(W.device).sqrt().to(torch.float32)
             scores.append((W.float().abs() * scale).flatten())
         s = torch.cat(scores)
         ratios.append((s > threshold * s.mean()).double().mean().item())

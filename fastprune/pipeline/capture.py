@@ -206,18 +206,22 @@ def _block_output(out):
 
 
 @torch.no_grad()
-def _run_block(block, acts: _Activations, batch_size, device, arg_sets, kind, hooks=None):
+def _run_block(
+    block, acts: _Activations, batch_size, device, arg_sets, kind, hooks=None, store=None
+):
     """Run `block` on every calibration batch with its kind's arguments. The outputs go to
-    `acts.outs`; with `hooks` (the Hessian pass: `_HessianHooks`) they are dropped instead
-    and each batch's size is announced to the hooks."""
+    `acts.outs` (`store`, by default only without `hooks`); with `hooks` (an `_InputHooks`)
+    each batch's size is announced to them and its end marked."""
+    store = hooks is None if store is None else store
     total = acts.inps.shape[0]
     for bi, s in enumerate(range(0, total, batch_size)):
         args, kwargs = arg_sets[acts.batch_args[kind][bi]]
         x = acts.inps[s : s + batch_size].to(device)
         if hooks is not None:
             hooks.batch = min(batch_size, total - s)
-            block(x, *args, **kwargs)
+        out = block(x, *args, **kwargs)
+        if hooks is not None:
             hooks.end_batch()
-            continue
-        out = _block_output(block(x, *args, **kwargs))
-        acts.outs[s : s + out.shape[0]] = out.to(acts.outs.device)
+        if store:
+            out = _block_output(out)
+            acts.outs[s : s + out.shape[0]] = out.to(acts.outs.device)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..block_layers import resolve_layer
+from ..experts import ExpertProjection
 from ..layers import as_matrix, get_weight, layer_kind
 from ..models import model_device
 from ..scores import GradientNormAccumulator
@@ -20,7 +22,8 @@ def compute_gradient_norms(
     progress: bool = False,
     finalize: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """GBLM's `G` per named linear (`[out, in]`, float32, on CPU): one backward pass per
+    """GBLM's `G` per named layer (`[out, in]`, float32, on CPU; an expert of a fused MoE
+    parameter named `...mlp.experts.down_proj[3]` gets its slice): one backward pass per
     calibration sample through the whole model (on `device`), the language-modelling loss on
     the sample itself; each weight's gradient is folded into its l1/l2 accumulator by a hook
     and freed at once, so at most one gradient per weight exists at any time.
@@ -30,7 +33,7 @@ def compute_gradient_norms(
     distributed pipeline sums the ranks' and takes the l2 square root itself."""
     home = model_device(model)
     dev = torch.device(device) if device is not None else home
-    modules = {n: model.get_submodule(n) for n in names}
+    layers = {n: resolve_layer(model, n) for n in names}
     saved = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     accs, handles = {}, []
@@ -40,15 +43,24 @@ def compute_gradient_norms(
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        for n, m in modules.items():
-            w = m.weight
-            w.requires_grad_(True)
-            kind = layer_kind(m)
-            acc = GradientNormAccumulator(tuple(get_weight(m, kind).shape), dev, norm, scale)
+        # one hook per parameter: a linear's weight, or a fused expert parameter whose
+        # gradient [E, ...] is folded slice by slice into each expert's accumulator
+        folds: dict[int, tuple[torch.Tensor, list]] = {}
+        for n, layer in layers.items():
+            kind = layer_kind(layer)
+            acc = GradientNormAccumulator(tuple(get_weight(layer, kind).shape), dev, norm, scale)
             accs[n] = acc
+            if isinstance(layer, ExpertProjection):
+                w, index = getattr(layer.experts.module, layer.proj), layer.index
+            else:
+                w, index = layer.weight, None
+            folds.setdefault(id(w), (w, []))[1].append((acc, kind, index))
+        for w, targets in folds.values():
+            w.requires_grad_(True)
 
-            def fold(p, acc=acc, kind=kind):
-                acc.add(as_matrix(p.grad, kind))
+            def fold(p, targets=targets):
+                for acc, kind, index in targets:
+                    acc.add(as_matrix(p.grad if index is None else p.grad[index], kind))
                 p.grad = None
 
             handles.append(w.register_post_accumulate_grad_hook(fold))

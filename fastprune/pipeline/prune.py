@@ -206,6 +206,7 @@ def prune_model(
                 targets=targets,
                 ignore=ignore,
                 hessian_precision=hessian_precision,
+                moe_calibration=moe_calibration,
                 batch_size=batch_size,
                 allocation=(allocation, owl_threshold, owl_lambda),
                 **{"device type": dev.type, "row split": comm.row_split},
@@ -276,8 +277,8 @@ def prune_model(
         t0 = time.perf_counter()
         with guard("the OWL allocation pass"):
             ratios = outlier_ratios(
-                model, block_list, per_block, kinds, local, batch_size, dev,
-                offload_activations, owl_threshold, comm,
+                model, block_list, layouts, kinds, local, batch_size, dev,
+                offload_activations, owl_threshold, comm, moe_calibration,
             )  # fmt: skip
         params = [sum(get_weight(x).numel() for x in lins.values()) for lins in per_block]
         block_sparsity = owl_block_sparsities(ratios, params, sparsity, owl_lambda)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..block_layers import resolve_layer
 from ..layers import get_weight
 from ..masks import check_nm_keep_mask
 from ..models import find_blocks
@@ -19,7 +20,7 @@ def check_model_sparsity(model, report: PruneReport, blocks: str | None = None) 
     n, m = (int(v) for v in pat.split(":")) if ":" in pat else (0, 0)
     zeros = total = 0
     for lr in report.layers:
-        mod = block_list[lr.block].get_submodule(lr.name.split(".", 1)[1])
+        mod = resolve_layer(block_list[lr.block], lr.name.split(".", 1)[1])
         W = get_weight(mod)
         z = int((W == 0).sum().item())
         expected = round(lr.sparsity * W.numel())
