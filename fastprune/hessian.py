@@ -239,19 +239,20 @@ def upper_triangular_inverse(R: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     """`R^-1` of an upper triangular `R` (itself upper triangular), by halves:
     `[[A, B], [0, C]]^-1 = [[A^-1, -A^-1 B C^-1], [0, C^-1]]`, the corner by two triangular
     solves (`A^-1 B`, then `(.) C^-1`) and the diagonal blocks recursively; blocks of at most
-    `leaf` columns are solved against the identity. ~n^3/3 flops, as LAPACK's trtri."""
-    n = R.shape[0]
+    `leaf` columns are solved against the identity. ~n^3/3 flops, as LAPACK's trtri. `R` may
+    carry leading batch dimensions (`[..., n, n]`: every matrix inverted alike)."""
+    n = R.shape[-1]
     if n <= leaf:
-        eye = torch.eye(n, dtype=R.dtype, device=R.device)
+        eye = torch.eye(n, dtype=R.dtype, device=R.device).expand_as(R)
         return torch.linalg.solve_triangular(R, eye, upper=True)
     h = n // 2
     out = torch.zeros_like(R)
-    A, B, C = R[:h, :h], R[:h, h:], R[h:, h:]
+    A, B, C = R[..., :h, :h], R[..., :h, h:], R[..., h:, h:]
     X = torch.linalg.solve_triangular(A, B, upper=True)  # A^-1 B
-    out[:h, h:] = torch.linalg.solve_triangular(C, X, upper=True, left=False).neg_()
+    out[..., :h, h:] = torch.linalg.solve_triangular(C, X, upper=True, left=False).neg_()
     del X
-    out[:h, :h] = upper_triangular_inverse(A, leaf)
-    out[h:, h:] = upper_triangular_inverse(C, leaf)
+    out[..., :h, :h] = upper_triangular_inverse(A, leaf)
+    out[..., h:, h:] = upper_triangular_inverse(C, leaf)
     return out
 
 

@@ -29,6 +29,7 @@ from .result import PruneResult
 from .rose import rose_layer
 from .scores import gblm_layer, magnitude_layer, wanda_layer
 from .sparsegpt import sparsegpt_layer
+from .sparsegpt_batched import sparsegpt_experts
 from .sparseswaps import sparseswaps_layer
 from .validation import check_int
 
@@ -65,6 +66,9 @@ class Method:
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
     row_separable: Callable[[int, Mapping[str, Any]], bool] | None = None
     takes_rows: bool = False  # the solver slices rows itself (`rows=`: ROSE's column order)
+    # solves a batch of same-shaped layers at once (MoE experts): `batch_solver(W [E, r, c],
+    # H [E, c, c], sparsity, prune_n, prune_m, **solver options, hinvs=)` -> [PruneResult]
+    batch_solver: Callable[..., list[PruneResult]] | None = None
 
     def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
         """Whether this method's layers may be solved in row slices (see `row_separable`)."""
@@ -142,6 +146,20 @@ class Method:
         if self.shares_inverse:
             kw["hinv"] = hinv
         return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
+
+    def batches(self, options: Mapping[str, Any], device: torch.device) -> bool:
+        """Whether same-shaped layers (a projection's experts) are solved as one batch here:
+        when the method has a batch solver and its kernels are torch's on `device`."""
+        backend = options.get("backend", "auto")
+        return self.batch_solver is not None and (
+            backend == "torch" or (backend == "auto" and device.type == "cpu")
+        )
+
+    def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None):
+        """Layers `W [E, rows, cols]` with Hessians `H [E, cols, cols]` (and their inverses
+        `hinvs`), solved together: one `PruneResult` per layer."""
+        kw = {k: options[k] for k in self.solver_options if k != "backend"}
+        return self.batch_solver(W, H, sparsity, prune_n, prune_m, **kw, hinvs=hinvs)
 
 
 COMPOSE_OPTIONS = ("refine", "refine_on", "reconstruct")
@@ -305,6 +323,7 @@ METHODS: dict[str, Method] = {
             "OBS pruning with weight updates (IST-DASLab SparseGPT)",
             {**_OBS, "backend": "auto"},
             shares_inverse=True,
+            batch_solver=sparsegpt_experts,
             row_separable=_selector_separable("sparsegpt"),
         ),
         Method(

@@ -14,12 +14,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..block_layers import check_selection, count_block_zeros, find_block_layers
-from ..experts import check_moe_calibration
+from ..experts import ExpertProjection, check_moe_calibration
 from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
 from ..methods import composed, get_method
 from ..models import find_blocks, model_device
+from ..sparsegpt_batched import inverse_hessians
 from ..validation import check_int, check_pattern, check_sparsity
 from .allocation import (
     OWL_LAMBDA,
@@ -36,7 +37,9 @@ from .report import LayerReport, PruneReport, _jsonable
 
 logger = logging.getLogger("fastprune")
 _INFO_SKIP = {"shape", "device", "method"}
-_UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
+_UNREPORTED = {"gradients"}
+# at most this many bytes of stacked expert Hessians per batched inverse / solve
+EXPERT_BATCH_BYTES = 1 << 30  # precomputed {name: G}: not an option worth a report line
 
 
 def _check_device(device, home: torch.device) -> torch.device:
@@ -330,6 +333,39 @@ def prune_model(
             lr.info["tokens"] = int(tokens)
         return lr
 
+    batch_solves = meth.batches(opts, dev)
+
+    def solve_experts(i, hooks, inverses, group) -> dict[str, LayerReport]:
+        """The experts of one projection of block `i` (`group`: (name, ExpertProjection)),
+        their inverses computed as batches (for a method sharing inverses), then, where the
+        method solves batches, solved together in chunks; {name: report} of those solved."""
+        leads = [hooks.leader[name] for name, _ in group]
+        cols = hooks.acc[leads[0]].H.shape[0]
+        chunk = max(1, EXPERT_BATCH_BYTES // (4 * cols * cols))
+        out = {}
+        for c0 in range(0, len(group), chunk):
+            part, part_leads = group[c0 : c0 + chunk], leads[c0 : c0 + chunk]
+            todo = sorted({ld for ld in part_leads if ld not in inverses})
+            if meth.shares_inverse and todo:
+                t0 = time.perf_counter()
+                Hs = torch.stack([hooks.acc[ld].H for ld in todo])
+                inverses.update(zip(todo, inverse_hessians(Hs, opts["percdamp"])))
+                del Hs
+                clock("inverse_seconds", t0)
+            if not batch_solves:
+                continue
+            Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
+            Hs = torch.stack([hooks.acc[ld].H for ld in part_leads])
+            hinvs = [inverses[ld] for ld in part_leads] if meth.shares_inverse else None
+            results = meth.solve_batch(Ws, Hs, block_sparsity[i], n, m, opts, hinvs)
+            del Hs
+            for (name, layer), ld, r in zip(part, part_leads, results):
+                set_weight(layer, r.weight)
+                lr = _layer_report(i, name, get_weight(layer), method, r, ld)
+                lr.info["tokens"] = int(hooks.acc[ld].nsamples)
+                out[name] = lr
+        return out
+
     untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
     bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
     try:
@@ -352,9 +388,12 @@ def prune_model(
             inverses = {}
             solve = functools.partial(solve_layer, i, hooks, inverses)
             if comm is None:
+                batched = {}
                 if hooks is not None:
                     untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks))
-                done = [solve(name, mod) for name, mod in lins.items()]
+                    for group in _expert_groups(lins):
+                        batched.update(solve_experts(i, hooks, inverses, group))
+                done = [batched.get(name) or solve(name, mod) for name, mod in lins.items()]
             else:
                 lead_of = {} if hooks is None else hooks.leader
                 separable = meth.separable(n, opts)
@@ -407,6 +446,15 @@ def prune_model(
     report.totals = totals
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def _expert_groups(lins: dict) -> list[list[tuple[str, ExpertProjection]]]:
+    """The block's experts by projection (one fused parameter each), groups of 2 or more."""
+    groups: dict[tuple[int, str], list] = {}
+    for name, layer in lins.items():
+        if isinstance(layer, ExpertProjection):
+            groups.setdefault((id(layer.experts.module), layer.proj), []).append((name, layer))
+    return [g for g in groups.values() if len(g) > 1]
 
 
 def _identity_for_unrouted(hooks) -> list[str]:

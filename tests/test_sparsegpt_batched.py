@@ -1,0 +1,102 @@
+"""SparseGPT over a batch of same-shaped layers (a projection's experts) against
+`sparsegpt_layer` on each layer alone, and the batched inverse against `inverse_hessian`."""
+
+import pytest
+import torch
+from conftest import (
+    LAYER_RTOL,
+    MASK_AGREE,
+    assert_masks_agree,
+    assert_weights_agree_where_masks_do,
+)
+from op_oracles import layer, random_keep, sweep_block
+
+import fastprune as fp
+from fastprune.ops.obs_sweep import torch_obs_sweep, torch_obs_sweep_batched
+from fastprune.sparsegpt_batched import inverse_hessians, sparsegpt_experts
+
+PATTERNS = [(0, 0), (2, 4), (4, 8)]
+SHAPES = [(1, 64, 32), (37, 104, 32), (53, 200, 64)]  # rows, cols, blocksize (primes, 1 row)
+
+
+def _experts(gen, E, rows, cols, bs, kinds=("plain", "columnar", "ill")):
+    pairs = [layer(gen, rows, cols, kinds[e % len(kinds)], blocksize=bs) for e in range(E)]
+    return torch.stack([w for w, _ in pairs]), torch.stack([h for _, h in pairs])
+
+
+@pytest.mark.parametrize("rows,cols,bs", SHAPES)
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_each_expert_equals_its_own_solve(gen, rows, cols, bs, n, m):
+    if m and cols % m:
+        pytest.skip("cols not divisible by M")
+    W, H = _experts(gen, 5, rows, cols, bs)
+    H[1, :, 3] = 0  # a dead column in one expert
+    H[1, 3, :] = 0
+    got = sparsegpt_experts(W, H, 0.5, n, m, blocksize=bs)
+    for e in range(W.shape[0]):
+        want = fp.sparsegpt_layer(W[e], H[e], 0.5, n, m, blocksize=bs)
+        assert_masks_agree(got[e].mask, want.mask, MASK_AGREE)
+        assert_weights_agree_where_masks_do(
+            got[e].weight, want.weight, got[e].mask, want.mask, LAYER_RTOL
+        )
+        assert got[e].loss == pytest.approx(want.loss, rel=1e-4)
+        assert got[e].info["dead_columns"] == want.info["dead_columns"]
+        assert got[e].info["achieved_sparsity"] == want.info["achieved_sparsity"]
+
+
+def test_odd_experts_take_the_single_path(gen):
+    """An expert that needs damping retries, or rescaling (huge weights), or has no data
+    (H = 0) is solved by `sparsegpt_layer`'s own rules; W and H are not modified."""
+    W, H = _experts(gen, 4, 12, 48, 16)
+    # indefinite (eigenvalue 1 - 47 * 0.05 < 0) though every 2x2 minor is PSD: it factors
+    # only after damping retries
+    H[0] = torch.full((48, 48), -0.05) + 1.05 * torch.eye(48)
+    H[1] = 0  # no data
+    W[2] *= 2.0**60  # outside the solve's weight range: rescaled exactly
+    W0, H0 = W.clone(), H.clone()
+    got = sparsegpt_experts(W, H, 0.5, blocksize=16)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+    for e in range(4):
+        want = fp.sparsegpt_layer(W[e], H[e], 0.5, blocksize=16)
+        assert torch.equal(got[e].mask, want.mask), f"expert {e}"
+        torch.testing.assert_close(got[e].weight, want.weight, rtol=1e-5, atol=0)
+        assert got[e].info["damp_retries"] == want.info["damp_retries"]
+    assert got[0].info["damp_retries"] > 0 and got[1].info["dead_columns"] == 48
+
+
+def test_batched_inverse_equals_single(gen):
+    _, H = _experts(gen, 4, 8, 300, 64)  # 300 > the triangular inverse's 256-column leaf
+    H[2, :, 7] = 0
+    H[2, 7, :] = 0
+    for got, Hs in zip(inverse_hessians(H, 0.01), H):
+        want = fp.inverse_hessian(Hs, 0.01)
+        torch.testing.assert_close(got.hinv, want.hinv, rtol=2e-4, atol=1e-6)
+        assert torch.equal(got.dead, want.dead) and got.damp == pytest.approx(want.damp)
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+@pytest.mark.parametrize("rows,count", [(1, 16), (29, 40), (64, 128)])
+def test_batched_sweep_equals_single(gen, rows, count, n, m):
+    if m and count % m:
+        pytest.skip("count not divisible by M")
+    blocks = [sweep_block(gen, rows, count, kind) for kind in ("plain", "ill", "columnar")]
+    W1 = torch.stack([w for w, _ in blocks])
+    Hinv1 = torch.stack([h for _, h in blocks])
+    keep1 = None if n else torch.stack([random_keep(gen, rows, count) for _ in blocks])
+    got = torch_obs_sweep_batched(W1, Hinv1, keep1, n, m)
+    for e in range(3):
+        want = torch_obs_sweep(W1[e], Hinv1[e], None if keep1 is None else keep1[e], n, m)
+        assert_masks_agree(got.keep[e], want.keep, MASK_AGREE)
+        torch.testing.assert_close(got.q[e], want.q, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.loss_rows[e], want.loss_rows, rtol=1e-4, atol=1e-6)
+
+
+def test_bad_shapes_are_refused(gen):
+    W, H = _experts(gen, 2, 4, 16, 16)
+    with pytest.raises(ValueError, match="W must be"):
+        sparsegpt_experts(W[0], H, 0.5)
+    with pytest.raises(ValueError, match="W must be"):
+        sparsegpt_experts(W, H[:1], 0.5)
+    W[1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="W"):
+        sparsegpt_experts(W, H, 0.5)
