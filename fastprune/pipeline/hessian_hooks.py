@@ -10,6 +10,8 @@ and each token counts as one sample, so an expert's `H` is normalised by its own
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -21,8 +23,11 @@ from ..experts import (
     expert_intermediate,
     routed_tokens,
 )
-from ..hessian import HessianAccumulator
+from ..hessian import HessianAccumulator, uses_fast_hessian
 from ..layers import get_weight
+
+# at most this many bytes of zero-padded expert inputs per batched Hessian GEMM
+EXPERT_GEMM_BYTES = 1 << 28
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -77,6 +82,12 @@ class _InputHooks:
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         raise NotImplementedError
+
+    def observe_experts(self, names: list[str], xs: list[torch.Tensor]) -> None:
+        """The experts of one fused projection (always the same `names`, in order), each
+        with its tokens `[tokens_e, cols]` of this batch."""
+        for name, x in zip(names, xs):
+            self.observe(name, x, True)
 
     def end_batch(self) -> None:
         self.seen.clear()
@@ -152,6 +163,7 @@ class _InputHooks:
             every = self.moe_calibration == "all"
             routes = None if every else routed_tokens(top_k, fx.num_experts)
             shared = None  # "all": every expert's input projections share one H
+            ins, downs = ([], []), ([], [])  # (leader names, their inputs) per kind
             for e in range(fx.num_experts):
                 xe = x if every else x[routes[e]]
                 lead = shared
@@ -162,7 +174,8 @@ class _InputHooks:
                     self.tokens[name] += xe.shape[0]
                     lead = self.leader.setdefault(name, lead or name)
                     if lead == name:
-                        self.observe(name, xe, True)
+                        ins[0].append(name)
+                        ins[1].append(xe)
                 shared = lead if every else None
                 name = names.get(("down_proj", e))
                 if name is not None:
@@ -172,7 +185,11 @@ class _InputHooks:
                         mid = expert_intermediate(fx, e, xe)
                     else:
                         mid = xe.new_zeros(0, fx.intermediate)
-                    self.observe(name, mid, True)
+                    downs[0].append(name)
+                    downs[1].append(mid)
+            for group in (ins, downs):
+                if group[0]:
+                    self.observe_experts(*group)
 
         return hook
 
@@ -191,6 +208,7 @@ class _HessianHooks(_InputHooks):
         self.device = device
         self.precision = precision
         self.acc: dict[str, HessianAccumulator] = {}
+        self.stacks: dict[str, torch.Tensor] = {}  # a fused projection's experts' Hs
         super().__init__(block, bl, moe_calibration)
         for name in bl.expert_lists:  # present (maybe empty) on every rank, called or not
             cols = get_weight(bl.layers[name]).shape[1]
@@ -203,3 +221,59 @@ class _HessianHooks(_InputHooks):
             )
         # per token: [tokens, cols] -> [tokens, 1, cols], so every token counts as a sample
         self.acc[name].add_batch(x.unsqueeze(1) if per_token else x)
+
+    def observe_experts(self, names: list[str], xs: list[torch.Tensor]) -> None:
+        """Every expert's `H` of one projection in one stacked tensor `[E, cols, cols]`
+        (each accumulator's `H` a view of it), updated by one batched GEMM over the experts'
+        tokens, zero-padded to the longest: the reference's arithmetic per expert (`H *=
+        n/(n+b)`, inputs scaled by `sqrt(2/(n+b))`, `H += x^T x`, float32). Where that
+        arithmetic does not apply (half-precision inputs that take the fast path, an update
+        near float32's range) the experts are updated one by one."""
+        key = names[0]
+        if key not in self.stacks:
+            cols = xs[0].shape[-1]
+            stack = torch.zeros(len(names), cols, cols, device=self.device)
+            for j, name in enumerate(names):
+                self.acc[name] = HessianAccumulator(
+                    cols, device=self.device, precision=self.precision
+                )
+                self.acc[name].H = stack[j]
+            self.stacks[key] = stack
+        stack = self.stacks[key]
+        accs = [self.acc[name] for name in names]
+        b = [x.shape[0] for x in xs]
+        longest = max(b)
+        if longest == 0:
+            return
+        if any(uses_fast_hessian(self.precision, x) for x in xs) or not self._in_range(
+            stack, accs, xs
+        ):
+            for acc, x in zip(accs, xs):
+                acc.add_batch(x.unsqueeze(1))
+            return
+        total = [a.nsamples + k for a, k in zip(accs, b)]
+        keep = torch.tensor([a.nsamples / t if t else 1.0 for a, t in zip(accs, total)])
+        scale = [math.sqrt(2 / t) if t else 0.0 for t in total]
+        stack.mul_(keep.to(stack)[:, None, None])
+        step = max(1, EXPERT_GEMM_BYTES // (4 * longest * stack.shape[-1]))
+        for j0 in range(0, len(xs), step):
+            part = range(j0, min(j0 + step, len(xs)))
+            X = torch.zeros(len(part), longest, stack.shape[-1], device=self.device)
+            for j in part:
+                if b[j]:
+                    X[j - j0, : b[j]] = scale[j] * xs[j].to(device=self.device, dtype=torch.float32)
+            stack[j0 : j0 + len(part)].baddbmm_(X.transpose(1, 2), X)
+        for a, t in zip(accs, total):
+            a.nsamples = t
+
+    @staticmethod
+    def _in_range(stack, accs, xs) -> bool:
+        """Whether every expert's update stays well inside float32 (one host sync for all);
+        NaN/inf in the inputs also fails here, so the one-by-one path reports them."""
+        peaks = [torch.linalg.vector_norm(x, float("inf")) for x in xs if x.shape[0]]
+        xmax, hmax = torch.stack(
+            [torch.stack(peaks).amax().double(), stack.diagonal(dim1=1, dim2=2).amax().double()]
+        ).tolist()
+        longest = max(x.shape[0] for x in xs)
+        lim = torch.finfo(stack.dtype).max / 4
+        return math.isfinite(xmax) and hmax + 2 * xmax * xmax * longest <= lim
