@@ -8,6 +8,10 @@ slightly overstates it (embedding and first-block capture are counted once per b
 
     python -m benchmarks.bench_end_to_end --shape llama2-7b --device cuda [--blocks 32]
     python -m benchmarks.bench_end_to_end --shape small --device cpu --nsamples 8 --seqlen 256
+    python -m benchmarks.bench_end_to_end --shape qwen3-30b-a3b --blocks 1 --method sparsegpt
+
+`qwen3-30b-a3b` is one Qwen3-30B-A3B block (hidden 2048, 128 experts of 768x2048, top-8):
+its experts are solved as batches per projection (`fastprune.sparsegpt_batched`).
 """
 
 from __future__ import annotations
@@ -27,10 +31,23 @@ SHAPES = {
     "llama2-70b": (8192, 28672, 64, 8, 80),
     "small": (512, 1376, 8, 8, 4),
 }
+# MoE shapes (Qwen3-MoE blocks): hidden, expert intermediate, experts, top-k, heads, kv heads,
+# head dim, layers. The vocabulary is cut to 32000 (it only sizes the embedding and the head).
+MOE_SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8, 32, 4, 128, 48),
+    "moe-small": (512, 256, 16, 4, 8, 4, 64, 4),
+}
+
+
+def layer_count(shape: str) -> int:
+    return (MOE_SHAPES[shape] if shape in MOE_SHAPES else SHAPES[shape])[-1]
 
 
 def build_model(shape: str, blocks: int, seqlen: int, dtype: torch.dtype):
-    """A LLaMA model of `shape` with only `blocks` decoder blocks, random weights, on CPU."""
+    """A LLaMA (or Qwen3-MoE) model of `shape` with only `blocks` decoder blocks, random
+    weights, on CPU."""
+    if shape in MOE_SHAPES:
+        return build_moe_model(shape, blocks, seqlen, dtype)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, inter, heads, kv, _ = SHAPES[shape]
@@ -48,9 +65,30 @@ def build_model(shape: str, blocks: int, seqlen: int, dtype: torch.dtype):
     return model
 
 
+def build_moe_model(shape: str, blocks: int, seqlen: int, dtype: torch.dtype):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    hidden, inter, experts, top_k, heads, kv, head_dim, _ = MOE_SHAPES[shape]
+    cfg = Qwen3MoeConfig(
+        vocab_size=32000,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        moe_intermediate_size=inter,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        num_hidden_layers=blocks,
+        max_position_embeddings=max(seqlen, 128),
+    )
+    torch.manual_seed(0)
+    return Qwen3MoeForCausalLM(cfg).to(dtype).eval()
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="small")
     ap.add_argument("--blocks", type=int, default=None, help="blocks to build (default: all)")
     ap.add_argument("--method", default="rose")
     ap.add_argument("--sparsity", type=float, default=0.5)
@@ -72,7 +110,7 @@ def main(argv=None) -> None:
 
     import fastprune as fp
 
-    layers = SHAPES[args.shape][4]
+    layers = layer_count(args.shape)
     blocks = args.blocks or layers
     dtype_name = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
@@ -144,6 +182,7 @@ def main(argv=None) -> None:
         hessian_forward_s=round(totals.get("hessian_seconds", 0.0), 2),
         propagate_s=round(totals.get("propagate_seconds", 0.0), 2),
         shared_inverse_s=round(totals.get("inverse_seconds", 0.0), 2),
+        expert_solve_s=round(sum(lr.seconds for lr in rep.layers if "tokens" in lr.info), 2),
         other_s=round(
             seconds
             - totals.get("solve_seconds", 0.0)

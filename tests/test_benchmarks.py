@@ -122,6 +122,22 @@ def test_end_to_end_benchmark_row(tmp_path):
     assert r["projected_full_model_s"] == pytest.approx(r["seconds_per_block"] * 4, abs=0.2)
 
 
+def test_end_to_end_benchmark_moe_shape(tmp_path):
+    """The MoE shape builds Qwen3-MoE blocks whose experts are pruned (and counted)."""
+    pytest.importorskip("transformers")
+    from benchmarks import bench_end_to_end
+
+    out = tmp_path / "moe"
+    bench_end_to_end.main(
+        ["--shape", "moe-small", "--blocks", "1", "--nsamples", "2", "--seqlen", "32"]
+        + ["--device", "cpu", "--method", "sparsegpt", "--out", str(out), "--no-warmup"]
+    )
+    (r,) = read_rows(out)
+    assert r["shape"] == "moe-small (1/4 blocks)"
+    assert r["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert 0 < r["expert_solve_s"] <= r["solve_s"]
+
+
 def test_distributed_benchmark_measures_1_and_2_processes(tmp_path):
     pytest.importorskip("transformers")
     from pipeline_helpers import byte_tokenizer, tiny_model
