@@ -373,9 +373,14 @@ def _prune_here(args: argparse.Namespace) -> int:
             "ppl_dense": None if dense is None else dense["ppl"],
             "ppl_pruned": None if pruned is None else pruned["ppl"],
             "achieved_sparsity": report.achieved_sparsity,
+            "block_sparsity": report.block_sparsity,
             "saved": saved,
             "lm_eval": _lm_eval_report(args, lm_tasks, zs_dense, zs_pruned),
-            **{k: v for k, v in report.to_dict().items() if k in ("totals", "options", "layers")},
+            **{
+                k: v
+                for k, v in report.to_dict().items()
+                if k in ("totals", "options", "layers", "dense")
+            },
         }
         with open(args.report, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1)
