@@ -112,19 +112,24 @@ class ExpertProjection:
 
 def expert_call_inputs(module: nn.Module, args: tuple, kwargs: dict):
     """`(hidden [T, H], top_k_index [T, k])` of a call `experts(hidden, top_k_index, ...)`,
-    positional or by keyword (gpt-oss names them `router_indices`)."""
-    if len(args) >= 2:
-        return args[0], args[1]
+    positional or by keyword (gpt-oss names them `router_indices`); `(hidden, None)` for a
+    module called with its inputs already grouped by expert (Llama-4: `[E * T, H]`, each
+    token scaled by its router score, zero where not routed)."""
     params = list(inspect.signature(module.forward).parameters)
     bound = dict(zip(params, args))
     bound.update(kwargs)
-    try:
-        return bound[params[0]], bound[params[1]]
-    except (KeyError, IndexError):
-        raise RuntimeError(
-            f"could not read the hidden states and expert indices of a call to "
-            f"{type(module).__name__}"
-        ) from None
+    if not params or params[0] not in bound:
+        raise RuntimeError(f"could not read the hidden states of a call to {type(module).__name__}")
+    hidden = bound[params[0]]
+    index = bound.get(params[1]) if len(params) > 1 else None
+    return hidden, index
+
+
+def grouped_tokens(hidden: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
+    """Each expert's rows of inputs grouped by expert (`[E * T, H]`, Llama-4) that carry a
+    token: the rows that are not all zero (a token the router did not send is scaled to 0)."""
+    groups = hidden.reshape(num_experts, -1, hidden.shape[-1])
+    return [g[g.abs().amax(1) > 0] for g in groups]
 
 
 def routed_tokens(top_k_index: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
@@ -187,6 +192,7 @@ def expert_list_parent(path: str) -> str | None:
 
 __all__ = [
     "ExpertProjection",
+    "grouped_tokens",
     "FusedExperts",
     "MOE_CALIBRATIONS",
     "check_moe_calibration",

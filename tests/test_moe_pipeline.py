@@ -136,3 +136,28 @@ def test_expert_names_can_be_targeted_and_ignored():
     reasons = {d.name: d.reason for d in bl.dense}
     assert reasons["self_attn.q_proj.weight"] == "not in targets="
     assert reasons["mlp.gate.weight"] == "router"
+
+
+def test_llama4_experts_grouped_by_the_caller():
+    """Llama-4 calls its experts with the tokens already grouped by expert and scaled by
+    the router (zero rows where a token is not routed): each expert gets its routed rows."""
+    import transformers
+
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=128,
+        interleave_moe_layer_step=1, attention_chunk_size=16,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    calib = calib_ids(4, 32)
+    rep = fp.prune_model(copy.deepcopy(model), calib, "wanda", 0.5, progress=False)
+    for b in range(2):
+        tokens = [
+            lr.info["tokens"] for lr in rep.layers if lr.block == b and "gate_up_proj[" in lr.name
+        ]
+        assert len(tokens) == 4 and sum(tokens) == calib.numel()  # top-1: every token once
+    assert {d["reason"] for d in rep.dense} == {"router"}
+    with pytest.raises(ValueError, match="moe_calibration='all'"):
+        fp.prune_model(model, calib, "wanda", 0.5, moe_calibration="all", progress=False)

@@ -21,6 +21,7 @@ from ..experts import (
     check_moe_calibration,
     expert_call_inputs,
     expert_intermediate,
+    grouped_tokens,
     routed_tokens,
 )
 from ..hessian import HessianAccumulator, uses_fast_hessian
@@ -161,11 +162,20 @@ class _InputHooks:
             hidden, top_k = expert_call_inputs(mod, args, kwargs)
             x = hidden.reshape(-1, hidden.shape[-1])
             every = self.moe_calibration == "all"
-            routes = None if every else routed_tokens(top_k, fx.num_experts)
+            if top_k is None:  # inputs grouped by expert, scaled by the router (Llama-4)
+                if every:
+                    raise ValueError(
+                        f"moe_calibration='all' needs the block's tokens, but "
+                        f"{type(mod).__name__} receives them already routed and scaled by "
+                        "the router; use moe_calibration='routed'"
+                    )
+                grouped = grouped_tokens(x, fx.num_experts)
+            else:
+                routes = None if every else routed_tokens(top_k, fx.num_experts)
             shared = None  # "all": every expert's input projections share one H
             ins, downs = ([], []), ([], [])  # (leader names, their inputs) per kind
             for e in range(fx.num_experts):
-                xe = x if every else x[routes[e]]
+                xe = grouped[e] if top_k is None else x if every else x[routes[e]]
                 lead = shared
                 for p in fx.inputs:
                     name = names.get((p, e))

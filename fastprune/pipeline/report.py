@@ -69,15 +69,17 @@ class PruneReport:
 
     def summary(self) -> str:
         """A short table per layer kind plus totals."""
+        kinds = self.by_kind()
+        w = max([24] + [len(r["kind"]) for r in kinds])
         lines = [
-            f"{'layer kind':<24} {'n':>3} {'shape':>12} {'sparsity':>8} {'loss':>11} {'sec':>7}"
+            f"{'layer kind':<{w}} {'n':>4} {'shape':>12} {'sparsity':>8} {'loss':>11} {'sec':>7}"
         ]
         shapes = {}
         for lr in self.layers:
             shapes.setdefault(_kind(lr.name), f"{lr.shape[0]}x{lr.shape[1]}")
-        for r in self.by_kind():
+        for r in kinds:
             lines.append(
-                f"{r['kind']:<24} {r['layers']:>3} {shapes.get(r['kind'], ''):>12} "
+                f"{r['kind']:<{w}} {r['layers']:>4} {shapes.get(r['kind'], ''):>12} "
                 f"{r['sparsity']:>8.4f} {r['loss']:>11.4g} {r['seconds']:>7.2f}"
             )
         t = self.totals
