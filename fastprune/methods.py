@@ -36,6 +36,11 @@ from .validation import check_int
 # Options the pipeline consumes itself for a method that needs gradients (GBLM's `G`):
 # precomputed {name: G}, else computed with this norm and scale.
 GRADIENT_OPTIONS = ("gradients", "norm", "scale")
+# on CPU, experts of at most this many weights are solved as a batch (bench_experts_batch,
+# 2 cores, SparseGPT with its inverses, batched vs one by one: 64 experts of 64x256 3.8x
+# faster, 16 of 2048x768 1.07x, 16 of 1536x2048 0.67x: batched LAPACK and thin batched GEMMs
+# lose to large single ones once the Python loop over columns no longer dominates)
+BATCH_MAX_ENTRIES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -147,13 +152,15 @@ class Method:
             kw["hinv"] = hinv
         return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
 
-    def batches(self, options: Mapping[str, Any], device: torch.device) -> bool:
-        """Whether same-shaped layers (a projection's experts) are solved as one batch here:
-        when the method has a batch solver and its kernels are torch's on `device`."""
+    def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
+        """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
+        solved as one batch here: the method has a batch solver, its kernels are torch's on
+        `device`, and (on CPU) the layers are small enough for the Python loop over columns
+        to dominate (`BATCH_MAX_ENTRIES`; `benchmarks/bench_experts_batch.py` measured it)."""
         backend = options.get("backend", "auto")
-        return self.batch_solver is not None and (
-            backend == "torch" or (backend == "auto" and device.type == "cpu")
-        )
+        torch_kernels = backend == "torch" or (backend == "auto" and device.type == "cpu")
+        small = device.type != "cpu" or shape[0] * shape[1] <= BATCH_MAX_ENTRIES
+        return self.batch_solver is not None and torch_kernels and small
 
     def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None):
         """Layers `W [E, rows, cols]` with Hessians `H [E, cols, cols]` (and their inverses

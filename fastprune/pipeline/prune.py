@@ -37,9 +37,9 @@ from .report import LayerReport, PruneReport, _jsonable
 
 logger = logging.getLogger("fastprune")
 _INFO_SKIP = {"shape", "device", "method"}
-_UNREPORTED = {"gradients"}
+_UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
 # at most this many bytes of stacked expert Hessians per batched inverse / solve
-EXPERT_BATCH_BYTES = 1 << 30  # precomputed {name: G}: not an option worth a report line
+EXPERT_BATCH_BYTES = 1 << 30
 
 
 def _check_device(device, home: torch.device) -> torch.device:
@@ -333,12 +333,11 @@ def prune_model(
             lr.info["tokens"] = int(tokens)
         return lr
 
-    batch_solves = meth.batches(opts, dev)
-
     def solve_experts(i, hooks, inverses, group) -> dict[str, LayerReport]:
         """The experts of one projection of block `i` (`group`: (name, ExpertProjection)),
-        their inverses computed as batches (for a method sharing inverses), then, where the
-        method solves batches, solved together in chunks; {name: report} of those solved."""
+        their inverses computed as batches on a GPU (for a method sharing inverses), then,
+        where the method solves such layers as batches (`Method.batches`), solved together
+        in chunks; {name: report} of those solved."""
         leads = [hooks.leader[name] for name, _ in group]
         cols = hooks.acc[leads[0]].H.shape[0]
         chunk = max(1, EXPERT_BATCH_BYTES // (4 * cols * cols))
@@ -346,14 +345,21 @@ def prune_model(
         for c0 in range(0, len(group), chunk):
             part, part_leads = group[c0 : c0 + chunk], leads[c0 : c0 + chunk]
             todo = sorted({ld for ld in part_leads if ld not in inverses})
-            if meth.shares_inverse and todo:
+            if meth.shares_inverse and todo and dev.type == "cuda":
+                # one batched factorisation (on CPU, LAPACK one by one is faster: it stays
+                # with solve_layer's own inverses)
                 t0 = time.perf_counter()
                 Hs = torch.stack([hooks.acc[ld].H for ld in todo])
                 inverses.update(zip(todo, inverse_hessians(Hs, opts["percdamp"])))
                 del Hs
                 clock("inverse_seconds", t0)
-            if not batch_solves:
+            if not meth.batches(opts, dev, get_weight(part[0][1]).shape):
                 continue
+            for ld in todo if meth.shares_inverse else ():
+                if ld not in inverses:
+                    t0 = time.perf_counter()
+                    inverses[ld] = inverse_hessian(hooks.acc[ld].H, opts["percdamp"])
+                    clock("inverse_seconds", t0)
             Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
             Hs = torch.stack([hooks.acc[ld].H for ld in part_leads])
             hinvs = [inverses[ld] for ld in part_leads] if meth.shares_inverse else None
@@ -390,7 +396,9 @@ def prune_model(
             if comm is None:
                 batched = {}
                 if hooks is not None:
-                    untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks))
+                    untouched.extend(
+                        f"{i}.{k}" for k in _identity_for_unrouted(hooks, f"{blocks_path}.{i}")
+                    )
                     for group in _expert_groups(lins):
                         batched.update(solve_experts(i, hooks, inverses, group))
                 done = [batched.get(name) or solve(name, mod) for name, mod in lins.items()]
@@ -400,7 +408,9 @@ def prune_model(
                 parts_of = comm.plan(lins, lead_of, meth.shares_inverse, separable)
                 if hooks is not None:
                     comm.reduce_hessians(hooks, parts_of)
-                    untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks))
+                    untouched.extend(
+                        f"{i}.{k}" for k in _identity_for_unrouted(hooks, f"{blocks_path}.{i}")
+                    )
                 if partial_G:
                     full = {f"{blocks_path}.{i}.{k}": ps for k, ps in parts_of.items()}
                     comm.reduce_gradients(G, full, opts["norm"])
@@ -457,7 +467,7 @@ def _expert_groups(lins: dict) -> list[list[tuple[str, ExpertProjection]]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _identity_for_unrouted(hooks) -> list[str]:
+def _identity_for_unrouted(hooks, block: str) -> list[str]:
     """Expert Hessians no calibration token reached (`nsamples == 0`, over every rank) become
     the identity, so each method prunes such an expert by weight magnitude under its own
     selection rule and updates nothing; returns their names (warned)."""
@@ -469,9 +479,9 @@ def _identity_for_unrouted(hooks) -> list[str]:
                 acc.H = torch.eye(acc.cols, dtype=acc.H.dtype, device=acc.H.device)
     if out:
         logger.warning(
-            "%d expert layer(s) received no calibration token (%s%s): pruned with H = I, by "
-            "weight magnitude; more calibration samples or moe_calibration='all' avoid this",
-            len(out), ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
+            "%s: %d expert layer(s) received no calibration token (%s%s): pruned with H = I, "
+            "by weight magnitude; more calibration samples or moe_calibration='all' avoid this",
+            block, len(out), ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
         )  # fmt: skip
     return out
 
