@@ -1,11 +1,12 @@
 """Test setup shared by every test file.
 
 - Triton kernels run through the interpreter when there is no GPU (TRITON_INTERPRET=1).
-- Random inputs, replayable: the `gen` fixture seeds a fresh generator per test (and
-  torch's global generator with the same seed). The seed is printed in the captured output
-  and in a "fastprune seed" section of every failure report; set `FASTPRUNE_TEST_SEED=<seed>`
-  to replay it, e.g. `FASTPRUNE_TEST_SEED=1234 pytest 'tests/ops/test_obs_sweep.py::test_x[..]'`
-  (with the variable set, every test uses that one seed).
+- Random inputs, replayed by default: the `gen` fixture seeds a generator per test (and
+  torch's global generator with the same seed) from the test's own id, so every run draws the
+  same inputs. `FASTPRUNE_TEST_SEED=random` draws fresh ones per test instead;
+  `FASTPRUNE_TEST_SEED=<seed>` gives every test that one seed. The seed is printed in the
+  captured output and in a "fastprune seed" section of every failure report, e.g.
+  `FASTPRUNE_TEST_SEED=1234 pytest 'tests/ops/test_obs_sweep.py::test_x[..]'` replays it.
 - `FASTPRUNE_REQUIRE=<pkg>[,<pkg>]`: a test skipped for want of one of these packages
   (`pytest.importorskip`) fails instead (CI's llm-compressor venv, scripts/setup_llmc.sh).
 - `backend`: the op backends a test is parametrized over (`backend_params(op)`): "torch"
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -68,12 +70,19 @@ def state_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 def pytest_report_header(config):
     seed = os.environ.get(SEED_ENV)
+    if seed == "random":
+        return (
+            "fastprune: fresh random inputs per test; a failure shows its seed, "
+            f"replay it with {SEED_ENV}=<seed>"
+        )
     if seed:
         return f"fastprune: every test's random inputs from {SEED_ENV}={seed}"
-    return (
-        "fastprune: fresh random inputs per test; a failure shows its seed, "
-        f"replay it with {SEED_ENV}=<seed>"
-    )
+    return f"fastprune: each test's inputs from a seed of its own id ({SEED_ENV}=random: fresh)"
+
+
+def _test_seed(nodeid: str) -> int:
+    """A test's default seed: stable across runs and machines (not Python's salted hash)."""
+    return zlib.crc32(nodeid.encode())
 
 
 _SEED_KEY = pytest.StashKey[int]()
@@ -81,9 +90,15 @@ _SEED_KEY = pytest.StashKey[int]()
 
 @pytest.fixture
 def seed(request) -> int:
-    """This test's seed: `FASTPRUNE_TEST_SEED` if set, else a fresh random one."""
+    """This test's seed: `FASTPRUNE_TEST_SEED` if it is a number, a fresh random one if it
+    is "random", else one derived from the test's id (the same every run)."""
     env = os.environ.get(SEED_ENV)
-    value = int(env) if env else int.from_bytes(os.urandom(4), "little")
+    if env == "random":
+        value = int.from_bytes(os.urandom(4), "little")
+    elif env:
+        value = int(env)
+    else:
+        value = _test_seed(request.node.nodeid)
     request.node.stash[_SEED_KEY] = value
     request.node.user_properties.append(("seed", value))
     print(f"seed={value} (replay: {SEED_ENV}={value})")
@@ -93,7 +108,7 @@ def seed(request) -> int:
 
 @pytest.fixture
 def gen(seed) -> torch.Generator:
-    """A generator seeded by `seed` (fresh per test unless FASTPRUNE_TEST_SEED is set)."""
+    """A generator seeded by `seed` (see `seed`)."""
     return torch.Generator().manual_seed(seed)
 
 

@@ -12,7 +12,7 @@ How a fast solve is held to the reference (docs/semantics.md, Exactness):
 On CPU the Triton kernels run in the interpreter and the CUDA kernels on the emulator
 (FASTPRUNE_CUDA_EMULATE=1); there the ops the CUDA backend has no kernel of run on torch
 rather than the (slow) interpreted Triton (the triton param covers those kernels), and shapes
-are small. Inputs are fresh random per run (`gen`; replay with FASTPRUNE_TEST_SEED).
+are small. Inputs are seeded per test (`gen`; FASTPRUNE_TEST_SEED=random for fresh ones).
 """
 
 from __future__ import annotations

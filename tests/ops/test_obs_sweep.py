@@ -1,8 +1,8 @@
 """Op `obs_sweep` on every backend (torch, Triton, CUDA) against its float64 oracle, the
 research loop column by column (`op_oracles.oracle_obs_sweep`).
 
-Each backend's own implementation is called (never a fallback). Inputs are fresh random per
-run (`gen`; replay a failure with FASTPRUNE_TEST_SEED, see conftest). Masks: unstructured and
+Each backend's own implementation is called (never a fallback). Inputs are seeded per test
+(`gen`; FASTPRUNE_TEST_SEED=random draws fresh ones, see conftest). Masks: unstructured and
 fixed masks are used exactly as given; N:M groups choose from the updated weights, so a
 float32 backend may pick differently from the float64 oracle only at a near-tie: every group
 is checked against the scores it saw along the backend's own path (docs/semantics.md,
