@@ -9,7 +9,13 @@ from collections.abc import Callable
 
 import torch
 
-from .hessian import InverseHessian, hessian_scale_exponent, inverse_hessian, scale_pow2
+from .hessian import (
+    InverseHessian,
+    check_inverse_of,
+    hessian_scale_exponent,
+    inverse_hessian,
+    scale_pow2,
+)
 from .masks import pattern_name
 from .result import PruneResult
 from .validation import (
@@ -179,9 +185,10 @@ def resolve_inverse(
             f"H is {tuple(H.shape)} on {H.device}"
         )
     if hinv.hinv.dtype != dtype:
-        return InverseHessian(
+        hinv = InverseHessian(
             hinv.hinv.to(dtype), hinv.dead, hinv.damp, hinv.percdamp, hinv.retries
         )
+    check_inverse_of(hinv, H)  # the OBS updates and the reported loss assume it
     return hinv
 
 

@@ -351,6 +351,36 @@ def inverse_hessian(
     )
 
 
+# `check_inverse_of`: the largest relative error of the probes' energy that still counts as
+# the inverse of H (measured: <= 1.3e-3 for inverses of their own H, well- to ill-conditioned,
+# rank-deficient, percdamp down to 0; >= 0.1 for the inverse of H/2 or 2H, >= 19 for another H)
+INVERSE_PROBE_RTOL = 0.05
+
+
+@torch.no_grad()
+def check_inverse_of(inv: InverseHessian, H: torch.Tensor, name: str = "hinv", probes: int = 4):
+    """Refuse an inverse that was not computed from `H` (another layer's, or a rescaled H's):
+    for a few fixed random vectors `v` on H's live columns, `y = U^T v` must satisfy
+    `y^T (H + damp I) y = v^T v` (as `U (H + damp I) U^T = I`). O(cols^2) work; robust to
+    ill-conditioning (an energy, not a solve). `ValueError` naming `name` otherwise."""
+    U = inv.hinv
+    if U.shape != H.shape:
+        raise ValueError(f"{name} is {tuple(U.shape)}, H is {tuple(H.shape)}")
+    g = torch.Generator().manual_seed(0)
+    V = torch.randn(U.shape[0], probes, generator=g, dtype=torch.float64)
+    V = V.to(U.device, U.dtype).masked_fill_(inv.dead.reshape(-1, 1), 0)
+    Y = U.t() @ V
+    HY = (H.to(U.dtype) @ Y).add_(Y, alpha=inv.damp).masked_fill_(inv.dead.reshape(-1, 1), 0)
+    vv = (V * V).sum(0, dtype=torch.float64)
+    err = (((Y * HY).sum(0, dtype=torch.float64) - vv).abs() / vv).max().item()
+    if not err <= INVERSE_PROBE_RTOL:
+        raise ValueError(
+            f"{name} is not the inverse of this H (a probe's energy is off by {err:.3g} "
+            f"relative, above {INVERSE_PROBE_RTOL}): pass inverse_hessian(H, percdamp) of the "
+            "same H, or no inverse"
+        )
+
+
 def _loss_terms(W: torch.Tensor, Wp: torch.Tensor, H: torch.Tensor):
     """`(D H) * D` for `D = W - W_p`, a chunk of rows at a time (float32, float64 for float64
     inputs), so a big layer does not need a second rows x cols temporary at once."""
@@ -381,6 +411,7 @@ __all__ = [
     "HessianAccumulator",
     "InverseHessian",
     "accumulate_hessian",
+    "check_inverse_of",
     "inverse_hessian",
     "layer_loss",
     "check_finite",

@@ -11,7 +11,13 @@ import time
 import torch
 
 from .core import base_info, check_obs_args, finish, problem_scales
-from .hessian import H_RANGE, InverseHessian, inverse_hessian, upper_triangular_inverse
+from .hessian import (
+    H_RANGE,
+    InverseHessian,
+    check_inverse_of,
+    inverse_hessian,
+    upper_triangular_inverse,
+)
 from .obs import block_bounds, nm_blocksize, obs_loss_info
 from .ops.obs_sweep import torch_obs_sweep_batched
 from .result import PruneResult
@@ -107,6 +113,8 @@ def sparsegpt_experts(
             invs = inverse_hessians(H.index_select(0, idx), percdamp, dtype)
         else:
             invs = [hinvs[e] for e in batch]
+            for e, inv in zip(batch, invs):
+                check_inverse_of(inv, H[e], f"hinvs[{e}]")
         U = torch.stack([i.hinv.to(dtype) for i in invs])
         dead = torch.stack([i.dead for i in invs])
         Wc = W.index_select(0, idx).to(dtype, copy=True)

@@ -160,3 +160,28 @@ def test_loss_identity_matches_explicit_form(gen, percdamp):
     r = fp.sparsegpt_layer(W, H, percdamp=percdamp, blocksize=16)
     assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, H), rel=1e-4)
     assert r.info["loss_method"] in ("obs identity", "explicit")
+
+
+@pytest.mark.parametrize("kind", ["plain", "ill"])
+@pytest.mark.parametrize("percdamp", [0.01, 1e-4, 0.0])
+def test_shared_inverse_of_its_own_h_is_accepted(gen, kind, percdamp):
+    """An inverse of the same H (dead columns, ill-conditioned, rank-deficient, little or no
+    damping) passes the probe check, and the loss is tr(D H D^T) of that H."""
+    W, H = layer(gen, 24, 96, kind, dead=2)
+    X = torch.randn(40, 96, generator=gen)  # rank-deficient: 40 tokens, 96 columns
+    for Hs in (H, 2 / 40 * X.t() @ X):
+        inv = fp.inverse_hessian(Hs, percdamp)
+        r = fp.sparsegpt_layer(W, Hs, 0.5, percdamp=percdamp, hinv=inv, blocksize=32)
+        assert r.loss == pytest.approx(fp.layer_loss(W, r.weight, Hs), rel=1e-4)
+
+
+def test_inverse_of_another_h_is_refused(gen):
+    """A hinv computed from another H of the same shape (another layer's, or H scaled) would
+    give wrong updates and a wrong loss: refused, naming hinv."""
+    W, H = layer(gen, 24, 96, "plain")
+    _, other = layer(gen, 24, 96, "plain")
+    for wrong in (other, 2 * H, H / 2):
+        with pytest.raises(ValueError, match="hinv is not the inverse of this H"):
+            fp.sparsegpt_layer(W, H, 0.5, hinv=fp.inverse_hessian(wrong))
+    with pytest.raises(ValueError, match="hinv is not the inverse"):
+        fp.compose_layer(W, H, select="sparsegpt", reconstruct=True, hinv=fp.inverse_hessian(other))

@@ -100,3 +100,12 @@ def test_bad_shapes_are_refused(gen):
     W[1, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="W"):
         sparsegpt_experts(W, H, 0.5)
+
+
+def test_inverses_of_other_hessians_are_refused(gen):
+    W, H = _experts(gen, 3, 8, 32, 16)
+    invs = inverse_hessians(H)
+    sparsegpt_experts(W, H, 0.5, hinvs=invs)  # their own: accepted
+    invs[1] = fp.inverse_hessian(H[2])
+    with pytest.raises(ValueError, match=r"hinvs\[1\] is not the inverse"):
+        sparsegpt_experts(W, H, 0.5, hinvs=invs)
