@@ -364,7 +364,7 @@ METHODS: dict[str, Method] = {
             "fastprune",
             fastprune_layer,
             "fastprune's recipe: SparseGPT (ROSE for N:M), refined by swaps on its own "
-            "weights, reconstructed where that helps (see the README)",
+            "weights, reconstructed where that helps (see docs/recipes.md)",
             {
                 **RECIPE,
                 "max_swaps": "auto",

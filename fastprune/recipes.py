@@ -1,6 +1,6 @@
 """Recipes: a mask selector, an optional mask refinement and an optional OBS reconstruction
 composed into one layer solve (`compose_layer`), and `fastprune_layer`, the composition that
-pruned the built-in model best (see the README's "Recipes" table).
+pruned the built-in model best (see the table in docs/recipes.md).
 
 1. select: magnitude | wanda | gblm | sparsegpt | rose gives a mask and weights (SparseGPT and
    ROSE update the kept weights; the score methods keep `W`).
@@ -15,7 +15,7 @@ pruned the built-in model best (see the README's "Recipes" table).
    row by the loss `d H d^T` (both have the same mask, and the layer loss is the sum of the
    rows', so this is never above either). "best_rows" fits the calibration data more
    closely; on SmolLM2-135M it was better on the calibration text's domain and worse on the
-   other text than "best" (README "Recipes"), so the recipe keeps "best".
+   other text than "best" (docs/recipes.md), so the recipe keeps "best".
 
 Every step treats each row on its own except the selection of magnitude (unstructured: one
 threshold), SparseGPT (unstructured: a threshold per block over all rows) and ROSE (its column
@@ -166,7 +166,7 @@ def _best_rows(
 
 
 # SparseSwaps steps in fastprune's recipe: at most this many (and at most the budget of
-# `max_swaps="auto"` in the pipeline). On SmolLM2-135M at 2:4 (README "Recipes"), 4 and 16
+# `max_swaps="auto"` in the pipeline). On SmolLM2-135M at 2:4 (docs/recipes.md), 4 and 16
 # steps improved perplexity on both texts (16 more), while the ~100 of the CPU budget cut the
 # calibration loss further but made the out-of-domain text worse than SparseGPT.
 RECIPE_MAX_SWAPS = 16
