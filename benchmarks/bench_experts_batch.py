@@ -1,6 +1,6 @@
-"""MoE experts: SparseGPT on E same-shaped layers, one by one (`sparsegpt_layer`, torch
-kernels) against one batch (`sparsegpt_experts`), and their inverses (`inverse_hessian` per
-expert against `inverse_hessians`). The pipeline batches where this says it pays
+"""MoE experts: SparseGPT on E same-shaped layers, one by one (`sparsegpt_layer`) against one
+batch (`sparsegpt_experts`), and their inverses (`inverse_hessian` per expert against
+`inverse_hessians`). The pipeline batches where this says it pays
 (`fastprune.methods.BATCH_MAX_ENTRIES` on CPU).
 
     python -m benchmarks.bench_experts_batch --device cpu --out benchmarks/results/experts_batch_cpu
@@ -34,7 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="write OUT.json / OUT.csv")
     args = ap.parse_args(argv)
-    backend = "torch"  # the batched sweep is torch's; one by one with the same kernels
+    # one by one with the kernels the batch uses: torch's on CPU, the fused ones on a GPU
+    # (where the batch launches Triton's obs_sweep over the experts)
+    backend = "torch" if args.device == "cpu" else "auto"
     rows = []
     for E, r, c in CASES:
         W, H = experts(E, r, c, args.device)
@@ -44,14 +46,14 @@ def main(argv=None) -> None:
             args.device,
             rep=1,
         )
-        both = bench(lambda: sparsegpt_experts(W, H), args.device, rep=1)
+        both = bench(lambda: sparsegpt_experts(W, H, backend=backend), args.device, rep=1)
         inv_one = bench(lambda: [inverse_hessian(H[e]) for e in range(E)], args.device, rep=1)
         inv_both = bench(lambda: inverse_hessians(H), args.device, rep=1)
         rows += [
-            row("sparsegpt_experts", "torch", shape, W.dtype, args.device, one, mode="one by one"),
+            row("sparsegpt_experts", backend, shape, W.dtype, args.device, one, mode="one by one"),
             row(
                 "sparsegpt_experts",
-                "torch",
+                backend,
                 shape,
                 W.dtype,
                 args.device,

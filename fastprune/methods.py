@@ -154,18 +154,21 @@ class Method:
 
     def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
         """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
-        solved as one batch here: the method has a batch solver, its kernels are torch's on
-        `device`, and (on CPU) the layers are small enough for the Python loop over columns
-        to dominate (`BATCH_MAX_ENTRIES`; `benchmarks/bench_experts_batch.py` measured it)."""
+        solved as one batch here: the method has a batch solver for its backend (torch's
+        batched sweep, or Triton's launched over the layers on a GPU) and, on CPU, the
+        layers are small enough for the Python loop over columns to dominate
+        (`BATCH_MAX_ENTRIES`; `benchmarks/bench_experts_batch.py` measured it)."""
         backend = options.get("backend", "auto")
-        torch_kernels = backend == "torch" or (backend == "auto" and device.type == "cpu")
-        small = device.type != "cpu" or shape[0] * shape[1] <= BATCH_MAX_ENTRIES
-        return self.batch_solver is not None and torch_kernels and small
+        if self.batch_solver is None or backend == "cuda":
+            return False
+        if device.type == "cpu":  # Triton asked for on CPU: the single path says why not
+            return backend in ("auto", "torch") and shape[0] * shape[1] <= BATCH_MAX_ENTRIES
+        return True
 
     def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None):
         """Layers `W [E, rows, cols]` with Hessians `H [E, cols, cols]` (and their inverses
         `hinvs`), solved together: one `PruneResult` per layer."""
-        kw = {k: options[k] for k in self.solver_options if k != "backend"}
+        kw = {k: options[k] for k in self.solver_options}
         return self.batch_solver(W, H, sparsity, prune_n, prune_m, **kw, hinvs=hinvs)
 
 

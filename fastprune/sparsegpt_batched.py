@@ -19,6 +19,7 @@ from .hessian import (
     upper_triangular_inverse,
 )
 from .obs import block_bounds, nm_blocksize, obs_loss_info
+from .ops import BackendUnavailableError
 from .ops.obs_sweep import torch_obs_sweep_batched
 from .result import PruneResult
 from .sparsegpt import sparsegpt_layer
@@ -61,6 +62,21 @@ def inverse_hessians(
     return out
 
 
+def _batched_sweep(backend: str, device: torch.device):
+    """(the batched `obs_sweep` for `backend` on `device`, the name of what runs)."""
+    if backend == "cuda":
+        raise ValueError("backend='cuda' has no batched obs_sweep; use 'auto', 'triton' or 'torch'")
+    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
+        try:
+            from .triton_kernels.obs_sweep import triton_obs_sweep_batched
+        except ImportError as e:
+            if backend == "triton":
+                raise BackendUnavailableError(f"backend='triton' needs triton: {e}") from e
+        else:
+            return triton_obs_sweep_batched, "triton"
+    return torch_obs_sweep_batched, "torch"
+
+
 def _block_keep(W1: torch.Tensor, hdiag: torch.Tensor, sparsity: float) -> torch.Tensor:
     """`block_prune_mask` for every layer of `W1 [E, rows, count]` (each its own threshold)."""
     score = (W1**2 / hdiag[:, None, :] ** 2).flatten(1)
@@ -81,11 +97,14 @@ def sparsegpt_experts(
     prune_m: int = 0,
     blocksize: int = 128,
     percdamp: float = 0.01,
+    backend: str = "auto",
     *,
     hinvs: list[InverseHessian] | None = None,
 ) -> list[PruneResult]:
     """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H [E, cols, cols]`, solved
-    together (torch kernels on W's device). `hinvs`: one inverse per layer, as
+    together on W's device: the in-block sweep of every layer in one launch of Triton's
+    `obs_sweep` (`backend` "triton", or "auto" on a GPU), else torch's batched sweep ("torch",
+    or "auto" on CPU). `hinvs`: one inverse per layer, as
     `inverse_hessians(H, percdamp)` gives (computed here if None). A layer whose weights or
     Hessian need the solver's exact power-of-two rescaling is solved alone by
     `sparsegpt_layer`. Each result's `seconds` is its share of the batch's time."""
@@ -98,13 +117,16 @@ def sparsegpt_experts(
     E = W.shape[0]
     for e in range(E):  # every layer's weights and Hessian checked as the solver checks them
         _, _, sparsity, n, m, blocksize, percdamp = check_obs_args(
-            W[e], H[e], sparsity, prune_n, prune_m, blocksize, percdamp, "torch"
+            W[e], H[e], sparsity, prune_n, prune_m, blocksize, percdamp, backend
         )
+    sweep, kernel = _batched_sweep(backend, W.device)
     results: list[PruneResult | None] = [None] * E
     alone = [e for e in range(E) if problem_scales(W[e], H[e]) is not None]
     for e in alone:
         hinv = None if hinvs is None else hinvs[e]
-        results[e] = sparsegpt_layer(W[e], H[e], sparsity, n, m, blocksize, percdamp, hinv=hinv)
+        results[e] = sparsegpt_layer(
+            W[e], H[e], sparsity, n, m, blocksize, percdamp, backend=backend, hinv=hinv
+        )
     batch = [e for e in range(E) if e not in alone]
     if batch and (n or sparsity > 0.0):
         dtype = compute_dtype(W, H)
@@ -126,7 +148,7 @@ def sparsegpt_experts(
         for i1, i2 in block_bounds(W.shape[2], bsz):
             W1 = Wc[:, :, i1:i2]
             keep1 = None if n else _block_keep(W1, hdiag[:, i1:i2], sparsity)
-            Q1, Err1, keep1, loss1 = torch_obs_sweep_batched(W1, U[:, i1:i2, i1:i2], keep1, n, m)
+            Q1, Err1, keep1, loss1 = sweep(W1, U[:, i1:i2, i1:i2], keep1, n, m)
             Wc[:, :, i1:i2] = Q1
             keep[:, :, i1:i2] = keep1
             losses += loss1
@@ -134,10 +156,10 @@ def sparsegpt_experts(
                 Wc[:, :, i2:].baddbmm_(Err1, U[:, i1:i2, i2:], alpha=-1)
         share = (time.perf_counter() - t0) / len(batch)
         for j, e in enumerate(batch):
-            info = base_info("sparsegpt", W[e], sparsity, n, m, "torch", dtype)
+            info = base_info("sparsegpt", W[e], sparsity, n, m, kernel, dtype)
             info.update(blocksize=bsz, percdamp=percdamp, batched=len(batch))
             info.update(invs[j].as_info())
-            info["kernels"] = {"block_prune_mask": "torch", "obs_sweep": "torch (batched)"}
+            info["kernels"] = {"block_prune_mask": "torch", "obs_sweep": f"{kernel} (batched)"}
             if n:
                 del info["kernels"]["block_prune_mask"]
             loss = obs_loss_info(W[e], Wc[j], H[e], invs[j], losses[j], info)
@@ -146,5 +168,7 @@ def sparsegpt_experts(
             results[e] = r
     for e in range(E):  # sparsity 0, nothing batched: the solver's own rule
         if results[e] is None:
-            results[e] = sparsegpt_layer(W[e], H[e], sparsity, n, m, blocksize, percdamp)
+            results[e] = sparsegpt_layer(
+                W[e], H[e], sparsity, n, m, blocksize, percdamp, backend=backend
+            )
     return results  # type: ignore[return-value]

@@ -1,7 +1,8 @@
 """Triton `obs_sweep` (contract: `fastprune.ops.obs_sweep`): the fused in-block OBS sweep,
 one launch per block of columns.
 
-Design: grid `(cdiv(rows, BLOCK_R),)`; every program owns `BLOCK_R` rows and the whole block
+Design: grid `(cdiv(rows, BLOCK_R), E)` (E: layers of a batch, 1 for one layer; the batch
+strides select each program's layer); every program owns `BLOCK_R` rows and the whole block
 of columns (padded to `BLOCK_C`, a power of two >= 16, blocksize up to 256) as a float32
 register tile and sweeps the columns in a loop. Column `i` is frozen once it is swept (its
 update mask is `j > i`), so after the loop `Q1 = where(pruned, 0, W)` and
@@ -51,6 +52,11 @@ def _obs_sweep_kernel(
     stride_kn,
     stride_qm,
     stride_qn,
+    stride_wb,
+    stride_hb,
+    stride_kb,
+    stride_qb,
+    stride_lb,
     PRUNE_N: tl.constexpr,
     PRUNE_M: tl.constexpr,
     HAS_KEEP: tl.constexpr,
@@ -60,6 +66,14 @@ def _obs_sweep_kernel(
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    b = tl.program_id(1)  # the layer of a batch (0 for one layer)
+    W_ptr += b * stride_wb
+    Hinv_ptr += b * stride_hb
+    K_ptr += b * stride_kb
+    Q_ptr += b * stride_qb
+    E_ptr += b * stride_qb
+    Kout_ptr += b * stride_qb
+    L_ptr += b * stride_lb
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
     rmask = r < rows
@@ -137,9 +151,29 @@ def triton_obs_sweep(
             f"W1 must be [rows, count] and Hinv1 [count, count], got "
             f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
         )
+    one = None if keep1 is None else keep1[None]
+    Q, E, keep, loss = triton_obs_sweep_batched(W1[None], Hinv1[None], one, prune_n, prune_m)
+    return Q[0], E[0], keep1 if keep is one else keep[0], loss[0]
+
+
+def triton_obs_sweep_batched(
+    W1: torch.Tensor,
+    Hinv1: torch.Tensor,
+    keep1: torch.Tensor | None,
+    prune_n: int = 0,
+    prune_m: int = 0,
+):
+    """`triton_obs_sweep` for `E` layers in one launch (grid `(row tiles, E)`): `W1
+    [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1 [E, rows, count]`; every output
+    gains the leading `E` (contract: `fastprune.ops.obs_sweep.torch_obs_sweep_batched`)."""
+    if W1.dim() != 3 or Hinv1.shape != (W1.shape[0], W1.shape[2], W1.shape[2]):
+        raise ValueError(
+            f"W1 must be [E, rows, count] and Hinv1 [E, count, count], got "
+            f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
+        )
     if W1.device != Hinv1.device:
         raise ValueError(f"W1 is on {W1.device}, Hinv1 on {Hinv1.device}")
-    rows, count = W1.shape
+    layers, rows, count = W1.shape
     nm = prune_n > 0
     if nm and (prune_m <= 0 or prune_n > prune_m or count % prune_m):
         raise ValueError(
@@ -153,16 +187,16 @@ def triton_obs_sweep(
     f64 = torch.float64 in (W1.dtype, Hinv1.dtype)
     state = torch.float64 if f64 else torch.float32
     dev = W1.device
-    Q = torch.empty(rows, count, dtype=state, device=dev)
-    E = torch.empty(rows, count, dtype=state, device=dev)
-    loss = torch.empty(rows, dtype=state, device=dev)
-    if rows == 0 or count == 0:
+    Q = torch.empty(layers, rows, count, dtype=state, device=dev)
+    E = torch.empty_like(Q)
+    loss = torch.empty(layers, rows, dtype=state, device=dev)
+    if layers == 0 or rows == 0 or count == 0:
         loss.zero_()
-        return Q, E, torch.ones(rows, count, dtype=torch.bool, device=dev), loss
-    k_out = torch.empty(rows, count, dtype=torch.int8, device=dev) if nm else Q  # Q: unused
+        return Q, E, torch.ones(W1.shape, dtype=torch.bool, device=dev), loss
+    k_out = torch.empty(W1.shape, dtype=torch.int8, device=dev) if nm else Q  # Q: unused
     k_in = keep1.view(torch.uint8) if keep1 is not None else Q  # same strides, no copy
     block_r, block_c, warps = _tile(rows, count)
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (triton.cdiv(rows, block_r), layers)
     _obs_sweep_kernel[grid](
         W1,
         Hinv1,
@@ -173,14 +207,19 @@ def triton_obs_sweep(
         k_out,
         rows,
         count,
-        W1.stride(0),
         W1.stride(1),
-        Hinv1.stride(0),
+        W1.stride(2),
         Hinv1.stride(1),
-        k_in.stride(0),
+        Hinv1.stride(2),
         k_in.stride(1),
-        Q.stride(0),
+        k_in.stride(2),
         Q.stride(1),
+        Q.stride(2),
+        W1.stride(0),
+        Hinv1.stride(0),
+        k_in.stride(0),
+        Q.stride(0),
+        loss.stride(0),
         PRUNE_N=prune_n if nm else 0,
         PRUNE_M=prune_m if nm else 1,
         HAS_KEEP=keep1 is not None,
