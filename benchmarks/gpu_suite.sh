@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh quick     # every benchmarks.bench_<op> --quick (~1 min)
 #   bash benchmarks/gpu_suite.sh kernels   # every benchmarks.bench_<op> at full shapes
 #   bash benchmarks/gpu_suite.sh e2e       # prune_model on the 7B (4 blocks) and 70B (1 block) shapes
+#   bash benchmarks/gpu_suite.sh moe       # one Qwen3-30B-A3B block; experts batched vs one by one
 #
 # Several steps may follow one another in one call (`gpu_suite.sh tests kernels`).
 # Every command runs under `timeout`; after each one the step's results are bundled again
@@ -14,7 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 [ $# -gt 0 ] || {
-  echo "usage: gpu_suite.sh STEP... (tests, quick, kernels, e2e)" >&2
+  echo "usage: gpu_suite.sh STEP... (tests, quick, kernels, e2e, moe)" >&2
   exit 2
 }
 out=${OUT:-benchmarks/results/gpu}
@@ -72,8 +73,14 @@ e2e)
   run 270 python3 -m benchmarks.bench_end_to_end --shape llama2-7b --blocks 4 --out "$res/e2e_llama2-7b_${tag}"
   run 150 python3 -m benchmarks.bench_end_to_end --shape llama2-70b --blocks 1 --out "$res/e2e_llama2-70b_${tag}"
   ;;
+moe)
+  run 60 python3 -m pytest -q tests/test_sparsegpt_batched.py tests/test_moe.py -k "sweep or experts or fused"
+  run 120 python3 -m benchmarks.bench_experts_batch --out "$res/experts_batch_${tag}"
+  run 240 python3 -m benchmarks.bench_end_to_end --shape qwen3-30b-a3b --blocks 2 --dtype bfloat16 \
+    --method sparsegpt --out "$res/e2e_qwen3-30b-a3b_${tag}"
+  ;;
 *)
-  echo "unknown step $step (tests, quick, kernels, e2e)" >&2
+  echo "unknown step $step (tests, quick, kernels, e2e, moe)" >&2
   exit 2
   ;;
 esac
