@@ -47,8 +47,19 @@ SOLVER_OPTIONS = {
         "percdamp": 0.01,
         "backend": "auto",
     },
+    "fastprune": {
+        "select": "auto",
+        "refine": "sparseswaps",
+        "refine_on": "reconstructed",
+        "reconstruct": "best",
+        "max_swaps": MAX_SWAPS,
+        "blocksize": 128,
+        "percdamp": 0.01,
+        "range_threshold": 0.5,
+        "backend": "auto",
+    },
 }
-PIPELINE_OPTIONS = {"sparseswaps": {"max_swaps": MAX_SWAPS}}
+PIPELINE_OPTIONS = {"sparseswaps": {"max_swaps": MAX_SWAPS}, "fastprune": {"max_swaps": MAX_SWAPS}}
 RESTATED_METHODS = tuple(SOLVER_OPTIONS)
 MASK_AGREE = 0.999
 WEIGHT_RTOL = 1e-4
@@ -128,8 +139,11 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     return (2.0 / x.shape[0] * (x.t() @ x)).float()
 
 
-def _solve(method: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int):
-    """The public layer solver the pipeline's registry names, with its options."""
+def _solve(method: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, n: int, m: int, G=None):
+    """The public layer solver the pipeline's registry names, with its options (GBLM: its
+    default alpha, with the gradient norm `G`)."""
+    if method == "gblm":
+        return fastprune.gblm_layer(W, H, G, sparsity, n, m, alpha=1.0)
     o = SOLVER_OPTIONS[method]
     if method == "magnitude":
         return fastprune.magnitude_layer(W, sparsity, n, m)
@@ -141,6 +155,8 @@ def _solve(method: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, n: in
         return fastprune.rose_layer(W, H, sparsity, n, m, **o)
     if method == "sparseswaps":
         return fastprune.sparseswaps_layer(W, H, sparsity=sparsity, prune_n=n, prune_m=m, **o)
+    if method == "fastprune":
+        return fastprune.fastprune_layer(W, H, sparsity, n, m, **o)
     raise ValueError(method)
 
 
@@ -238,7 +254,7 @@ def _check_loss(name: str, lr, r, mismatches: int) -> None:
 
 @torch.no_grad()
 def _restate_fused_block(
-    family, dense, model, report, b, ids, method, sparsity, n, m, every=False
+    family, dense, model, report, b, ids, method, sparsity, n, m, every=False, grads=None
 ) -> int:
     """Restate every expert of block b's fused experts module and compare with the pipeline.
     `dense`: a copy of the dense model whose blocks < b already hold the pipeline's pruned
@@ -265,7 +281,8 @@ def _restate_fused_block(
             name = f"{b}.mlp.experts.{proj}[{e}]"
             W0 = _oriented(getattr(exd, proj)[e], tr).contiguous()
             Wp = _oriented(getattr(exp, proj)[e], tr)
-            r = _solve(method, W0, H, sparsity, n, m)
+            G = None if grads is None else _oriented(grads[b, proj][e], tr).contiguous()
+            r = _solve(method, W0, H, sparsity, n, m, G)
             nd = _assert_same_prune(name, Wp, r.weight)
             total += nd
             lr = by_name[name]
@@ -405,6 +422,8 @@ def test_restated_options():
         got = {k: opts[k] for k in meth.solver_options}
         assert got == want, method
         assert meth.solver is getattr(fastprune, f"{method}_layer")
+    gblm = METHODS["gblm"].check_options({})  # _gradient_norms: l2, scale 100; alpha 1
+    assert (gblm["alpha"], gblm["norm"], gblm["scale"]) == (1.0, "l2", 100.0)
 
 
 @pytest.mark.parametrize("n,m", PATTERNS, ids=PATTERN_IDS)
@@ -425,6 +444,39 @@ def test_fused_experts_restated(family, method, n, m):
     for b in range(first, len(model.model.layers)):
         _load_pruned_blocks(dense, model, b)
         _restate_fused_block(family, dense, model, report, b, ids, method, 0.5, n, m)
+
+
+def _gradient_norms(model, ids) -> dict:
+    """GBLM's l2 gradient norm of every fused expert parameter, restated with autograd on
+    the dense model: sqrt(sum over samples of (100 * grad)^2), one backward per sample."""
+    model = copy.deepcopy(model)
+    sums = {}
+    for i in range(ids.shape[0]):
+        model.zero_grad()
+        x = ids[i : i + 1]
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+        for b, block in enumerate(model.model.layers):
+            experts = getattr(block.mlp, "experts", None)
+            for proj in ("gate_up_proj", "down_proj"):
+                p = getattr(experts, proj, None)
+                if isinstance(p, torch.Tensor) and p.dim() == 3:
+                    g = (100 * p.grad.float()) ** 2
+                    sums[b, proj] = g if (b, proj) not in sums else sums[b, proj] + g
+    return {k: v.sqrt() for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("n,m", PATTERNS, ids=PATTERN_IDS)
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_gblm_experts_restated(family, n, m):
+    """GBLM: each expert with its routed tokens' H and its slice of the gradient norm."""
+    model = _moe_model(family)
+    dense = copy.deepcopy(model)
+    ids = calib_ids(NSAMPLES, SEQLEN)
+    grads = _gradient_norms(dense, ids)
+    report = _prune(model, "gblm", 0.5, n, m)
+    for b in range(len(model.model.layers)):
+        _load_pruned_blocks(dense, model, b)
+        _restate_fused_block(family, dense, model, report, b, ids, "gblm", 0.5, n, m, grads=grads)
 
 
 # ---------------------------------------------------------------- 3. moe_calibration="all"

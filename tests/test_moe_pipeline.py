@@ -161,3 +161,21 @@ def test_llama4_experts_grouped_by_the_caller():
     assert {d["reason"] for d in rep.dense} == {"router"}
     with pytest.raises(ValueError, match="moe_calibration='all'"):
         fp.prune_model(model, calib, "wanda", 0.5, moe_calibration="all", progress=False)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_any_experts_implementation_prunes_alike(family):
+    """The experts' inputs are read from the experts module's call, so eager, batched_mm and
+    grouped_mm forwards give the same Hessians, hence the same pruned experts."""
+    got = {}
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        model = tiny_moe_model(family)
+        for block in model.model.layers:
+            block.mlp.experts.config._experts_implementation = impl
+        rep = fp.prune_model(model, calib_ids(4, 32), "sparsegpt", 0.5, progress=False)
+        assert rep.block_sparsity > 0.49
+        got[impl] = [b.mlp.experts.down_proj.detach().clone() for b in model.model.layers]
+    for impl in ("batched_mm", "grouped_mm"):
+        for a, b in zip(got["eager"], got[impl]):
+            assert ((a != 0) == (b != 0)).float().mean() >= 0.999, impl
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

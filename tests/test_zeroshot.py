@@ -145,6 +145,17 @@ def test_api_and_eval_command_on_a_tiny_model(task_dir, tmp_path, capsys):
 
 
 @needs_lm_eval
+def test_pruned_moe_model(task_dir):
+    """lm-eval wraps a pruned MoE model (fused experts) as it does a dense one."""
+    from pipeline_helpers import byte_tokenizer, calib_ids, tiny_moe_model
+
+    model = tiny_moe_model("qwen3_moe")
+    fp.prune_model(model, calib_ids(4, 32), "wanda", 0.5, progress=False)
+    res = fp.lm_eval_tasks(model, byte_tokenizer(), [TASK], include=task_dir, limit=8)
+    assert res[TASK]["samples"] == 8 and 0 <= res[TASK]["acc"] <= 1
+
+
+@needs_lm_eval
 @needs_smollm
 @pytest.mark.slow
 def test_cli_prune_default_model_dense_above_chance_and_pruned(task_dir, tmp_path, capsys):
