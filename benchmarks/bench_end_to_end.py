@@ -11,7 +11,7 @@ slightly overstates it (embedding and first-block capture are counted once per b
     python -m benchmarks.bench_end_to_end --shape qwen3-30b-a3b --blocks 1 --method sparsegpt
 
 `qwen3-30b-a3b` is one Qwen3-30B-A3B block (hidden 2048, 128 experts of 768x2048, top-8):
-its experts are solved as batches per projection (`fastprune.sparsegpt_batched`).
+its experts are solved as batches per projection (`fastprune.solvers.sparsegpt_batched`).
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ import torch
 
 from benchmarks.harness import bench, ratio, row, write_rows
 from fastprune.hessian import inverse_hessian
-from fastprune.sparsegpt import sparsegpt_layer
-from fastprune.sparsegpt_batched import inverse_hessians, sparsegpt_experts
+from fastprune.solvers.sparsegpt import sparsegpt_layer
+from fastprune.solvers.sparsegpt_batched import inverse_hessians, sparsegpt_experts
 
 # experts, rows, cols: tiny experts, Qwen3-30B-A3B's down_proj and gate_up_proj
 CASES = [(64, 64, 256), (16, 2048, 768), (16, 1536, 2048)]

@@ -57,7 +57,7 @@ from benchmarks.harness import (
 )
 from fastprune.ops import Kernels, torch_swap_apply, torch_swap_search
 from fastprune.ops.swap_search import _swap_terms
-from fastprune.sparseswaps import SWAP_OPS
+from fastprune.solvers.sparseswaps import SWAP_OPS
 from fastprune.timing import Timing
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096)]

@@ -21,7 +21,7 @@ from benchmarks.harness import dense_layer_hessians
 from fastprune.data import get_calibration
 from fastprune.methods import auto_max_swaps
 from fastprune.models import get_weight
-from fastprune.recipes import compose_layer
+from fastprune.solvers.recipes import compose_layer
 
 VARIANTS = {
     "sparsegpt": dict(select="sparsegpt"),

@@ -19,12 +19,20 @@ from .methods import METHODS
 from .models import load_model
 from .ops import BackendUnavailableError
 from .pipeline import PruneReport, compute_gradient_norms, prune_model
-from .recipes import RECIPE, compose_layer, fastprune_layer
 from .result import PruneResult
-from .rose import rose_layer
-from .scores import GradientNormAccumulator, gblm_layer, gradient_norm, magnitude_layer, wanda_layer
-from .sparsegpt import sparsegpt_layer
-from .sparseswaps import sparseswaps_layer
+from .solvers import (
+    RECIPE,
+    GradientNormAccumulator,
+    compose_layer,
+    fastprune_layer,
+    gblm_layer,
+    gradient_norm,
+    magnitude_layer,
+    rose_layer,
+    sparsegpt_layer,
+    sparseswaps_layer,
+    wanda_layer,
+)
 from .zeroshot import lm_eval_tasks
 
 __version__ = "0.1.0"

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from .methods import METHODS, composed, methods_with
-from .recipes import REFINE_ON, REFINERS, SELECTORS
+from .solvers.recipes import REFINE_ON, REFINERS, SELECTORS
 
 # CLI flags that carry a method option: argparse dest -> option name. A flag reaches every
 # method in METHODS that declares the option; a flag left at None keeps the method's default.

@@ -16,7 +16,10 @@ from typing import Any
 
 import torch
 
-from .recipes import (
+from .result import PruneResult
+from .solvers.gblm import gblm_layer
+from .solvers.magnitude import magnitude_layer
+from .solvers.recipes import (
     RECIPE,
     RECIPE_MAX_SWAPS,
     SELECTORS,
@@ -25,12 +28,11 @@ from .recipes import (
     fastprune_layer,
     recipe_selector,
 )
-from .result import PruneResult
-from .rose import rose_layer
-from .scores import gblm_layer, magnitude_layer, wanda_layer
-from .sparsegpt import sparsegpt_layer
-from .sparsegpt_batched import sparsegpt_experts
-from .sparseswaps import sparseswaps_layer
+from .solvers.rose import rose_layer
+from .solvers.sparsegpt import sparsegpt_layer
+from .solvers.sparsegpt_batched import sparsegpt_experts
+from .solvers.sparseswaps import sparseswaps_layer
+from .solvers.wanda import wanda_layer
 from .validation import check_int
 
 # Options the pipeline consumes itself for a method that needs gradients (GBLM's `G`):

@@ -34,7 +34,7 @@ from op_oracles import PATTERNS, layer
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask
 from fastprune.ops import Kernels
-from fastprune.sparseswaps import SWAP_OPS, swap_refine
+from fastprune.solvers.sparseswaps import SWAP_OPS, swap_refine
 
 FAST = backend_params(fast_only=True)
 fast_backends = pytest.mark.parametrize("backend", FAST, indirect=True)

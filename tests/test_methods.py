@@ -15,7 +15,7 @@ from fastprune import cli
 from fastprune.hessian import InverseHessian
 from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, composed, get_method
 from fastprune.models import find_blocks, find_linears, get_weight
-from fastprune.recipes import SELECTORS
+from fastprune.solvers.recipes import SELECTORS
 
 # model-level defaults that differ from the solver's own on purpose
 PIPELINE_DEFAULTS = {

@@ -9,7 +9,7 @@ import torch
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask
 from fastprune.pipeline.allocation import check_allocation, owl_block_sparsities
-from fastprune.recipes import compose_layer, fastprune_layer
+from fastprune.solvers.recipes import compose_layer, fastprune_layer
 from fastprune.testing import random_layer
 
 PATTERNS = [(0, 0), (2, 4), (4, 8)]
@@ -424,7 +424,7 @@ def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
 
 
 def test_fastprune_caps_its_swap_steps():
-    from fastprune.recipes import RECIPE_MAX_SWAPS
+    from fastprune.solvers.recipes import RECIPE_MAX_SWAPS
 
     rep = fp.prune_model(
         pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),

@@ -9,7 +9,7 @@ from fastprune.core import wanda_score
 from fastprune.obs import block_bounds
 from fastprune.ops import torch_column_losses
 from fastprune.original import original_rose, original_sparsegpt
-from fastprune.rose import relative_range, rose_permutation
+from fastprune.solvers.rose import relative_range, rose_permutation
 
 
 @pytest.mark.parametrize("rows,cols,bs", [(1, 128, 32), (29, 192, 64), (64, 256, 128)])

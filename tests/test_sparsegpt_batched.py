@@ -13,7 +13,7 @@ from op_oracles import layer, random_keep, sweep_block
 
 import fastprune as fp
 from fastprune.ops.obs_sweep import torch_obs_sweep, torch_obs_sweep_batched
-from fastprune.sparsegpt_batched import inverse_hessians, sparsegpt_experts
+from fastprune.solvers.sparsegpt_batched import inverse_hessians, sparsegpt_experts
 
 PATTERNS = [(0, 0), (2, 4), (4, 8)]
 SHAPES = [(1, 64, 32), (37, 104, 32), (53, 200, 64)]  # rows, cols, blocksize (primes, 1 row)

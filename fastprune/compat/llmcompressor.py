@@ -15,7 +15,7 @@ from ..hessian import inverse_hessian
 from ..layers import get_weight, layer_kind, to_layer_layout
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..ops import Kernels
-from ..sparsegpt import sparsegpt_layer
+from ..solvers.sparsegpt import sparsegpt_layer
 from ..validation import check_pattern, compute_dtype
 
 log = logging.getLogger("fastprune")

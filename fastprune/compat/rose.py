@@ -7,7 +7,7 @@ from torch import nn
 
 from ..hessian import running_hessian_update
 from ..result import PruneResult
-from ..rose import rose_layer
+from ..solvers.rose import rose_layer
 from ..validation import check_scaler, check_weight
 from .adapter import _LayerAdapter, running_scaler_update
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..hessian import running_hessian_update
-from ..sparsegpt import sparsegpt_layer
+from ..solvers.sparsegpt import sparsegpt_layer
 from .adapter import _LayerAdapter
 
 

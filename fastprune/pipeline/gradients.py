@@ -9,7 +9,7 @@ from ..block_layers import resolve_layer
 from ..experts import ExpertProjection
 from ..layers import as_matrix, get_weight, layer_kind
 from ..models import model_device
-from ..scores import GradientNormAccumulator
+from ..solvers.gblm import GradientNormAccumulator
 
 
 def compute_gradient_norms(

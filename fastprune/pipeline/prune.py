@@ -20,7 +20,7 @@ from ..layers import get_weight, set_weight
 from ..masks import pattern_name
 from ..methods import composed, get_method
 from ..models import find_blocks, model_device
-from ..sparsegpt_batched import inverse_hessians
+from ..solvers.sparsegpt_batched import inverse_hessians
 from ..validation import check_int, check_pattern, check_sparsity
 from .allocation import (
     OWL_LAMBDA,
@@ -98,7 +98,7 @@ def prune_model(
         1 to 100 steps; on GPU a budget of 5e12, ~2 s a layer on an H100),
         reconstruct (OBS reconstruction on the refined mask), percdamp, backend;
         fastprune (the recipe): select, refine, refine_on, reconstruct, max_swaps,
-        blocksize, percdamp, range_threshold, backend (see `fastprune.recipes`).
+        blocksize, percdamp, range_threshold, backend (see `fastprune.solvers.recipes`).
         Any mask selector (magnitude, wanda, gblm, sparsegpt, rose) also takes
         refine='sparseswaps', refine_on ('original' | 'reconstructed'), reconstruct
         (True | 'best') and max_swaps: `fastprune.compose_layer` then solves each layer.

@@ -31,14 +31,16 @@ import time
 
 import torch
 
-from .core import merge_kernel_info
-from .hessian import InverseHessian, row_losses
-from .result import PruneResult
+from ..core import merge_kernel_info
+from ..hessian import InverseHessian, row_losses
+from ..result import PruneResult
+from ..validation import check_rows, check_weight
+from .gblm import gblm_layer
+from .magnitude import magnitude_layer
 from .rose import rose_layer
-from .scores import gblm_layer, magnitude_layer, wanda_layer
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
-from .validation import check_rows, check_weight
+from .wanda import wanda_layer
 
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
 REFINERS = ("sparseswaps",)

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from .core import (
+from ..core import (
     base_info,
     check_obs_args,
     finish,
@@ -26,12 +26,12 @@ from .core import (
     unpruned_result,
     wanda_score,
 )
-from .hessian import inverse_hessian, scale_pow2
-from .masks import pattern_name
-from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
-from .ops import Kernels
-from .result import PruneResult
-from .validation import check_inplace, check_rows, check_scaler, compute_dtype
+from ..hessian import inverse_hessian, scale_pow2
+from ..masks import pattern_name
+from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from ..ops import Kernels
+from ..result import PruneResult
+from ..validation import check_inplace, check_rows, check_scaler, compute_dtype
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")

@@ -1,4 +1,5 @@
-"""Score-based pruning without weight updates: magnitude, Wanda and GBLM-Pruner."""
+"""GBLM-Pruner: Wanda's score plus `alpha * |W| * G`, `G` the calibration gradients' norm
+per weight (accumulated by `GradientNormAccumulator`); selection as Wanda."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import time
 
 import torch
 
-from .core import base_info, finish, problem_scales, solve_rescaled, wanda_score
-from .hessian import layer_loss, scale_pow2
-from .masks import selection_prune_mask
-from .result import PruneResult
-from .validation import (
+from ..core import problem_scales, solve_rescaled, wanda_score
+from ..hessian import scale_pow2
+from ..result import PruneResult
+from ..validation import (
     check_device,
     check_finite,
     check_hessian,
@@ -22,88 +22,13 @@ from .validation import (
     check_weight,
     compute_dtype,
 )
+from .selection import prune_by_score
 
 
 def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
     """GBLM-Pruner: `|W| * sqrt(diag(H)/2) + alpha * |W| * G`."""
     dtype = compute_dtype(W, H, G)
     return wanda_score(W, H).to(dtype) + alpha * W.to(dtype).abs() * G.to(dtype)
-
-
-def _apply(
-    method: str,
-    W: torch.Tensor,
-    H: torch.Tensor | None,
-    score: torch.Tensor,
-    sparsity: float,
-    n: int,
-    m: int,
-    per_row: bool,
-    t0: float,
-    inplace: bool,
-    extra: dict | None = None,
-) -> PruneResult:
-    pruned = selection_prune_mask(score, sparsity, n, m, per_row=per_row)
-    info = base_info(method, W, sparsity, n, m, "torch")
-    info.update(extra or {})
-    info["selection"] = "per N:M group" if n else ("per row" if per_row else "whole layer")
-    loss = None
-    if H is not None:  # the pruned part of W is exactly W * pruned
-        D = torch.where(pruned, W, torch.zeros((), dtype=W.dtype, device=W.device))
-        loss = layer_loss(D, torch.zeros_like(D), H)
-    return finish(W, W.masked_fill(pruned, 0), ~pruned, loss, info, t0, inplace)
-
-
-@torch.no_grad()
-def magnitude_layer(
-    W: torch.Tensor,
-    sparsity: float = 0.5,
-    prune_n: int = 0,
-    prune_m: int = 0,
-    *,
-    H: torch.Tensor | None = None,
-    inplace: bool = False,
-) -> PruneResult:
-    """Magnitude pruning: score `|W|`; unstructured prunes exactly `int(numel*sparsity)`
-    weights under one threshold over the whole layer (ties broken by position); N:M per
-    group. `H` is optional and only used to report the loss."""
-    t0 = time.perf_counter()
-    W = check_weight(W)
-    check_inplace(inplace, W)
-    if H is not None:
-        check_hessian(H, W.shape[1], W.device)
-    s = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    scales = problem_scales(W, H)
-    if scales is not None:
-        solve = lambda Ws, Hs: magnitude_layer(Ws, s, n, m, H=Hs)  # noqa: E731
-        return solve_rescaled(W, H, scales, solve, t0, inplace)
-    return _apply("magnitude", W, H, W.abs(), s, n, m, False, t0, inplace)
-
-
-@torch.no_grad()
-def wanda_layer(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    sparsity: float = 0.5,
-    prune_n: int = 0,
-    prune_m: int = 0,
-    *,
-    inplace: bool = False,
-) -> PruneResult:
-    """Wanda: score `|W| * sqrt(diag(H)/2)`; per output row prune the `int(cols*sparsity)`
-    lowest (stable sort); N:M per group."""
-    t0 = time.perf_counter()
-    W = check_weight(W)
-    check_inplace(inplace, W)
-    check_hessian(H, W.shape[1], W.device)
-    s = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    scales = problem_scales(W, H)
-    if scales is not None:
-        solve = lambda Ws, Hs: wanda_layer(Ws, Hs, s, n, m)  # noqa: E731
-        return solve_rescaled(W, H, scales, solve, t0, inplace)
-    return _apply("wanda", W, H, wanda_score(W, H), s, n, m, True, t0, inplace)
 
 
 @torch.no_grad()
@@ -144,7 +69,7 @@ def gblm_layer(
         solve = lambda Ws, Hs: gblm_layer(Ws, Hs, Gs, s, n, m, alpha)  # noqa: E731
         return solve_rescaled(W, H, scales, solve, t0, inplace)
     score = gblm_score(W, H, G, float(alpha))
-    return _apply("gblm", W, H, score, s, n, m, True, t0, inplace, {"alpha": float(alpha)})
+    return prune_by_score("gblm", W, H, score, s, n, m, True, t0, inplace, {"alpha": float(alpha)})
 
 
 class GradientNormAccumulator:

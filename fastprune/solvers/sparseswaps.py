@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .core import (
+from ..core import (
     base_info,
     finish,
     merge_kernel_info,
@@ -23,12 +23,11 @@ from .core import (
     solve_rescaled,
     wanda_score,
 )
-from .hessian import InverseHessian, scale_pow2
-from .masks import check_nm_keep_mask, pattern_name, selection_prune_mask
-from .ops import Kernels
-from .result import PruneResult
-from .sparsegpt import sparsegpt_layer
-from .validation import (
+from ..hessian import InverseHessian, scale_pow2
+from ..masks import check_nm_keep_mask, pattern_name, selection_prune_mask
+from ..ops import Kernels
+from ..result import PruneResult
+from ..validation import (
     check_backend,
     check_device,
     check_hessian,
@@ -39,6 +38,7 @@ from .validation import (
     check_weight,
     compute_dtype,
 )
+from .sparsegpt import sparsegpt_layer
 
 SWAP_OPS = ("swap_search", "swap_apply")
 REFRESH_EVERY = 32  # recompute c = H r exactly every this many steps (bounds drift)

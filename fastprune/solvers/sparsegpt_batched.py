@@ -10,20 +10,20 @@ import time
 
 import torch
 
-from .core import base_info, check_obs_args, finish, problem_scales
-from .hessian import (
+from ..core import base_info, check_obs_args, finish, problem_scales
+from ..hessian import (
     H_RANGE,
     InverseHessian,
     check_inverse_of,
     inverse_hessian,
     upper_triangular_inverse,
 )
-from .obs import block_bounds, nm_blocksize, obs_loss_info
-from .ops import BackendUnavailableError
-from .ops.obs_sweep import torch_obs_sweep_batched
-from .result import PruneResult
+from ..obs import block_bounds, nm_blocksize, obs_loss_info
+from ..ops import BackendUnavailableError
+from ..ops.obs_sweep import torch_obs_sweep_batched
+from ..result import PruneResult
+from ..validation import compute_dtype
 from .sparsegpt import sparsegpt_layer
-from .validation import compute_dtype
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def _batched_sweep(backend: str, device: torch.device):
         raise ValueError("backend='cuda' has no batched obs_sweep; use 'auto', 'triton' or 'torch'")
     if backend == "triton" or (backend == "auto" and device.type == "cuda"):
         try:
-            from .triton_kernels.obs_sweep import triton_obs_sweep_batched
+            from ..triton_kernels.obs_sweep import triton_obs_sweep_batched
         except ImportError as e:
             if backend == "triton":
                 raise BackendUnavailableError(f"backend='triton' needs triton: {e}") from e

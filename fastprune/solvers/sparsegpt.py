@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from .core import (
+from ..core import (
     base_info,
     check_obs_args,
     finish,
@@ -16,12 +16,12 @@ from .core import (
     solve_rescaled,
     unpruned_result,
 )
-from .hessian import InverseHessian
-from .masks import check_nm_keep_mask
-from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
-from .ops import Kernels
-from .result import PruneResult
-from .validation import check_inplace, check_mask, compute_dtype
+from ..hessian import InverseHessian
+from ..masks import check_nm_keep_mask
+from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from ..ops import Kernels
+from ..result import PruneResult
+from ..validation import check_inplace, check_mask, compute_dtype
 
 
 @torch.no_grad()
