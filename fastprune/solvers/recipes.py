@@ -172,6 +172,15 @@ def _best_rows(
 # steps improved perplexity on both texts (16 more), while the ~100 of the CPU budget cut the
 # calibration loss further but made the out-of-domain text worse than SparseGPT.
 RECIPE_MAX_SWAPS = 16
+# the recipe's composition (`method="fastprune"` in the pipeline) and `fastprune_layer`'s
+# defaults: that composition with at most RECIPE_MAX_SWAPS swap steps
+RECIPE = {
+    "select": "auto",
+    "refine": "sparseswaps",
+    "refine_on": "reconstructed",
+    "reconstruct": "best",
+}
+RECIPE_DEFAULTS = {**RECIPE, "max_swaps": RECIPE_MAX_SWAPS}
 
 
 def fastprune_layer(
@@ -180,32 +189,35 @@ def fastprune_layer(
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
-    *,
-    select: str = "auto",
-    refine: str | None = "sparseswaps",
-    refine_on: str = "reconstructed",
-    reconstruct: bool | str = "best",
-    max_swaps: int | None = RECIPE_MAX_SWAPS,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-    range_threshold: float = 0.5,
-    alpha: float = 1.0,
-    backend: str = "auto",
-    hinv: InverseHessian | None = None,
-    rows: slice | None = None,
+    **options,
 ) -> PruneResult:
-    """fastprune's recipe on one layer: `compose_layer` with the recipe's defaults (`RECIPE`:
-    the selector's mask and weights (`select="auto"`: ROSE for N:M, SparseGPT unstructured),
-    refined by at most `RECIPE_MAX_SWAPS` swap steps scored on those weights, then the better
-    of that and an OBS reconstruction on the refined mask). `rows`: as `compose_layer`'s."""
-    if select == "auto":
-        select = recipe_selector(prune_n)
-    return compose_layer(
-        W, H, select=select, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m,
-        refine=refine, refine_on=refine_on, reconstruct=reconstruct, max_swaps=max_swaps,
-        blocksize=blocksize, percdamp=percdamp, range_threshold=range_threshold, alpha=alpha,
-        backend=backend, hinv=hinv, rows=rows,
-    )  # fmt: skip
+    """fastprune's recipe on one layer: `compose_layer` with the recipe's composition
+    (`RECIPE`: the selector's mask and weights, `select="auto"` being ROSE for N:M and
+    SparseGPT unstructured, refined by SparseSwaps scored on those weights, then the better of
+    that and an OBS reconstruction on the refined mask) and at most `RECIPE_MAX_SWAPS` swap
+    steps. `options`: any of `compose_layer`'s keywords (blocksize, percdamp, backend, hinv,
+    rows, ...), overriding those defaults."""
+    fastprune_layer.__signature__.bind(W, H, sparsity, prune_n, prune_m, **options)
+    opts = {**RECIPE_DEFAULTS, **options}
+    if opts["select"] == "auto":
+        opts["select"] = recipe_selector(prune_n)
+    return compose_layer(W, H, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **opts)
+
+
+def _recipe_signature() -> inspect.Signature:
+    """`fastprune_layer`'s signature as callers and `help()` see it: its five leading
+    arguments, then `compose_layer`'s keywords with the recipe's defaults."""
+    lead = list(inspect.signature(fastprune_layer).parameters.values())[:5]
+    comp = inspect.signature(compose_layer)
+    rest = [
+        p.replace(default=RECIPE_DEFAULTS.get(name, p.default))
+        for name, p in comp.parameters.items()
+        if p.kind is p.KEYWORD_ONLY and name not in ("sparsity", "prune_n", "prune_m")
+    ]
+    return inspect.Signature(lead + rest, return_annotation=comp.return_annotation)
+
+
+fastprune_layer.__signature__ = _recipe_signature()
 
 
 def recipe_selector(prune_n: int) -> str:
@@ -213,10 +225,3 @@ def recipe_selector(prune_n: int) -> str:
     SparseGPT by 9-12% at 2:4 on SmolLM2), SparseGPT unstructured (with the swaps it was the
     better of the two on both texts at 50%)."""
     return "rose" if prune_n else "sparsegpt"
-
-
-# the recipe's composition, as `fastprune_layer`'s defaults state it
-RECIPE = {
-    k: inspect.signature(fastprune_layer).parameters[k].default
-    for k in ("select", "refine", "refine_on", "reconstruct")
-}
