@@ -184,11 +184,11 @@ def resolve_inverse(
             f"hinv is {tuple(hinv.hinv.shape)} on {hinv.hinv.device}, "
             f"H is {tuple(H.shape)} on {H.device}"
         )
+    check_inverse_of(hinv, H)  # the OBS updates and the reported loss assume it
     if hinv.hinv.dtype != dtype:
         hinv = InverseHessian(
             hinv.hinv.to(dtype), hinv.dead, hinv.damp, hinv.percdamp, hinv.retries
         )
-    check_inverse_of(hinv, H)  # the OBS updates and the reported loss assume it
     return hinv
 
 

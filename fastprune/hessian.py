@@ -18,6 +18,7 @@ float32 models always get the reference's arithmetic.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -213,6 +214,13 @@ class InverseHessian:
     percdamp: float  # the fraction of mean(diag(H)) that was finally used
     retries: int = 0
     info: dict = field(default_factory=dict)
+    # the H it was computed from, as (a weak reference to that tensor, its version counter
+    # then): an inverse handed back with the very same, unmodified H needs no probe
+    source: tuple | None = field(default=None, repr=False, compare=False)
+
+    def computed_from(self, H: torch.Tensor) -> bool:
+        """Whether this inverse was computed from the tensor `H`, unmodified since."""
+        return self.source is not None and self.source[0]() is H and self.source[1] == H._version
 
     def as_info(self) -> dict:
         return {
@@ -343,7 +351,12 @@ def inverse_hessian(
                     f"inverse is not representable in {dtype}: pass H in float64"
                 )
         return InverseHessian(
-            hinv=U, dead=dead, damp=math.ldexp(damp, eh), percdamp=p, retries=tries
+            hinv=U,
+            dead=dead,
+            damp=math.ldexp(damp, eh),
+            percdamp=p,
+            retries=tries,
+            source=(weakref.ref(H), H._version),
         )
     raise ValueError(
         f"H could not be factored even with damping {p:g} x mean(diag(H)): it is not "
@@ -362,7 +375,11 @@ def check_inverse_of(inv: InverseHessian, H: torch.Tensor, name: str = "hinv", p
     """Refuse an inverse that was not computed from `H` (another layer's, or a rescaled H's):
     for a few fixed random vectors `v` on H's live columns, `y = U^T v` must satisfy
     `y^T (H + damp I) y = v^T v` (as `U (H + damp I) U^T = I`). O(cols^2) work; robust to
-    ill-conditioning (an energy, not a solve). `ValueError` naming `name` otherwise."""
+    ill-conditioning (an energy, not a solve). `ValueError` naming `name` otherwise. An
+    inverse `inverse_hessian` computed from this very tensor, unmodified since, passes
+    without a probe (no host sync on the pipeline's shared inverses)."""
+    if inv.computed_from(H):
+        return
     U = inv.hinv
     if U.shape != H.shape:
         raise ValueError(f"{name} is {tuple(U.shape)}, H is {tuple(H.shape)}")

@@ -185,3 +185,16 @@ def test_inverse_of_another_h_is_refused(gen):
             fp.sparsegpt_layer(W, H, 0.5, hinv=fp.inverse_hessian(wrong))
     with pytest.raises(ValueError, match="hinv is not the inverse"):
         fp.compose_layer(W, H, select="sparsegpt", reconstruct=True, hinv=fp.inverse_hessian(other))
+
+
+def test_inverse_of_a_changed_h_is_probed_again(gen):
+    """An inverse remembers the tensor it came from: with that very H it needs no probe; once
+    H changes in place it is probed, and refused if it no longer fits."""
+    W, H = layer(gen, 16, 64, "plain")
+    inv = fp.inverse_hessian(H)
+    assert inv.computed_from(H) and not inv.computed_from(H.clone())
+    fp.sparsegpt_layer(W, H.clone(), 0.5, hinv=inv)  # equal values, another tensor: probed, fits
+    H.mul_(2)
+    assert not inv.computed_from(H)
+    with pytest.raises(ValueError, match="hinv is not the inverse of this H"):
+        fp.sparsegpt_layer(W, H, 0.5, hinv=inv)
