@@ -1,4 +1,4 @@
-"""Distributed pruning (issue 14): 1 vs N gloo processes on the CPU on the built-in model, and
+"""Distributed pruning: 1 vs N gloo processes on the CPU on the built-in model, and
 a cost model for N GPUs on the LLaMA-2-7B / 70B shapes.
 
 Measurement: `prune_model` on `--model` (default the built-in smollm2-135m, `fastprune.

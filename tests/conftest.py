@@ -34,7 +34,7 @@ import pytest  # noqa: E402
 SEED_ENV = "FASTPRUNE_TEST_SEED"
 HAS_GPU = torch.cuda.is_available()
 
-# ----------------------------------------------------------------------- tolerances (§4)
+# ------------------------------------------------------------------------------ tolerances
 
 OP_RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 """Per-op outputs against the float64 oracle, relative to the output's scale (max |oracle|),

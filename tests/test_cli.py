@@ -120,7 +120,7 @@ def test_magnitude_needs_no_calibration_and_eval_none(tmp_path, capsys):
     assert torch.isfinite(torch.tensor(doc["seconds"]))
 
 
-# ------------------------------------------------------------------ --nproc (issue 14)
+# ------------------------------------------------------------------------------ --nproc
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`prune_model` on 2 gloo processes (CPU) equals the single-process result (issue 14); a rank
+"""`prune_model` on 2 gloo processes (CPU) equals the single-process result; a rank
 that fails or dies stops the others with a clear error; ranks given different inputs are
 refused before any work.
 

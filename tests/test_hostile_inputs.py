@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 12, items 4, 6, 7, 8): each is refused up front with a ValueError or
+"""Hostile inputs: each is refused up front with a ValueError or
 TypeError naming the argument (or flag), before any work is done or a model is loaded."""
 
 from __future__ import annotations

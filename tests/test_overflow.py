@@ -1,4 +1,4 @@
-"""Finite inputs whose products overflow or underflow float32 (issue 12 item 3).
+"""Finite inputs whose products overflow or underflow float32.
 
 Every mask rule is invariant to a positive scale of W and of H, so a layer whose W or H is
 huge or tiny is solved on a rescaled copy: each result here must equal the same solve on the
@@ -119,7 +119,7 @@ def test_float32_max_scale_weight(method):
 
 
 def test_literal_scales_no_nan():
-    """The issue's own inputs: W * 1e30 and H * 1e36 (not powers of two)."""
+    """Scales that are not powers of two: W * 1e30 and H * 1e36."""
     W, H = _problem()
     for Wx, Hx in ((W * 1e30, H), (W * 1e-30, H), (W, H * 1e36), (W * 1e30, H * 1e36)):
         for name in ("sparsegpt", "rose"):

@@ -14,8 +14,7 @@ pruned the built-in model best (see the table in docs/recipes.md).
    reconstructed weights has the lower layer loss `tr(D H D^T)`; "best_rows" chooses row by
    row by the loss `d H d^T` (both have the same mask, and the layer loss is the sum of the
    rows', so this is never above either). "best_rows" fits the calibration data more
-   closely; on SmolLM2-135M it was better on the calibration text's domain and worse on the
-   other text than "best" (docs/recipes.md), so the recipe keeps "best".
+   closely; the recipe keeps "best" (docs/recipes.md has the measurements behind it).
 
 Every step treats each row on its own except the selection of magnitude (unstructured: one
 threshold), SparseGPT (unstructured: a threshold per block over all rows) and ROSE (its column
@@ -168,9 +167,7 @@ def _best_rows(
 
 
 # SparseSwaps steps in fastprune's recipe: at most this many (and at most the budget of
-# `max_swaps="auto"` in the pipeline). On SmolLM2-135M at 2:4 (docs/recipes.md), 4 and 16
-# steps improved perplexity on both texts (16 more), while the ~100 of the CPU budget cut the
-# calibration loss further but made the out-of-domain text worse than SparseGPT.
+# `max_swaps="auto"` in the pipeline); docs/recipes.md has the measurements that chose it.
 RECIPE_MAX_SWAPS = 16
 # the recipe's composition (`method="fastprune"` in the pipeline) and `fastprune_layer`'s
 # defaults: that composition with at most RECIPE_MAX_SWAPS swap steps
@@ -221,7 +218,6 @@ fastprune_layer.__signature__ = _recipe_signature()
 
 
 def recipe_selector(prune_n: int) -> str:
-    """The recipe's `select="auto"`: ROSE for N:M (it reorders the groups there, and beat
-    SparseGPT by 9-12% at 2:4 on SmolLM2), SparseGPT unstructured (with the swaps it was the
-    better of the two on both texts at 50%)."""
+    """The recipe's `select="auto"`: ROSE for N:M (it reorders the groups there), SparseGPT
+    unstructured; docs/recipes.md has the measurements that chose them."""
     return "rose" if prune_n else "sparsegpt"
