@@ -38,6 +38,7 @@ setup(
         "fastprune.compat",
         "fastprune.ops",
         "fastprune.pipeline",
+        "fastprune.pipeline.distributed",
         "fastprune.solvers",
         "fastprune.triton_kernels",
         "fastprune.csrc",

@@ -292,7 +292,7 @@ def test_conv2d_patches_reproduce_the_convolution(gen):
                {"padding": 1, "padding_mode": "reflect"}):  # fmt: skip
         conv = nn.Conv2d(3, 5, (3, 2), bias=False, **kw)
         x = torch.randn(2, 3, 9, 8, generator=gen)
-        cols, b = compat._input_columns(conv, "conv2d", x)
+        cols, b = compat.input_columns(conv, "conv2d", x)
         assert b == 2 and cols.shape[0] == 3 * 3 * 2
         y = conv(x)  # [2, 5, oh, ow]
         y2 = (conv.weight.flatten(1) @ cols).reshape(5, 2, -1).permute(1, 0, 2)

@@ -268,12 +268,12 @@ FAULTS = {
         lambda r: {"method": "gblm"},
     ),
     "forward": (
-        lambda: _raise_on(1, "fastprune.pipeline.prune._run_block", _hooks_given),
+        lambda: _raise_on(1, "fastprune.pipeline.prune.run_block", _hooks_given),
         lambda r: {},
     ),
     "solve": (lambda: _raise_on(1, "fastprune.methods.Method.solve"), lambda r: {}),
     "propagate": (
-        lambda: _raise_on(0, "fastprune.pipeline.prune._run_block", _no_hooks),
+        lambda: _raise_on(0, "fastprune.pipeline.prune.run_block", _no_hooks),
         lambda r: {},
     ),
     "sparsity": (None, lambda r: {"sparsity": 0.5 + 0.1 * r}),

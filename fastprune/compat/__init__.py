@@ -15,10 +15,13 @@ supported. Neither transformers nor llm-compressor is imported by this module: a
 can only exist once transformers is imported, and llm-compressor is imported by the patch.
 """
 
-# private helpers re-exported for callers of the former single module
-from .adapter import _input_columns as _input_columns
-from .llmcompressor import _sparsify_preserving as _sparsify_preserving
-from .llmcompressor import patch_llmcompressor, sparsify_weight, unpatch_llmcompressor
+from .adapter import input_columns
+from .llmcompressor import (
+    patch_llmcompressor,
+    sparsify_preserving,
+    sparsify_weight,
+    unpatch_llmcompressor,
+)
 from .rose import ROSE, rose_with_scaler
 from .sparsegpt import SparseGPT
 from .wanda import WrappedGPT
@@ -27,8 +30,10 @@ __all__ = [
     "ROSE",
     "SparseGPT",
     "WrappedGPT",
+    "input_columns",
     "patch_llmcompressor",
     "rose_with_scaler",
+    "sparsify_preserving",
     "sparsify_weight",
     "unpatch_llmcompressor",
 ]

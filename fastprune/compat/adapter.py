@@ -1,6 +1,6 @@
 """What the drop-in adapters share: the layer's geometry (`fastprune.layers` orientation,
 Conv2d inputs unfolded into patches), the calibration inputs as columns, the running
-activation statistics, and `_LayerAdapter`, the base of `SparseGPT`, `ROSE`, `WrappedGPT`."""
+activation statistics, and `LayerAdapter`, the base of `SparseGPT`, `ROSE`, `WrappedGPT`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from ..result import PruneResult
 from ..validation import check_backend
 
 
-def _input_columns(layer: nn.Module, kind: str, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
+def input_columns(layer: nn.Module, kind: str, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Layer inputs as `[cols, tokens]` and the number of samples they count for.
 
     As the reference wrappers: a 2-D input is one sample, otherwise the leading dimension
@@ -64,7 +64,7 @@ def running_scaler_update(
     return nsamples
 
 
-class _LayerAdapter:
+class LayerAdapter:
     """Shared state of the wrappers: the layer, its orientation, `rows`/`columns`."""
 
     def __init__(self, layer: nn.Module, backend: str) -> None:
@@ -77,7 +77,7 @@ class _LayerAdapter:
         self.result: PruneResult | None = None
 
     def _inputs(self, inp: torch.Tensor) -> tuple[torch.Tensor, int]:
-        x, b = _input_columns(self.layer, self._kind, inp)
+        x, b = input_columns(self.layer, self._kind, inp)
         if x.shape[0] != self.columns:
             raise ValueError(
                 f"inp has {x.shape[0]} input features per token, the layer has {self.columns}"

@@ -79,7 +79,7 @@ def sparsify_weight(
     return float(loss), to_layer_layout(Q, module, kind)
 
 
-def _sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend):
+def sparsify_preserving(W, H, sparsity, prune_n, prune_m, block_size, percdamp, backend):
     """`_sparsify_obs` keeping the existing zeros of `W` pruned."""
     n, m = check_pattern(prune_n, prune_m, 0)
     return _sparsify_obs(W, H, sparsity, n, m, block_size, percdamp, backend, True)

@@ -9,7 +9,7 @@ from ..hessian import running_hessian_update
 from ..result import PruneResult
 from ..solvers.rose import rose_layer
 from ..validation import check_scaler, check_weight
-from .adapter import _LayerAdapter, running_scaler_update
+from .adapter import LayerAdapter, running_scaler_update
 
 
 def rose_with_scaler(
@@ -53,7 +53,7 @@ def rose_with_scaler(
     )
 
 
-class ROSE(_LayerAdapter):
+class ROSE(LayerAdapter):
     """Drop-in for the ROSE repository's `ROSE` class (`lib/prune_zoo/rose.py`).
 
     `add_batch(inp, out)` accumulates `H` exactly as SparseGPT does and the pre-pruning

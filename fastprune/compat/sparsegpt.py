@@ -7,7 +7,7 @@ from torch import nn
 
 from ..hessian import running_hessian_update
 from ..solvers.sparsegpt import sparsegpt_layer
-from .adapter import _LayerAdapter
+from .adapter import LayerAdapter
 
 
 def _alias(value, alias, name, alias_name):
@@ -18,7 +18,7 @@ def _alias(value, alias, name, alias_name):
     return alias
 
 
-class SparseGPT(_LayerAdapter):
+class SparseGPT(LayerAdapter):
     """Drop-in for the IST-DASLab `SparseGPT` class, solved by `fastprune.sparsegpt_layer`.
 
     Same interface and result: `add_batch(inp, out)` accumulates `H` (float32, as the

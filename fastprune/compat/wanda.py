@@ -9,10 +9,10 @@ from ..core import wanda_score
 from ..masks import pattern_name, selection_prune_mask
 from ..result import PruneResult
 from ..validation import check_pattern, check_sparsity
-from .adapter import _LayerAdapter, running_scaler_update
+from .adapter import LayerAdapter, running_scaler_update
 
 
-class WrappedGPT(_LayerAdapter):
+class WrappedGPT(LayerAdapter):
     """Drop-in for Wanda's `WrappedGPT` (`lib/layerwrapper.py`): `add_batch(inp, out)`
     keeps `scaler_row`, the running mean over samples of each input channel's squared norm
     (`||x_j||^2 / n`, which is `diag(H)/2`), and `nsamples`, `rows`, `columns`, `layer_id`,

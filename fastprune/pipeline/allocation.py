@@ -16,8 +16,8 @@ import math
 import torch
 
 from ..layers import get_weight
-from .capture import _capture, _run_block, _to
-from .hessian_hooks import _InputHooks
+from .capture import capture_inputs, run_block, to_device
+from .hessian_hooks import InputHooks
 
 ALLOCATIONS = ("uniform", "owl")
 OWL_THRESHOLD = 5.0  # OWL's M: an outlier scores above M x its block's mean
@@ -58,7 +58,7 @@ def owl_block_sparsities(
     return out
 
 
-class _SumSquares(_InputHooks):
+class _SumSquares(InputHooks):
     """Each input group's `sum_t x_tj^2` per input channel (float64), Wanda's scaler
     before normalisation; an expert's over the tokens it receives."""
 
@@ -91,15 +91,15 @@ def outlier_ratios(
     """Each block's fraction of Wanda-score outliers (above `threshold` x the block's mean)
     over all its pruned layers (every expert included; `layouts`: `BlockLayers` per block),
     from one dense pass over `calib` (reduced over ranks when `comm` is given)."""
-    acts = _capture(model, block_list, kinds, calib, batch_size, device, offload)
-    arg_sets = [(_to(a, device), _to(k, device)) for a, k in acts.arg_sets]
+    acts = capture_inputs(model, block_list, kinds, calib, batch_size, device, offload)
+    arg_sets = [(to_device(a, device), to_device(k, device)) for a, k in acts.arg_sets]
     ratios = []
     for i, block in enumerate(block_list):
         home = next(block.parameters()).device
         block.to(device)
         hooks = _SumSquares(block, layouts[i], moe_calibration)
         try:
-            _run_block(block, acts, batch_size, device, arg_sets, kinds[i], hooks, store=True)
+            run_block(block, acts, batch_size, device, arg_sets, kinds[i], hooks, store=True)
         finally:
             hooks.remove()
         sumsq = hooks.sumsq

@@ -16,16 +16,16 @@ class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
 
 
-def _to(obj, device):
+def to_device(obj, device):
     """Move tensors inside nested args/kwargs; cache objects become None (cache disabled)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [to_device(o, device) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: to_device(v, device) for k, v in obj.items()}
     if "Cache" in type(obj).__name__:
         return None
     return obj
@@ -88,7 +88,7 @@ def block_kinds(model, nblocks: int) -> list[str]:
 # ------------------------------------------------------------------ capture and replay
 
 
-class _Activations:
+class Activations:
     """Calibration activations between blocks plus the arguments each batch was called with,
     per block kind (stored once per distinct value: identical masks / position embeddings
     are shared)."""
@@ -164,7 +164,7 @@ def _forward_until(model, blocks, input_ids, at: list[int]) -> dict[int, tuple]:
 
 
 @torch.no_grad()
-def _capture(model, blocks, kinds, calib, batch_size, device, offload) -> _Activations:
+def capture_inputs(model, blocks, kinds, calib, batch_size, device, offload) -> Activations:
     """Inputs of the first block for every calibration batch, with the arguments the model
     passed it. For models whose blocks come in kinds (`block_kinds`), the arguments of the
     first block of each other kind are taken from one forward per batch size (they depend on
@@ -184,16 +184,18 @@ def _capture(model, blocks, kinds, calib, batch_size, device, offload) -> _Activ
             n, tail = calib.shape[0], tuple(hidden.shape[1:])
             nbytes = 2 * n * math.prod(tail) * hidden.element_size()
             store = _activation_store(device, nbytes, offload)
-            acts = _Activations(n, tail, hidden.dtype, store)
+            acts = Activations(n, tail, hidden.dtype, store)
         acts.inps[s : s + hidden.shape[0]] = hidden.to(acts.inps.device)
-        acts.add_args(kinds[0], _to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
+        acts.add_args(kinds[0], to_device(rest, "cpu"), to_device(_sanitize_kwargs(kwargs), "cpu"))
         if others:
             if ids.shape[0] not in by_size:
                 by_size[ids.shape[0]] = _forward_until(model, blocks, ids, others)
             got = by_size[ids.shape[0]]
             for i in others:
                 _, rest, kwargs = _split_hidden(*got[i])
-                acts.add_args(kinds[i], _to(rest, "cpu"), _to(_sanitize_kwargs(kwargs), "cpu"))
+                acts.add_args(
+                    kinds[i], to_device(rest, "cpu"), to_device(_sanitize_kwargs(kwargs), "cpu")
+                )
     return acts
 
 
@@ -206,11 +208,9 @@ def _block_output(out):
 
 
 @torch.no_grad()
-def _run_block(
-    block, acts: _Activations, batch_size, device, arg_sets, kind, hooks=None, store=None
-):
+def run_block(block, acts: Activations, batch_size, device, arg_sets, kind, hooks=None, store=None):
     """Run `block` on every calibration batch with its kind's arguments. The outputs go to
-    `acts.outs` (`store`, by default only without `hooks`); with `hooks` (an `_InputHooks`)
+    `acts.outs` (`store`, by default only without `hooks`); with `hooks` (an `InputHooks`)
     each batch's size is announced to them and its end marked."""
     store = hooks is None if store is None else store
     total = acts.inps.shape[0]

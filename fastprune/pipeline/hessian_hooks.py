@@ -1,5 +1,5 @@
 """Calibration inputs of a block's layers from forward pre-hooks: one float32 Hessian per
-distinct input (`_HessianHooks`), or any other per-layer statistic (an `_InputHooks`
+distinct input (`HessianHooks`), or any other per-layer statistic (an `InputHooks`
 subclass).
 
 Linears are hooked directly. The experts of an MoE block are hooked once per experts module:
@@ -41,7 +41,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-class _InputHooks:
+class InputHooks:
     """Forward pre-hooks on a block's layers that hand each layer's inputs to
     `observe(name, x, per_token)`: `x [batch, tokens, cols]` for linears (`per_token=False`,
     the reference's sample count) and `[tokens, cols]` for experts (`per_token=True`: every
@@ -204,7 +204,7 @@ class _InputHooks:
         return hook
 
 
-class _HessianHooks(_InputHooks):
+class HessianHooks(InputHooks):
     """One float32 `H` per distinct input of the block's layers: `acc[leader]`."""
 
     def __init__(

@@ -29,11 +29,11 @@ from .allocation import (
     outlier_ratios,
     owl_block_sparsities,
 )
-from .capture import _capture, _run_block, _to, block_kinds
+from .capture import block_kinds, capture_inputs, run_block, to_device
 from .distributed import Comm, active_world, fingerprint
 from .gradients import compute_gradient_norms
-from .hessian_hooks import _HessianHooks
-from .report import LayerReport, PruneReport, _jsonable
+from .hessian_hooks import HessianHooks
+from .report import LayerReport, PruneReport, jsonable
 
 logger = logging.getLogger("fastprune")
 _INFO_SKIP = {"shape", "device", "method"}
@@ -224,7 +224,7 @@ def prune_model(
         nsamples=0 if calib is None else calib.shape[0],
         seqlen=0 if calib is None else calib.shape[1],
         device=str(dev),
-        options=_jsonable(
+        options=jsonable(
             {k: v for k, v in opts.items() if k not in _UNREPORTED}
             | ({"hessian_precision": hessian_precision} if meth.needs_calibration else {})
             | ({"allocation": allocation} if meth.needs_calibration else {})
@@ -294,9 +294,11 @@ def prune_model(
     if calib is not None:
         with guard("the capture of the first block's inputs"):
             t0 = time.perf_counter()
-            acts = _capture(model, block_list, kinds, local, batch_size, dev, offload_activations)
+            acts = capture_inputs(
+                model, block_list, kinds, local, batch_size, dev, offload_activations
+            )
             clock("capture_seconds", t0)
-            arg_sets = [(_to(a, dev), _to(k, dev)) for a, k in acts.arg_sets]
+            arg_sets = [(to_device(a, dev), to_device(k, dev)) for a, k in acts.arg_sets]
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
 
@@ -383,11 +385,9 @@ def prune_model(
                 block_home = next(block.parameters()).device
                 block.to(dev)
                 if acts is not None:
-                    hooks = _HessianHooks(
-                        block, layouts[i], dev, hessian_precision, moe_calibration
-                    )
+                    hooks = HessianHooks(block, layouts[i], dev, hessian_precision, moe_calibration)
                     try:
-                        _run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
+                        run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
                     finally:
                         hooks.remove()
                     clock("hessian_seconds", t0)
@@ -422,7 +422,7 @@ def prune_model(
             t0 = time.perf_counter()
             with guard(f"block {i}: the propagation through the pruned block"):
                 if acts is not None and i + 1 < len(block_list):
-                    _run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
+                    run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
                     acts.swap()
                     clock("propagate_seconds", t0)
                 block.to(block_home)
@@ -496,5 +496,5 @@ def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> L
         loss=r.loss,
         seconds=float(r.info.get("seconds", 0.0)),
         hessian=None if lead is None else f"{i}.{lead}",
-        info=_jsonable({k: v for k, v in r.info.items() if k not in _INFO_SKIP}),
+        info=jsonable({k: v for k, v in r.info.items() if k not in _INFO_SKIP}),
     )

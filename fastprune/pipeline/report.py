@@ -45,7 +45,7 @@ class PruneReport:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = [dict(asdict(lr), shape=list(lr.shape)) for lr in self.layers]
-        return _jsonable(d)
+        return jsonable(d)
 
     def by_kind(self) -> list[dict]:
         """Aggregates per layer kind (`self_attn.q_proj`, `mlp.experts.down_proj` over all
@@ -166,11 +166,11 @@ def _kind(name: str) -> str:
     return layer_kind_name(name.split(".", 1)[1] if "." in name else name)
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
         return x.tolist() if x.numel() <= 16 else f"tensor{tuple(x.shape)}"
     if isinstance(x, torch.dtype | torch.device):
