@@ -5,24 +5,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 
 import torch
 
-from ..core import problem_scales, solve_rescaled, wanda_score
+from ..core import wanda_score
 from ..hessian import scale_pow2
 from ..result import PruneResult
 from ..validation import (
     check_device,
     check_finite,
-    check_hessian,
-    check_inplace,
-    check_pattern,
-    check_sparsity,
-    check_weight,
     compute_dtype,
 )
-from .selection import prune_by_score
+from .selection import score_solver
 
 
 def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -45,31 +39,31 @@ def gblm_layer(
 ) -> PruneResult:
     """GBLM-Pruner: score `|W| * sqrt(diag(H)/2) + alpha * |W| * G` with `G` the accumulated
     gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
-    t0 = time.perf_counter()
-    W = check_weight(W)
-    check_inplace(inplace, W)
-    check_hessian(H, W.shape[1], W.device)
-    if not isinstance(G, torch.Tensor):
-        raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
-    if G.shape != W.shape:
-        raise ValueError(f"G has shape {tuple(G.shape)} but W has {tuple(W.shape)}")
-    if not G.is_floating_point():
-        raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
-    check_device(G, W.device, "G")
-    check_finite(G, "G")
-    if (G < 0).any():
-        raise ValueError("G must be a non-negative gradient norm")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-        raise TypeError(f"alpha must be a finite number, got {alpha!r}")
-    s = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    scales = problem_scales(W, H)
-    if scales is not None:  # G scales as sqrt(H), so the score's two terms keep their ratio
-        Gs = scale_pow2(G.to(compute_dtype(G), copy=True), -scales[1] // 2)
-        solve = lambda Ws, Hs: gblm_layer(Ws, Hs, Gs, s, n, m, alpha)  # noqa: E731
-        return solve_rescaled(W, H, scales, solve, t0, inplace)
-    score = gblm_score(W, H, G, float(alpha))
-    return prune_by_score("gblm", W, H, score, s, n, m, True, t0, inplace, {"alpha": float(alpha)})
+
+    def check_g(W: torch.Tensor) -> None:
+        if not isinstance(G, torch.Tensor):
+            raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
+        if G.shape != W.shape:
+            raise ValueError(f"G has shape {tuple(G.shape)} but W has {tuple(W.shape)}")
+        if not G.is_floating_point():
+            raise TypeError(f"G must be a floating-point tensor, got dtype {G.dtype}")
+        check_device(G, W.device, "G")
+        check_finite(G, "G")
+        if (G < 0).any():
+            raise ValueError("G must be a non-negative gradient norm")
+        number = isinstance(alpha, numbers.Real) and not isinstance(alpha, bool)
+        if not (number and math.isfinite(alpha)):
+            raise TypeError(f"alpha must be a finite number, got {alpha!r}")
+
+    def score(Wx: torch.Tensor, Hx: torch.Tensor, eh: int) -> torch.Tensor:
+        # G scales as sqrt(H), so on a rescaled layer the score's two terms keep their ratio
+        Gx = G if eh == 0 else scale_pow2(G.to(compute_dtype(G), copy=True), -eh // 2)
+        return gblm_score(Wx, Hx, Gx, float(alpha))
+
+    return score_solver(
+        "gblm", W, H, sparsity, prune_n, prune_m, score, per_row=True, inplace=inplace,
+        check=check_g, extra={"alpha": float(alpha)},
+    )  # fmt: skip
 
 
 class GradientNormAccumulator:
