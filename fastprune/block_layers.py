@@ -184,7 +184,7 @@ def find_block_layers(
 
 def check_selection(blocks: nn.ModuleList, targets=None, ignore=None) -> None:
     """Every `targets` / `ignore` pattern must match some layer or matrix of some block
-    (typo protection), and something must remain to prune."""
+    (typo protection)."""
     names = sorted({n for b in blocks for n in _names(b)})
     for arg, value in (("targets", targets), ("ignore", ignore)):
         for p in patterns(value, arg) or []:

@@ -59,20 +59,22 @@ def global_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     return pruned.reshape(score.shape)
 
 
-def threshold_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+def threshold_prune_mask(score: torch.Tensor, sparsity: float, start_dim: int = 0) -> torch.Tensor:
     """SparseGPT/ROSE's per-block rule: prune `score <= sorted(score)[int(numel * sparsity)]`.
 
     Note the `<=`: without ties this prunes `int(numel * sparsity) + 1` entries, exactly as
     the reference does. On the CPU a selection (kthvalue) finds the value; on a GPU a full
     sort, which is faster there (H100, 4096x128 block: 0.10 ms sorting, 2.0 ms kthvalue).
+    `start_dim`: the dims before it index independent blocks, each with its own threshold
+    (a batch of layers' blocks).
     """
-    flat = score.flatten()
-    k = int(flat.numel() * sparsity)
+    flat = score.flatten(start_dim)
+    k = int(flat.shape[-1] * sparsity)
     if flat.is_cuda:
-        thresh = torch.sort(flat).values[k]
+        thresh = torch.sort(flat, dim=-1).values[..., k]
     else:
-        thresh = torch.kthvalue(flat, k + 1).values
-    return score <= thresh
+        thresh = torch.kthvalue(flat, k + 1, dim=-1).values
+    return score <= thresh.reshape(thresh.shape + (1,) * (score.dim() - start_dim))
 
 
 def selection_prune_mask(

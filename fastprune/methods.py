@@ -168,8 +168,8 @@ class Method:
         return True
 
     def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None):
-        """Layers `W [E, rows, cols]` with Hessians `H [E, cols, cols]` (and their inverses
-        `hinvs`), solved together: one `PruneResult` per layer."""
+        """Layers `W [E, rows, cols]` with Hessians `H` (`[E, cols, cols]` or E `[cols, cols]`
+        tensors) and their inverses `hinvs`, solved together: one `PruneResult` per layer."""
         kw = {k: options[k] for k in self.solver_options}
         return self.batch_solver(W, H, sparsity, prune_n, prune_m, **kw, hinvs=hinvs)
 

@@ -65,9 +65,6 @@ class _SumSquares(InputHooks):
     def __init__(self, block, bl, moe_calibration="routed"):
         self.sumsq: dict[str, torch.Tensor] = {}
         super().__init__(block, bl, moe_calibration)
-        for name in bl.expert_lists:  # present on every rank, called or not
-            cols = get_weight(bl.layers[name]).shape[1]
-            self.sumsq[name] = torch.zeros(cols, dtype=torch.float64)
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         s = x.detach().reshape(-1, x.shape[-1]).double().pow(2).sum(0)

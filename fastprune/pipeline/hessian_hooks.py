@@ -67,9 +67,12 @@ class InputHooks:
                 fused.setdefault(id(layer.experts.module), []).append((name, layer))
                 continue
             list_path = bl.expert_lists.get(name)
-            if list_path is not None:  # an H of its own, whether or not it is ever called
+            if list_path is not None:  # observed from the start (an empty batch), so it
+                # exists on every rank whether or not a token is ever routed to it
                 self.tokens[name] = 0
                 self.leader[name] = name
+                W = get_weight(layer)
+                self.observe(name, W.new_zeros(0, W.shape[1]), True)
             hook = self._linear_hook(name, list_path)
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         for group in fused.values():
@@ -220,9 +223,6 @@ class HessianHooks(InputHooks):
         self.acc: dict[str, HessianAccumulator] = {}
         self.stacks: dict[str, torch.Tensor] = {}  # a fused projection's experts' Hs
         super().__init__(block, bl, moe_calibration)
-        for name in bl.expert_lists:  # present (maybe empty) on every rank, called or not
-            cols = get_weight(bl.layers[name]).shape[1]
-            self.acc[name] = HessianAccumulator(cols, device=device, precision=precision)
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         if name not in self.acc:
@@ -255,9 +255,7 @@ class HessianHooks(InputHooks):
         longest = max(b)
         if longest == 0:
             return
-        if any(uses_fast_hessian(self.precision, x) for x in xs) or not self._in_range(
-            stack, accs, xs
-        ):
+        if any(uses_fast_hessian(self.precision, x) for x in xs) or not self._in_range(stack, xs):
             for acc, x in zip(accs, xs):
                 acc.add_batch(x.unsqueeze(1))
             return
@@ -277,7 +275,7 @@ class HessianHooks(InputHooks):
             a.nsamples = t
 
     @staticmethod
-    def _in_range(stack, accs, xs) -> bool:
+    def _in_range(stack, xs) -> bool:
         """Whether every expert's update stays well inside float32 (one host sync for all);
         NaN/inf in the inputs also fails here, so the one-by-one path reports them."""
         peaks = [torch.linalg.vector_norm(x, float("inf")) for x in xs if x.shape[0]]

@@ -302,6 +302,14 @@ def prune_model(
         totals["activation_bytes"] = acts.nbytes
         totals["activation_device"] = str(acts.inps.device)
 
+    def shared_inverse(hooks, inverses, lead):
+        """The inverse of the H of input group `lead`, one per distinct H (SparseGPT)."""
+        if lead not in inverses:
+            t0 = time.perf_counter()
+            inverses[lead] = inverse_hessian(hooks.acc[lead].H, opts["percdamp"])
+            clock("inverse_seconds", t0)
+        return inverses[lead]
+
     def solve_layer(i, hooks, inverses, name, mod, rows=None):
         """Prune one linear of block `i` (or its `rows`, a slice) in place; its
         `LayerReport` (of those rows)."""
@@ -318,11 +326,7 @@ def prune_model(
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
         # its own layer's permutation (from |W|), so it has no inverse to share.
         if meth.shares_inverse and H is not None:
-            if lead not in inverses:
-                t0 = time.perf_counter()
-                inverses[lead] = inverse_hessian(H, opts["percdamp"])
-                clock("inverse_seconds", t0)
-            hinv = inverses[lead]
+            hinv = shared_inverse(hooks, inverses, lead)
         g = None if G is None else G[full]
         r = meth.solve(W, H, g, block_sparsity[i], n, m, opts, hinv, rows)
         if rows is None:
@@ -351,22 +355,17 @@ def prune_model(
                 # one batched factorisation (on CPU, LAPACK one by one is faster: it stays
                 # with solve_layer's own inverses)
                 t0 = time.perf_counter()
-                Hs = torch.stack([hooks.acc[ld].H for ld in todo])
+                Hs = [hooks.acc[ld].H for ld in todo]
                 inverses.update(zip(todo, inverse_hessians(Hs, opts["percdamp"])))
-                del Hs
                 clock("inverse_seconds", t0)
             if not meth.batches(opts, dev, get_weight(part[0][1]).shape):
                 continue
-            for ld in todo if meth.shares_inverse else ():
-                if ld not in inverses:
-                    t0 = time.perf_counter()
-                    inverses[ld] = inverse_hessian(hooks.acc[ld].H, opts["percdamp"])
-                    clock("inverse_seconds", t0)
+            hinvs = None
+            if meth.shares_inverse:
+                hinvs = [shared_inverse(hooks, inverses, ld) for ld in part_leads]
             Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
-            Hs = torch.stack([hooks.acc[ld].H for ld in part_leads])
-            hinvs = [inverses[ld] for ld in part_leads] if meth.shares_inverse else None
+            Hs = [hooks.acc[ld].H for ld in part_leads]  # the accumulators' own, not a copy
             results = meth.solve_batch(Ws, Hs, block_sparsity[i], n, m, opts, hinvs)
-            del Hs
             for (name, layer), ld, r in zip(part, part_leads, results):
                 set_weight(layer, r.weight)
                 lr = _layer_report(i, name, get_weight(layer), method, r, ld)

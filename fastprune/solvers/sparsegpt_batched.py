@@ -7,6 +7,8 @@ equals `sparsegpt_layer(W[e], H[e], ...)` with the torch kernels, up to float ro
 from __future__ import annotations
 
 import time
+import weakref
+from collections.abc import Sequence
 
 import torch
 
@@ -18,6 +20,7 @@ from ..hessian import (
     inverse_hessian,
     upper_triangular_inverse,
 )
+from ..masks import threshold_prune_mask
 from ..obs import block_bounds, nm_blocksize, obs_loss_info
 from ..ops import BackendUnavailableError
 from ..ops.obs_sweep import torch_obs_sweep_batched
@@ -28,18 +31,22 @@ from .sparsegpt import sparsegpt_layer
 
 @torch.no_grad()
 def inverse_hessians(
-    H: torch.Tensor, percdamp: float = 0.01, dtype: torch.dtype | None = None
+    H: torch.Tensor | Sequence[torch.Tensor],
+    percdamp: float = 0.01,
+    dtype: torch.dtype | None = None,
 ) -> list[InverseHessian]:
-    """`inverse_hessian` for every `H[e]` of `H [E, cols, cols]`: the requested damping,
-    dead columns and direct factor computed for all at once; an `H[e]` that needs more
-    (damping retries, a factor that is not finite, a diagonal outside `H_RANGE`, no positive
-    mean) goes through `inverse_hessian` alone, so every entry gets exactly its rules."""
-    dtype = dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32)
-    E = H.shape[0]
-    Hd = H.to(dtype, copy=True)
+    """`inverse_hessian` for every `H[e]` of `H` (`[E, cols, cols]`, or E `[cols, cols]`
+    tensors): the requested damping, dead columns and direct factor computed for all at
+    once; an `H[e]` that needs more (damping retries, a factor that is not finite, a diagonal
+    outside `H_RANGE`, no positive mean) goes through `inverse_hessian` alone, so every entry
+    gets exactly its rules. Each inverse remembers its own `H[e]` as `inverse_hessian`'s do."""
+    Hs = list(H)
+    wide = any(h.dtype == torch.float64 for h in Hs)
+    dtype = dtype or (torch.float64 if wide else torch.float32)
+    Hd = torch.stack([h.to(dtype) for h in Hs])  # the one working copy
     diag = Hd.diagonal(dim1=1, dim2=2)
     dead = diag == 0
-    hmax = H.diagonal(dim1=1, dim2=2).amax(1)
+    hmax = diag.amax(1)
     diag[dead] = 1
     mean_diag = diag.mean(1)
     damp = percdamp * mean_diag
@@ -54,11 +61,12 @@ def inverse_hessians(
     ok = (info == 0) & finite & (mean_diag > 0) & ((hmax == 0) | (hmax >= H_RANGE[0]))
     ok &= hmax <= H_RANGE[1]
     out = []
-    for e, good, dm in zip(range(E), ok.tolist(), damp.tolist()):
+    for h, u, dd, good, dm in zip(Hs, U, dead, ok.tolist(), damp.tolist()):
         if good:
-            out.append(InverseHessian(hinv=U[e], dead=dead[e], damp=dm, percdamp=percdamp))
+            source = (weakref.ref(h), h._version)
+            out.append(InverseHessian(u, dd, dm, percdamp, source=source))
         else:
-            out.append(inverse_hessian(H[e], percdamp, dtype=dtype))
+            out.append(inverse_hessian(h, percdamp, dtype=dtype))
     return out
 
 
@@ -79,19 +87,13 @@ def _batched_sweep(backend: str, device: torch.device):
 
 def _block_keep(W1: torch.Tensor, hdiag: torch.Tensor, sparsity: float) -> torch.Tensor:
     """`block_prune_mask` for every layer of `W1 [E, rows, count]` (each its own threshold)."""
-    score = (W1**2 / hdiag[:, None, :] ** 2).flatten(1)
-    k = int(score.shape[1] * sparsity)
-    if score.is_cuda:
-        thresh = torch.sort(score, dim=1).values[:, k]
-    else:
-        thresh = torch.kthvalue(score, k + 1, dim=1).values
-    return (score > thresh[:, None]).reshape(W1.shape)
+    return ~threshold_prune_mask(W1**2 / hdiag[:, None, :] ** 2, sparsity, start_dim=1)
 
 
 @torch.no_grad()
 def sparsegpt_experts(
     W: torch.Tensor,
-    H: torch.Tensor,
+    H: torch.Tensor | Sequence[torch.Tensor],
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
@@ -101,7 +103,8 @@ def sparsegpt_experts(
     *,
     hinvs: list[InverseHessian] | None = None,
 ) -> list[PruneResult]:
-    """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H [E, cols, cols]`, solved
+    """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H` (`[E, cols, cols]`, or E
+    `[cols, cols]` tensors, not stacked again: the pipeline passes its accumulators'), solved
     together on W's device: the in-block sweep of every layer in one launch of Triton's
     `obs_sweep` (`backend` "triton", or "auto" on a GPU), else torch's batched sweep ("torch",
     or "auto" on CPU). `hinvs`: one inverse per layer, as
@@ -109,34 +112,35 @@ def sparsegpt_experts(
     Hessian need the solver's exact power-of-two rescaling is solved alone by
     `sparsegpt_layer`. Each result's `seconds` is its share of the batch's time."""
     t0 = time.perf_counter()
-    if W.dim() != 3 or H.dim() != 3 or H.shape[0] != W.shape[0]:
+    Hs = list(H) if isinstance(H, torch.Tensor) and H.dim() == 3 else H
+    if W.dim() != 3 or not isinstance(Hs, Sequence) or len(Hs) != W.shape[0]:
+        got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(
-            f"W must be [E, rows, cols] and H [E, cols, cols], got {tuple(W.shape)} and "
-            f"{tuple(H.shape)}"
+            f"W must be [E, rows, cols] and H [E, cols, cols], got {tuple(W.shape)} and {got}"
         )
     E = W.shape[0]
     for e in range(E):  # every layer's weights and Hessian checked as the solver checks them
         _, _, sparsity, n, m, blocksize, percdamp = check_obs_args(
-            W[e], H[e], sparsity, prune_n, prune_m, blocksize, percdamp, backend
+            W[e], Hs[e], sparsity, prune_n, prune_m, blocksize, percdamp, backend
         )
     sweep, kernel = _batched_sweep(backend, W.device)
     results: list[PruneResult | None] = [None] * E
-    alone = [e for e in range(E) if problem_scales(W[e], H[e]) is not None]
+    alone = [e for e in range(E) if problem_scales(W[e], Hs[e]) is not None]
     for e in alone:
         hinv = None if hinvs is None else hinvs[e]
         results[e] = sparsegpt_layer(
-            W[e], H[e], sparsity, n, m, blocksize, percdamp, backend=backend, hinv=hinv
+            W[e], Hs[e], sparsity, n, m, blocksize, percdamp, backend=backend, hinv=hinv
         )
     batch = [e for e in range(E) if e not in alone]
     if batch and (n or sparsity > 0.0):
-        dtype = compute_dtype(W, H)
+        dtype = compute_dtype(W, *Hs)
         idx = torch.tensor(batch, device=W.device)
         if hinvs is None:
-            invs = inverse_hessians(H.index_select(0, idx), percdamp, dtype)
+            invs = inverse_hessians([Hs[e] for e in batch], percdamp, dtype)
         else:
             invs = [hinvs[e] for e in batch]
             for e, inv in zip(batch, invs):
-                check_inverse_of(inv, H[e], f"hinvs[{e}]")
+                check_inverse_of(inv, Hs[e], f"hinvs[{e}]")
         U = torch.stack([i.hinv.to(dtype) for i in invs])
         dead = torch.stack([i.dead for i in invs])
         Wc = W.index_select(0, idx).to(dtype, copy=True)
@@ -162,13 +166,13 @@ def sparsegpt_experts(
             info["kernels"] = {"block_prune_mask": "torch", "obs_sweep": f"{kernel} (batched)"}
             if n:
                 del info["kernels"]["block_prune_mask"]
-            loss = obs_loss_info(W[e], Wc[j], H[e], invs[j], losses[j], info)
+            loss = obs_loss_info(W[e], Wc[j], Hs[e], invs[j], losses[j], info)
             r = finish(W[e], Wc[j], keep[j], loss, info, time.perf_counter(), False)
             r.info["seconds"] = share
             results[e] = r
     for e in range(E):  # sparsity 0, nothing batched: the solver's own rule
         if results[e] is None:
             results[e] = sparsegpt_layer(
-                W[e], H[e], sparsity, n, m, blocksize, percdamp, backend=backend
+                W[e], Hs[e], sparsity, n, m, blocksize, percdamp, backend=backend
             )
     return results  # type: ignore[return-value]
