@@ -99,7 +99,7 @@ def solve_rows(
                     )
             seen = set()
             for be in backends:
-                fn = lambda s=solver, b=be: s(W, H, 0.5, n, m, blocksize, backend=b)  # noqa: E731
+                fn = lambda s=solver, b=be: s(W, H, 0.5, n, m, blocksize=blocksize, backend=b)  # noqa: E731
                 try:
                     r = fn()  # warm-up; builds the CUDA extension on first use
                 except Exception as e:  # noqa: BLE001 - report and keep benchmarking

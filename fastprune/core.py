@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 
 import torch
 
@@ -74,53 +73,6 @@ def problem_scales(W: torch.Tensor, H: torch.Tensor | None) -> tuple[int, int] |
     return ew, hessian_scale_exponent(hmax)
 
 
-def solve_rescaled(
-    W: torch.Tensor,
-    H: torch.Tensor | None,
-    scales: tuple[int, int],
-    solve: Callable[[torch.Tensor, torch.Tensor | None], PruneResult],
-    t0: float,
-    inplace: bool,
-) -> PruneResult:
-    """`solve(W / s_w, H / s_h)` (copies in the solve dtype, scaled exactly) with the result
-    scaled back: weight by `s_w`, the loss (and the losses in `info`) by `s_w^2 s_h`, the
-    damping by `s_h`. Raises if the weight or the loss is not representable unscaled."""
-    ew, eh = scales
-    dtype = compute_dtype(W, H)
-    Ws = scale_pow2(W.to(dtype, copy=True), -ew)
-    Hs = None if H is None else scale_pow2(H.to(dtype, copy=True), -eh)
-    r = solve(Ws, Hs)
-    weight = scale_pow2(r.weight.to(dtype), ew).to(W.dtype)
-    if not torch.isfinite(weight).all():
-        raise ValueError(
-            f"W: the pruned weight overflows {W.dtype} when scaled back (the updates grew "
-            f"weights beyond its range; max|W| = {W.abs().amax().item():g})"
-        )
-    info = dict(r.info)
-    info["compute_dtype"] = str(compute_dtype(W, H)).replace("torch.", "")
-    loss = None if r.loss is None else _unscale_loss(r.loss, ew, eh)
-    for key in LOSS_INFO_KEYS:
-        if info.get(key) is not None:
-            info[key] = _unscale_loss(info[key], ew, eh)
-    if "damp" in info:
-        info["damp"] = math.ldexp(info["damp"], eh)
-    info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
-    return finish(W, weight, r.mask, loss, info, t0, inplace)
-
-
-def _unscale_loss(loss: float, ew: int, eh: int) -> float:
-    try:
-        out = math.ldexp(loss, 2 * ew + eh)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
-        raise ValueError(
-            f"the layer loss (~{loss:g} x 2^{2 * ew + eh}) overflows float64: W and H are "
-            "too large to report it"
-        )
-    return out
-
-
 def scale_inverse(hinv: InverseHessian, eh: int, dtype: torch.dtype) -> InverseHessian:
     """The inverse of `H / 2^eh` from `hinv`, that of `H`: `U` times `2^(eh/2)` (eh even)."""
     if not isinstance(hinv, InverseHessian):
@@ -138,10 +90,16 @@ def check_obs_args(
     H = check_hessian(H, W.shape[1], W.device)
     sparsity = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    blocksize = check_int(blocksize, blocksize_name, minimum=1)
-    percdamp = check_percdamp(percdamp)
+    blocksize, percdamp = check_obs_options(blocksize, percdamp, blocksize_name)
     check_backend(backend)
     return W, H, sparsity, n, m, blocksize, percdamp
+
+
+def check_obs_options(
+    blocksize: object, percdamp: object, blocksize_name: str = "blocksize"
+) -> tuple[int, float]:
+    """The OBS solvers' own options checked: a block width >= 1 and a damping fraction."""
+    return check_int(blocksize, blocksize_name, minimum=1), check_percdamp(percdamp)
 
 
 def base_info(
@@ -218,13 +176,3 @@ def finish(
     info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight, keep, loss, info)
-
-
-def unpruned_result(
-    W: torch.Tensor, H: torch.Tensor | None, info: dict, t0: float, inplace: bool
-) -> PruneResult:
-    """sparsity == 0: nothing is pruned (the reference's `<=` rule would still drop one
-    weight per block; we treat 0 as 'keep everything')."""
-    info["note"] = "sparsity=0"
-    keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
-    return finish(W, W.clone(), keep, 0.0 if H is not None else None, info, t0, inplace)

@@ -29,9 +29,9 @@ def run_demo(
     for n, m in ((0, 0), (2, 4)):
         kw = {"sparsity": sparsity, "prune_n": n, "prune_m": m}
         runs += [
-            ("magnitude", lambda kw=kw: fp.magnitude_layer(W, H=H, **kw)),
+            ("magnitude", lambda kw=kw: fp.magnitude_layer(W, H, **kw)),
             ("wanda", lambda kw=kw: fp.wanda_layer(W, H, **kw)),
-            ("gblm", lambda kw=kw: fp.gblm_layer(W, H, G, **kw)),
+            ("gblm", lambda kw=kw: fp.gblm_layer(W, H, G=G, **kw)),
             ("sparsegpt", lambda kw=kw: fp.sparsegpt_layer(W, H, backend=backend, **kw)),
             ("rose", lambda kw=kw: fp.rose_layer(W, H, backend=backend, **kw)),
             (

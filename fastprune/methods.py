@@ -49,8 +49,8 @@ BATCH_MAX_ENTRIES = 1 << 21
 class Method:
     """One pruning method as the model pipeline runs it.
 
-    `solver(W, [H], [G], sparsity=, prune_n=, prune_m=, **solver options)`: `H` is passed
-    when `needs_hessian`, `G` when `needs_gradients`. `options`: the model-level options and
+    `solver(W, H, sparsity, prune_n, prune_m, **solver options)`: `H` is None unless
+    `needs_hessian`; `G=` is passed when `needs_gradients`. `options`: the model-level options and
     their defaults; all but `pipeline_options` go to the solver as keywords (after
     `layer_options` rewrites them per layer, e.g. SparseSwaps' `max_swaps="auto"`).
     `shares_inverse`: layers fed the same input (q/k/v, gate/up) are solved with one inverse
@@ -145,14 +145,12 @@ class Method:
             else:
                 W = W[rows]
                 G = None if G is None else G[rows]
-        args: list = [W]
-        if self.needs_hessian:
-            args.append(H)
         if self.needs_gradients:
-            args.append(G.to(W.device))
+            kw["G"] = G.to(W.device)
         if self.shares_inverse:
             kw["hinv"] = hinv
-        return self.solver(*args, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **kw)
+        H = H if self.needs_hessian else None
+        return self.solver(W, H, sparsity, prune_n, prune_m, **kw)
 
     def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
         """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
@@ -195,8 +193,8 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         check_recipe(base.name, o["refine"], o["refine_on"], o["reconstruct"])
         return _check_sparseswaps(o)
 
-    def solver(W, *args, **kw):  # args: H (and G for gblm)
-        return compose_layer(W, *args, select=base.name, **kw)
+    def solver(W, H, sparsity, prune_n, prune_m, **kw):
+        return compose_layer(W, H, sparsity, prune_n, prune_m, select=base.name, **kw)
 
     return Method(
         name,
@@ -274,6 +272,15 @@ def _check_sparseswaps(opts: dict) -> dict:
     if opts["max_swaps"] not in ("auto", None):
         opts["max_swaps"] = check_int(opts["max_swaps"], "max_swaps", minimum=0)
     return opts
+
+
+def _check_sparseswaps_method(opts: dict) -> dict:
+    if opts["reconstruct"] not in (True, False):  # "best" is a composition's choice
+        raise ValueError(
+            f"reconstruct for method 'sparseswaps' is True or False, got {opts['reconstruct']!r}"
+            " (reconstruct='best' is for a mask selector with refine='sparseswaps')"
+        )
+    return _check_sparseswaps(opts)
 
 
 # max_swaps="auto": as many SparseSwaps steps as fit in a budget of pair evaluations per
@@ -361,7 +368,7 @@ METHODS: dict[str, Method] = {
             sparseswaps_layer,
             "Wanda's mask refined by loss-reducing swaps, optionally OBS-reconstructed",
             {"max_swaps": "auto", "reconstruct": False, "percdamp": 0.01, "backend": "auto"},
-            check=_check_sparseswaps,
+            check=_check_sparseswaps_method,
             layer_options=_sparseswaps_layer_options,
             row_separable=lambda n, o: True,  # Wanda's per-row warm start, per-row swaps
         ),

@@ -563,7 +563,9 @@ def test_sparsify_weight_contract(gen, pattern):
     assert_masks_agree(Wp == 0, ref_W.half() == 0, MASK_AGREE)
     assert relative_error(Wp.float(), ref_W.half().float()) < 2e-3  # float16 output
     assert loss == pytest.approx(ref_loss, rel=1e-4)
-    own = fp.sparsegpt_layer(W.half().float(), H, 0.5, n, m, 64, inverse_method="reference")
+    own = fp.sparsegpt_layer(
+        W.half().float(), H, 0.5, n, m, blocksize=64, inverse_method="reference"
+    )
     assert torch.equal(Wp, own.weight.half())
 
 

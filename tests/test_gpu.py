@@ -54,7 +54,7 @@ def test_score_methods_on_cuda(gen):
     for cpu, gpu in [
         (fp.wanda_layer(W, H), fp.wanda_layer(W.cuda(), H.cuda())),
         (fp.magnitude_layer(W), fp.magnitude_layer(W.cuda())),
-        (fp.gblm_layer(W, H, G), fp.gblm_layer(W.cuda(), H.cuda(), G.cuda())),
+        (fp.gblm_layer(W, H, G=G), fp.gblm_layer(W.cuda(), H.cuda(), G=G.cuda())),
     ]:
         assert torch.equal(gpu.mask.cpu(), cpu.mask)
 

@@ -28,7 +28,7 @@ H_TAKERS = {
     "sparsegpt": lambda W, H: fp.sparsegpt_layer(W, H),
     "rose": lambda W, H: fp.rose_layer(W, H),
     "wanda": lambda W, H: fp.wanda_layer(W, H),
-    "gblm": lambda W, H: fp.gblm_layer(W, H, _G()),
+    "gblm": lambda W, H: fp.gblm_layer(W, H, G=_G()),
     "magnitude": lambda W, H: fp.magnitude_layer(W, H=H),
     "sparseswaps": lambda W, H: fp.sparseswaps_layer(W, H, max_swaps=2),
     "inverse_hessian": lambda W, H: fp.inverse_hessian(H),
@@ -90,7 +90,7 @@ INPLACE_SOLVERS = {
     "sparsegpt": lambda W, **kw: fp.sparsegpt_layer(W, torch.eye(COLS), **kw),
     "rose": lambda W, **kw: fp.rose_layer(W, torch.eye(COLS), **kw),
     "wanda": lambda W, **kw: fp.wanda_layer(W, torch.eye(COLS), **kw),
-    "gblm": lambda W, **kw: fp.gblm_layer(W, torch.eye(COLS), _G(), **kw),
+    "gblm": lambda W, **kw: fp.gblm_layer(W, torch.eye(COLS), G=_G(), **kw),
     "magnitude": lambda W, **kw: fp.magnitude_layer(W, **kw),
 }
 
@@ -121,7 +121,7 @@ META_SOLVERS = {
     "sparsegpt": lambda W, H: fp.sparsegpt_layer(W, H),
     "rose": lambda W, H: fp.rose_layer(W, H),
     "wanda": lambda W, H: fp.wanda_layer(W, H),
-    "gblm": lambda W, H: fp.gblm_layer(W, H, torch.rand(8, COLS, device="meta")),
+    "gblm": lambda W, H: fp.gblm_layer(W, H, G=torch.rand(8, COLS, device="meta")),
     "magnitude": lambda W, H: fp.magnitude_layer(W),
     "magnitude(H=)": lambda W, H: fp.magnitude_layer(W, H=H),
     "sparseswaps": lambda W, H: fp.sparseswaps_layer(W, H),
@@ -250,7 +250,7 @@ def _solve(method, backend, W, H, G=None, **kw):
     if method == "wanda":
         return fp.wanda_layer(W, H, **kw)
     if method == "gblm":
-        return fp.gblm_layer(W, H, torch.rand(W.shape, generator=G) if G is not None else G, **kw)
+        return fp.gblm_layer(W, H, G=torch.rand(W.shape, generator=G) if G is not None else G, **kw)
     return fp.magnitude_layer(W, H=H, **kw)
 
 

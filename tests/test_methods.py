@@ -53,15 +53,12 @@ def test_one_registry_everywhere():
 def test_entries_match_solver_signatures(name):
     m = METHODS[name]
     params = _params(m.solver)
-    positional = [
-        p.name
-        for p in params.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
-    ]
-    expected = ["W"] + ["H"] * m.needs_hessian + ["G"] * m.needs_gradients
-    assert positional == expected, f"{name}: solver's required arguments"
-    for k in ("sparsity", "prune_n", "prune_m"):
-        assert k in params, f"{name}: solver has no {k}"
+    lead = [p.name for p in params.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert lead == ["W", "H", "sparsity", "prune_n", "prune_m"], f"{name}: leading arguments"
+    rest = [p for p in params.values() if p.kind is not p.POSITIONAL_OR_KEYWORD]
+    assert all(p.kind is p.KEYWORD_ONLY for p in rest), f"{name}: options are keywords"
+    required = [p.name for p in rest if p.default is p.empty]
+    assert required == ["G"] * m.needs_gradients, f"{name}: required keywords"
     # every option is accepted by the solver or consumed by the pipeline, never both
     for opt, default in m.options.items():
         if opt in m.pipeline_options:
@@ -127,17 +124,20 @@ def test_cli_flags_reach_the_methods_that_declare_them():
     given = {"backend": "torch", "max_swaps": 3, "reconstruct": True, "norm": "l1"}
     for name, m in METHODS.items():
         bare = cli.build_parser().parse_args(["prune", "--method", name])
-        assert cli.method_options(bare) == {}, name  # the registry's defaults apply
+        assert cli.prune_job(bare).method_options() == {}, name  # the registry's defaults apply
         args = cli.build_parser().parse_args(["prune", "--method", name, *flags])
-        opts = cli.method_options(args)
+        opts = cli.prune_job(args).method_options()
         # --reconstruct on a mask selector composes it (fastprune.methods.composed)
         runs = composed(m, given)
         assert (runs is not m) == (name in SELECTORS), name
         assert opts == {k: v for k, v in given.items() if k in runs.options}, name
         runs.check_options(opts)
-    assert cli.method_options(
-        cli.build_parser().parse_args(["prune", "--method", "sparseswaps", *flags])
-    ) == {"backend": "torch", "max_swaps": 3, "reconstruct": True}
+    args = cli.build_parser().parse_args(["prune", "--method", "sparseswaps", *flags])
+    assert cli.prune_job(args).method_options() == {
+        "backend": "torch",
+        "max_swaps": 3,
+        "reconstruct": True,
+    }
 
 
 # ------------------------------------------------------------------- a registered toy method
@@ -191,8 +191,8 @@ def test_registered_toy_method_runs_through_prune_model_and_cli(monkeypatch, cap
 
 
 def test_toy_method_without_calibration(monkeypatch):
-    def halve(W, sparsity=0.5, prune_n=0, prune_m=0, *, scale=1.0):
-        return fp.magnitude_layer(W * scale, sparsity, prune_n, prune_m)
+    def halve(W, H=None, sparsity=0.5, prune_n=0, prune_m=0, *, scale=1.0):
+        return fp.magnitude_layer(W * scale, H, sparsity, prune_n, prune_m)
 
     monkeypatch.setitem(
         METHODS, "halve", Method("halve", halve, "magnitude of scaled W", {"scale": 2.0}, False)

@@ -143,10 +143,10 @@ def _solve(method: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, n: in
     """The public layer solver the pipeline's registry names, with its options (GBLM: its
     default alpha, with the gradient norm `G`)."""
     if method == "gblm":
-        return fastprune.gblm_layer(W, H, G, sparsity, n, m, alpha=1.0)
+        return fastprune.gblm_layer(W, H, sparsity, n, m, G=G, alpha=1.0)
     o = SOLVER_OPTIONS[method]
     if method == "magnitude":
-        return fastprune.magnitude_layer(W, sparsity, n, m)
+        return fastprune.magnitude_layer(W, None, sparsity, n, m)
     if method == "wanda":
         return fastprune.wanda_layer(W, H, sparsity, n, m)
     if method == "sparsegpt":

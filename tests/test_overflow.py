@@ -34,8 +34,8 @@ METHODS = {
     "sparsegpt": lambda W, H, n, m, G: fp.sparsegpt_layer(W, H, 0.5, n, m),
     "rose": lambda W, H, n, m, G: fp.rose_layer(W, H, 0.5, n, m),
     "wanda": lambda W, H, n, m, G: fp.wanda_layer(W, H, 0.5, n, m),
-    "gblm": lambda W, H, n, m, G: fp.gblm_layer(W, H, G, 0.5, n, m),
-    "magnitude": lambda W, H, n, m, G: fp.magnitude_layer(W, 0.5, n, m, H=H),
+    "gblm": lambda W, H, n, m, G: fp.gblm_layer(W, H, 0.5, n, m, G=G),
+    "magnitude": lambda W, H, n, m, G: fp.magnitude_layer(W, H, 0.5, n, m),
     "sparseswaps": lambda W, H, n, m, G: fp.sparseswaps_layer(
         W, H, max_swaps=4, sparsity=0.5, prune_n=n, prune_m=m
     ),

@@ -38,7 +38,7 @@ def test_swaps_on_given_values_lower_the_true_loss(rows, cols, n, m):
     W, H = layer(rows, cols, seed=rows * cols + n)
     sg = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=16)
     values = torch.where(sg.mask, sg.weight, W)
-    r = fp.sparseswaps_layer(W, H, sg.mask, prune_n=n, prune_m=m, values=values)
+    r = fp.sparseswaps_layer(W, H, prune_n=n, prune_m=m, mask=sg.mask, values=values)
     # the loss before is SparseGPT's own result's, the loss after that of the returned weights
     assert r.info["loss_before"] == pytest.approx(trace_loss(W, sg.weight, H), rel=1e-4)
     assert r.loss == pytest.approx(trace_loss(W, r.weight, H), rel=1e-4, abs=1e-6)
@@ -61,7 +61,7 @@ def test_swaps_on_values_match_an_exhaustive_best_swap():
     W, H = layer(1, 10, seed=5)
     sg = fp.sparsegpt_layer(W, H, 0.5)
     values = torch.where(sg.mask, sg.weight, W)
-    r = fp.sparseswaps_layer(W, H, sg.mask, max_swaps=1, values=values)
+    r = fp.sparseswaps_layer(W, H, mask=sg.mask, max_swaps=1, values=values)
     best = trace_loss(W, values * sg.mask, H)
     keep0 = sg.mask[0]
     for u in torch.nonzero(keep0).flatten().tolist():
@@ -85,7 +85,7 @@ def test_compose_without_steps_is_the_selector(select):
     W, H = layer(16, 64, seed=7)
     c = compose_layer(W, H, select=select, sparsity=0.5, blocksize=16)
     if select == "magnitude":
-        ref = fp.magnitude_layer(W, 0.5, H=H)
+        ref = fp.magnitude_layer(W, H, 0.5)
     elif select == "wanda":
         ref = fp.wanda_layer(W, H, 0.5)
     elif select == "sparsegpt":

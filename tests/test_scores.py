@@ -34,7 +34,7 @@ def test_wanda_ties_broken_stably():
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_magnitude(gen, n, m):
     W = torch.randn(24, 64, generator=gen)
-    r = fp.magnitude_layer(W, 0.5, n, m)
+    r = fp.magnitude_layer(W, None, 0.5, n, m)
     assert r.loss is None
     if n:
         assert fp.check_nm_keep_mask(r.mask, n, m)
@@ -46,13 +46,13 @@ def test_magnitude(gen, n, m):
 
 def test_magnitude_exact_count_with_ties():
     W = torch.tensor([[1.0, 1.0, 1.0, 2.0], [1.0, 3.0, 1.0, 1.0]])
-    r = fp.magnitude_layer(W, 0.5)
+    r = fp.magnitude_layer(W, sparsity=0.5)
     assert (~r.mask).sum().item() == 4
 
 
 def test_gblm_zero_gradient_is_wanda(gen):
     W, H, _ = fp.testing.random_layer(16, 64, generator=gen)
-    a = fp.gblm_layer(W, H, torch.zeros_like(W), 0.5)
+    a = fp.gblm_layer(W, H, 0.5, G=torch.zeros_like(W))
     b = fp.wanda_layer(W, H, 0.5)
     assert torch.equal(a.mask, b.mask) and a.loss == pytest.approx(b.loss)
 
@@ -61,7 +61,7 @@ def test_gblm_zero_gradient_is_wanda(gen):
 def test_gblm_score(gen, n, m):
     W, H, _ = fp.testing.random_layer(16, 64, generator=gen)
     G = torch.rand(16, 64, generator=gen)
-    r = fp.gblm_layer(W, H, G, 0.5, n, m, alpha=3.0)
+    r = fp.gblm_layer(W, H, 0.5, n, m, G=G, alpha=3.0)
     score = W.abs() * torch.sqrt(torch.diagonal(H) / 2) + 3.0 * W.abs() * G
     _, pruned = original_wanda(score, torch.ones(64) * 1.0, 0.5, n, m)  # selection as Wanda
     assert torch.equal(r.mask, ~pruned)
@@ -85,7 +85,7 @@ def test_loss_reported_and_inputs_untouched(gen, fn):
     if fn == "wanda":
         r = fp.wanda_layer(W, H)
     elif fn == "gblm":
-        r = fp.gblm_layer(W, H, torch.rand(8, 32, generator=gen))
+        r = fp.gblm_layer(W, H, G=torch.rand(8, 32, generator=gen))
     else:
         r = fp.magnitude_layer(W, H=H)
     assert torch.equal(W, W0)

@@ -91,10 +91,10 @@ def test_refinement_lowers_loss_keeps_counts_and_patterns(gen, n, m, rows, cols)
 
 def test_loss_never_rises_step_by_step(gen):
     W, H, _ = fp.testing.random_layer(16, 48, generator=gen)
-    mask = fp.magnitude_layer(W, 0.5).mask
+    mask = fp.magnitude_layer(W, sparsity=0.5).mask
     prev = None
     for k in range(0, 6):
-        r = fp.sparseswaps_layer(W, H, mask, max_swaps=k)
+        r = fp.sparseswaps_layer(W, H, mask=mask, max_swaps=k)
         assert r.info["steps"] <= k
         if prev is not None:
             assert r.loss <= prev + 1e-9
@@ -104,10 +104,10 @@ def test_loss_never_rises_step_by_step(gen):
 def test_warm_start_from_any_mask_and_reconstruct(gen):
     W, H, _ = fp.testing.random_layer(12, 32, generator=gen)
     mask = torch.rand(12, 32, generator=gen) > 0.5
-    r = fp.sparseswaps_layer(W, H, mask)
+    r = fp.sparseswaps_layer(W, H, mask=mask)
     assert r.info["warm_start"] == "given mask"
     assert torch.equal(r.mask.sum(1), mask.sum(1))
-    rec = fp.sparseswaps_layer(W, H, mask, reconstruct=True)
+    rec = fp.sparseswaps_layer(W, H, mask=mask, reconstruct=True)
     assert torch.equal(rec.mask, r.mask) and rec.info["reconstructed"]
     assert rec.loss <= r.loss * (1 + 1e-6)
     assert (rec.weight[~rec.mask] == 0).all()
@@ -129,7 +129,7 @@ def test_inputs_untouched(gen):
     W, H, _ = fp.testing.random_layer(8, 32, generator=gen)
     mask = fp.wanda_layer(W, H).mask
     W0, H0, m0 = W.clone(), H.clone(), mask.clone()
-    fp.sparseswaps_layer(W, H, mask)
+    fp.sparseswaps_layer(W, H, mask=mask)
     assert torch.equal(W, W0) and torch.equal(H, H0) and torch.equal(mask, m0)
 
 

@@ -91,18 +91,18 @@ def test_bad_mask():
     with pytest.raises(ValueError, match=names("mask")):
         fp.sparsegpt_layer(W, H, mask=torch.ones(8, 15, dtype=torch.bool))
     with pytest.raises(ValueError, match=names("mask")):
-        fp.sparseswaps_layer(W, H, torch.ones(8, 16, dtype=torch.bool), prune_n=2, prune_m=4)
+        fp.sparseswaps_layer(W, H, prune_n=2, prune_m=4, mask=torch.ones(8, 16, dtype=torch.bool))
     with pytest.raises(ValueError, match=names("max_swaps")):
         fp.sparseswaps_layer(W, H, max_swaps=-1)
 
 
 def test_bad_gradient():
     with pytest.raises(ValueError, match=names("G")):
-        fp.gblm_layer(W, H, torch.rand(8, 15))
+        fp.gblm_layer(W, H, G=torch.rand(8, 15))
     with pytest.raises(ValueError, match=names("G")):
-        fp.gblm_layer(W, H, -torch.rand(8, 16))
+        fp.gblm_layer(W, H, G=-torch.rand(8, 16))
     with pytest.raises(TypeError, match=names("alpha")):
-        fp.gblm_layer(W, H, G, alpha="1")
+        fp.gblm_layer(W, H, G=G, alpha="1")
 
 
 @pytest.mark.parametrize("method", [*HAS_H, "sparseswaps"])

@@ -70,8 +70,8 @@ def sparsify_weight(
             sparsity,
             prune_n,
             prune_m,
-            block_size,
-            dampening_frac,
+            blocksize=block_size,
+            percdamp=dampening_frac,
             backend=backend,
             inverse_method="reference",  # llm-compressor's own H^-1 arithmetic
         )

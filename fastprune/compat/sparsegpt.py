@@ -76,8 +76,8 @@ class SparseGPT(LayerAdapter):
             sparsity,
             prunen,
             prunem,
-            blocksize,
-            percdamp,
+            blocksize=blocksize,
+            percdamp=percdamp,
             backend=self.backend,
             inverse_method="reference",  # the reference's arithmetic for H^-1
         )

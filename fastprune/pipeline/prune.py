@@ -1,6 +1,9 @@
 """`prune_model`: sequential, block by block, the way SparseGPT and Wanda do it (see the
-package docstring of `fastprune.pipeline`); what each method needs and how its solver is
-called comes from `fastprune.METHODS`."""
+package docstring of `fastprune.pipeline`), as a short sequence of named stages: check the
+arguments (`check_prune_args`), then a `PruneRun`'s gradient pass (GBLM), layer-wise
+allocation (OWL), capture of the first block's inputs and, per block, its calibration
+(Hessians), its layer solves and the propagation of its pruned outputs. What each method needs
+and how its solver is called comes from `fastprune.METHODS`."""
 
 from __future__ import annotations
 
@@ -8,17 +11,19 @@ import contextlib
 import functools
 import logging
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..block_layers import check_selection, count_block_zeros, find_block_layers
+from ..block_layers import BlockLayers, check_selection, count_block_zeros, find_block_layers
 from ..experts import ExpertProjection, check_moe_calibration
 from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
-from ..methods import composed, get_method
+from ..methods import Method, composed, get_method
 from ..models import find_blocks, model_device
 from ..solvers.sparsegpt_batched import inverse_hessians
 from ..validation import check_int, check_pattern, check_sparsity
@@ -135,185 +140,399 @@ def prune_model(
     """
     t_start = time.perf_counter()
     comm = Comm() if active_world() > 1 else None
+    with _guarded(comm, "setup (arguments, model, calibration)"):
+        args = check_prune_args(
+            model, calibration, method, sparsity, prune_n, prune_m, device,
+            tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
+            batch_size=batch_size, hessian_precision=hessian_precision, targets=targets,
+            ignore=ignore, blocks=blocks, offload_activations=offload_activations,
+            allocation=allocation, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
+            moe_calibration=moe_calibration, progress=progress, method_options=method_options,
+        )  # fmt: skip
+    run = PruneRun(args, comm, t_start)
+    run.agree()
+    run.gradients()
+    was_training = model.training
+    model.eval()
+    try:
+        run.allocate()
+        run.capture()
+        for i in run.progress():
+            hooks = run.calibrate_block(i)
+            run.solve_block(i, hooks)
+            del hooks  # the block's Hessians, freed before the propagation
+            run.propagate_block(i)
+    finally:
+        run.close()
+        model.train(was_training)
+    return run.finish()
 
-    def guard(what: str):
-        """Distributed: a phase whose error every rank hears of (`Comm.guard`)."""
-        return contextlib.nullcontext() if comm is None else comm.guard(what)
 
-    with guard("setup (arguments, model, calibration)"):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        meth = composed(get_method(method), method_options)
-        opts = meth.check_options(method_options)
-        sparsity = check_sparsity(sparsity)
-        n, m = check_pattern(prune_n, prune_m, prune_m or 1)
-        allocation, owl_threshold, owl_lambda = check_allocation(
-            allocation, owl_threshold, owl_lambda
+def _guarded(comm: Comm | None, what: str):
+    """Distributed: a phase whose error every rank hears of (`Comm.guard`)."""
+    return contextlib.nullcontext() if comm is None else comm.guard(what)
+
+
+@dataclass
+class PruneArgs:
+    """`prune_model`'s arguments, checked and resolved: the method (composed with a
+    refinement where asked) and its options, the pattern, the device, the decoder blocks and
+    every block's layers, the calibration tokens."""
+
+    model: nn.Module
+    method: str
+    meth: Method
+    opts: dict
+    sparsity: float
+    n: int
+    m: int
+    dev: torch.device
+    blocks_path: str
+    block_list: nn.ModuleList
+    kinds: list
+    layouts: list[BlockLayers]
+    calib: torch.Tensor | None
+    seed: int
+    batch_size: int
+    hessian_precision: str
+    moe_calibration: str
+    targets: Any
+    ignore: Any
+    offload_activations: bool | None
+    allocation: str
+    owl_threshold: float
+    owl_lambda: float
+    progress: bool
+
+    @property
+    def per_block(self) -> list[dict]:
+        return [bl.layers for bl in self.layouts]
+
+
+def check_prune_args(
+    model, calibration, method, sparsity, prune_n, prune_m, device, *, tokenizer, nsamples,
+    seqlen, seed, batch_size, hessian_precision, targets, ignore, blocks, offload_activations,
+    allocation, owl_threshold, owl_lambda, moe_calibration, progress, method_options,
+) -> PruneArgs:  # fmt: skip
+    """Every argument checked before any work (errors name the argument); the calibration
+    tokens drawn."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    meth = composed(get_method(method), method_options)
+    opts = meth.check_options(method_options)
+    sparsity = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, prune_m or 1)
+    allocation, owl_threshold, owl_lambda = check_allocation(allocation, owl_threshold, owl_lambda)
+    if allocation == "owl" and n:
+        logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
+        allocation = "uniform"
+    if allocation == "owl" and not meth.needs_calibration:
+        raise ValueError(f"allocation='owl' needs calibration data, which {method!r} does not use")
+    batch_size = check_int(batch_size, "batch_size", minimum=1)
+    if hessian_precision not in HESSIAN_PRECISIONS:
+        raise ValueError(
+            f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
         )
-        if allocation == "owl" and n:
-            logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
-            allocation = "uniform"
-        if allocation == "owl" and not meth.needs_calibration:
-            raise ValueError(
-                f"allocation='owl' needs calibration data, which {method!r} does not use"
-            )
-        batch_size = check_int(batch_size, "batch_size", minimum=1)
-        if hessian_precision not in HESSIAN_PRECISIONS:
-            raise ValueError(
-                f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
-            )
-        home = model_device(model)
-        dev = _check_device(device, home)
-        blocks_path, block_list = find_blocks(model, blocks)
-        moe_calibration = check_moe_calibration(moe_calibration)
-        kinds = block_kinds(model, len(block_list))
-        check_selection(block_list, targets, ignore)
-        layouts = [
-            find_block_layers(b, targets, ignore, f"{blocks_path}.{i}")
-            for i, b in enumerate(block_list)
-        ]
-        if not any(bl.layers for bl in layouts):
-            raise ValueError("targets/ignore leave no layer to prune")
-        per_block = [bl.layers for bl in layouts]
-        for i, lins in enumerate(per_block):
-            for name, mod in lins.items():
-                try:
-                    check_pattern(n, m, get_weight(mod).shape[1])
-                except ValueError as e:
-                    raise ValueError(
-                        f"prune_n:prune_m={n}:{m} does not fit {blocks_path}.{i}.{name}: {e}"
-                    ) from e
+    dev = _check_device(device, model_device(model))
+    blocks_path, block_list = find_blocks(model, blocks)
+    moe_calibration = check_moe_calibration(moe_calibration)
+    kinds = block_kinds(model, len(block_list))
+    check_selection(block_list, targets, ignore)
+    layouts = [
+        find_block_layers(b, targets, ignore, f"{blocks_path}.{i}")
+        for i, b in enumerate(block_list)
+    ]
+    if not any(bl.layers for bl in layouts):
+        raise ValueError("targets/ignore leave no layer to prune")
+    for i, bl in enumerate(layouts):
+        for name, mod in bl.layers.items():
+            try:
+                check_pattern(n, m, get_weight(mod).shape[1])
+            except ValueError as e:
+                raise ValueError(
+                    f"prune_n:prune_m={n}:{m} does not fit {blocks_path}.{i}.{name}: {e}"
+                ) from e
+    calib = None
+    if meth.needs_calibration:
+        if calibration is None:
+            raise ValueError(f"method {method!r} needs calibration data (calibration=...)")
+        from ..data import get_calibration
 
-        calib = None
-        if meth.needs_calibration:
-            if calibration is None:
-                raise ValueError(f"method {method!r} needs calibration data (calibration=...)")
-            from ..data import get_calibration
+        calib = get_calibration(calibration, tokenizer, nsamples, seqlen, seed)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        if vocab and calib.max().item() >= vocab:
+            raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+    return PruneArgs(
+        model, method, meth, opts, sparsity, n, m, dev, blocks_path, block_list, kinds,
+        layouts, calib, seed, batch_size, hessian_precision, moe_calibration, targets, ignore,
+        offload_activations, allocation, owl_threshold, owl_lambda, progress,
+    )  # fmt: skip
 
-            calib = get_calibration(calibration, tokenizer, nsamples, seqlen, seed)
-            vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-            if vocab and calib.max().item() >= vocab:
-                raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
-    if comm is not None:
-        # before any work: every rank was given the same model, data and arguments
-        comm.check_consistent(
-            fingerprint(
-                model,
-                calib,
-                method=method,
-                sparsity=sparsity,
-                pattern=pattern_name(n, m),
-                options=opts,
-                seed=seed,
-                blocks=blocks_path,
-                targets=targets,
-                ignore=ignore,
-                hessian_precision=hessian_precision,
-                moe_calibration=moe_calibration,
-                batch_size=batch_size,
-                allocation=(allocation, owl_threshold, owl_lambda),
-                **{"device type": dev.type, "row split": comm.row_split},
-            )
+
+class PruneRun:
+    """One `prune_model` call's state between its stages: the report and its totals, the
+    gradient norms (GBLM), the per-block sparsities, the calibration activations."""
+
+    def __init__(self, args: PruneArgs, comm: Comm | None, t_start: float) -> None:
+        a = self.args = args
+        self.comm = comm
+        self.t_start = t_start
+        calib = a.calib
+        # this rank's share of the samples (all of them in one process)
+        self.local = calib if comm is None or calib is None else comm.shard(calib)
+        self.report = PruneReport(
+            method=a.meth.name,
+            sparsity=a.n / a.m if a.n else a.sparsity,
+            pattern=pattern_name(a.n, a.m),
+            nsamples=0 if calib is None else calib.shape[0],
+            seqlen=0 if calib is None else calib.shape[1],
+            device=str(a.dev),
+            options=jsonable(
+                {k: v for k, v in a.opts.items() if k not in _UNREPORTED}
+                | ({"hessian_precision": a.hessian_precision} if a.meth.needs_calibration else {})
+                | ({"allocation": a.allocation} if a.meth.needs_calibration else {})
+            ),
         )
-    local = calib if comm is None or calib is None else comm.shard(calib)
+        # where the time goes (forward_seconds = capture + hessian forwards + propagation)
+        self.totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(a.block_list)}
+        self.totals.update(
+            capture_seconds=0.0, hessian_seconds=0.0, propagate_seconds=0.0, inverse_seconds=0.0
+        )
+        self.show = a.progress and (comm is None or comm.rank == 0)
+        self.G = None
+        self.partial_G = False  # distributed GBLM: G holds this rank's raw sums until reduced
+        self.block_sparsity = [a.sparsity] * len(a.block_list)
+        self.acts = self.arg_sets = None
+        self.untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
+        self.bar = None
+        self._home = None  # where the block being pruned came from
 
-    report = PruneReport(
-        method=meth.name,
-        sparsity=n / m if n else sparsity,
-        pattern=pattern_name(n, m),
-        nsamples=0 if calib is None else calib.shape[0],
-        seqlen=0 if calib is None else calib.shape[1],
-        device=str(dev),
-        options=jsonable(
-            {k: v for k, v in opts.items() if k not in _UNREPORTED}
-            | ({"hessian_precision": hessian_precision} if meth.needs_calibration else {})
-            | ({"allocation": allocation} if meth.needs_calibration else {})
-        ),
-    )
-    totals = {"solve_seconds": 0.0, "forward_seconds": 0.0, "blocks": len(block_list)}
-    # where the time goes (forward_seconds = capture + hessian forwards + propagation)
-    totals.update(
-        capture_seconds=0.0, hessian_seconds=0.0, propagate_seconds=0.0, inverse_seconds=0.0
-    )
+    def guard(self, what: str):
+        return _guarded(self.comm, what)
 
-    def clock(key: str, t0: float) -> float:
+    def clock(self, key: str, t0: float) -> float:
         """Add the time since `t0` to `totals[key]` (after the device's queued work ends)."""
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        if self.args.dev.type == "cuda":
+            torch.cuda.synchronize(self.args.dev)
         t = time.perf_counter()
-        totals[key] += t - t0
+        self.totals[key] += t - t0
         if key in ("capture_seconds", "hessian_seconds", "propagate_seconds"):
-            totals["forward_seconds"] += t - t0
+            self.totals["forward_seconds"] += t - t0
         return t
 
-    show = progress and (comm is None or comm.rank == 0)
-    G = None
-    partial_G = False  # distributed GBLM: G holds this rank's raw sums until reduced
-    if meth.needs_gradients:
-        names = [f"{blocks_path}.{i}.{k}" for i, lins in enumerate(per_block) for k in lins]
-        G = opts["gradients"]
+    # ---------------------------------------------------------------------------- stages
+
+    def agree(self) -> None:
+        """Distributed: before any work, every rank was given the same model, data and
+        arguments (a `ValueError` names what differs)."""
+        if self.comm is None:
+            return
+        a = self.args
+        self.comm.check_consistent(
+            fingerprint(
+                a.model,
+                a.calib,
+                method=a.method,
+                sparsity=a.sparsity,
+                pattern=pattern_name(a.n, a.m),
+                options=a.opts,
+                seed=a.seed,
+                blocks=a.blocks_path,
+                targets=a.targets,
+                ignore=a.ignore,
+                hessian_precision=a.hessian_precision,
+                moe_calibration=a.moe_calibration,
+                batch_size=a.batch_size,
+                allocation=(a.allocation, a.owl_threshold, a.owl_lambda),
+                **{"device type": a.dev.type, "row split": self.comm.row_split},
+            )
+        )
+
+    def gradients(self) -> None:
+        """GBLM: the per-weight gradient norms over the calibration samples (or the
+        precomputed `gradients` option), for every pruned layer."""
+        a = self.args
+        if not a.meth.needs_gradients:
+            return
+        names = [f"{a.blocks_path}.{i}.{k}" for i, lins in enumerate(a.per_block) for k in lins]
+        G = a.opts["gradients"]
         if G is None:
-            with guard("the GBLM gradient passes"):
+            with self.guard("the GBLM gradient passes"):
                 t0 = time.perf_counter()
                 G = compute_gradient_norms(
-                    model,
-                    local,
-                    names,
-                    dev,
-                    opts["norm"],
-                    opts["scale"],
-                    show,
-                    finalize=comm is None,
-                )
-                totals["gradient_seconds"] = time.perf_counter() - t0
-            partial_G = comm is not None
+                    a.model, self.local, names, a.dev, a.opts["norm"], a.opts["scale"],
+                    self.show, finalize=self.comm is None,
+                )  # fmt: skip
+                self.totals["gradient_seconds"] = time.perf_counter() - t0
+            self.partial_G = self.comm is not None
         missing = [k for k in names if k not in G]
         if missing:
             raise ValueError(
                 f"gradients has no entry for {missing[0]} (and {len(missing) - 1} more)"
             )
+        self.G = G
 
-    was_training = model.training
-    model.eval()
-    block_sparsity = [sparsity] * len(block_list)
-    if allocation == "owl":
+    def allocate(self) -> None:
+        """OWL: per-block sparsities from the blocks' outlier ratios (same total)."""
+        a = self.args
+        if a.allocation != "owl":
+            return
         t0 = time.perf_counter()
-        with guard("the OWL allocation pass"):
+        with self.guard("the OWL allocation pass"):
             ratios = outlier_ratios(
-                model, block_list, layouts, kinds, local, batch_size, dev,
-                offload_activations, owl_threshold, comm, moe_calibration,
+                a.model, a.block_list, a.layouts, a.kinds, self.local, a.batch_size, a.dev,
+                a.offload_activations, a.owl_threshold, self.comm, a.moe_calibration,
             )  # fmt: skip
-        params = [sum(get_weight(x).numel() for x in lins.values()) for lins in per_block]
-        block_sparsity = owl_block_sparsities(ratios, params, sparsity, owl_lambda)
-        totals["allocation_seconds"] = clock("forward_seconds", t0) - t0
-        totals["allocation"] = {
-            "rule": "owl", "threshold": owl_threshold, "lambda": owl_lambda,
-            "outlier_ratios": ratios, "block_sparsity": block_sparsity,
+        params = [sum(get_weight(x).numel() for x in lins.values()) for lins in a.per_block]
+        self.block_sparsity = owl_block_sparsities(ratios, params, a.sparsity, a.owl_lambda)
+        self.totals["allocation_seconds"] = self.clock("forward_seconds", t0) - t0
+        self.totals["allocation"] = {
+            "rule": "owl", "threshold": a.owl_threshold, "lambda": a.owl_lambda,
+            "outlier_ratios": ratios, "block_sparsity": self.block_sparsity,
         }  # fmt: skip
-    acts = arg_sets = None
-    if calib is not None:
-        with guard("the capture of the first block's inputs"):
-            t0 = time.perf_counter()
-            acts = capture_inputs(
-                model, block_list, kinds, local, batch_size, dev, offload_activations
-            )
-            clock("capture_seconds", t0)
-            arg_sets = [(to_device(a, dev), to_device(k, dev)) for a, k in acts.arg_sets]
-        totals["activation_bytes"] = acts.nbytes
-        totals["activation_device"] = str(acts.inps.device)
 
-    def shared_inverse(hooks, inverses, lead):
+    def capture(self) -> None:
+        """The first block's inputs over this rank's calibration samples, and the arguments
+        the model passes its blocks."""
+        a = self.args
+        if a.calib is None:
+            return
+        with self.guard("the capture of the first block's inputs"):
+            t0 = time.perf_counter()
+            self.acts = capture_inputs(
+                a.model, a.block_list, a.kinds, self.local, a.batch_size, a.dev,
+                a.offload_activations,
+            )  # fmt: skip
+            self.clock("capture_seconds", t0)
+            self.arg_sets = [
+                (to_device(x, a.dev), to_device(k, a.dev)) for x, k in self.acts.arg_sets
+            ]
+        self.totals["activation_bytes"] = self.acts.nbytes
+        self.totals["activation_device"] = str(self.acts.inps.device)
+
+    def progress(self):
+        """The block indices, under a progress bar."""
+        a = self.args
+        desc = f"{a.method} {self.report.pattern}"
+        self.bar = tqdm(range(len(a.block_list)), desc=desc, disable=not self.show)
+        return self.bar
+
+    def calibrate_block(self, i: int) -> HessianHooks | None:
+        """Block `i` on the device and, with calibration, one forward with hooks that
+        accumulate its layers' Hessians; the hooks (None without calibration)."""
+        a = self.args
+        block = a.block_list[i]
+        t0 = time.perf_counter()
+        with self.guard(f"block {i}: its forward with the Hessian hooks"):
+            self._home = next(block.parameters()).device
+            block.to(a.dev)
+            if self.acts is None:
+                return None
+            hooks = HessianHooks(block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration)
+            try:
+                run_block(
+                    block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i], hooks=hooks
+                )
+            finally:
+                hooks.remove()
+            self.clock("hessian_seconds", t0)
+        return hooks
+
+    def solve_block(self, i: int, hooks: HessianHooks | None) -> None:
+        """Every layer of block `i` pruned in place (experts of one projection as batches
+        where the method does so; under several ranks, each layer on its owner after the
+        Hessians are reduced), its reports added."""
+        a = self.args
+        lins = a.per_block[i]
+        inverses: dict = {}
+        solve = functools.partial(self._solve_layer, i, hooks, inverses)
+        block_name = f"{a.blocks_path}.{i}"
+        if self.comm is None:
+            batched = {}
+            if hooks is not None:
+                self.untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks, block_name))
+                for group in _expert_groups(lins):
+                    batched.update(self._solve_experts(i, hooks, inverses, group))
+            done = [batched.get(name) or solve(name, mod) for name, mod in lins.items()]
+        else:
+            comm = self.comm
+            lead_of = {} if hooks is None else hooks.leader
+            separable = a.meth.separable(a.n, a.opts)
+            parts_of = comm.plan(lins, lead_of, a.meth.shares_inverse, separable)
+            if hooks is not None:
+                comm.reduce_hessians(hooks, parts_of)
+                self.untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks, block_name))
+            if self.partial_G:
+                full = {f"{block_name}.{k}": ps for k, ps in parts_of.items()}
+                comm.reduce_gradients(self.G, full, a.opts["norm"])
+            done = comm.solve_block(lins, parts_of, solve, f"block {i}: its layer solves")
+        for lr in done:
+            self.totals["solve_seconds"] += lr.seconds
+        self.report.layers.extend(done)
+
+    def propagate_block(self, i: int) -> None:
+        """The pruned block `i` run again so the next block sees its outputs; the block goes
+        back where it was."""
+        a = self.args
+        block = a.block_list[i]
+        t0 = time.perf_counter()
+        with self.guard(f"block {i}: the propagation through the pruned block"):
+            if self.acts is not None and i + 1 < len(a.block_list):
+                run_block(block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i])
+                self.acts.swap()
+                self.clock("propagate_seconds", t0)
+            block.to(self._home)
+        if self.bar is not None:
+            self.bar.set_postfix(block=i)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def finish(self) -> PruneReport:
+        """The report's totals: achieved and block sparsity, losses, what stayed dense."""
+        a, report, totals = self.args, self.report, self.totals
+        params = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
+        pruned = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
+        report.achieved_sparsity = pruned / max(1, params)
+        zeros, matrices = count_block_zeros(a.block_list)
+        report.block_sparsity = zeros / max(1, matrices)
+        losses = [lr.loss for lr in report.layers if lr.loss is not None]
+        totals.update(params=params, layers=len(report.layers), blocks_path=a.blocks_path)
+        totals.update(block_params=matrices, block_zeros=zeros)
+        if any(bl.is_expert(k) for bl in a.layouts for k in bl.layers):
+            totals["moe_calibration"] = a.moe_calibration
+        report.dense = [
+            {"name": f"{i}.{d.name}", "shape": list(d.shape), "reason": d.reason}
+            for i, bl in enumerate(a.layouts)
+            for d in bl.dense
+        ]
+        if self.untouched:
+            totals["experts_without_tokens"] = self.untouched
+        if losses:
+            totals["loss"] = float(sum(losses))
+        if self.comm is not None:
+            own = totals["forward_seconds"] + totals.get("gradient_seconds", 0.0)
+            totals.update(self.comm.gather_stats(own))
+        report.totals = totals
+        report.seconds = time.perf_counter() - self.t_start
+        return report
+
+    # ----------------------------------------------------------------------- layer solves
+
+    def _shared_inverse(self, hooks, inverses, lead):
         """The inverse of the H of input group `lead`, one per distinct H (SparseGPT)."""
         if lead not in inverses:
             t0 = time.perf_counter()
-            inverses[lead] = inverse_hessian(hooks.acc[lead].H, opts["percdamp"])
-            clock("inverse_seconds", t0)
+            inverses[lead] = inverse_hessian(hooks.acc[lead].H, self.args.opts["percdamp"])
+            self.clock("inverse_seconds", t0)
         return inverses[lead]
 
-    def solve_layer(i, hooks, inverses, name, mod, rows=None):
+    def _solve_layer(self, i, hooks, inverses, name, mod, rows=None):
         """Prune one linear of block `i` (or its `rows`, a slice) in place; its
         `LayerReport` (of those rows)."""
-        full = f"{blocks_path}.{i}.{name}"
+        a = self.args
+        full = f"{a.blocks_path}.{i}.{name}"
         W = get_weight(mod).detach()
         H = lead = hinv = tokens = None
         if hooks is not None:
@@ -325,25 +544,27 @@ def prune_model(
                 tokens = hooks.acc[lead].nsamples
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
         # its own layer's permutation (from |W|), so it has no inverse to share.
-        if meth.shares_inverse and H is not None:
-            hinv = shared_inverse(hooks, inverses, lead)
-        g = None if G is None else G[full]
-        r = meth.solve(W, H, g, block_sparsity[i], n, m, opts, hinv, rows)
+        if a.meth.shares_inverse and H is not None:
+            hinv = self._shared_inverse(hooks, inverses, lead)
+        g = None if self.G is None else self.G[full]
+        r = a.meth.solve(W, H, g, self.block_sparsity[i], a.n, a.m, a.opts, hinv, rows)
         if rows is None:
             set_weight(mod, r.weight)
         else:
             with torch.no_grad():
                 W[rows].copy_(r.weight)
-        lr = _layer_report(i, name, W if rows is None else W[rows], method, r, lead)
+        lr = _layer_report(i, name, W if rows is None else W[rows], a.method, r, lead)
         if tokens is not None:
             lr.info["tokens"] = int(tokens)
         return lr
 
-    def solve_experts(i, hooks, inverses, group) -> dict[str, LayerReport]:
+    def _solve_experts(self, i, hooks, inverses, group) -> dict[str, LayerReport]:
         """The experts of one projection of block `i` (`group`: (name, ExpertProjection)),
         their inverses computed as batches on a GPU (for a method sharing inverses), then,
         where the method solves such layers as batches (`Method.batches`), solved together
         in chunks; {name: report} of those solved."""
+        a = self.args
+        meth, opts, dev = a.meth, a.opts, a.dev
         leads = [hooks.leader[name] for name, _ in group]
         cols = hooks.acc[leads[0]].H.shape[0]
         chunk = max(1, EXPERT_BATCH_BYTES // (4 * cols * cols))
@@ -353,108 +574,25 @@ def prune_model(
             todo = sorted({ld for ld in part_leads if ld not in inverses})
             if meth.shares_inverse and todo and dev.type == "cuda":
                 # one batched factorisation (on CPU, LAPACK one by one is faster: it stays
-                # with solve_layer's own inverses)
+                # with the single solves' own inverses)
                 t0 = time.perf_counter()
                 Hs = [hooks.acc[ld].H for ld in todo]
                 inverses.update(zip(todo, inverse_hessians(Hs, opts["percdamp"])))
-                clock("inverse_seconds", t0)
+                self.clock("inverse_seconds", t0)
             if not meth.batches(opts, dev, get_weight(part[0][1]).shape):
                 continue
             hinvs = None
             if meth.shares_inverse:
-                hinvs = [shared_inverse(hooks, inverses, ld) for ld in part_leads]
+                hinvs = [self._shared_inverse(hooks, inverses, ld) for ld in part_leads]
             Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
             Hs = [hooks.acc[ld].H for ld in part_leads]  # the accumulators' own, not a copy
-            results = meth.solve_batch(Ws, Hs, block_sparsity[i], n, m, opts, hinvs)
+            results = meth.solve_batch(Ws, Hs, self.block_sparsity[i], a.n, a.m, opts, hinvs)
             for (name, layer), ld, r in zip(part, part_leads, results):
                 set_weight(layer, r.weight)
-                lr = _layer_report(i, name, get_weight(layer), method, r, ld)
+                lr = _layer_report(i, name, get_weight(layer), a.method, r, ld)
                 lr.info["tokens"] = int(hooks.acc[ld].nsamples)
                 out[name] = lr
         return out
-
-    untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
-    bar = tqdm(list(enumerate(block_list)), desc=f"{method} {report.pattern}", disable=not show)
-    try:
-        for i, block in bar:
-            lins = per_block[i]
-            hooks = None
-            t0 = time.perf_counter()
-            with guard(f"block {i}: its forward with the Hessian hooks"):
-                block_home = next(block.parameters()).device
-                block.to(dev)
-                if acts is not None:
-                    hooks = HessianHooks(block, layouts[i], dev, hessian_precision, moe_calibration)
-                    try:
-                        run_block(block, acts, batch_size, dev, arg_sets, kinds[i], hooks=hooks)
-                    finally:
-                        hooks.remove()
-                    clock("hessian_seconds", t0)
-            inverses = {}
-            solve = functools.partial(solve_layer, i, hooks, inverses)
-            if comm is None:
-                batched = {}
-                if hooks is not None:
-                    untouched.extend(
-                        f"{i}.{k}" for k in _identity_for_unrouted(hooks, f"{blocks_path}.{i}")
-                    )
-                    for group in _expert_groups(lins):
-                        batched.update(solve_experts(i, hooks, inverses, group))
-                done = [batched.get(name) or solve(name, mod) for name, mod in lins.items()]
-            else:
-                lead_of = {} if hooks is None else hooks.leader
-                separable = meth.separable(n, opts)
-                parts_of = comm.plan(lins, lead_of, meth.shares_inverse, separable)
-                if hooks is not None:
-                    comm.reduce_hessians(hooks, parts_of)
-                    untouched.extend(
-                        f"{i}.{k}" for k in _identity_for_unrouted(hooks, f"{blocks_path}.{i}")
-                    )
-                if partial_G:
-                    full = {f"{blocks_path}.{i}.{k}": ps for k, ps in parts_of.items()}
-                    comm.reduce_gradients(G, full, opts["norm"])
-                done = comm.solve_block(lins, parts_of, solve, f"block {i}: its layer solves")
-            for lr in done:
-                totals["solve_seconds"] += lr.seconds
-            report.layers.extend(done)
-            del hooks, inverses, solve
-            t0 = time.perf_counter()
-            with guard(f"block {i}: the propagation through the pruned block"):
-                if acts is not None and i + 1 < len(block_list):
-                    run_block(block, acts, batch_size, dev, arg_sets, kinds[i])
-                    acts.swap()
-                    clock("propagate_seconds", t0)
-                block.to(block_home)
-            bar.set_postfix(block=i)
-    finally:
-        bar.close()
-        model.train(was_training)
-
-    params = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
-    pruned = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
-    report.achieved_sparsity = pruned / max(1, params)
-    zeros, matrices = count_block_zeros(block_list)
-    report.block_sparsity = zeros / max(1, matrices)
-    losses = [lr.loss for lr in report.layers if lr.loss is not None]
-    totals.update(params=params, layers=len(report.layers), blocks_path=blocks_path)
-    totals.update(block_params=matrices, block_zeros=zeros)
-    if any(bl.is_expert(k) for bl in layouts for k in bl.layers):
-        totals["moe_calibration"] = moe_calibration
-    report.dense = [
-        {"name": f"{i}.{d.name}", "shape": list(d.shape), "reason": d.reason}
-        for i, bl in enumerate(layouts)
-        for d in bl.dense
-    ]
-    if untouched:
-        totals["experts_without_tokens"] = untouched
-    if losses:
-        totals["loss"] = float(sum(losses))
-    if comm is not None:
-        own = totals["forward_seconds"] + totals.get("gradient_seconds", 0.0)
-        totals.update(comm.gather_stats(own))
-    report.totals = totals
-    report.seconds = time.perf_counter() - t_start
-    return report
 
 
 def _expert_groups(lins: dict) -> list[list[tuple[str, ExpertProjection]]]:

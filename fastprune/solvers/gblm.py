@@ -9,14 +9,10 @@ import numbers
 import torch
 
 from ..core import wanda_score
-from ..hessian import scale_pow2
 from ..result import PruneResult
-from ..validation import (
-    check_device,
-    check_finite,
-    compute_dtype,
-)
-from .selection import score_solver
+from ..validation import check_device, check_finite, compute_dtype
+from .selection import by_score
+from .skeleton import Problem, legacy_positional, run_solver, tensor_or_none_at
 
 
 def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -25,22 +21,27 @@ def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) 
     return wanda_score(W, H).to(dtype) + alpha * W.to(dtype).abs() * G.to(dtype)
 
 
+@legacy_positional(
+    ("W", "H", "G", "sparsity", "prune_n", "prune_m", "alpha"),
+    tensor_or_none_at(2),
+    "gblm_layer(W, H, sparsity, prune_n, prune_m, G=G, alpha=...)",
+)
 @torch.no_grad()
 def gblm_layer(
     W: torch.Tensor,
     H: torch.Tensor,
-    G: torch.Tensor,
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
-    alpha: float = 1.0,
     *,
+    G: torch.Tensor,
+    alpha: float = 1.0,
     inplace: bool = False,
 ) -> PruneResult:
     """GBLM-Pruner: score `|W| * sqrt(diag(H)/2) + alpha * |W| * G` with `G` the accumulated
     gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
 
-    def check_g(W: torch.Tensor) -> None:
+    def check_g(W: torch.Tensor, H: torch.Tensor | None) -> None:
         if not isinstance(G, torch.Tensor):
             raise TypeError(f"G must be a torch.Tensor, got {type(G).__name__}")
         if G.shape != W.shape:
@@ -55,14 +56,14 @@ def gblm_layer(
         if not (number and math.isfinite(alpha)):
             raise TypeError(f"alpha must be a finite number, got {alpha!r}")
 
-    def score(Wx: torch.Tensor, Hx: torch.Tensor, eh: int) -> torch.Tensor:
+    def score(p: Problem) -> torch.Tensor:
+        p.info["alpha"] = float(alpha)
         # G scales as sqrt(H), so on a rescaled layer the score's two terms keep their ratio
-        Gx = G if eh == 0 else scale_pow2(G.to(compute_dtype(G), copy=True), -eh // 2)
-        return gblm_score(Wx, Hx, Gx, float(alpha))
+        return gblm_score(p.W, p.H, p.like_sqrt_h(G), float(alpha))
 
-    return score_solver(
-        "gblm", W, H, sparsity, prune_n, prune_m, score, per_row=True, inplace=inplace,
-        check=check_g, extra={"alpha": float(alpha)},
+    return run_solver(
+        "gblm", W, H, sparsity, prune_n, prune_m, by_score(score, per_row=True),
+        inplace=inplace, check=check_g,
     )  # fmt: skip
 
 

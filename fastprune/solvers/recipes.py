@@ -37,6 +37,7 @@ from ..validation import check_rows, check_weight
 from .gblm import gblm_layer
 from .magnitude import magnitude_layer
 from .rose import rose_layer
+from .skeleton import legacy_positional, tensor_or_none_at
 from .sparsegpt import sparsegpt_layer
 from .sparseswaps import sparseswaps_layer
 from .wanda import wanda_layer
@@ -64,16 +65,21 @@ def check_recipe(
     return select, refine, refine_on, reconstruct
 
 
+@legacy_positional(
+    ("W", "H", "G"),
+    tensor_or_none_at(2),
+    "compose_layer(W, H, sparsity, prune_n, prune_m, G=G, select=..., ...)",
+)
 @torch.no_grad()
 def compose_layer(
     W: torch.Tensor,
     H: torch.Tensor | None = None,
-    G: torch.Tensor | None = None,
-    *,
-    select: str = "sparsegpt",
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
+    *,
+    G: torch.Tensor | None = None,
+    select: str = "sparsegpt",
     refine: str | None = None,
     refine_on: str = "reconstructed",
     reconstruct: bool | str = False,
@@ -108,11 +114,11 @@ def compose_layer(
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
     if select == "magnitude":
-        sel = magnitude_layer(W, **pat, H=H)
+        sel = magnitude_layer(W, H, **pat)
     elif select == "wanda":
         sel = wanda_layer(W, H, **pat)
     elif select == "gblm":
-        sel = gblm_layer(W, H, G, **pat, alpha=alpha)
+        sel = gblm_layer(W, H, **pat, G=G, alpha=alpha)
     elif select == "sparsegpt":
         sel = sparsegpt_layer(W, H, **pat, **obs, hinv=hinv)
     else:
@@ -126,8 +132,8 @@ def compose_layer(
         if refine_on == "reconstructed" and select in ("sparsegpt", "rose"):
             values = torch.where(sel.mask, sel.weight, W)
         ref = sparseswaps_layer(
-            W, H, sel.mask, max_swaps, backend, prune_n=prune_n, prune_m=prune_m,
-            percdamp=percdamp, values=values,
+            W, H, prune_n=prune_n, prune_m=prune_m, mask=sel.mask, max_swaps=max_swaps,
+            backend=backend, percdamp=percdamp, values=values,
         )  # fmt: skip
         weight, mask, loss, result = ref.weight, ref.mask, ref.info["loss_after"], "refined"
         for k in ("swaps", "steps", "converged", "max_swaps", "loss_before", "loss_after"):

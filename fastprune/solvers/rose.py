@@ -13,25 +13,15 @@ groups (and columns inside a group) and the pattern stays valid.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from ..core import (
-    base_info,
-    check_obs_args,
-    finish,
-    problem_scales,
-    solve_rescaled,
-    unpruned_result,
-    wanda_score,
-)
-from ..hessian import inverse_hessian, scale_pow2
+from ..core import check_obs_options, wanda_score
+from ..hessian import inverse_hessian
 from ..masks import pattern_name
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
-from ..ops import Kernels
 from ..result import PruneResult
-from ..validation import check_inplace, check_rows, check_scaler, compute_dtype
+from ..validation import check_rows, check_scaler
+from .skeleton import Outcome, Problem, beyond_lead, legacy_positional, run_solver, unpruned
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
@@ -79,6 +69,14 @@ def rose_permutation(
     return torch.cat(pieces), sizes
 
 
+@legacy_positional(
+    (
+        "W", "H", "sparsity", "prune_n", "prune_m",
+        "blocksize", "percdamp", "range_threshold", "backend",
+    ),
+    beyond_lead,
+    "rose_layer(W, H, sparsity, prune_n, prune_m, blocksize=..., range_threshold=..., ...)",
+)  # fmt: skip
 @torch.no_grad()
 def rose_layer(
     W: torch.Tensor,
@@ -86,11 +84,11 @@ def rose_layer(
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
+    *,
     blocksize: int = 128,
     percdamp: float = 0.01,
     range_threshold: float = 0.5,
     backend: str = "auto",
-    *,
     scaler: torch.Tensor | None = None,
     inplace: bool = False,
     inverse_method: str = "direct",
@@ -110,82 +108,74 @@ def rose_layer(
     `rows`: prune only these rows (a slice), with the column order of the whole layer, so
     for N:M the result is exactly those rows of the whole layer's (not with `inplace`).
     """
-    t0 = time.perf_counter()
-    W, H, sparsity, n, m, blocksize, percdamp = check_obs_args(
-        W, H, sparsity, prune_n, prune_m, blocksize, percdamp, backend
-    )
-    check_inplace(inplace, W)
-    check_rows(rows, inplace)
-    if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
-        raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
-    if range_rule not in RANGE_RULES:
-        raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
-    cols = W.shape[1]
-    if scaler is not None:
-        scaler = check_scaler(scaler, cols, W.device, "scaler")
-    scales = problem_scales(W, H)
-    if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
-        if scaler is not None:  # it stands for diag(H)/2, so it scales as H
-            scaler = scale_pow2(scaler.to(compute_dtype(scaler), copy=True), -scales[1])
 
-        def solve(Ws, Hs):
-            return rose_layer(
-                Ws, Hs, sparsity, n, m, blocksize, percdamp, range_threshold, backend,
-                scaler=scaler, inverse_method=inverse_method, range_rule=range_rule, rows=rows,
-            )  # fmt: skip
+    def check(W: torch.Tensor, H: torch.Tensor | None) -> None:
+        nonlocal blocksize, percdamp, scaler
+        blocksize, percdamp = check_obs_options(blocksize, percdamp)
+        check_rows(rows, inplace)
+        if not isinstance(range_threshold, int | float) or range_threshold != range_threshold:
+            raise TypeError(f"range_threshold must be a number, got {range_threshold!r}")
+        if range_rule not in RANGE_RULES:
+            raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
+        if scaler is not None:
+            scaler = check_scaler(scaler, W.shape[1], W.device, "scaler")
 
-        return solve_rescaled(W, H, scales, solve, t0, inplace)
-    kernels = Kernels(backend, W.device, ROSE_OPS)
-    dtype = compute_dtype(W, H)
-    info = base_info("rose", W, sparsity, n, m, kernels.backend, dtype)
-    sweep_bs = nm_blocksize(blocksize, m)
-    info.update(
-        blocksize=sweep_bs,
-        percdamp=percdamp,
-        range_threshold=float(range_threshold),
-        range_rule=range_rule,
-    )
-    Wr = W if rows is None else W[rows]  # the rows pruned (the order comes from all of W)
-    if n == 0 and sparsity == 0.0:
-        info.update(relative_range=0.0, reordered=False)
-        return unpruned_result(Wr, H, info, t0, inplace)
+    def solve(p: Problem) -> Outcome:
+        W, H, sparsity, n, m, dtype = p.W, p.H, p.sparsity, p.n, p.m, p.dtype
+        cols = W.shape[1]
+        info = p.info
+        sweep_bs = nm_blocksize(blocksize, m)
+        info.update(
+            blocksize=sweep_bs,
+            percdamp=percdamp,
+            range_threshold=float(range_threshold),
+            range_rule=range_rule,
+        )
+        Wr = W if rows is None else W[rows]  # the rows pruned (the order comes from all of W)
+        if n == 0 and sparsity == 0.0:
+            info.update(relative_range=0.0, reordered=False)
+            return unpruned(p, rows)
 
-    S = wanda_score(W, H, scaler=scaler, dtype=dtype)
-    rose_bounds = block_bounds(cols, m if n else blocksize)
-    col_loss, block_loss = kernels("column_losses", S, rose_bounds, sparsity, n, m)
-    block_loss = comparable_block_losses(block_loss, rose_bounds, range_rule)
-    rel = relative_range(block_loss)
-    reorder = rel > range_threshold
-    info.update(relative_range=rel, reordered=bool(reorder), num_blocks=len(rose_bounds))
+        # a given scaler stands for diag(H)/2, so it scales as H
+        S = wanda_score(W, H, scaler=p.like_h(scaler), dtype=dtype)
+        rose_bounds = block_bounds(cols, m if n else blocksize)
+        col_loss, block_loss = p.kernels("column_losses", S, rose_bounds, sparsity, n, m)
+        block_loss = comparable_block_losses(block_loss, rose_bounds, range_rule)
+        rel = relative_range(block_loss)
+        reorder = rel > range_threshold
+        info.update(relative_range=rel, reordered=bool(reorder), num_blocks=len(rose_bounds))
 
-    if reorder:
-        perm, sizes = rose_permutation(col_loss, block_loss, rose_bounds)
-        perm = perm.to(W.device)
-        Hp = H[perm][:, perm]
-        Wc = Wr.to(dtype)[:, perm]
-        if n:  # whole groups moved: any multiple of M keeps groups inside one sweep block
+        if reorder:
+            perm, sizes = rose_permutation(col_loss, block_loss, rose_bounds)
+            perm = perm.to(W.device)
+            Hp = H[perm][:, perm]
+            Wc = Wr.to(dtype)[:, perm]
+            if n:  # whole groups moved: any multiple of M keeps groups inside one sweep block
+                bounds = block_bounds(cols, sweep_bs)
+            else:  # the sweep's blocks are the reordered ROSE blocks (last one may be short)
+                edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
+                bounds = list(zip(edges[:-1], edges[1:]))
+        else:
+            perm, Hp, Wc = None, H, Wr.to(dtype, copy=True)
             bounds = block_bounds(cols, sweep_bs)
-        else:  # the sweep's blocks are the reordered ROSE blocks (last one may be short)
-            edges = torch.tensor([0, *sizes]).cumsum(0).tolist()
-            bounds = list(zip(edges[:-1], edges[1:]))
-    else:
-        perm, Hp, Wc = None, H, Wr.to(dtype, copy=True)
-        bounds = block_bounds(cols, sweep_bs)
 
-    # One inverse per layer: the permutation depends on this layer's W (through its scores),
-    # so layers sharing H (q/k/v, gate/up) get different `H[perm][:, perm]`, whose factors
-    # are not permutations of each other (the Cholesky factor depends on the column order).
-    # Only an unreordered layer could share the pipeline's inverse of H; it is not worth a
-    # second code path, as each layer's reordering is only known here.
-    inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=inverse_method)
-    info.update(inv.as_info())
-    Wc[:, inv.dead] = 0
-    Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, kernels)
-    dead = inv.dead
-    if perm is not None:
-        inv_perm = torch.argsort(perm)
-        Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
-    info["pattern"] = pattern_name(n, m)
-    loss = obs_loss_info(Wr, Q, H, inv, losses, info, dead)
-    info.update(kernels.info())
-    return finish(Wr, Q, keep, loss, info, t0, inplace)
+        # One inverse per layer: the permutation depends on this layer's W (through its
+        # scores), so layers sharing H (q/k/v, gate/up) get different `H[perm][:, perm]`,
+        # whose factors are not permutations of each other (the Cholesky factor depends on
+        # the column order). Only an unreordered layer could share the pipeline's inverse of
+        # H; it is not worth a second code path, as each layer's reordering is only known here.
+        inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=inverse_method)
+        info.update(inv.as_info())
+        Wc[:, inv.dead] = 0
+        Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, p.kernels)
+        dead = inv.dead
+        if perm is not None:
+            inv_perm = torch.argsort(perm)
+            Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
+        info["pattern"] = pattern_name(n, m)
+        return Outcome(Q, keep, obs_loss_info(Wr, Q, H, inv, losses, info, dead), rows)
+
+    return run_solver(
+        "rose", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=ROSE_OPS,
+        inplace=inplace, check=check,
+    )  # fmt: skip

@@ -129,8 +129,9 @@ def sparsegpt_experts(
     for e in alone:
         hinv = None if hinvs is None else hinvs[e]
         results[e] = sparsegpt_layer(
-            W[e], Hs[e], sparsity, n, m, blocksize, percdamp, backend=backend, hinv=hinv
-        )
+            W[e], Hs[e], sparsity, n, m, blocksize=blocksize, percdamp=percdamp,
+            backend=backend, hinv=hinv,
+        )  # fmt: skip
     batch = [e for e in range(E) if e not in alone]
     if batch and (n or sparsity > 0.0):
         dtype = compute_dtype(W, *Hs)
@@ -173,6 +174,7 @@ def sparsegpt_experts(
     for e in range(E):  # sparsity 0, nothing batched: the solver's own rule
         if results[e] is None:
             results[e] = sparsegpt_layer(
-                W[e], Hs[e], sparsity, n, m, blocksize, percdamp, backend=backend
-            )
+                W[e], Hs[e], sparsity, n, m, blocksize=blocksize, percdamp=percdamp,
+                backend=backend,
+            )  # fmt: skip
     return results  # type: ignore[return-value]

@@ -9,35 +9,23 @@ improving swap stop.
 
 from __future__ import annotations
 
-import time
-
 import torch
 from tqdm.auto import tqdm
 
-from ..core import (
-    base_info,
-    finish,
-    merge_kernel_info,
-    problem_scales,
-    scale_inverse,
-    solve_rescaled,
-    wanda_score,
-)
-from ..hessian import InverseHessian, scale_pow2
+from ..core import merge_kernel_info, wanda_score
+from ..hessian import InverseHessian
 from ..masks import check_nm_keep_mask, pattern_name, selection_prune_mask
 from ..ops import Kernels
 from ..result import PruneResult
 from ..validation import (
-    check_backend,
+    check_bool,
     check_device,
-    check_hessian,
     check_int,
     check_mask,
     check_pattern,
-    check_sparsity,
     check_weight,
-    compute_dtype,
 )
+from .skeleton import Outcome, Problem, legacy_positional, run_solver, tensor_or_none_at
 from .sparsegpt import sparsegpt_layer
 
 SWAP_OPS = ("swap_search", "swap_apply")
@@ -106,17 +94,22 @@ def swap_refine(
     return keep, {"steps": steps, "swaps": swaps, "converged": active.numel() == 0}
 
 
+@legacy_positional(
+    ("W", "H", "mask", "max_swaps", "backend"),
+    tensor_or_none_at(2),
+    "sparseswaps_layer(W, H, sparsity, prune_n, prune_m, mask=..., max_swaps=..., ...)",
+)
 @torch.no_grad()
 def sparseswaps_layer(
     W: torch.Tensor,
     H: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    max_swaps: int | None = None,
-    backend: str = "auto",
-    *,
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
+    *,
+    mask: torch.Tensor | None = None,
+    max_swaps: int | None = None,
+    backend: str = "auto",
     reconstruct: bool = False,
     percdamp: float = 0.01,
     progress: bool = False,
@@ -135,81 +128,71 @@ def sparseswaps_layer(
     of the residual `D = W - values * mask` (`tr(D H D^T)`) and without `reconstruct` the
     result is `values * mask`. `info` has loss_before, loss_after, swaps, steps.
     """
-    t0 = time.perf_counter()
-    W = check_weight(W)
-    H = check_hessian(H, W.shape[1], W.device)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    check_backend(backend)
-    if max_swaps is not None:
-        max_swaps = check_int(max_swaps, "max_swaps", minimum=0)
-    if values is not None:
-        values = check_weight(values, "values")
-        if values.shape != W.shape:
-            raise ValueError(f"values has shape {tuple(values.shape)} but W has {tuple(W.shape)}")
-        check_device(values, W.device, "values")
-    scales = problem_scales(W, H)
-    if scales is not None:  # huge or tiny W/H: solved on an exactly rescaled copy
-        dt = compute_dtype(W, H)
-        Vs = None if values is None else scale_pow2(values.to(dt, copy=True), -scales[0])
-        hs = None if hinv is None else scale_inverse(hinv, scales[1], dt)
 
-        def solve(Ws, Hs):
-            return sparseswaps_layer(
-                Ws, Hs, mask, max_swaps, backend, sparsity=sparsity, prune_n=n, prune_m=m,
-                reconstruct=reconstruct, percdamp=percdamp, progress=progress, values=Vs,
-                hinv=hs,
-            )  # fmt: skip
+    def check(W: torch.Tensor, H: torch.Tensor | None) -> None:
+        nonlocal max_swaps
+        if max_swaps is not None:
+            max_swaps = check_int(max_swaps, "max_swaps", minimum=0)
+        check_bool(reconstruct, "reconstruct")
+        if values is not None:
+            check_weight(values, "values")
+            if values.shape != W.shape:
+                raise ValueError(
+                    f"values has shape {tuple(values.shape)} but W has {tuple(W.shape)}"
+                )
+            check_device(values, W.device, "values")
+        if mask is not None:
+            check_mask(mask, W.shape, W.device)
+            n, m = check_pattern(prune_n, prune_m, W.shape[1])
+            if n and not check_nm_keep_mask(mask, n, m):
+                raise ValueError(
+                    f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m"
+                )
 
-        return solve_rescaled(W, H, scales, solve, t0, False)
-    dtype = compute_dtype(W, H)
-    Wc = W.to(dtype)
-    Vc = Wc if values is None else values.to(dtype)
-    Hc = H.to(dtype)
-    Hc = (Hc + Hc.t()) / 2  # the algebra assumes a symmetric H; exact for one that is
-    if mask is None:
-        s = check_sparsity(sparsity)
-        keep0 = ~selection_prune_mask(wanda_score(W, H), s, n, m, per_row=True)
-        warm = "wanda"
-    else:
-        keep0 = check_mask(mask, W.shape, W.device)
-        if n and not check_nm_keep_mask(keep0, n, m):
-            raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
-        warm = "given mask"
-    kernels = Kernels(backend, W.device, SWAP_OPS)
-    info = base_info(
-        "sparseswaps", W, 1.0 - keep0.float().mean().item(), n, m, kernels.backend, dtype
-    )
-    info["warm_start"] = warm
-    target = None if values is None else Wc
+    def solve(p: Problem) -> Outcome:
+        n, m, info = p.n, p.m, p.info
+        Wc = p.W.to(p.dtype)
+        Vc = Wc if values is None else p.like_w(values).to(p.dtype)
+        Hc = p.H.to(p.dtype)
+        Hc = (Hc + Hc.t()) / 2  # the algebra assumes a symmetric H; exact for one that is
+        if mask is None:
+            pruned = selection_prune_mask(wanda_score(p.W, p.H), p.sparsity, n, m, per_row=True)
+            keep0, warm = ~pruned, "wanda"
+        else:
+            keep0, warm = mask, "given mask"
+        info.update(sparsity=1.0 - keep0.float().mean().item(), warm_start=warm)
+        target = None if values is None else Wc
 
-    def residual(keep):
-        return Wc * ~keep if target is None else Wc - Vc * keep
+        def residual(keep):
+            return Wc * ~keep if target is None else Wc - Vc * keep
 
-    r0 = residual(keep0)
-    loss_before = ((r0 @ Hc) * r0).sum(dtype=torch.float64).item()
-    keep, counters = swap_refine(Vc, Hc, keep0, n, m, max_swaps, kernels, progress, target)
-    r1 = residual(keep)
-    loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
-    info.update(
-        counters,
-        loss_before=loss_before,
-        loss_after=loss_after,
-        max_swaps=max_swaps,
-        pattern=pattern_name(n, m),
-        **kernels.info(),
-    )
-    if reconstruct:
-        rec = sparsegpt_layer(
-            W, H, mask=keep, prune_n=n, prune_m=m, percdamp=percdamp, backend=backend, hinv=hinv
+        r0 = residual(keep0)
+        loss_before = ((r0 @ Hc) * r0).sum(dtype=torch.float64).item()
+        keep, counters = swap_refine(Vc, Hc, keep0, n, m, max_swaps, p.kernels, progress, target)
+        r1 = residual(keep)
+        loss_after = ((r1 @ Hc) * r1).sum(dtype=torch.float64).item()
+        info.update(
+            counters,
+            loss_before=loss_before,
+            loss_after=loss_after,
+            max_swaps=max_swaps,
+            pattern=pattern_name(n, m),
         )
+        if not reconstruct:
+            return Outcome(Vc.masked_fill(~keep, 0), keep, loss_after)
+        rec = sparsegpt_layer(
+            p.W, p.H, prune_n=n, prune_m=m, mask=keep, percdamp=percdamp, backend=backend,
+            hinv=p.inverse(hinv),
+        )  # fmt: skip
         info.update(
             reconstructed=True,
             loss_masked=loss_after,
             **{k: rec.info[k] for k in ("damp", "damp_retries")},
         )
         merge_kernel_info(info, rec.info)
-        weight, loss = rec.weight, rec.loss
-    else:
-        weight = (W if values is None else values).masked_fill(~keep, 0)
-        loss = loss_after
-    return finish(W, weight, keep, loss, info, t0, False)
+        return Outcome(rec.weight, keep, rec.loss)
+
+    return run_solver(
+        "sparseswaps", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=SWAP_OPS,
+        check=check,
+    )  # fmt: skip

@@ -6,7 +6,8 @@ import torch
 
 from ..core import wanda_score
 from ..result import PruneResult
-from .selection import score_solver
+from .selection import by_score
+from .skeleton import run_solver
 
 
 @torch.no_grad()
@@ -21,7 +22,7 @@ def wanda_layer(
 ) -> PruneResult:
     """Wanda: score `|W| * sqrt(diag(H)/2)`; per output row prune the `int(cols*sparsity)`
     lowest (stable sort); N:M per group."""
-    return score_solver(
-        "wanda", W, H, sparsity, prune_n, prune_m, lambda Wx, Hx, eh: wanda_score(Wx, Hx),
-        per_row=True, inplace=inplace,
+    return run_solver(
+        "wanda", W, H, sparsity, prune_n, prune_m,
+        by_score(lambda p: wanda_score(p.W, p.H), per_row=True), inplace=inplace,
     )  # fmt: skip

@@ -1,0 +1,229 @@
+"""The skeleton every layer solver runs in, so that each solver module holds only its algorithm.
+
+`run_solver` owns what they share: the clock, the common argument checks (W, H, sparsity,
+pattern, backend, in-place), the exact power-of-two rescaling of a layer whose W or H lies
+outside the solve's range (the algorithm runs once, on the rescaled copies; see
+`core.problem_scales`), the `Kernels` that run the ops, the result's base `info` and its
+finishing (loss and weights scaled back, dtype cast, in-place write, achieved sparsity,
+seconds). `legacy_positional` keeps calls in an older argument order working, with a
+`DeprecationWarning`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..core import LOSS_INFO_KEYS, base_info, finish, problem_scales, scale_inverse
+from ..hessian import InverseHessian, scale_pow2
+from ..ops import Kernels
+from ..result import PruneResult
+from ..validation import (
+    check_backend,
+    check_hessian,
+    check_inplace,
+    check_pattern,
+    check_sparsity,
+    check_weight,
+    compute_dtype,
+)
+
+
+@dataclass
+class Problem:
+    """A layer as an algorithm sees it: `W`, `H` as given, or exactly rescaled copies
+    (`W / 2^ew`, `H / 2^eh`) when they lie outside the solve's range; the checked sparsity
+    and pattern; the compute dtype; the `Kernels` (None for a solver without ops) and the
+    result's `info` to fill. Inputs that scale with W or H go through `like_w`, `like_h`,
+    `like_sqrt_h` or `inverse`, so they match the rescaled problem."""
+
+    W: torch.Tensor
+    H: torch.Tensor | None
+    sparsity: float
+    n: int
+    m: int
+    dtype: torch.dtype
+    kernels: Kernels | None
+    info: dict
+    ew: int = 0
+    eh: int = 0
+
+    @property
+    def rescaled(self) -> bool:
+        return bool(self.ew or self.eh)
+
+    def _scaled(self, x: torch.Tensor | None, exponent: int) -> torch.Tensor | None:
+        if x is None or exponent == 0:
+            return x
+        return scale_pow2(x.to(compute_dtype(x), copy=True), -exponent)
+
+    def like_w(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """`x`, a tensor of weights (e.g. values kept in place of W), on W's scale."""
+        return self._scaled(x, self.ew)
+
+    def like_h(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """`x`, a quantity that scales as H (e.g. squared input norms), on H's scale."""
+        return self._scaled(x, self.eh)
+
+    def like_sqrt_h(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """`x`, a quantity that scales as sqrt(H) (e.g. GBLM's gradient norms); eh is even."""
+        return self._scaled(x, self.eh // 2)
+
+    def inverse(self, hinv: InverseHessian | None) -> InverseHessian | None:
+        """`hinv`, an inverse of the given H, as the inverse of the rescaled H."""
+        if hinv is None or self.eh == 0:
+            return hinv
+        return scale_inverse(hinv, self.eh, self.dtype)
+
+
+@dataclass
+class Outcome:
+    """What an algorithm returns: the pruned weights and keep-mask of the problem's W (or of
+    its `rows`, a slice, when only those were solved), and the layer loss (None without H)."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor
+    loss: float | None
+    rows: slice | None = None
+
+
+def unpruned(p: Problem, rows: slice | None = None) -> Outcome:
+    """sparsity 0 (unstructured): every weight kept. The reference's `<=` rule would still
+    prune one weight per block; 0 here means 'keep everything'."""
+    W = p.W if rows is None else p.W[rows]
+    p.info["note"] = "sparsity=0"
+    keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    return Outcome(W.clone(), keep, None if p.H is None else 0.0, rows)
+
+
+def run_solver(
+    method: str,
+    W: torch.Tensor,
+    H: torch.Tensor | None,
+    sparsity: float,
+    prune_n: int,
+    prune_m: int,
+    algorithm: Callable[[Problem], Outcome],
+    *,
+    needs_h: bool = True,
+    backend: str | None = None,
+    ops: Sequence[str] = (),
+    inplace: bool = False,
+    check: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
+) -> PruneResult:
+    """Check the common arguments (and the method's own: `check(W, H)`), then run
+    `algorithm` once on the layer, rescaled exactly by powers of two where W or H is outside
+    the solve's range, and finish its `Outcome` into a `PruneResult` for the W given: weights
+    scaled back (an overflow of W's dtype is an error), the loss and the losses in `info`
+    by `s_w^2 s_h`, the damping by `s_h`. `backend`/`ops`: the `Kernels` the algorithm gets
+    (none when `ops` is empty). `H` is checked when `needs_h` or given."""
+    t0 = time.perf_counter()
+    W = check_weight(W)
+    check_inplace(inplace, W)
+    if needs_h or H is not None:
+        H = check_hessian(H, W.shape[1], W.device)
+    s = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    if backend is not None:
+        check_backend(backend)
+    if check is not None:
+        check(W, H)
+    dtype = compute_dtype(W, H)
+    scales = problem_scales(W, H)
+    ew, eh = scales or (0, 0)
+    Ws = W if scales is None else scale_pow2(W.to(dtype, copy=True), -ew)
+    Hs = H if scales is None or H is None else scale_pow2(H.to(dtype, copy=True), -eh)
+    kernels = Kernels(backend or "torch", W.device, tuple(ops)) if ops else None
+    info = base_info(method, W, s, n, m, kernels.backend if kernels else "torch", dtype)
+    p = Problem(Ws, Hs, s, n, m, dtype, kernels, info, ew, eh)
+    out = algorithm(p)
+    if kernels is not None:
+        kernel_info = kernels.info()
+        info["kernels"] = {**kernel_info["kernels"], **info["kernels"]}
+        if "kernel_fallbacks" in kernel_info:
+            info["kernel_fallbacks"] = {
+                **kernel_info["kernel_fallbacks"],
+                **info.get("kernel_fallbacks", {}),
+            }
+    like = W if out.rows is None else W[out.rows]  # the weights the result stands for
+    if scales is None:
+        return finish(like, out.weight, out.keep, out.loss, info, t0, inplace)
+    weight = scale_pow2(out.weight.to(dtype), ew).to(W.dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"W: the pruned weight overflows {W.dtype} when scaled back (the updates grew "
+            f"weights beyond its range; max|W| = {W.abs().amax().item():g})"
+        )
+    loss = None if out.loss is None else _unscale_loss(out.loss, ew, eh)
+    for key in LOSS_INFO_KEYS:
+        if info.get(key) is not None:
+            info[key] = _unscale_loss(info[key], ew, eh)
+    if "damp" in info:
+        info["damp"] = math.ldexp(info["damp"], eh)
+    info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
+    return finish(like, weight, out.keep, loss, info, t0, inplace)
+
+
+def _unscale_loss(loss: float, ew: int, eh: int) -> float:
+    try:
+        out = math.ldexp(loss, 2 * ew + eh)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ValueError(
+            f"the layer loss (~{loss:g} x 2^{2 * ew + eh}) overflows float64: W and H are "
+            "too large to report it"
+        )
+    return out
+
+
+def legacy_positional(
+    old_order: Sequence[str], is_legacy: Callable[[tuple], bool], new_call: str
+) -> Callable:
+    """Accept calls in a solver's former positional order: when `is_legacy(args)` holds the
+    positional arguments are taken by the names of `old_order`, with a `DeprecationWarning`
+    that shows the call to write instead (`new_call`)."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def solver(*args, **kwargs):
+            if is_legacy(args):
+                if len(args) > len(old_order):
+                    raise TypeError(
+                        f"{fn.__name__}() takes at most {len(old_order)} positional arguments "
+                        f"in its former order ({', '.join(old_order)}), got {len(args)}"
+                    )
+                named = dict(zip(old_order, args))
+                clash = sorted(set(named) & set(kwargs))
+                if clash:
+                    raise TypeError(f"{fn.__name__}() got multiple values for {clash[0]!r}")
+                warnings.warn(
+                    f"{fn.__name__}({', '.join(old_order[: len(args)])}) is the former "
+                    f"argument order; call {new_call}",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                return fn(**named, **kwargs)
+            return fn(*args, **kwargs)
+
+        return solver
+
+    return wrap
+
+
+def beyond_lead(args: tuple) -> bool:
+    """A call passing more than the common leading `(W, H, sparsity, prune_n, prune_m)`
+    positionally."""
+    return len(args) > 5
+
+
+def tensor_or_none_at(index: int) -> Callable[[tuple], bool]:
+    """A call whose positional argument `index` is a tensor or None, where the common order
+    has a number (a former order put a tensor there)."""
+    return lambda args: len(args) > index and (args[index] is None or torch.is_tensor(args[index]))
