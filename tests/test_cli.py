@@ -199,3 +199,32 @@ def test_nproc_2_matches_one_process(tmp_path, capfd):
         assert lb["loss"] == pytest.approx(
             la["loss"], rel=1e-5 if torch.equal(w1[la["name"]] != 0, w2[lb["name"]] != 0) else 1e-3
         )
+
+
+def test_workflow_is_the_command_as_a_python_call(tmp_path, capsys):
+    """`run_prune(PruneJob(...))` does what `fastprune prune` with the same flags does: the
+    same pruned weights (saved) and the same report, returned as well as written."""
+    from fastprune.workflow import PruneJob, check_prune_job, run_prune
+
+    d = _tiny_dir(tmp_path)
+    flags = ["--method", "wanda", "--sparsity", "0.4", "--nsamples", "3", "--seqlen", "16"]
+    flags += ["--eval-windows", "2", "--no-progress", "--quiet"]
+    assert main(["prune", "--model", str(d), *flags, "--save", str(tmp_path / "a")]) == 0
+    job = PruneJob(
+        model=str(d), method="wanda", sparsity=0.4, nsamples=3, seqlen=16, eval_windows=2,
+        save=str(tmp_path / "b"), report=str(tmp_path / "b.json"), progress=False, quiet=True,
+    )  # fmt: skip
+    doc = run_prune(job)
+    assert capsys.readouterr().out == ""
+    assert json.loads((tmp_path / "b.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["method"] == "wanda" and doc["ppl_pruned"] > 0
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a Python caller's errors name its arguments, the command's its flags
+    with pytest.raises(ValueError, match="^nsamples must be >= 1"):
+        check_prune_job(PruneJob(model=str(d), nsamples=0))
+    with pytest.raises(ValueError, match="max_swaps must be >= 0"):
+        check_prune_job(PruneJob(model=str(d), method="sparseswaps", options={"max_swaps": -1}))
