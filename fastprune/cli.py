@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import workflow
@@ -58,39 +59,21 @@ def _lm_eval(args: argparse.Namespace) -> workflow.LmEval | None:
     )
 
 
+def _job_fields(job_class, args: argparse.Namespace, skip: tuple[str, ...]) -> dict:
+    """The job's fields that have a flag of the same name."""
+    names = [f.name for f in dataclasses.fields(job_class) if f.name not in skip]
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
+
+
 def prune_job(args: argparse.Namespace) -> workflow.PruneJob:
     """The `prune` flags as a `PruneJob`: a method option flag left unset keeps the method's
     default."""
     options = {o: getattr(args, d) for d, o in OPTION_FLAGS.items() if getattr(args, d) is not None}
     return workflow.PruneJob(
-        model=args.model,
-        method=args.method,
-        sparsity=args.sparsity,
-        pattern=args.pattern,
+        **_job_fields(workflow.PruneJob, args, ("options", "lm_eval", "progress")),
         options=options,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        calib=args.calib,
-        eval=args.eval,
-        eval_windows=args.eval_windows,
-        device=args.device,
-        dtype=args.dtype,
-        batch_size=args.batch_size,
-        hessian_precision=args.hessian_precision,
-        moe_calibration=args.moe_calibration,
-        targets=args.targets,
-        ignore=args.ignore,
-        allocation=args.allocation,
-        owl_lambda=args.owl_lambda,
-        owl_threshold=args.owl_threshold,
-        nproc=args.nproc,
-        dist_timeout=args.dist_timeout,
-        save=args.save,
-        report=args.report,
         lm_eval=_lm_eval(args),
-        seed=args.seed,
         progress=not args.no_progress,
-        quiet=args.quiet,
     )
 
 
@@ -119,17 +102,21 @@ def _eval(args: argparse.Namespace) -> int:
     if args.lm_eval is None:
         raise ValueError("--lm-eval TASKS is required (e.g. --lm-eval arc_easy,piqa)")
     job = workflow.EvalJob(
-        _lm_eval(args),
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        report=args.report,
-        seed=args.seed,
+        **_job_fields(workflow.EvalJob, args, ("lm_eval", "progress")),
+        lm_eval=_lm_eval(args),
         progress=not args.no_progress,
-        quiet=args.quiet,
     )
     workflow.run_eval(job, flag)
     return 0
+
+
+def _add_run_flags(q: argparse.ArgumentParser) -> None:
+    """The flags `prune` and `eval` share: report, seed, output, lm-eval tasks."""
+    q.add_argument("--report", default=None, help="write a JSON report here")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
+    q.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    _add_lm_eval_flags(q)
 
 
 def _add_lm_eval_flags(q: argparse.ArgumentParser) -> None:
@@ -304,11 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or 1800; it covers rank 0's dense evaluation before pruning)",
     )
     q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
-    q.add_argument("--report", default=None, help="write a JSON report here")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--no-progress", action="store_true", help="no progress bars")
-    q.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    _add_lm_eval_flags(q)
+    _add_run_flags(q)
     q.set_defaults(func=_prune)
 
     e = sub.add_parser(
@@ -319,11 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m", help="as for `prune`")
     e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     e.add_argument("--dtype", default="float32", help="model dtype: float32 | bfloat16 | float16")
-    e.add_argument("--report", default=None, help="write a JSON report here")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    _add_lm_eval_flags(e)
+    _add_run_flags(e)
     e.set_defaults(func=_eval)
     return p
 

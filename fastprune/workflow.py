@@ -11,6 +11,8 @@ A check names the argument it failed on through `name` (the CLI passes its flag 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import time
 from collections.abc import Callable
@@ -31,6 +33,11 @@ Name = Callable[[str], str]
 
 def field_name(name: str) -> str:
     return name
+
+
+# fields `prune_model` also has a parameter for that the workflow decides itself (the
+# calibration tokens are drawn here; progress bars only on the rank that talks)
+_NOT_PASSED = {"model", "seed", "nsamples", "seqlen", "progress"}
 
 
 @dataclass
@@ -88,6 +95,15 @@ class PruneJob:
         """The `Method` that runs: `method`'s entry, composed with refine/reconstruct for a
         mask selector."""
         return composed(METHODS[self.method], self.options)
+
+    def pipeline_arguments(self) -> dict:
+        """The fields `prune_model` takes by the same name, and the method's options."""
+        from .pipeline import prune_model
+
+        params = inspect.signature(prune_model).parameters.values()
+        own = {p.name for p in params if p.kind is not p.VAR_KEYWORD} - _NOT_PASSED
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in own}
+        return fields | self.method_options()
 
     def method_options(self) -> dict:
         """The options of `options` that the method (so composed) declares."""
@@ -389,23 +405,7 @@ def _prune_here(job: PruneJob, name: Name) -> dict:
 
     dense, zs_dense = ppl("perplexity dense"), zero_shot("dense")
     report = prune_model(
-        model,
-        calib,
-        method=job.method,
-        sparsity=job.sparsity,
-        prune_n=n,
-        prune_m=m,
-        device=job.device,
-        batch_size=job.batch_size,
-        hessian_precision=job.hessian_precision,
-        moe_calibration=job.moe_calibration,
-        allocation=job.allocation,
-        owl_threshold=job.owl_threshold,
-        owl_lambda=job.owl_lambda,
-        targets=job.targets,
-        ignore=job.ignore,
-        progress=progress,
-        **job.method_options(),
+        model, calib, prune_n=n, prune_m=m, progress=progress, **job.pipeline_arguments()
     )
     pruned, zs_pruned = ppl("perplexity pruned"), zero_shot("pruned")
     saved = None

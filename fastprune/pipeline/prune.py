@@ -45,6 +45,12 @@ _INFO_SKIP = {"shape", "device", "method"}
 _UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
 # at most this many bytes of stacked expert Hessians per batched inverse / solve
 EXPERT_BATCH_BYTES = 1 << 30
+# the arguments every rank must have been given alike (with the pattern, options, blocks,
+# allocation and device type)
+_AGREED = (
+    "method", "sparsity", "seed", "targets", "ignore", "hessian_precision", "moe_calibration",
+    "batch_size",
+)  # fmt: skip
 
 
 def _check_device(device, home: torch.device) -> torch.device:
@@ -328,21 +334,15 @@ class PruneRun:
         if self.comm is None:
             return
         a = self.args
+        fields = {k: getattr(a, k) for k in _AGREED}
         self.comm.check_consistent(
             fingerprint(
                 a.model,
                 a.calib,
-                method=a.method,
-                sparsity=a.sparsity,
+                **fields,
                 pattern=pattern_name(a.n, a.m),
                 options=a.opts,
-                seed=a.seed,
                 blocks=a.blocks_path,
-                targets=a.targets,
-                ignore=a.ignore,
-                hessian_precision=a.hessian_precision,
-                moe_calibration=a.moe_calibration,
-                batch_size=a.batch_size,
                 allocation=(a.allocation, a.owl_threshold, a.owl_lambda),
                 **{"device type": a.dev.type, "row split": self.comm.row_split},
             )

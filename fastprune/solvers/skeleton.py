@@ -22,12 +22,14 @@ import torch
 
 from ..core import LOSS_INFO_KEYS, base_info, finish, problem_scales, scale_inverse
 from ..hessian import InverseHessian, scale_pow2
+from ..masks import check_nm_keep_mask
 from ..ops import Kernels
 from ..result import PruneResult
 from ..validation import (
     check_backend,
     check_hessian,
     check_inplace,
+    check_mask,
     check_pattern,
     check_sparsity,
     check_weight,
@@ -100,6 +102,19 @@ def unpruned(p: Problem, rows: slice | None = None) -> Outcome:
     p.info["note"] = "sparsity=0"
     keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
     return Outcome(W.clone(), keep, None if p.H is None else 0.0, rows)
+
+
+def check_given_mask(
+    mask: torch.Tensor | None, W: torch.Tensor, prune_n: int, prune_m: int
+) -> None:
+    """A keep-mask given to prune exactly (`mask=`): bool, W's shape and device, and of the
+    N:M pattern given by prune_n/prune_m."""
+    if mask is None:
+        return
+    check_mask(mask, W.shape, W.device)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    if n and not check_nm_keep_mask(mask, n, m):
+        raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
 
 
 def run_solver(

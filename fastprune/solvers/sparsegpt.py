@@ -6,11 +6,17 @@ import torch
 
 from ..core import check_obs_options, resolve_inverse
 from ..hessian import InverseHessian
-from ..masks import check_nm_keep_mask
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
-from ..validation import check_mask, check_pattern
-from .skeleton import Outcome, Problem, beyond_lead, legacy_positional, run_solver, unpruned
+from .skeleton import (
+    Outcome,
+    Problem,
+    beyond_lead,
+    check_given_mask,
+    legacy_positional,
+    run_solver,
+    unpruned,
+)
 
 
 @legacy_positional(
@@ -50,13 +56,7 @@ def sparsegpt_layer(
     def check(W: torch.Tensor, H: torch.Tensor | None) -> None:
         nonlocal blocksize, percdamp
         blocksize, percdamp = check_obs_options(blocksize, percdamp)
-        if mask is not None:
-            check_mask(mask, W.shape, W.device)
-            n, m = check_pattern(prune_n, prune_m, W.shape[1])
-            if n and not check_nm_keep_mask(mask, n, m):
-                raise ValueError(
-                    f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m"
-                )
+        check_given_mask(mask, W, prune_n, prune_m)
 
     def solve(p: Problem) -> Outcome:
         info = p.info

@@ -14,18 +14,23 @@ from tqdm.auto import tqdm
 
 from ..core import merge_kernel_info, wanda_score
 from ..hessian import InverseHessian
-from ..masks import check_nm_keep_mask, pattern_name, selection_prune_mask
+from ..masks import pattern_name, selection_prune_mask
 from ..ops import Kernels
 from ..result import PruneResult
 from ..validation import (
     check_bool,
     check_device,
     check_int,
-    check_mask,
-    check_pattern,
     check_weight,
 )
-from .skeleton import Outcome, Problem, legacy_positional, run_solver, tensor_or_none_at
+from .skeleton import (
+    Outcome,
+    Problem,
+    check_given_mask,
+    legacy_positional,
+    run_solver,
+    tensor_or_none_at,
+)
 from .sparsegpt import sparsegpt_layer
 
 SWAP_OPS = ("swap_search", "swap_apply")
@@ -141,13 +146,7 @@ def sparseswaps_layer(
                     f"values has shape {tuple(values.shape)} but W has {tuple(W.shape)}"
                 )
             check_device(values, W.device, "values")
-        if mask is not None:
-            check_mask(mask, W.shape, W.device)
-            n, m = check_pattern(prune_n, prune_m, W.shape[1])
-            if n and not check_nm_keep_mask(mask, n, m):
-                raise ValueError(
-                    f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m"
-                )
+        check_given_mask(mask, W, prune_n, prune_m)
 
     def solve(p: Problem) -> Outcome:
         n, m, info = p.n, p.m, p.info
