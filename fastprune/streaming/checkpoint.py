@@ -173,10 +173,12 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise ValueError(f"cannot read the safetensors header of {path}: {e}") from e
 
 
-def _plain_file_name(name: object, what: str) -> str:
-    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"{what}: {name!r} is not a plain file name in the checkpoint folder")
-    return name
+def _check_shard_name(shard: object, index: Path, key: str) -> None:
+    if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in ("..", "."):
+        raise ValueError(
+            f"{index} maps tensor {key!r} to {shard!r}, not a plain file name in the "
+            "checkpoint folder"
+        )
 
 
 class Checkpoint:
@@ -403,7 +405,8 @@ class Checkpoint:
     ) -> int:
         """Read the parameters (and checkpoint-held persistent buffers) of `module`, the
         submodule of the skeleton called `prefix` (`model.layers.3`; "" for the whole model),
-        from the shards onto `device`, cast to `dtype` (default: the skeleton tensor's dtype),
+        from the shards onto `device`, parameters cast to `dtype` (default: the skeleton's
+        dtype; buffers keep theirs),
         replacing the meta tensors in place; tied parameters elsewhere in the model follow.
         Names under any prefix in `skip` are left alone. Returns the bytes read."""
         skip = tuple(s.rstrip(".") + "." for s in skip)
@@ -434,7 +437,8 @@ class Checkpoint:
         for name, src, owners in todo.values():
             m0, attr0, kind = owners[0]
             old = getattr(m0, attr0)
-            value = src.assemble(read).to(device=device, dtype=dtype or old.dtype)
+            cast = dtype if dtype is not None and kind == "param" else old.dtype
+            value = src.assemble(read).to(device=device, dtype=cast)
             if kind == "param":
                 new = nn.Parameter(value, requires_grad=False)
                 for m, attr in [(m, a) for m, a, _ in owners] + self._tied_owners(name):
@@ -507,7 +511,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise ValueError(f"{index} has no 'weight_map' object of tensor name -> shard file")
         by_shard: dict[str, list[str]] = {}
         for k, shard in wmap.items():
-            _plain_file_name(shard, f"{index}: tensor {k!r} is mapped to a shard that")
+            _check_shard_name(shard, index, k)
             by_shard.setdefault(shard, []).append(k)
         for shard, keys in sorted(by_shard.items()):
             f = folder / shard

@@ -47,6 +47,17 @@ def check_output(out_dir: str | Path, source_dir: str | Path | None = None) -> P
     return out
 
 
+def _usual_permissions(folder: Path) -> None:
+    """The folder and its files get the modes `mkdir` / `open` would give under the umask
+    (the temporary folder and safetensors' files are created private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~mask)
+
+
 class CheckpointWriter:
     """`with CheckpointWriter(out_dir) as w: w.add(name, tensor) ...; w.finish(config)`.
 
@@ -197,6 +208,7 @@ class CheckpointWriter:
                 (self.tmp_dir / fname).write_text(text)
             check_output(self.out_dir)  # something may have appeared there meanwhile
             (self.tmp_dir / PARTIAL).unlink()
+            _usual_permissions(self.tmp_dir)
             if self.out_dir.is_dir():
                 self.out_dir.rmdir()  # empty, checked above
             self.tmp_dir.rename(self.out_dir)
