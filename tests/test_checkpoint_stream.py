@@ -148,6 +148,8 @@ def test_load_one_block_reads_only_its_tensors(saved, monkeypatch):
     loaded = {n for n, p in skel.named_parameters() if p.device.type != "meta"}
     assert loaded == {n for n, _ in skel.named_parameters() if n.startswith(f"{path}.1.")}
     assert {p.dtype for p in blocks[1].parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="prefix='model.layers.0'.*not the name"):
+        ckpt.load(blocks[1], f"{path}.0")
 
 
 def test_tied_embeddings_stay_tied(tmp_path):

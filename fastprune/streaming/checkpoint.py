@@ -409,6 +409,14 @@ class Checkpoint:
         dtype; buffers keep theirs),
         replacing the meta tensors in place; tied parameters elsewhere in the model follow.
         Names under any prefix in `skip` are left alone. Returns the bytes read."""
+        root = self._root() if self._root is not None else None
+        if root is not None and any(m is module for m in root.modules()):
+            try:
+                named = root.get_submodule(prefix) if prefix else root
+            except AttributeError:
+                named = None
+            if named is not module:
+                raise ValueError(f"load(prefix={prefix!r}): that is not the name of the module")
         skip = tuple(s.rstrip(".") + "." for s in skip)
         todo: dict[int, tuple[str, Source, list[tuple[nn.Module, str, str]]]] = {}
         for name, m, attr, kind in self._slots(module, prefix):

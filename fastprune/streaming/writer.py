@@ -65,13 +65,15 @@ class CheckpointWriter:
     the next tensor would take the buffer past `max_shard_bytes` (a single bigger tensor gets a
     shard of its own). Everything goes to `.<out_dir name>.partial-<pid>-*` beside `out_dir`,
     which holds a `PARTIAL` json marker until `finish`; an exception (KeyboardInterrupt too)
-    inside the `with` leaves that folder, its marker saying why."""
+    inside the `with` leaves that folder, its marker saying why. `digests`: hash every tensor
+    added (`self.digests`, for `verify_streamed`; costs a pass over the bytes)."""
 
     def __init__(
         self,
         out_dir: str | Path,
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         source_dir: str | Path | None = None,
+        digests: bool = True,
     ):
         if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be a positive int, got {max_shard_bytes!r}")
@@ -82,7 +84,9 @@ class CheckpointWriter:
             tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-{os.getpid()}-",
                              dir=self.out_dir.parent)
         )  # fmt: skip
-        self.digests: dict[str, str] = {}
+        self.digests: dict[str, str] = {}  # name -> tensor_digest, for verify_streamed
+        self._hash = digests
+        self._names: set[str] = set()
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
@@ -142,7 +146,7 @@ class CheckpointWriter:
             raise TypeError(f"add({name!r}): expected a torch.Tensor, got {type(tensor).__name__}")
         if tensor.device.type == "meta":
             raise ValueError(f"add({name!r}): the tensor is on the meta device (not loaded)")
-        if name in self.digests:
+        if name in self._names:
             raise ValueError(f"add({name!r}): a tensor of that name was already added")
         t = tensor.detach().to("cpu", copy=True).contiguous()
         size = t.numel() * t.element_size()
@@ -150,7 +154,9 @@ class CheckpointWriter:
             self.flush()
         self._buffer[name] = t
         self._buffered += size
-        self.digests[name] = tensor_digest(t)
+        self._names.add(name)
+        if self._hash:
+            self.digests[name] = tensor_digest(t)
         if self._buffered >= self.max_shard_bytes:
             self.flush()
 
