@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_helpers import calib_ids, tiny_config, tiny_model, tiny_moe_model, transformers
+from pipeline_helpers import (
+    byte_tokenizer,
+    calib_ids,
+    tiny_config,
+    tiny_model,
+    tiny_moe_model,
+    transformers,
+)
 
 from fastprune.models import find_blocks
 from fastprune.streaming import (
@@ -240,8 +247,11 @@ def test_writer_model_names_reload(saved, tmp_path):
     with CheckpointWriter(out, max_shard_bytes=10**9) as w:
         for name, t in model.state_dict().items():
             w.add(name, t)
-        w.finish(model.config)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+        w.finish(model.config, byte_tokenizer(), transformers.GenerationConfig(max_new_tokens=3))
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json"} <= names
+    assert "model.safetensors.index.json" not in names
+    assert transformers.AutoTokenizer.from_pretrained(out)("ab")["input_ids"] == [64, 65]
     assert "model.layers.0.mlp.experts.gate_up_proj" in open_checkpoint(out).tensors
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, t in model.state_dict().items():
