@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import resource
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -144,20 +146,21 @@ def prune_model(
     rank ends with the same pruned model and report. An error on one rank stops all of them
     (`RankFailedError` on the others); see `fastprune.pipeline.distributed`.
     """
+    return run_stages(dict(locals()), ResidentBlocks())
+
+
+def run_stages(arguments: dict, store: BlockStore) -> PruneReport:
+    """`prune_model`'s stages on its `arguments` (by name), the decoder blocks kept between
+    stages by `store` (in the model, or streamed from a checkpoint)."""
     t_start = time.perf_counter()
     comm = Comm() if active_world() > 1 else None
     with _guarded(comm, "setup (arguments, model, calibration)"):
-        args = check_prune_args(
-            model, calibration, method, sparsity, prune_n, prune_m, device,
-            tokenizer=tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
-            batch_size=batch_size, hessian_precision=hessian_precision, targets=targets,
-            ignore=ignore, blocks=blocks, offload_activations=offload_activations,
-            allocation=allocation, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
-            moe_calibration=moe_calibration, progress=progress, method_options=method_options,
-        )  # fmt: skip
-    run = PruneRun(args, comm, t_start)
+        args = check_prune_args(**arguments)
+        store.check(args)
+    run = PruneRun(args, comm, t_start, store)
     run.agree()
     run.gradients()
+    model = args.model
     was_training = model.training
     model.eval()
     try:
@@ -172,6 +175,52 @@ def prune_model(
         run.close()
         model.train(was_training)
     return run.finish()
+
+
+def peak_host_memory() -> int:
+    """This process's peak resident memory so far, in bytes (`getrusage`)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class BlockStore:
+    """Where the decoder blocks live between `prune_model`'s stages: `enter` makes block `i`
+    (named `prefix`) ready on `device` for its calibration and solves, `leave` puts it away
+    once pruned and propagated."""
+
+    streamed = False
+
+    def check(self, args: PruneArgs) -> None:
+        """Refuse (`ValueError`) what this store cannot run, before any work."""
+
+    def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
+        raise NotImplementedError
+
+    def leave(self, i: int, block: nn.Module, prefix: str) -> None:
+        raise NotImplementedError
+
+    def block_zeros(self, blocks: nn.ModuleList) -> tuple[int, int]:
+        """(zeros, entries) over every matrix of the pruned blocks."""
+        return count_block_zeros(blocks)
+
+    def identity(self) -> str | None:
+        """What ranks must agree on besides the model's own checksum (None: nothing)."""
+        return None
+
+
+class ResidentBlocks(BlockStore):
+    """The blocks of an in-memory model: each moved to the device for its stages and back
+    where it was after them."""
+
+    def __init__(self) -> None:
+        self.home: dict[int, torch.device] = {}
+
+    def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
+        self.home[i] = next(block.parameters()).device
+        block.to(device)
+
+    def leave(self, i: int, block: nn.Module, prefix: str) -> None:
+        block.to(self.home.pop(i))
 
 
 def _guarded(comm: Comm | None, what: str):
@@ -279,9 +328,12 @@ class PruneRun:
     """One `prune_model` call's state between its stages: the report and its totals, the
     gradient norms (GBLM), the per-block sparsities, the calibration activations."""
 
-    def __init__(self, args: PruneArgs, comm: Comm | None, t_start: float) -> None:
+    def __init__(
+        self, args: PruneArgs, comm: Comm | None, t_start: float, store: BlockStore
+    ) -> None:
         a = self.args = args
         self.comm = comm
+        self.store = store
         self.t_start = t_start
         calib = a.calib
         # this rank's share of the samples (all of them in one process)
@@ -311,7 +363,6 @@ class PruneRun:
         self.acts = self.arg_sets = None
         self.untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
         self.bar = None
-        self._home = None  # where the block being pruned came from
 
     def guard(self, what: str):
         return _guarded(self.comm, what)
@@ -344,6 +395,7 @@ class PruneRun:
                 options=a.opts,
                 blocks=a.blocks_path,
                 allocation=(a.allocation, a.owl_threshold, a.owl_lambda),
+                checkpoint=self.store.identity(),
                 **{"device type": a.dev.type, "row split": self.comm.row_split},
             )
         )
@@ -424,8 +476,7 @@ class PruneRun:
         block = a.block_list[i]
         t0 = time.perf_counter()
         with self.guard(f"block {i}: its forward with the Hessian hooks"):
-            self._home = next(block.parameters()).device
-            block.to(a.dev)
+            self.store.enter(i, block, f"{a.blocks_path}.{i}", a.dev)
             if self.acts is None:
                 return None
             hooks = HessianHooks(block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration)
@@ -481,7 +532,7 @@ class PruneRun:
                 run_block(block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i])
                 self.acts.swap()
                 self.clock("propagate_seconds", t0)
-            block.to(self._home)
+            self.store.leave(i, block, f"{a.blocks_path}.{i}")
         if self.bar is not None:
             self.bar.set_postfix(block=i)
 
@@ -495,7 +546,7 @@ class PruneRun:
         params = sum(lr.shape[0] * lr.shape[1] for lr in report.layers)
         pruned = sum(lr.sparsity * lr.shape[0] * lr.shape[1] for lr in report.layers)
         report.achieved_sparsity = pruned / max(1, params)
-        zeros, matrices = count_block_zeros(a.block_list)
+        zeros, matrices = self.store.block_zeros(a.block_list)
         report.block_sparsity = zeros / max(1, matrices)
         losses = [lr.loss for lr in report.layers if lr.loss is not None]
         totals.update(params=params, layers=len(report.layers), blocks_path=a.blocks_path)
@@ -509,6 +560,8 @@ class PruneRun:
         ]
         if self.untouched:
             totals["experts_without_tokens"] = self.untouched
+        totals["path"] = "streamed" if self.store.streamed else "in memory"
+        totals["peak_host_memory_bytes"] = peak_host_memory()
         if losses:
             totals["loss"] = float(sum(losses))
         if self.comm is not None:

@@ -208,6 +208,18 @@ class Checkpoint:
         """Bytes of tensor data in the checkpoint (from the headers)."""
         return sum(t.nbytes for t in self.tensors.values())
 
+    def identity(self) -> str:
+        """A digest of the config and every tensor's name, shape, dtype and shard (what ranks
+        streaming the same checkpoint agree on, without reading the weights)."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=8)
+        h.update(json.dumps(self.config_dict, sort_keys=True, default=str).encode())
+        for k in sorted(self.tensors):
+            t = self.tensors[k]
+            h.update(f"{k}:{t.shard}:{t.shape}:{t.dtype};".encode())
+        return h.hexdigest()
+
     def fits_in_memory(self, margin: float = 1.25, dtype: torch.dtype | None = None) -> bool:
         """Whether the whole model (times `margin`) fits in the available host memory, loaded
         in `dtype` (default: as stored); False means: stream it block by block."""
@@ -477,6 +489,29 @@ class Checkpoint:
                     for om, oattr in self._tied_owners(names.get(id(p), "")):
                         om._parameters[oattr] = done[id(p)]
                 m._parameters[attr] = done[id(p)]
+
+    def module_tensors(
+        self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`module`'s loaded parameters and the persistent buffers the checkpoint holds, as
+        the checkpoint stores them: (checkpoint key, tensor) pairs, per expert where it keeps
+        experts apart, each key once (a tied weight is written where it is stored). Names
+        under a prefix in `skip` are left out. For writing a pruned module in place of its
+        source tensors."""
+        skip = tuple(s.rstrip(".") + "." for s in skip)
+        seen: set[str] = set()
+        for name, m, attr, kind in self._slots(module, prefix):
+            if skip and any(name.startswith(s) for s in skip):
+                continue
+            if kind == "buffer" and name not in self._plan and name not in self.tensors:
+                continue
+            t = getattr(m, attr)
+            if t.device.type == "meta":
+                raise ValueError(f"{name} is not loaded (on the meta device): nothing to write")
+            for key, part in self.source_tensors(name, t):
+                if key not in seen:
+                    seen.add(key)
+                    yield key, part
 
     def meta_names(self, module: nn.Module, prefix: str = "") -> list[str]:
         """Full names of `module`'s parameters still on the meta device."""

@@ -1,0 +1,182 @@
+"""Pruning a checkpoint bigger than host memory, one decoder block at a time.
+
+`prune_checkpoint(path, save, ...)` builds the model on the meta device from the checkpoint's
+config, loads what lies outside the decoder blocks (embeddings, final norm, head: written out
+unchanged at once), captures the calibration inputs of the first block, and then, per block,
+loads only that block's tensors from the shards, calibrates, prunes, propagates, writes the
+pruned tensors (in the checkpoint's own layout) and frees the block. `prune_model`'s stages
+run unchanged: only where a block lives between them differs (`StreamedBlocks` here,
+`ResidentBlocks` in memory), so the pruned weights equal the in-memory path's bit for bit.
+
+The output is a normal Hugging Face checkpoint (sharded safetensors with an index, config,
+generation config, tokenizer, `fastprune_report.json`), written into a temporary folder marked
+partial and renamed into place only when complete. Under torchrun every rank streams the
+blocks (no replica of the model per rank) and rank 0 alone writes.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..block_layers import count_block_zeros
+from ..models import find_blocks
+from ..streaming import Checkpoint, CheckpointWriter, check_output, open_checkpoint
+from .prune import BlockStore, PruneArgs, peak_host_memory, prune_model, run_stages
+from .report import PruneReport
+
+REPORT_FILE = "fastprune_report.json"
+
+
+class StreamedBlocks(BlockStore):
+    """Blocks read from `ckpt` when a stage needs them and, once pruned, written to `writer`
+    (None on the ranks that do not write) and released back to the meta device."""
+
+    streamed = True
+
+    def __init__(self, ckpt: Checkpoint, writer: CheckpointWriter | None, dtype: torch.dtype):
+        self.ckpt, self.writer, self.dtype = ckpt, writer, dtype
+        self.zeros = self.entries = 0
+        self.bytes_read = 0
+
+    def check(self, args: PruneArgs) -> None:
+        if args.meth.needs_gradients:
+            raise ValueError(
+                f"method {args.method!r} needs gradients through the whole model, which a "
+                "streamed prune never holds: prune it in memory"
+            )
+        if args.allocation != "uniform":
+            raise ValueError(
+                f"allocation={args.allocation!r} is not available when streaming (it scores "
+                "every block before pruning any); use allocation='uniform' or prune in memory"
+            )
+        if len(set(args.kinds)) > 1:
+            raise ValueError(
+                "blocks of several kinds (config.layer_types) are not streamed yet: their "
+                "arguments are captured by running the blocks before each kind's first"
+            )
+
+    def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
+        self.bytes_read += self.ckpt.load(block, prefix, device=device, dtype=self.dtype)
+
+    def leave(self, i: int, block: nn.Module, prefix: str) -> None:
+        z, e = count_block_zeros([block])
+        self.zeros += z
+        self.entries += e
+        if self.writer is not None:
+            for key, t in self.ckpt.module_tensors(block, prefix):
+                self.writer.add(key, t)
+            self.writer.flush()  # one block in host memory at a time
+        self.ckpt.release(block)
+
+    def block_zeros(self, blocks: nn.ModuleList) -> tuple[int, int]:
+        return self.zeros, self.entries
+
+    def identity(self) -> str:
+        return self.ckpt.identity()
+
+
+def prune_checkpoint(
+    checkpoint: str | Path | Checkpoint,
+    save: str | Path,
+    calibration=None,
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer=None,
+    max_shard_bytes: int = 5 * 2**30,
+    **prune_args,
+) -> PruneReport:
+    """Prune the local safetensors checkpoint `checkpoint` block by block into the folder
+    `save` (which must not exist or be empty, and not lie inside the source), holding one
+    decoder block and the calibration activations in memory at a time. `prune_args`:
+    `prune_model`'s (method, sparsity, prune_n, prune_m, device, nsamples, seqlen, ...,
+    method options); gradient methods (GBLM) and OWL allocation need the whole model and are
+    refused. `dtype`: the dtype blocks are pruned in and written (default: the checkpoint's).
+    `tokenizer` is saved beside the weights. The report says `path="streamed"`, the peak host
+    memory and the bytes read; `save` gets `fastprune_report.json` too."""
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    out = check_output(save, ckpt.path)
+    model = ckpt.skeleton(dtype)
+    dtype = next(model.parameters()).dtype
+    bound = inspect.signature(prune_model).bind(model, calibration, **prune_args)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments["tokenizer"] = tokenizer
+    if arguments["device"] is None:
+        arguments["device"] = "cpu"  # the skeleton has no device of its own
+    blocks_path, _ = find_blocks(model, arguments["blocks"])
+    ckpt.load(model, "", device="cpu", skip=[blocks_path])  # embeddings, final norm, head
+    from .distributed import active_world
+
+    lead = active_world() == 1 or torch.distributed.get_rank() == 0
+    writer = CheckpointWriter(out, max_shard_bytes, ckpt.path) if lead else None
+    try:
+        if writer is not None:
+            for key, t in ckpt.module_tensors(model, "", skip=[blocks_path]):
+                writer.add(key, t)
+        store = StreamedBlocks(ckpt, writer, dtype)
+        report = run_stages(arguments, store)
+        report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
+        report.totals["peak_host_memory_bytes"] = peak_host_memory()
+        if writer is not None:
+            writer.finish(
+                model.config,
+                tokenizer=tokenizer,
+                generation_config=getattr(model, "generation_config", None),
+                extra_files={REPORT_FILE: json.dumps(report.to_dict(), indent=1)},
+            )
+            report.totals["saved"] = str(out)
+            report.totals["digests"] = writer.digests
+    except BaseException as e:
+        if writer is not None:
+            writer.__exit__(type(e), e, None)  # the partial folder says why
+        raise
+    return report
+
+
+@torch.no_grad()
+def verify_streamed_prune(
+    out_dir: str | Path, report: PruneReport, sample_ids: torch.Tensor | None = None
+) -> dict:
+    """Check a streamed prune's output without loading it whole: every tensor read back
+    equal to what was written (digests), every pruned layer's zeros and N:M pattern, the
+    blocks' zeros equal to the report's, one block in memory at a time."""
+    from ..streaming import verify_streamed
+
+    digests = report.totals.get("digests")
+    out = verify_streamed(out_dir, digests)
+    ckpt = open_checkpoint(out_dir)
+    model = ckpt.skeleton()
+    path, blocks = find_blocks(model, report.totals.get("blocks_path"))
+    pat = report.pattern
+    n, m = (int(v) for v in pat.split(":")) if ":" in pat else (0, 0)
+    by_block: dict[int, list] = {}
+    for lr in report.layers:
+        by_block.setdefault(lr.block, []).append(lr)
+    zeros = entries = pruned_zeros = pruned = 0
+    from ..block_layers import resolve_layer
+    from ..layers import get_weight
+
+    for i, block in enumerate(blocks):
+        ckpt.load(block, f"{path}.{i}")
+        for lr in by_block.get(i, []):
+            W = get_weight(resolve_layer(block, lr.name.split(".", 1)[1]))
+            z = int((W == 0).sum().item())
+            if z < round(lr.sparsity * W.numel()):
+                raise ValueError(f"saved {path}.{lr.name}: {z} zeros, fewer than pruned")
+            if n and not bool(((W == 0).reshape(W.shape[0], -1, m).sum(-1) >= n).all()):
+                raise ValueError(f"saved {path}.{lr.name} does not follow {n}:{m}")
+            pruned_zeros += z
+            pruned += W.numel()
+        z, e = count_block_zeros([block])
+        zeros, entries = zeros + z, entries + e
+        ckpt.release(block)
+    if "block_zeros" in report.totals and zeros != report.totals["block_zeros"]:
+        left = report.totals["block_zeros"]
+        raise ValueError(f"the saved blocks hold {zeros:,} zeros; the prune left {left:,}")
+    out.update(sparsity=pruned_zeros / max(1, pruned), block_sparsity=zeros / max(1, entries))
+    return out

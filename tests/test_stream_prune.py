@@ -1,0 +1,143 @@
+"""Streamed pruning (`prune_checkpoint`): the same pruned weights as the in-memory
+`prune_model`, bit for bit, on tiny random checkpoints saved in several shards; a normal
+Hugging Face checkpoint out; what cannot be streamed refused before any work; an interrupted
+run leaves its partial folder marked and the source untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from pipeline_helpers import byte_tokenizer, calib_ids, tiny_model, tiny_moe_model, transformers
+
+import fastprune as fp
+from fastprune.pipeline import stream as stream_mod
+from fastprune.pipeline.stream import prune_checkpoint, verify_streamed_prune
+from fastprune.streaming import PARTIAL
+
+SHARD = "60KB"  # the tiny models are a few hundred KB in float32: 3 or more shards
+
+CASES = [
+    ("llama", "sparsegpt", {"prune_n": 2, "prune_m": 4}),
+    ("llama", "wanda", {"sparsity": 0.5}),
+    ("qwen2", "rose", {"sparsity": 0.6}),
+    ("qwen3_moe", "sparsegpt", {"sparsity": 0.5}),
+    ("mixtral", "fastprune", {"prune_n": 2, "prune_m": 4}),
+]
+
+
+def _model(family: str):
+    return tiny_model(family) if family in ("llama", "qwen2") else tiny_moe_model(family)
+
+
+def _saved(family: str, tmp_path):
+    folder = tmp_path / f"{family}-src"
+    _model(family).save_pretrained(folder, max_shard_size=SHARD)
+    return folder
+
+
+def _load(folder):
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _files_digest(folder) -> str:
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(("family", "method", "kw"), CASES)
+def test_streamed_equals_in_memory(tmp_path, family, method, kw):
+    src = _saved(family, tmp_path)
+    assert len(list(src.glob("*.safetensors"))) >= 3
+    before = _files_digest(src)
+    model = _load(src)
+    calib = calib_ids(n=4, seqlen=16)
+    ref = fp.prune_model(model, calib, method=method, progress=False, **kw)
+    out = tmp_path / "pruned"
+    rep = prune_checkpoint(src, out, calib, method=method, progress=False, **kw)
+    assert _files_digest(src) == before  # the source is only read
+    assert rep.totals["path"] == "streamed" and ref.totals["path"] == "in memory"
+    assert rep.totals["peak_host_memory_bytes"] > 0 and rep.totals["bytes_read"] > 0
+    # the same masks and losses, layer by layer
+    assert [lr.name for lr in rep.layers] == [lr.name for lr in ref.layers]
+    for a, b in zip(rep.layers, ref.layers):
+        assert a.sparsity == b.sparsity and a.loss == b.loss, a.name
+    assert rep.block_sparsity == ref.block_sparsity
+    # a normal checkpoint out: index, config, report; weights bit for bit the in-memory ones
+    assert (out / "model.safetensors.index.json").is_file() and (out / "config.json").is_file()
+    saved_report = json.loads((out / "fastprune_report.json").read_text())
+    assert saved_report["method"] == ref.method
+    got = _load(out).state_dict()
+    want = model.state_dict()
+    assert got.keys() == want.keys()
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
+    check = verify_streamed_prune(out, rep)
+    assert check["verified"] == check["tensors"] and check["block_sparsity"] == rep.block_sparsity
+
+
+def test_tokenizer_and_dtype(tmp_path):
+    src = _saved("llama", tmp_path)
+    out = tmp_path / "pruned"
+    calib = calib_ids(n=2, seqlen=8)
+    rep = prune_checkpoint(
+        src, out, calib, method="wanda", dtype=torch.bfloat16, tokenizer=byte_tokenizer(),
+        progress=False,
+    )  # fmt: skip
+    assert rep.achieved_sparsity > 0.45
+    assert (out / "tokenizer_config.json").is_file()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"method": "gblm"}, "needs gradients"),
+        ({"method": "wanda", "allocation": "owl"}, "allocation='owl'"),
+        ({"method": "no-such"}, "method must be one of"),
+        ({"method": "wanda", "sparsity": 1.5}, "sparsity"),
+    ],
+)
+def test_refused_before_any_work(tmp_path, kw, needle):
+    src = _saved("llama", tmp_path)
+    out = tmp_path / "pruned"
+    calib = calib_ids(n=2, seqlen=8)
+    with pytest.raises(ValueError, match=needle):
+        prune_checkpoint(src, out, calib, progress=False, **kw)
+    assert not out.exists()
+
+
+def test_output_into_source_refused(tmp_path):
+    src = _saved("llama", tmp_path)
+    calib = calib_ids(n=2, seqlen=8)
+    for bad in (src, src / "inner"):
+        with pytest.raises(ValueError, match="source checkpoint"):
+            prune_checkpoint(src, bad, calib, method="wanda", progress=False)
+
+
+def test_interrupt_leaves_a_marked_partial_folder(tmp_path, monkeypatch):
+    src = _saved("llama", tmp_path)
+    before = _files_digest(src)
+    calib = calib_ids(n=2, seqlen=8)
+    real = stream_mod.StreamedBlocks.leave
+
+    def leave(self, i, block, prefix):
+        if i == 1:
+            raise KeyboardInterrupt
+        return real(self, i, block, prefix)
+
+    monkeypatch.setattr(stream_mod.StreamedBlocks, "leave", leave)
+    out = tmp_path / "pruned"
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(src, out, calib, method="wanda", progress=False)
+    assert not out.exists()
+    (partial,) = tmp_path.glob(".pruned.partial-*")
+    marker = json.loads((partial / PARTIAL).read_text())
+    assert marker["partial"] and marker["status"] == "abandoned"
+    assert "KeyboardInterrupt" in marker["reason"]
+    assert _files_digest(src) == before
