@@ -291,6 +291,22 @@ def build_parser() -> argparse.ArgumentParser:
         "or 1800; it covers rank 0's dense evaluation before pruning)",
     )
     q.add_argument("--save", default=None, help="save the pruned model (safetensors) here")
+    q.add_argument(
+        "--stream",
+        dest="stream",
+        action="store_const",
+        const=True,
+        default=None,
+        help="prune a local safetensors checkpoint block by block from disk, writing --save as "
+        "it goes (default: only when the model would not fit in the free host memory)",
+    )
+    q.add_argument(
+        "--no-stream",
+        dest="stream",
+        action="store_const",
+        const=False,
+        help="load the whole model even when it looks too big for the free host memory",
+    )
     _add_run_flags(q)
     q.set_defaults(func=_prune)
 

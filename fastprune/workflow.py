@@ -56,7 +56,9 @@ class PruneJob:
     `refine`/`reconstruct` compose a mask selector with swaps/OBS reconstruction);
     `pattern` "N:M" overrides `sparsity`. `calib` / `eval`: "builtin", a text file,
     "wikitext2" or "c4" (`eval` also "none"). `nproc` > 1 is the CLI's own launcher; from
-    Python, run under torchrun instead."""
+    Python, run under torchrun instead. `stream`: prune a local safetensors checkpoint block
+    by block from disk, writing `save` as it goes (True), in memory (False), or streamed
+    only when it would not fit in the free host memory (None)."""
 
     model: str = DEFAULT_MODEL
     method: str = "rose"
@@ -83,6 +85,7 @@ class PruneJob:
     save: str | None = None
     report: str | None = None
     lm_eval: LmEval | None = None
+    stream: bool | None = None
     seed: int = 0
     progress: bool = True
     quiet: bool = False
@@ -257,10 +260,35 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
     if job.report:
         check_output(job.report, name("report"), directory=False)
     check_lm_eval(job.lm_eval, name)
-    resolve_model(job.model)  # unknown model: fail before the slow part
+    src = resolve_model(job.model)  # unknown model: fail before the slow part
+    if job.stream:
+        _check_streamable(job, src, name)
     if job.targets or job.ignore:  # patterns that match nothing: fail before the load too
         check_selection(find_blocks(model_skeleton(job.model))[1], job.targets, job.ignore)
     return n, m
+
+
+def _check_streamable(job: PruneJob, src, name: Name) -> None:
+    """What a streamed prune needs: a local safetensors checkpoint, a save folder outside it,
+    a method and allocation that do not need the whole model, no lm-eval tasks."""
+    from .streaming import check_output, open_checkpoint
+
+    if src.gguf_file or not Path(src.path).is_dir():
+        raise ValueError(
+            f"{name('stream')}: {job.model} is not a local safetensors checkpoint folder"
+        )
+    ckpt = open_checkpoint(src.path)
+    if not job.save:
+        raise ValueError(
+            f"{name('stream')} writes the pruned model as it goes: give {name('save')}"
+        )
+    check_output(job.save, ckpt.path)
+    if job.method_entry().needs_gradients:
+        raise ValueError(f"{name('stream')}: method {job.method} needs the whole model (gradients)")
+    if job.allocation != "uniform":
+        raise ValueError(f"{name('stream')}: {name('allocation')} {job.allocation} is not streamed")
+    if job.lm_eval is not None:
+        raise ValueError(f"{name('stream')}: {name('lm_eval')} needs the whole model in memory")
 
 
 def check_eval_job(job: EvalJob, name: Name = field_name) -> None:
@@ -358,22 +386,80 @@ def run_prune(job: PruneJob, name: Name = field_name) -> dict:
 def _prune_here(job: PruneJob, name: Name) -> dict:
     import torch
 
+    from .pipeline.distributed import active_world
+
+    t_start = time.perf_counter()
+    torch.manual_seed(job.seed)
+    # under torchrun every rank prunes; only rank 0 talks, evaluates and writes files
+    lead = active_world() == 1 or torch.distributed.get_rank() == 0
+    run = _Run(job, name, lead, _sayer(job.quiet, lead), job.progress and lead)
+    streamed = streaming_decision(job, run.say)
+    out = _prune_streamed(run) if streamed else _prune_in_memory(run)
+    return _finish(run, out, time.perf_counter() - t_start)
+
+
+@dataclass
+class _Run:
+    """One rank's view of a prune job: whether it talks and writes (`lead`), how it says
+    things, whether it shows progress."""
+
+    job: PruneJob
+    name: Name
+    lead: bool
+    say: Say
+    progress: bool
+
+    def ppl(self, evaluate, desc: str):
+        """`evaluate(desc)` (a perplexity), announced."""
+        r = evaluate(desc)
+        seqlen = self.job.seqlen
+        self.say(f"{desc}: {r['ppl']:.3f} ({r['windows']} windows x {seqlen} tokens)", flush=True)
+        return r
+
+
+def streaming_decision(job: PruneJob, say: Say = print) -> bool:
+    """Whether `job` streams its model block by block: as asked (`stream` True/False), else
+    when the model is a local safetensors checkpoint that would not fit in the host memory
+    that is free (loaded in `job.dtype`)."""
+    if job.stream is not None:
+        return job.stream
+    import torch
+
+    from .models import resolve_model
+    from .streaming import open_checkpoint
+
+    src = resolve_model(job.model)
+    folder = Path(src.path)
+    if src.gguf_file or not folder.is_dir():
+        return False
+    try:
+        ckpt = open_checkpoint(folder)
+    except ValueError:
+        return False  # not a safetensors checkpoint: transformers loads it (or says why)
+    if ckpt.fits_in_memory(dtype=getattr(torch, job.dtype)):
+        return False
+    say(
+        f"{job.model} needs more host memory than is free ({ckpt.nbytes / 2**30:.1f} GiB as "
+        "stored): pruning it block by block from the checkpoint (streamed)",
+        flush=True,
+    )
+    if not job.save:
+        raise ValueError(
+            f"{job.model} does not fit in the host memory that is free, so it is pruned block "
+            "by block and written as it goes: give a save folder"
+        )
+    return True
+
+
+def _prune_in_memory(run: _Run) -> dict:
     from .data import get_calibration, get_eval_ids
     from .evaluate import perplexity
     from .models import load_model
     from .pipeline import prune_model
-    from .pipeline.distributed import active_world
 
-    t_start = time.perf_counter()
+    job, say, lead, progress = run.job, run.say, run.lead, run.progress
     n, m = job.prune_n_m
-    torch.manual_seed(job.seed)
-    # under torchrun every rank prunes; only rank 0 talks, evaluates and writes files
-    lead = active_world() == 1 or torch.distributed.get_rank() == 0
-    progress = job.progress and lead
-    say = _sayer(job.quiet, lead)
-    # bad task or unreachable dataset: fail early too (rank 0 evaluates)
-    lm_tasks = load_lm_eval_tasks(job.lm_eval, name) if lead else None
-
+    lm_tasks = load_lm_eval_tasks(job.lm_eval, run.name) if lead else None
     say(f"loading {job.model} ...", flush=True)
     t0 = time.perf_counter()
     model, tok = load_model(job.model, dtype=job.dtype)
@@ -386,17 +472,13 @@ def _prune_here(job: PruneJob, name: Name) -> dict:
     def ppl(desc):
         if eval_ids is None:
             return None
-        r = perplexity(
-            model,
-            eval_ids,
-            job.seqlen,
-            max_windows=job.eval_windows,
-            device=job.device,
-            progress=progress,
-            desc=desc,
-        )
-        say(f"{desc}: {r['ppl']:.3f} ({r['windows']} windows x {job.seqlen} tokens)", flush=True)
-        return r
+        return run.ppl(
+            lambda d: perplexity(
+                model, eval_ids, job.seqlen, max_windows=job.eval_windows, device=job.device,
+                progress=progress, desc=d,
+            ),
+            desc,
+        )  # fmt: skip
 
     def zero_shot(label):
         return run_lm_eval(
@@ -419,19 +501,95 @@ def _prune_here(job: PruneJob, name: Name) -> dict:
             f"saved to {out} (safetensors + tokenizer); reloaded: sparsity "
             f"{saved['sparsity']:.4f}, max logit difference {saved['max_logit_diff']:g}"
         )
-    seconds = time.perf_counter() - t_start
+    return {
+        "report": report, "dense": dense, "pruned": pruned, "zs": (zs_dense, zs_pruned),
+        "lm_tasks": lm_tasks, "saved": saved, "load_seconds": load_s,
+    }  # fmt: skip
+
+
+def _prune_streamed(run: _Run) -> dict:
+    import torch
+
+    from .data import get_calibration, get_eval_ids
+    from .models import resolve_model
+    from .pipeline.stream import prune_checkpoint, streamed_perplexity, verify_streamed_prune
+    from .streaming import open_checkpoint
+
+    job, say, lead, progress = run.job, run.say, run.lead, run.progress
+    n, m = job.prune_n_m
+    ckpt = open_checkpoint(resolve_model(job.model).path)
+    say(f"streaming {job.model} ({ckpt}) ...", flush=True)
+    tok = _tokenizer_of(ckpt.path)
+    calib = None
+    if job.method_entry().needs_calibration:
+        calib = get_calibration(job.calib, tok, job.nsamples, job.seqlen, job.seed)
+    eval_ids = None if job.eval == "none" or not lead else get_eval_ids(job.eval, tok)
+    dtype = getattr(torch, job.dtype)
+
+    def ppl(source, desc):
+        if eval_ids is None:
+            return None
+        return run.ppl(
+            lambda d: streamed_perplexity(
+                source, eval_ids, job.seqlen, max_windows=job.eval_windows, device=job.device,
+                dtype=dtype, progress=progress, desc=d,
+            ),
+            desc,
+        )  # fmt: skip
+
+    dense = ppl(ckpt, "perplexity dense")
+    report = prune_checkpoint(
+        ckpt, job.save, calib, dtype=dtype, tokenizer=tok, prune_n=n, prune_m=m,
+        progress=progress, **job.pipeline_arguments(),
+    )  # fmt: skip
+    saved = None
+    if lead:
+        saved = verify_streamed_prune(job.save, report)
+        say(
+            f"saved to {job.save} block by block ({saved['shards']} shards); read back: "
+            f"{saved['verified']} tensors as written, sparsity {saved['sparsity']:.4f}"
+        )
+    pruned = ppl(job.save, "perplexity pruned")
+    return {
+        "report": report, "dense": dense, "pruned": pruned, "zs": (None, None),
+        "lm_tasks": None, "saved": saved, "load_seconds": 0.0,
+    }  # fmt: skip
+
+
+def _tokenizer_of(folder: Path):
+    """The checkpoint's tokenizer, or None when it has none (token-id calibration only)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
+
+
+def _finish(run: _Run, out: dict, seconds: float) -> dict:
+    """The summary said and the report (written where asked)."""
+    import torch
+
+    job, say = run.job, run.say
+    report, dense, pruned = out["report"], out["dense"], out["pruned"]
+    zs_dense, zs_pruned = out["zs"]
     say(report.summary())
     if dense is not None:
         say(
             f"perplexity ({job.eval}, {dense['windows']}x{job.seqlen} tokens): "
             f"dense {dense['ppl']:.3f} -> pruned {pruned['ppl']:.3f}"
         )
-    if lm_tasks is not None:
+    if out["lm_tasks"] is not None:
         from .zeroshot import format_comparison
 
         say(f"zero-shot (lm-eval, limit {lm_eval_limit(job.lm_eval.limit)}):")
         say(format_comparison(zs_dense, zs_pruned))
-    say(f"total {seconds:.1f}s (load {load_s:.1f}s, prune {report.seconds:.1f}s)")
+    say(
+        f"total {seconds:.1f}s (load {out['load_seconds']:.1f}s, prune {report.seconds:.1f}s; "
+        f"{report.totals['path']}, peak host memory "
+        f"{report.totals['peak_host_memory_bytes'] / 2**30:.2f} GiB)"
+    )
+    totals = {k: v for k, v in report.totals.items() if k != "digests"}
     doc = {
         "model": job.model,
         "method": report.method,
@@ -447,21 +605,20 @@ def _prune_here(job: PruneJob, name: Name) -> dict:
         "dtype": job.dtype,
         "torch": torch.__version__,
         "seconds": seconds,
-        "load_seconds": load_s,
+        "load_seconds": out["load_seconds"],
         "prune_seconds": report.seconds,
+        "path": report.totals["path"],
+        "peak_host_memory_bytes": report.totals["peak_host_memory_bytes"],
         "ppl_dense": None if dense is None else dense["ppl"],
         "ppl_pruned": None if pruned is None else pruned["ppl"],
         "achieved_sparsity": report.achieved_sparsity,
         "block_sparsity": report.block_sparsity,
-        "saved": saved,
-        "lm_eval": lm_eval_report(job.lm_eval, lm_tasks, zs_dense, zs_pruned),
-        **{
-            k: v
-            for k, v in report.to_dict().items()
-            if k in ("totals", "options", "layers", "dense")
-        },
+        "saved": out["saved"],
+        "lm_eval": lm_eval_report(job.lm_eval, out["lm_tasks"], zs_dense, zs_pruned),
+        **{k: v for k, v in report.to_dict().items() if k in ("options", "layers", "dense")},
+        "totals": totals,
     }
-    if job.report and lead:
+    if job.report and run.lead:
         _write_report(job.report, doc, say)
     return doc
 

@@ -141,3 +141,69 @@ def test_interrupt_leaves_a_marked_partial_folder(tmp_path, monkeypatch):
     assert marker["partial"] and marker["status"] == "abandoned"
     assert "KeyboardInterrupt" in marker["reason"]
     assert _files_digest(src) == before
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_streamed_perplexity_equals_in_memory(tmp_path, family):
+    src = _saved(family, tmp_path)
+    ids = calib_ids(n=1, seqlen=40).reshape(-1)
+    ref = fp.perplexity(_load(src), ids, seqlen=8, max_windows=4)
+    got = stream_mod.streamed_perplexity(src, ids, seqlen=8, max_windows=4)
+    assert got["windows"] == ref["windows"] == 4 and got["tokens"] == ref["tokens"]
+    assert got["nll"] == pytest.approx(ref["nll"], rel=1e-5)
+
+
+def test_cli_stream_matches_in_memory(tmp_path, capsys):
+    from fastprune.cli import main
+
+    src = _saved("llama", tmp_path)
+    byte_tokenizer().save_pretrained(src)
+    flags = ["--model", str(src), "--method", "sparsegpt", "--pattern", "2:4", "--nsamples", "3"]
+    flags += ["--seqlen", "16", "--eval-windows", "2", "--no-progress"]
+    runs = {}
+    for label, extra in (("memory", ["--no-stream"]), ("streamed", ["--stream"])):
+        out, rep = tmp_path / label, tmp_path / f"{label}.json"
+        assert main(["prune", *flags, *extra, "--save", str(out), "--report", str(rep)]) == 0
+        runs[label] = (out, json.loads(rep.read_text()))
+    text = capsys.readouterr().out
+    assert "streamed, peak host memory" in text and "in memory, peak host memory" in text
+    (mem_dir, mem), (st_dir, st) = runs["memory"], runs["streamed"]
+    assert st["path"] == "streamed" and mem["path"] == "in memory"
+    assert st["ppl_dense"] == pytest.approx(mem["ppl_dense"], rel=1e-6)
+    assert st["ppl_pruned"] == pytest.approx(mem["ppl_pruned"], rel=1e-6)
+    assert st["saved"]["verified"] == st["saved"]["tensors"]
+    a, b = _load(mem_dir).state_dict(), _load(st_dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (st_dir / "tokenizer_config.json").is_file()
+
+
+def test_cli_stream_needs_a_checkpoint_and_a_save_folder(tmp_path, capsys):
+    from fastprune.cli import main
+
+    src = _saved("llama", tmp_path)
+    byte_tokenizer().save_pretrained(src)
+    cases = [
+        (["--stream"], "give --save"),
+        (["--stream", "--save", str(src / "x")], "source checkpoint"),
+        (["--stream", "--save", str(tmp_path / "o"), "--method", "gblm"], "gradients"),
+        (["--stream", "--save", str(tmp_path / "o"), "--allocation", "owl"], "--allocation"),
+    ]
+    for extra, needle in cases:
+        assert main(["prune", "--model", str(src), *extra]) == 2
+        err = capsys.readouterr().err
+        assert needle in err, (extra, err)
+
+
+def test_auto_streams_when_the_model_does_not_fit(tmp_path, monkeypatch):
+    from fastprune import workflow
+    from fastprune.streaming import checkpoint as checkpoint_mod
+
+    src = _saved("llama", tmp_path)
+    job = workflow.PruneJob(model=str(src), save=str(tmp_path / "o"))
+    assert workflow.streaming_decision(job, say=lambda *a, **k: None) is False
+    monkeypatch.setattr(checkpoint_mod, "available_host_memory", lambda: 1000)
+    said = []
+    assert workflow.streaming_decision(job, say=lambda *a, **k: said.append(a)) is True
+    assert "block by block" in said[0][0]
+    with pytest.raises(ValueError, match="give a save folder"):
+        workflow.streaming_decision(workflow.PruneJob(model=str(src)))

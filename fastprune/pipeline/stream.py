@@ -180,3 +180,82 @@ def verify_streamed_prune(
         raise ValueError(f"the saved blocks hold {zeros:,} zeros; the prune left {left:,}")
     out.update(sparsity=pruned_zeros / max(1, pruned), block_sparsity=zeros / max(1, entries))
     return out
+
+
+class _Replay(nn.Module):
+    """Stands in for a decoder block during the final pass of a streamed evaluation: the last
+    one returns the stored output of the real last block for the current window, the others
+    hand their input on; `tuple_output` mimics blocks that return tuples."""
+
+    def __init__(self, outputs: torch.Tensor | None, state: dict, tuple_output: bool):
+        super().__init__()
+        self.outputs, self.state, self.tuple_output = outputs, state, tuple_output
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.outputs is not None:
+            s = self.state["window"]
+            hidden_states = self.outputs[s : s + hidden_states.shape[0]].to(hidden_states.device)
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    checkpoint: str | Path | Checkpoint,
+    ids: torch.Tensor,
+    seqlen: int,
+    *,
+    max_windows: int | None = None,
+    device="cpu",
+    dtype: torch.dtype | None = None,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> dict:
+    """`fastprune.perplexity` of the model in `checkpoint` without loading it whole: the
+    windows' first-block inputs are captured, every block is loaded, run over all windows
+    and released in turn, and the model's own head then runs on the last block's outputs
+    (the blocks replaced by stand-ins that hand those outputs on). Same windows, same
+    result as the in-memory evaluation up to the rounding of batched block forwards."""
+    from tqdm.auto import tqdm
+
+    from ..evaluate import eval_windows, perplexity_result, window_nll
+    from .capture import block_kinds, capture_inputs, run_block, to_device
+
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
+    windows = eval_windows(ids, seqlen, max_windows)
+    model = ckpt.skeleton(dtype)
+    path, blocks = find_blocks(model)
+    kinds = block_kinds(model, len(blocks))
+    if len(set(kinds)) > 1:
+        raise ValueError("blocks of several kinds (config.layer_types) are not streamed yet")
+    dev = torch.device(device)
+    ckpt.load(model, "", skip=[path])
+    acts = capture_inputs(model, blocks, kinds, windows, 1, dev, None)
+    arg_sets = [(to_device(a, dev), to_device(k, dev)) for a, k in acts.arg_sets]
+    tuple_output = False
+    for i in tqdm(range(len(blocks)), desc=f"{desc} (streamed)", disable=not progress):
+        block = blocks[i]
+        ckpt.load(block, f"{path}.{i}", device=dev)
+        if i == len(blocks) - 1:  # how the model's loop expects a block's output
+            args, kwargs = arg_sets[acts.batch_args[kinds[i]][0]]
+            out = block(acts.inps[:1].to(dev), *args, **kwargs)
+            tuple_output = isinstance(out, tuple | list)
+        run_block(block, acts, 1, dev, arg_sets, kinds[i])
+        acts.swap()
+        ckpt.release(block)
+    state = {"window": 0}
+    originals = list(blocks)
+    for j in range(len(blocks)):
+        last = j == len(blocks) - 1
+        blocks[j] = _Replay(acts.inps if last else None, state, tuple_output)
+    total, count = 0.0, 0
+    try:
+        for s in range(windows.shape[0]):
+            state["window"] = s
+            x = windows[s : s + 1]
+            nll, n = window_nll(model(input_ids=x, use_cache=False).logits, x)
+            total += nll
+            count += n
+    finally:
+        for j, b in enumerate(originals):
+            blocks[j] = b
+    return perplexity_result(total, count, windows.shape[0], seqlen)
