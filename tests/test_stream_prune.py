@@ -207,3 +207,54 @@ def test_auto_streams_when_the_model_does_not_fit(tmp_path, monkeypatch):
     assert "block by block" in said[0][0]
     with pytest.raises(ValueError, match="give a save folder"):
         workflow.streaming_decision(workflow.PruneJob(model=str(src)))
+
+
+def _stream_worker(rank: int, init: str, out: str, src: str, save: str) -> None:
+    import torch.distributed as dist
+
+    from fastprune.pipeline.stream import prune_checkpoint
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    args = (calib_ids(n=5, seqlen=16), "sparsegpt", 0.5, 2, 4)
+    try:
+        model = _load(src)  # the same prune in memory, each rank with its replica
+        fp.prune_model(model, *args, progress=False)
+        method, sparsity, n, m = args[1:]
+        rep = prune_checkpoint(
+            src, save, args[0], method=method, sparsity=sparsity, prune_n=n, prune_m=m,
+            progress=False,
+        )  # fmt: skip
+        torch.save(
+            {
+                "layers": [(lr.name, lr.sparsity, lr.loss) for lr in rep.layers],
+                "totals": rep.totals,
+                "in_memory": model.state_dict(),
+            },
+            f"{out}.{rank}",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_streamed_under_two_ranks_without_replicas(tmp_path):
+    """Each rank streams the blocks (none holds the model), rank 0 alone writes; the result
+    is the in-memory prune's under the same two ranks, bit for bit."""
+    import torch.multiprocessing as tmp_mp
+
+    src = _saved("qwen3_moe", tmp_path)
+    save = tmp_path / "pruned"
+    tmp_mp.start_processes(
+        _stream_worker,
+        args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "out"), str(src), str(save)),
+        nprocs=2,
+        start_method="spawn",
+    )
+    ranks = [torch.load(f"{tmp_path / 'out'}.{r}", weights_only=False) for r in range(2)]
+    assert ranks[0]["layers"] == ranks[1]["layers"]
+    assert ranks[0]["totals"]["saved"] == str(save) and "saved" not in ranks[1]["totals"]
+    assert all(r["totals"]["path"] == "streamed" for r in ranks)
+    assert ranks[0]["totals"]["world_size"] == 2
+    got, want = _load(save).state_dict(), ranks[0]["in_memory"]
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
