@@ -223,3 +223,23 @@ def test_quality_recipes_table(tmp_path):
     assert json.loads((tmp_path / "q.json").read_text())[1]["config"] == "sparsegpt"
     assert q.pattern_args("2:4") == {"sparsity": 0.5, "prune_n": 2, "prune_m": 4}
     assert q.pattern_args("70%") == {"sparsity": 0.7, "prune_n": 0, "prune_m": 0}
+
+
+def test_stream_benchmark_rows(tmp_path):
+    """Both paths on a tiny random checkpoint, each in its own process: a row each with its
+    own peak RSS, the same sparsity."""
+    from benchmarks import bench_stream, make_random_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    make_random_checkpoint.main(
+        [str(ckpt), "--blocks", "2", "--hidden", "64", "--heads", "4", "--vocab", "100"]
+    )
+    bench_stream.main(
+        [str(ckpt), "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res")]
+        + ["--nsamples", "2", "--seqlen", "8"]
+    )
+    rows = json.loads((tmp_path / "res" / "stream_cpu.json").read_text())
+    assert [r["path"] for r in rows] == ["streamed", "memory"]
+    assert all(r["peak_rss_GB"] > 0 and r["blocks"] == 2 for r in rows)
+    assert rows[0]["achieved_sparsity"] == rows[1]["achieved_sparsity"] > 0.45
+    assert "| streamed | wanda |" in (tmp_path / "res" / "stream_cpu.md").read_text()

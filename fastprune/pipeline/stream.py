@@ -69,7 +69,7 @@ class StreamedBlocks(BlockStore):
         self.entries += e
         if self.writer is not None:
             for key, t in self.ckpt.module_tensors(block, prefix):
-                self.writer.add(key, t)
+                self.writer.add(key, t, copy=False)  # written before the block is freed
             self.writer.flush()  # one block in host memory at a time
         self.ckpt.release(block)
 

@@ -136,8 +136,10 @@ class CheckpointWriter:
 
     # ---------------------------------------------------------------------- writing
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Buffer a copy of `tensor` under `name`; writes a shard when the buffer is full."""
+    def add(self, name: str, tensor: torch.Tensor, copy: bool = True) -> None:
+        """Buffer a copy of `tensor` under `name`; writes a shard when the buffer is full.
+        `copy=False` buffers a CPU tensor as it is (contiguous), for a caller that flushes
+        before changing or freeing it."""
         if self._finished:
             raise ValueError(f"add({name!r}): the writer has already finished")
         if not isinstance(name, str) or not name:
@@ -148,7 +150,7 @@ class CheckpointWriter:
             raise ValueError(f"add({name!r}): the tensor is on the meta device (not loaded)")
         if name in self._names:
             raise ValueError(f"add({name!r}): a tensor of that name was already added")
-        t = tensor.detach().to("cpu", copy=True).contiguous()
+        t = tensor.detach().to("cpu", copy=copy).contiguous()
         size = t.numel() * t.element_size()
         if self._buffer and self._buffered + size > self.max_shard_bytes:
             self.flush()
