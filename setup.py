@@ -40,6 +40,7 @@ setup(
         "fastprune.pipeline",
         "fastprune.pipeline.distributed",
         "fastprune.solvers",
+        "fastprune.streaming",
         "fastprune.triton_kernels",
         "fastprune.csrc",
     ],

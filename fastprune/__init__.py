@@ -18,7 +18,7 @@ from .masks import check_nm_keep_mask
 from .methods import METHODS
 from .models import load_model
 from .ops import BackendUnavailableError
-from .pipeline import PruneReport, compute_gradient_norms, prune_model
+from .pipeline import PruneReport, compute_gradient_norms, prune_checkpoint, prune_model
 from .result import PruneResult
 from .solvers import (
     RECIPE,
@@ -59,6 +59,7 @@ __all__ = [
     "load_model",
     "magnitude_layer",
     "perplexity",
+    "prune_checkpoint",
     "prune_model",
     "rose_layer",
     "sparsegpt_layer",

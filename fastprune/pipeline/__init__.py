@@ -23,6 +23,7 @@ Memory for calibration activations: two `[nsamples, seqlen, hidden]` buffers in 
 dtype (inputs and outputs of the current block), on `device` when they fit comfortably
 (CUDA: under a quarter of the free memory) else on CPU; the report states the bytes.
 `report` has `PruneReport` / `LayerReport`; `verify` measures a pruned model's sparsity.
+`stream` prunes a checkpoint bigger than host memory one block at a time (`prune_checkpoint`).
 """
 
 from ..methods import METHODS, auto_max_swaps
@@ -30,6 +31,7 @@ from .capture import block_kinds
 from .gradients import compute_gradient_norms
 from .prune import prune_model
 from .report import LayerReport, PruneReport
+from .stream import prune_checkpoint, streamed_perplexity
 from .verify import check_model_sparsity
 
 __all__ = [
@@ -40,5 +42,7 @@ __all__ = [
     "block_kinds",
     "check_model_sparsity",
     "compute_gradient_norms",
+    "prune_checkpoint",
     "prune_model",
+    "streamed_perplexity",
 ]

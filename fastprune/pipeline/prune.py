@@ -166,6 +166,7 @@ def run_stages(arguments: dict, store: BlockStore) -> PruneReport:
     try:
         run.allocate()
         run.capture()
+        store.captured(args)
         for i in run.progress():
             hooks = run.calibrate_block(i)
             run.solve_block(i, hooks)
@@ -192,6 +193,10 @@ class BlockStore:
 
     def check(self, args: PruneArgs) -> None:
         """Refuse (`ValueError`) what this store cannot run, before any work."""
+
+    def captured(self, args: PruneArgs) -> None:
+        """The first block's inputs are captured: what lies outside the blocks has done its
+        part."""
 
     def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
         raise NotImplementedError

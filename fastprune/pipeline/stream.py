@@ -60,6 +60,10 @@ class StreamedBlocks(BlockStore):
                 "arguments are captured by running the blocks before each kind's first"
             )
 
+    def captured(self, args: PruneArgs) -> None:
+        # embeddings, final norm and head were written out at the start: freed for the blocks
+        self.ckpt.release(args.model)
+
     def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
         self.bytes_read += self.ckpt.load(block, prefix, device=device, dtype=self.dtype)
 
