@@ -179,7 +179,7 @@ CUDA_PROBLEM = _cuda_problem()
 
 def cuda_kernel_ops() -> tuple[str, ...]:
     """Ops with a hand-written CUDA kernel (the others have no "cuda" parameter)."""
-    from fastprune.cuda_ops import OPS
+    from fastprune.ops.cuda_ops import OPS
 
     return tuple(OPS)
 

@@ -1,5 +1,5 @@
 """The CPU emulator the CUDA kernels are tested on without a GPU (csrc/emulation, built by
-`fastprune.cuda_ext`): launches are rewritten for it, its warp and block primitives are
+`fastprune.ops.cuda_ext`): launches are rewritten for it, its warp and block primitives are
 right, and the misuse that is undefined on a GPU (a bad shuffle mask, a shuffle with an
 exited lane, a deadlocked barrier, a shared-memory race) shows up instead of passing
 silently."""
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fastprune import cuda_ext
+from fastprune.ops import cuda_ext
 
 TESTS = Path(__file__).resolve().parent
 EMULATION = cuda_ext.CSRC / "emulation"

@@ -1,4 +1,4 @@
-"""The CUDA extension's build (`fastprune.cuda_ext`): the kernel sources compile without
+"""The CUDA extension's build (`fastprune.ops.cuda_ext`): the kernel sources compile without
 warnings wherever nvcc exists, the torch binding compiles without warnings of its own, and
 importing fastprune touches neither CUDA nor a compiler (the build is lazy). The kernels
 themselves are tested per op in tests/ops (on a GPU, else on the CPU emulator)."""
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastprune.cuda_ext import BINDING, CSRC, KERNEL_SOURCES
+from fastprune.ops.cuda_ext import BINDING, CSRC, KERNEL_SOURCES
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
@@ -59,7 +59,7 @@ def test_binding_compiles_without_warnings():
 
 def test_import_touches_no_cuda_or_compiler():
     code = (
-        "import sys, fastprune, fastprune.cuda_ops as c, fastprune.cuda_ext as e;"
+        "import sys, fastprune, fastprune.ops.cuda_ops as c, fastprune.ops.cuda_ext as e;"
         "assert e.load_extension.cache_info().currsize == 0;"
         "assert e.load_emulated_extension.cache_info().currsize == 0;"
         "assert 'torch.utils.cpp_extension' not in sys.modules;"

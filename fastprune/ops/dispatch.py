@@ -1,6 +1,6 @@
 """Backend dispatch: which implementation of an op runs, and a record of what ran.
 
-A backend module (`fastprune.triton_kernels`, `fastprune.cuda_ops`) exposes
+A backend module (`fastprune.triton_kernels`, `fastprune.ops.cuda_ops`) exposes
 `OPS = {op: (fn, unsupported)}`: `fn` has the op's contract (see `fastprune.ops.<op>`), and
 `unsupported(*args, **kwargs)` returns why `fn` cannot take those inputs (dtype, block width,
 M, size), or None. A solver resolves its backend once into a `Kernels` object; each call goes
@@ -39,7 +39,7 @@ TORCH_OPS: dict[str, Callable] = {
 _RESULTS = {"obs_sweep": ObsSweep, "column_losses": ColumnLosses, "swap_search": SwapSearch}
 
 # the module of each fast backend, and the backends each one falls back to, in order
-_FAST_MODULES = {"triton": "fastprune.triton_kernels", "cuda": "fastprune.cuda_ops"}
+_FAST_MODULES = {"triton": "fastprune.triton_kernels", "cuda": "fastprune.ops.cuda_ops"}
 _CHAINS = {"torch": ("torch",), "triton": ("triton", "torch"), "cuda": ("cuda", "triton", "torch")}
 
 
@@ -64,7 +64,7 @@ def _device_problem(backend: str, device: torch.device) -> str | None:
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
             return None
         return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 on CPU); got {device}"
-    from ..cuda_ext import emulation_enabled
+    from .cuda_ext import emulation_enabled
 
     if device.type == "cpu" and emulation_enabled():
         return None

@@ -55,7 +55,8 @@ def test_resolve_backend(monkeypatch):
 @pytest.mark.skipif(CUDA_PROBLEM is not None, reason=str(CUDA_PROBLEM))
 def test_get_op_is_the_backends_own():
     """get_op returns a backend's own implementation, torch's where it has none."""
-    from fastprune import cuda_ops, triton_kernels
+    from fastprune import triton_kernels
+    from fastprune.ops import cuda_ops
 
     for op in ops.OPS:
         assert ops.get_op(op, "torch") is ops.TORCH_OPS[op]
@@ -214,7 +215,7 @@ def test_limits_refuse_and_kernels_fall_back(limit, gen, monkeypatch):
 @pytest.mark.skipif(CUDA_PROBLEM is not None, reason=str(CUDA_PROBLEM))
 def test_cuda_swap_search_column_limit():
     """The CUDA search indexes columns in 16 bits (checked on meta tensors: no memory)."""
-    from fastprune.cuda_ops import cuda_swap_search_unsupported
+    from fastprune.ops.cuda_ops import cuda_swap_search_unsupported
 
     w = torch.empty(2, 65536, device="meta")
     H = torch.empty(65536, 65536, device="meta")
@@ -244,7 +245,7 @@ def test_named_backend_that_cannot_run_is_a_clear_error(monkeypatch):
         fp.sparsegpt_layer(W, H, backend="cuda")
     with pytest.raises(fp.BackendUnavailableError, match="CUDA"):
         fp.sparseswaps_layer(W, H, backend="cuda")
-    from fastprune.cuda_ops import cuda_swap_search
+    from fastprune.ops.cuda_ops import cuda_swap_search
 
     keep = torch.ones_like(W, dtype=torch.bool)
     with pytest.raises(ValueError, match="FASTPRUNE_CUDA_EMULATE"):

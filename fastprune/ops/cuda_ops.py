@@ -1,15 +1,15 @@
 """CUDA backend: launchers of the hand-written kernels of `csrc/` (`obs_sweep.cu`,
 `swap_search.cu`), each with the limits of what it takes. The other ops have no CUDA kernel:
 the dispatcher runs Triton's or torch's and records which (`fastprune.ops.dispatch`).
-Building and loading the extension is `fastprune.cuda_ext`'s business."""
+Building and loading the extension is `fastprune.ops.cuda_ext`'s business."""
 
 from __future__ import annotations
 
 import torch
 
 from .cuda_ext import extension_for, launch_context
-from .ops.obs_sweep import ObsSweep
-from .ops.swap_search import SwapSearch
+from .obs_sweep import ObsSweep
+from .swap_search import SwapSearch
 
 MAX_SWEEP_COLS = 256  # obs_sweep keeps a block of up to 8 x 32 columns in registers
 MAX_SEARCH_COLS = 65535  # swap_search indexes columns in 16 bits

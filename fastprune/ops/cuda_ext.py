@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import csrc as _csrc
+from .. import csrc as _csrc
 
 CSRC = Path(_csrc.__file__).resolve().parent  # installed as fastprune.csrc (package data)
 BINDING = "binding.cpp"
@@ -66,7 +66,7 @@ def _locked_build(name: str, sources: Callable[[Path], list[str]], **load_kwargs
 def load_extension(device_index: int = 0):
     """Build (once per process, cached on disk by torch) and import the GPU extension."""
     try:
-        from . import _cuda_ext  # ahead-of-time build
+        from .. import _cuda_ext  # ahead-of-time build
 
         return _cuda_ext
     except ImportError:
