@@ -32,6 +32,17 @@ from .report import PruneReport
 REPORT_FILE = "fastprune_report.json"
 
 
+def buffers_to(module: nn.Module, device, skip: str | None = None) -> None:
+    """Move `module`'s buffers (those the checkpoint does not hold too: rotary frequencies)
+    to `device`, except those of submodules under the name `skip`."""
+    for name, m in module.named_modules():
+        if skip is not None and (name == skip or name.startswith(skip + ".")):
+            continue
+        for k, b in m._buffers.items():
+            if b is not None and b.device != torch.device(device):
+                m._buffers[k] = b.to(device)
+
+
 class StreamedBlocks(BlockStore):
     """Blocks read from `ckpt` when a stage needs them and, once pruned, written to `writer`
     (None on the ranks that do not write) and released back to the meta device."""
@@ -66,6 +77,7 @@ class StreamedBlocks(BlockStore):
 
     def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
         self.bytes_read += self.ckpt.load(block, prefix, device=device, dtype=self.dtype)
+        buffers_to(block, device)  # as `block.to(device)` moves them in memory
 
     def leave(self, i: int, block: nn.Module, prefix: str) -> None:
         z, e = count_block_zeros([block])
@@ -232,13 +244,15 @@ def streamed_perplexity(
     if len(set(kinds)) > 1:
         raise ValueError("blocks of several kinds (config.layer_types) are not streamed yet")
     dev = torch.device(device)
-    ckpt.load(model, "", skip=[path])
+    ckpt.load(model, "", device=dev, skip=[path])  # embeddings, final norm, head on `device`
+    buffers_to(model, dev, skip=path)
     acts = capture_inputs(model, blocks, kinds, windows, 1, dev, None)
     arg_sets = [(to_device(a, dev), to_device(k, dev)) for a, k in acts.arg_sets]
     tuple_output = False
     for i in tqdm(range(len(blocks)), desc=f"{desc} (streamed)", disable=not progress):
         block = blocks[i]
         ckpt.load(block, f"{path}.{i}", device=dev)
+        buffers_to(block, dev)
         if i == len(blocks) - 1:  # how the model's loop expects a block's output
             args, kwargs = arg_sets[acts.batch_args[kinds[i]][0]]
             out = block(acts.inps[:1].to(dev), *args, **kwargs)
@@ -255,7 +269,7 @@ def streamed_perplexity(
     try:
         for s in range(windows.shape[0]):
             state["window"] = s
-            x = windows[s : s + 1]
+            x = windows[s : s + 1].to(dev)
             nll, n = window_nll(model(input_ids=x, use_cache=False).logits, x)
             total += nll
             count += n
