@@ -55,7 +55,8 @@ tests)
   # GPU tests: every op on every backend against its float64 oracle, the solvers on CUDA
   xdist=$(python3 -c "import xdist" 2>/dev/null && echo "-n 6")
   run 330 python3 -m pytest -q -rfEs $xdist --junitxml="$res/gpu_${tag}_tests.xml" \
-    tests/ops tests/test_backends.py tests/test_gpu.py tests/test_cuda_ext.py tests/test_autoselect.py
+    tests/ops tests/test_backends.py tests/test_gpu.py tests/test_cuda_ext.py tests/test_autoselect.py \
+    "tests/test_stream_prune.py::test_streamed_on_cuda_equals_in_memory_on_cuda"
   ;;
 quick)
   for op in obs_sweep column_losses block_prune_mask swap_search; do

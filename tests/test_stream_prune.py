@@ -258,3 +258,25 @@ def test_streamed_under_two_ranks_without_replicas(tmp_path):
     got, want = _load(save).state_dict(), ranks[0]["in_memory"]
     bad = [k for k in want if not torch.equal(got[k], want[k])]
     assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_streamed_on_cuda_equals_in_memory_on_cuda(tmp_path, family):
+    """Blocks pruned on the GPU, streamed or in memory (the model on the CPU in both): the
+    same weights; the streamed perplexity on the GPU equals the in-memory one."""
+    src = _saved(family, tmp_path)
+    model = _load(src)
+    calib = calib_ids(n=4, seqlen=16)
+    kw = {"method": "sparsegpt", "prune_n": 2, "prune_m": 4, "device": "cuda"}
+    fp.prune_model(model, calib, progress=False, **kw)
+    out = tmp_path / "pruned"
+    prune_checkpoint(src, out, calib, progress=False, **kw)
+    got, want = _load(out).state_dict(), model.state_dict()
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
+    ids = calib_ids(n=1, seqlen=40).reshape(-1)
+    ref = fp.perplexity(model, ids, seqlen=8, max_windows=4, device="cuda")
+    got_ppl = stream_mod.streamed_perplexity(out, ids, seqlen=8, max_windows=4, device="cuda")
+    assert got_ppl["nll"] == pytest.approx(ref["nll"], rel=1e-4)
