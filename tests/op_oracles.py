@@ -354,3 +354,159 @@ CHECKS = {
 }
 """Checks of one op call from its output and arguments (swap_apply works in place: its check
 needs the state before the call and is run by the tests directly)."""
+
+
+# ------------------------------------------------------------- whole OBS solves (layers)
+
+
+class FollowedSolve(NamedTuple):
+    weight: torch.Tensor  # float64, the research loop's weights along the given mask
+    loss_rows: torch.Tensor  # float64, sum err^2 / 2 per row
+    worst: float  # the largest gap of a decision, as a multiple of its near-tie tolerance
+
+
+def _check_block_threshold(keep1, s, smag, sparsity, tol, what):
+    """A block's unstructured choice is the research rule (prune `s <= sorted(s)[k]`,
+    k = int(numel * sparsity)) up to near-ties; returns the worst gap / tolerance."""
+    pruned = ~keep1
+    k = int(s.numel() * sparsity)
+    got = int(pruned.sum())
+    assert got >= k + 1, f"{what}: prunes {got} entries, the `<=` rule at least {k + 1}"
+    worst = 0.0
+    if pruned.any() and keep1.any():
+        # every pruned p and kept q: s_p <= s_q unless the two are a near-tie
+        hi = (s - tol * smag)[pruned].max()
+        lo = (s + tol * smag)[keep1].min()
+        worst = ((hi - lo) / (tol * smag.max() + 1e-300)).item()
+        assert hi <= lo, (
+            f"{what}: a pruned entry's score exceeds a kept one's beyond the near-tie "
+            f"tolerance; {NEAR_TIE_NOTE}"
+        )
+    if got > k + 1:  # more only where float32 scores tie at the threshold
+        flat, order = torch.sort(s.flatten(), stable=True)
+        top = s[pruned].argmax()
+        gap = s[pruned][top] - flat[k]
+        slack = tol * (smag[pruned][top] + smag.flatten()[order[k]]) + 1e-300
+        assert gap <= slack, f"{what}: {got - k - 1} extra entries pruned without a tie"
+    return worst
+
+
+def _check_groups(keep_g, s, smag, n, tol, what):
+    """Each N:M group prunes exactly n, its n lowest scores up to near-ties."""
+    pruned = ~keep_g
+    counts = pruned.sum(1)
+    assert (counts == n).all(), f"{what}: groups prune {counts.unique().tolist()}, not {n}"
+    a = pruned[:, :, None] & keep_g[:, None, :]
+    gap = s[:, :, None] - s[:, None, :]
+    slack = tol * (smag[:, :, None] + smag[:, None, :]) + 1e-300
+    ratio = (gap / slack).masked_fill(~a, 0.0)
+    assert not (a & (gap > slack)).any(), (
+        f"{what}: a group prunes a score above one it keeps beyond the near-tie tolerance "
+        f"(worst {ratio.max().item():.3g}x); {NEAR_TIE_NOTE}"
+    )
+    return ratio.max().item() if ratio.numel() else 0.0
+
+
+def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask"):
+    """The research loop (`fastprune.original.original_sparsegpt`) in float64 on `hinv` (the
+    solve's own inverse, so only the sweep's rounding separates the two), taking every mask
+    decision from `keep` (True = kept) instead of making it, and checking each decision
+    against the research rule on the scores it was made from: the block threshold
+    (unstructured) or the group's n lowest (N:M), up to near-ties. Near-tie tolerance:
+    NEAR_TIE_RTOL of the scores' magnitude, the magnitude of a weight being |w| plus the
+    magnitudes of every update it received (the scale of a float32 solve's rounding).
+    `W` with its dead columns zeroed, as the solvers sweep it. Returns the weights and per-row
+    losses along `keep`, and the worst decision gap as a multiple of its tolerance."""
+    W = W.detach().double().cpu().clone()
+    H = hinv.detach().double().cpu()
+    keep = keep.cpu()
+    mag = W.abs()
+    tol = NEAR_TIE_RTOL[torch.float32]
+    rows, cols = W.shape
+    assert sum(widths) == cols
+    loss = torch.zeros(rows, dtype=torch.float64)
+    worst = 0.0
+    i2 = 0
+    for b, count in enumerate(widths):
+        i1, i2 = i2, i2 + count
+        W1, M1 = W[:, i1:i2].clone(), mag[:, i1:i2].clone()
+        Hinv1 = H[i1:i2, i1:i2]
+        d = Hinv1.diagonal()
+        k1 = keep[:, i1:i2]
+        Q1, Err1, Emag1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        if not n:
+            s, smag = W1**2 / d**2, M1**2 / d**2
+            where = f"{what} block {b}"
+            worst = max(worst, _check_block_threshold(k1, s, smag, sparsity, tol, where))
+        for i in range(count):
+            if n and i % m == 0:
+                g = slice(i, i + m)
+                s, smag = W1[:, g] ** 2 / d[g] ** 2, M1[:, g] ** 2 / d[g] ** 2
+                where = f"{what} columns {i1 + i}..{i1 + i + m - 1}"
+                worst = max(worst, _check_groups(k1[:, g], s, smag, n, tol, where))
+            w = W1[:, i]
+            q = w * k1[:, i]
+            err = (w - q) / d[i]
+            emag = M1[:, i] * ~k1[:, i] / d[i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:]
+            M1[:, i + 1 :] += emag[:, None] * Hinv1[i, i + 1 :].abs()
+            Q1[:, i], Err1[:, i], Emag1[:, i] = q, err, emag
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ H[i1:i2, i2:]
+        mag[:, i2:] += Emag1 @ H[i1:i2, i2:].abs()
+        loss += (Err1 * Err1).sum(1) / 2
+    return FollowedSolve(W, loss, worst)
+
+
+def check_obs_solve(
+    r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, percdamp=0.01, method="direct",
+    perm=None, widths=None, rtol=1e-5, what="solve",
+):  # fmt: skip
+    """A SparseGPT-type result `r` (mask, weight) against the research loop run along its
+    own mask (`follow_obs_solve`), on the solve's own inverse of H (`perm`: the columns in
+    sweep order, as ROSE reorders them; `widths`: the sweep's block widths): every mask
+    decision is the research rule's up to near-ties, and the weights are the loop's along
+    that mask within `rtol` (relative error over the whole layer: no row is skipped).
+    Holds for every input: nothing here depends on how many near-ties a draw has."""
+    from fastprune.obs import block_bounds, nm_blocksize
+
+    dtype = state_dtype(W, H)
+    cols = W.shape[1]
+    if perm is None:
+        perm = torch.arange(cols)
+    Hp = H[perm][:, perm]
+    inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=method)
+    Wp = W.detach().cpu().to(dtype)[:, perm].clone()
+    Wp[:, inv.dead.cpu()] = 0
+    if widths is None:
+        widths = [i2 - i1 for i1, i2 in block_bounds(cols, nm_blocksize(blocksize, m))]
+    f = follow_obs_solve(Wp, inv.hinv, r.mask.cpu()[:, perm], widths, sparsity, n, m, what)
+    inv_perm = torch.argsort(perm)
+    want = f.weight[:, inv_perm]
+    got = r.weight.detach().cpu().double()
+    err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+    assert err <= rtol, f"{what}: weights {err:.3g} (relative) from the loop along its mask"
+    return f
+
+
+def check_rose_solve(
+    r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, range_rule="per_column", method="direct",
+    rtol=1e-5, what="rose",
+):  # fmt: skip
+    """`check_obs_solve` of a ROSE result: along the column order and sweep blocks ROSE
+    derives from W and H (torch's column losses) when it reordered, else SparseGPT's."""
+    from fastprune.core import wanda_score
+    from fastprune.obs import block_bounds
+    from fastprune.ops import torch_column_losses
+    from fastprune.solvers.rose import comparable_block_losses, rose_permutation
+
+    kw = dict(method=method, rtol=rtol, what=what)
+    if not r.info["reordered"]:
+        return check_obs_solve(r, W, H, sparsity, n, m, blocksize, **kw)
+    bounds = block_bounds(W.shape[1], m if n else blocksize)
+    S = wanda_score(W.cpu(), H.cpu(), dtype=state_dtype(W, H))
+    col, blk = torch_column_losses(S, bounds, sparsity, n, m)
+    perm, sizes = rose_permutation(col, comparable_block_losses(blk, bounds, range_rule), bounds)
+    return check_obs_solve(
+        r, W, H, sparsity, n, m, blocksize, perm=perm, widths=None if n else sizes, **kw
+    )
