@@ -15,12 +15,10 @@ from typing import NamedTuple
 
 import torch
 from conftest import (
-    MASK_AGREE,
     NEAR_TIE_RTOL,
     OP_RTOL,
     assert_close,
     assert_close_to_scale,
-    assert_masks_agree,
     state_dtype,
 )
 
@@ -169,10 +167,11 @@ def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what
 def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep"):
     """One obs_sweep output against the float64 oracle on the same inputs.
 
-    Unstructured/fixed: the mask is keep1 exactly. N:M: masks agree with the free oracle on
-    >= MASK_AGREE of entries, every group's choice is the contract's rule on the scores it saw
-    up to near-ties, and the forced entries are pruned. Values: q, err, loss_rows within
-    OP_RTOL (scale-relative) of the oracle swept along the backend's own mask."""
+    Unstructured/fixed: the mask is keep1 exactly. N:M: every group's choice is the
+    contract's rule on the scores it saw along the backend's own mask up to near-ties (how
+    many near-ties a draw holds, and so how far the mask drifts from the free oracle's, is
+    not asserted: it depends on the draw), and the forced entries are pruned. Values: q, err,
+    loss_rows within OP_RTOL (scale-relative) of the oracle swept along that mask."""
     n, m = prune_n, prune_m
     q, err, keep, loss = out
     state = state_dtype(W1, Hinv1)
@@ -183,8 +182,6 @@ def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep
     assert loss.shape == (W1.shape[0],)
     keep = keep.cpu()
     if n:
-        free = oracle_obs_sweep(W1, Hinv1, keep1, n, m)
-        assert_masks_agree(keep, free.keep, MASK_AGREE, what=f"{what} keep ({NEAR_TIE_NOTE})")
         ref = oracle_obs_sweep(W1, Hinv1, keep1, n, m, follow=keep)
         assert_groups_near_optimal(keep, ref, keep1, n, m, NEAR_TIE_RTOL[state], what)
     else:
@@ -208,12 +205,11 @@ def oracle_block_prune_mask(W1, hinv_diag, sparsity):
 
 
 def check_block_prune_mask(keep, W1, hinv_diag, sparsity, what="block_prune_mask"):
-    """The keep-mask agrees with the float64 oracle on >= MASK_AGREE of entries; an entry
-    differs only where its score is a near-tie with the block's threshold."""
+    """The keep-mask equals the float64 oracle's except where a score is a near-tie with the
+    block's threshold."""
     assert keep.dtype == torch.bool and keep.shape == W1.shape, f"{what}: {keep.dtype}"
     want, s, thr = oracle_block_prune_mask(W1, hinv_diag, sparsity)
     keep = keep.cpu()
-    assert_masks_agree(keep, want, MASK_AGREE, what=f"{what} ({NEAR_TIE_NOTE})")
     flips = keep != want
     if flips.any():
         tol = NEAR_TIE_RTOL[state_dtype(W1, hinv_diag)]
@@ -460,14 +456,16 @@ def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask")
 
 def check_obs_solve(
     r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, percdamp=0.01, method="direct",
-    perm=None, widths=None, rtol=1e-5, what="solve",
+    perm=None, widths=None, rtol=1e-5, what="solve", hinv=None,
 ):  # fmt: skip
     """A SparseGPT-type result `r` (mask, weight) against the research loop run along its
     own mask (`follow_obs_solve`), on the solve's own inverse of H (`perm`: the columns in
     sweep order, as ROSE reorders them; `widths`: the sweep's block widths): every mask
     decision is the research rule's up to near-ties, and the weights are the loop's along
     that mask within `rtol` (relative error over the whole layer: no row is skipped).
-    Holds for every input: nothing here depends on how many near-ties a draw has."""
+    Holds for every input: nothing here depends on how many near-ties a draw has. `hinv`:
+    the solve's inverse when it is not `inverse_hessian(H, percdamp, method=method)` (a
+    batched solve's own)."""
     from fastprune.obs import block_bounds, nm_blocksize
 
     dtype = state_dtype(W, H)
@@ -475,7 +473,7 @@ def check_obs_solve(
     if perm is None:
         perm = torch.arange(cols)
     Hp = H[perm][:, perm]
-    inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=method)
+    inv = hinv if hinv is not None else inverse_hessian(Hp, percdamp, dtype=dtype, method=method)
     Wp = W.detach().cpu().to(dtype)[:, perm].clone()
     Wp[:, inv.dead.cpu()] = 0
     if widths is None:
