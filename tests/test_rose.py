@@ -92,8 +92,9 @@ def test_partial_last_block_reorders(gen):
     W, H, _ = fp.testing.random_layer(16, 100, columnar=True, blocksize=32, generator=gen)
     r = fp.rose_layer(W, H, blocksize=32, range_threshold=0.0)
     assert r.info["reordered"]
-    for i1, i2 in block_bounds(100, 32):
-        assert (~r.mask[:, i1:i2]).sum().item() == int(16 * (i2 - i1) * 0.5) + 1
+    for i1, i2 in block_bounds(100, 32):  # more only where scores tie at the threshold
+        assert (~r.mask[:, i1:i2]).sum().item() >= int(16 * (i2 - i1) * 0.5) + 1
+    check_rose_solve(r, W, H, blocksize=32)  # each sweep block's `<=` rule, ties included
     D = (W - r.weight).double()
     assert r.loss == pytest.approx(torch.trace(D @ H.double() @ D.t()).item(), rel=1e-5)
 
