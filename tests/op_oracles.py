@@ -489,10 +489,11 @@ def check_obs_solve(
 
 def check_rose_solve(
     r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, range_rule="per_column", method="direct",
-    rtol=1e-5, what="rose",
+    rtol=1e-5, what="rose", losses=None,
 ):  # fmt: skip
     """`check_obs_solve` of a ROSE result: along the column order and sweep blocks ROSE
-    derives from W and H (torch's column losses) when it reordered, else SparseGPT's."""
+    derives from W and H when it reordered (from `losses`, the solve's own column and block
+    losses, or else torch's), else SparseGPT's."""
     from fastprune.core import wanda_score
     from fastprune.obs import block_bounds
     from fastprune.ops import torch_column_losses
@@ -502,8 +503,10 @@ def check_rose_solve(
     if not r.info["reordered"]:
         return check_obs_solve(r, W, H, sparsity, n, m, blocksize, **kw)
     bounds = block_bounds(W.shape[1], m if n else blocksize)
-    S = wanda_score(W.cpu(), H.cpu(), dtype=state_dtype(W, H))
-    col, blk = torch_column_losses(S, bounds, sparsity, n, m)
+    if losses is None:
+        S = wanda_score(W.cpu(), H.cpu(), dtype=state_dtype(W, H))
+        losses = torch_column_losses(S, bounds, sparsity, n, m)
+    col, blk = (t.cpu() for t in losses)
     perm, sizes = rose_permutation(col, comparable_block_losses(blk, bounds, range_rule), bounds)
     return check_obs_solve(
         r, W, H, sparsity, n, m, blocksize, perm=perm, widths=None if n else sizes, **kw
