@@ -403,7 +403,7 @@ def _check_groups(keep_g, s, smag, n, tol, what):
     return ratio.max().item() if ratio.numel() else 0.0
 
 
-def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask"):
+def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask", fixed=False):
     """The research loop (`fastprune.original.original_sparsegpt`) in float64 on `hinv` (the
     solve's own inverse, so only the sweep's rounding separates the two), taking every mask
     decision from `keep` (True = kept) instead of making it, and checking each decision
@@ -411,7 +411,8 @@ def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask")
     (unstructured) or the group's n lowest (N:M), up to near-ties. Near-tie tolerance:
     NEAR_TIE_RTOL of the scores' magnitude, the magnitude of a weight being |w| plus the
     magnitudes of every update it received (the scale of a float32 solve's rounding).
-    `W` with its dead columns zeroed, as the solvers sweep it. Returns the weights and per-row
+    `W` with its dead columns zeroed, as the solvers sweep it; `fixed`: `keep` was given to
+    the solve (no decision to check). Returns the weights and per-row
     losses along `keep`, and the worst decision gap as a multiple of its tolerance."""
     W = W.detach().double().cpu().clone()
     H = hinv.detach().double().cpu()
@@ -430,12 +431,12 @@ def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask")
         d = Hinv1.diagonal()
         k1 = keep[:, i1:i2]
         Q1, Err1, Emag1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
-        if not n:
+        if not n and not fixed:
             s, smag = W1**2 / d**2, M1**2 / d**2
             where = f"{what} block {b}"
             worst = max(worst, _check_block_threshold(k1, s, smag, sparsity, tol, where))
         for i in range(count):
-            if n and i % m == 0:
+            if n and not fixed and i % m == 0:
                 g = slice(i, i + m)
                 s, smag = W1[:, g] ** 2 / d[g] ** 2, M1[:, g] ** 2 / d[g] ** 2
                 where = f"{what} columns {i1 + i}..{i1 + i + m - 1}"
@@ -456,7 +457,7 @@ def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask")
 
 def check_obs_solve(
     r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, percdamp=0.01, method="direct",
-    perm=None, widths=None, rtol=1e-5, what="solve", hinv=None,
+    perm=None, widths=None, rtol=1e-5, what="solve", hinv=None, fixed=False,
 ):  # fmt: skip
     """A SparseGPT-type result `r` (mask, weight) against the research loop run along its
     own mask (`follow_obs_solve`), on the solve's own inverse of H (`perm`: the columns in
@@ -465,7 +466,7 @@ def check_obs_solve(
     that mask within `rtol` (relative error over the whole layer: no row is skipped).
     Holds for every input: nothing here depends on how many near-ties a draw has. `hinv`:
     the solve's inverse when it is not `inverse_hessian(H, percdamp, method=method)` (a
-    batched solve's own)."""
+    batched solve's own); `fixed`: the mask was given to the solve."""
     from fastprune.obs import block_bounds, nm_blocksize
 
     dtype = state_dtype(W, H)
@@ -478,7 +479,8 @@ def check_obs_solve(
     Wp[:, inv.dead.cpu()] = 0
     if widths is None:
         widths = [i2 - i1 for i1, i2 in block_bounds(cols, nm_blocksize(blocksize, m))]
-    f = follow_obs_solve(Wp, inv.hinv, r.mask.cpu()[:, perm], widths, sparsity, n, m, what)
+    keep = r.mask.cpu()[:, perm]
+    f = follow_obs_solve(Wp, inv.hinv, keep, widths, sparsity, n, m, what, fixed)
     inv_perm = torch.argsort(perm)
     want = f.weight[:, inv_perm]
     got = r.weight.detach().cpu().double()

@@ -94,13 +94,19 @@ def test_exact_pattern_and_count(gen, n, m, sparsity):
 
 
 def test_fixed_mask_prunes_exactly_that_mask(gen):
-    W, H, _ = fp.testing.random_layer(20, 64, generator=gen)
-    keep = torch.rand(20, 64, generator=gen) > 0.4
-    r = fp.sparsegpt_layer(W, H, mask=keep, blocksize=16)
-    assert torch.equal(r.mask, keep)
-    assert (r.weight[~keep] == 0).all()
-    # OBS updates compensate: better than just masking
-    assert r.loss < fp.layer_loss(W, W * keep, H)
+    ratios = []
+    for _ in range(4):
+        W, H, _ = fp.testing.random_layer(20, 64, generator=gen)
+        keep = torch.rand(20, 64, generator=gen) > 0.4
+        r = fp.sparsegpt_layer(W, H, mask=keep, blocksize=16)
+        assert torch.equal(r.mask, keep)
+        assert (r.weight[~keep] == 0).all()
+        check_obs_solve(r, W, H, blocksize=16, rtol=LAYER_RTOL, fixed=True)  # the loop's weights
+        ratios.append(r.loss / fp.layer_loss(W, W * keep, H))
+    # OBS updates compensate: better than just masking. Sequential OBS is not optimal for a
+    # given mask, so one draw's ratio can come near 1 (mean 0.93, sd 0.03, max 0.996 over
+    # 1800 draws): judged on the mean of a few
+    assert sum(ratios) / len(ratios) < 1.0, ratios
     # the default-argument mask fed back in reproduces the same weights
     r0 = fp.sparsegpt_layer(W, H, blocksize=16)
     r1 = fp.sparsegpt_layer(W, H, mask=r0.mask, blocksize=16)
