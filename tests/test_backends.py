@@ -27,12 +27,13 @@ from conftest import (
     LAYER_RTOL,
     MASK_AGREE,
     MODEL_RTOL,
+    OP_RTOL,
     assert_close,
     assert_masks_agree,
     assert_weights_agree_where_masks_do,
     backend_params,
 )
-from op_oracles import PATTERNS, check_obs_solve, check_rose_solve, layer
+from op_oracles import PATTERNS, check_obs_solve, check_rose_solve, layer, oracle_swap_search
 
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask
@@ -195,7 +196,9 @@ def test_layer_fixed_mask_vs_torch(solver_backend, shadow, gen):
 
 @pytest.mark.parametrize("backend", FAST[1:], indirect=True)
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
-def test_columnar_layer_all_solvers(solver_backend, shadow, column_losses_seen, gen, n, m):
+def test_columnar_layer_all_solvers(
+    solver_backend, shadow, column_losses_seen, swaps_checked, gen, n, m
+):
     """A columnar layer through sparsegpt, rose and sparseswaps on the CUDA kernels (bigger
     on a GPU)."""
     b = solver_backend
@@ -220,11 +223,50 @@ def test_columnar_layer_all_solvers(solver_backend, shadow, column_losses_seen, 
     got = fp.sparseswaps_layer(W.to(b.device), H.to(b.device), backend=b.name, **kw)
     assert got.info["backend"] == b.name
     assert got.info["kernels"] == _kernel_names(b, SWAP_OPS)
-    assert got.info["loss_after"] <= got.info["loss_before"]
-    assert got.loss == pytest.approx(ref.loss, rel=1e-4)
+    assert swaps_checked["swap_search"] >= 2  # every step of both runs checked
+    check_swap_result(got, W, H, n, m, converged=False)
+    if torch.equal(got.mask.cpu(), ref.mask):  # no near-tie took another path
+        assert got.loss == pytest.approx(ref.loss, rel=1e-4)
 
 
 # ------------------------------------------------------------------------ sparseswaps
+
+
+@pytest.fixture
+def swaps_checked(monkeypatch):
+    """Check every `swap_search` call of any `Kernels` against the exhaustive float64
+    search on the same inputs (`op_oracles.check_swap_search`: the Δ is the minimum up to
+    rounding, the pair achieves it, ties either way) before the run goes on; counts the
+    calls. A run whose path a near-tie turned elsewhere is still checked at every step."""
+    from op_oracles import check_swap_search
+
+    checked = {"swap_search": 0}
+    run = Kernels.__call__
+
+    def call(self, op, *args, **kwargs):
+        out = run(self, op, *args, **kwargs)
+        if op == "swap_search":
+            what = f"swap_search call {checked['swap_search']} ({'+'.join(self.ran[op])})"
+            check_swap_search(out, *args, **kwargs, what=what)
+            checked["swap_search"] += 1
+        return out
+
+    monkeypatch.setattr(Kernels, "__call__", call)
+    return checked
+
+
+def check_swap_result(r, W, H, n, m, converged):
+    """A SparseSwaps result on its own mask: loss_after the float64 loss of that mask, never
+    above loss_before, and (`converged`) a local optimum: the exhaustive search finds no swap
+    improving by more than rounding."""
+    Wd, Hd, keep = W.double(), H.double(), r.mask.cpu()
+    res = Wd * ~keep
+    assert r.info["loss_after"] <= r.info["loss_before"]
+    assert r.info["loss_after"] == pytest.approx(((res @ Hd) * res).sum().item(), rel=1e-5)
+    if converged:
+        assert r.info["converged"]
+        dmin, _, scale = oracle_swap_search(Wd, keep, res @ Hd, Hd, m if n else 0)
+        assert (dmin >= -2 * OP_RTOL[torch.float32] * scale).all(), "an improving swap is left"
 
 
 @fast_backends
@@ -232,9 +274,11 @@ def test_columnar_layer_all_solvers(solver_backend, shadow, column_losses_seen, 
     "rows,cols,n,m",
     [(1, 64, 0, 0), (37, 53, 0, 0), (29, 52, 2, 4), (16, 64, 4, 8), (96, 256, 0, 0)],
 )
-def test_sparseswaps_full_run_vs_torch(solver_backend, gen, rows, cols, n, m):
-    """Until convergence: the same final loss as the torch run, per-row counts and the N:M
-    pattern kept, weights the masked input."""
+def test_sparseswaps_full_run_vs_torch(solver_backend, swaps_checked, gen, rows, cols, n, m):
+    """Until convergence: every step's search the exhaustive minimum (ties either way), the
+    result a local optimum whose loss is its mask's, the same final loss as the torch run
+    when no near-tie took the two elsewhere; per-row counts and the N:M pattern kept,
+    weights the masked input."""
     b = solver_backend
     if b.device.type == "cpu" and rows * cols > 64 * 64:
         rows = 24  # interpreter/emulator: a smaller layer, still many steps
@@ -243,10 +287,12 @@ def test_sparseswaps_full_run_vs_torch(solver_backend, gen, rows, cols, n, m):
     got = fp.sparseswaps_layer(W.to(b.device), H.to(b.device), backend=b.name, **kw)
     ref = fp.sparseswaps_layer(W, H, backend="torch", **kw)
     assert got.info["backend"] == b.name
-    lt, lr = got.info["loss_after"], ref.info["loss_after"]
-    assert abs(lt - lr) <= 1e-5 * abs(lr), f"final loss {b.name} {lt} vs torch {lr}"
+    assert swaps_checked["swap_search"] >= 2  # every step of both runs checked
     for r in (got, ref):
-        assert r.info["loss_after"] <= r.info["loss_before"]
+        check_swap_result(r, W, H, n, m, converged=True)
+    if torch.equal(got.mask.cpu(), ref.mask):  # no near-tie took another path
+        lt, lr = got.info["loss_after"], ref.info["loss_after"]
+        assert abs(lt - lr) <= 1e-5 * abs(lr), f"final loss {b.name} {lt} vs torch {lr}"
     warm = fp.wanda_layer(W, H, sparsity=0.5, prune_n=n, prune_m=m).mask
     assert torch.equal(got.mask.cpu().sum(1), warm.sum(1)), "per-row kept counts changed"
     if n:
