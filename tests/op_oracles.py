@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pytest
 import torch
 from conftest import (
     NEAR_TIE_RTOL,
@@ -340,6 +341,20 @@ def check_swap_apply(keep_after, c_after, w, keep, c, H, rows, u, p, what="swap_
     )
     assert c_after.dtype == c.dtype
     assert_close_to_scale(c_after, c64, OP_RTOL[state_dtype(w, c)], what=f"{what} c")
+
+
+def check_swap_result(r, W, H, n, m, converged):
+    """A SparseSwaps result on its own mask: loss_after the float64 loss of that mask, never
+    above loss_before, and (`converged`) a local optimum: the exhaustive search finds no swap
+    improving by more than rounding."""
+    Wd, Hd, keep = W.double(), H.double(), r.mask.cpu()
+    res = Wd * ~keep
+    assert r.info["loss_after"] <= r.info["loss_before"]
+    assert r.info["loss_after"] == pytest.approx(((res @ Hd) * res).sum().item(), rel=1e-5)
+    if converged:
+        assert r.info["converged"]
+        dmin, _, scale = oracle_swap_search(Wd, keep, res @ Hd, Hd, m if n else 0)
+        assert (dmin >= -2 * OP_RTOL[torch.float32] * scale).all(), "an improving swap is left"
 
 
 CHECKS = {

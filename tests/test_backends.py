@@ -27,13 +27,12 @@ from conftest import (
     LAYER_RTOL,
     MASK_AGREE,
     MODEL_RTOL,
-    OP_RTOL,
     assert_close,
     assert_masks_agree,
     assert_weights_agree_where_masks_do,
     backend_params,
 )
-from op_oracles import PATTERNS, check_obs_solve, check_rose_solve, layer, oracle_swap_search
+from op_oracles import PATTERNS, check_obs_solve, check_rose_solve, check_swap_result, layer
 
 import fastprune as fp
 from fastprune.masks import check_nm_keep_mask
@@ -80,23 +79,6 @@ def row_losses(W, Wp, H):
 def own_path_rtol(dtype, rtol=LAYER_RTOL):
     """The weights' tolerance against the float64 loop along the same mask."""
     return HALF_ULP[dtype] + rtol if dtype in HALF_ULP else rtol
-
-
-@pytest.fixture
-def column_losses_seen(shadow, monkeypatch):
-    """The column and block losses of each `column_losses` call, in order (a ROSE solve's
-    column order comes from its own)."""
-    seen = []
-    run = Kernels.__call__
-
-    def call(self, op, *args, **kwargs):
-        out = run(self, op, *args, **kwargs)
-        if op == "column_losses":
-            seen.append(tuple(t.detach().cpu() for t in out))
-        return out
-
-    monkeypatch.setattr(Kernels, "__call__", call)
-    return seen
 
 
 # ---------------------------------------------------------------- sparsegpt and rose
@@ -230,43 +212,6 @@ def test_columnar_layer_all_solvers(
 
 
 # ------------------------------------------------------------------------ sparseswaps
-
-
-@pytest.fixture
-def swaps_checked(monkeypatch):
-    """Check every `swap_search` call of any `Kernels` against the exhaustive float64
-    search on the same inputs (`op_oracles.check_swap_search`: the Δ is the minimum up to
-    rounding, the pair achieves it, ties either way) before the run goes on; counts the
-    calls. A run whose path a near-tie turned elsewhere is still checked at every step."""
-    from op_oracles import check_swap_search
-
-    checked = {"swap_search": 0}
-    run = Kernels.__call__
-
-    def call(self, op, *args, **kwargs):
-        out = run(self, op, *args, **kwargs)
-        if op == "swap_search":
-            what = f"swap_search call {checked['swap_search']} ({'+'.join(self.ran[op])})"
-            check_swap_search(out, *args, **kwargs, what=what)
-            checked["swap_search"] += 1
-        return out
-
-    monkeypatch.setattr(Kernels, "__call__", call)
-    return checked
-
-
-def check_swap_result(r, W, H, n, m, converged):
-    """A SparseSwaps result on its own mask: loss_after the float64 loss of that mask, never
-    above loss_before, and (`converged`) a local optimum: the exhaustive search finds no swap
-    improving by more than rounding."""
-    Wd, Hd, keep = W.double(), H.double(), r.mask.cpu()
-    res = Wd * ~keep
-    assert r.info["loss_after"] <= r.info["loss_before"]
-    assert r.info["loss_after"] == pytest.approx(((res @ Hd) * res).sum().item(), rel=1e-5)
-    if converged:
-        assert r.info["converged"]
-        dmin, _, scale = oracle_swap_search(Wd, keep, res @ Hd, Hd, m if n else 0)
-        assert (dmin >= -2 * OP_RTOL[torch.float32] * scale).all(), "an improving swap is left"
 
 
 @fast_backends
