@@ -268,6 +268,50 @@ def shadow(monkeypatch):
     return checked
 
 
+@pytest.fixture
+def column_losses_seen(shadow, monkeypatch):
+    """The column and block losses of each `column_losses` call, in order (a ROSE solve's
+    column order comes from its own)."""
+    from fastprune.ops import Kernels
+
+    seen = []
+    run = Kernels.__call__
+
+    def call(self, op, *args, **kwargs):
+        out = run(self, op, *args, **kwargs)
+        if op == "column_losses":
+            seen.append(tuple(t.detach().cpu() for t in out))
+        return out
+
+    monkeypatch.setattr(Kernels, "__call__", call)
+    return seen
+
+
+@pytest.fixture
+def swaps_checked(monkeypatch):
+    """Check every `swap_search` call of any `Kernels` against the exhaustive float64
+    search on the same inputs (`op_oracles.check_swap_search`: the Δ is the minimum up to
+    rounding, the pair achieves it, ties either way) before the run goes on; counts the
+    calls. A run whose path a near-tie turned elsewhere is still checked at every step."""
+    from op_oracles import check_swap_search
+
+    from fastprune.ops import Kernels
+
+    checked = {"swap_search": 0}
+    run = Kernels.__call__
+
+    def call(self, op, *args, **kwargs):
+        out = run(self, op, *args, **kwargs)
+        if op == "swap_search":
+            what = f"swap_search call {checked['swap_search']} ({'+'.join(self.ran[op])})"
+            check_swap_search(out, *args, **kwargs, what=what)
+            checked["swap_search"] += 1
+        return out
+
+    monkeypatch.setattr(Kernels, "__call__", call)
+    return checked
+
+
 # -------------------------------------------------------------------------- comparisons
 
 

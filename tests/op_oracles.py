@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import pytest
 import torch
 from conftest import (
-    MASK_AGREE,
     NEAR_TIE_RTOL,
     OP_RTOL,
     assert_close,
     assert_close_to_scale,
-    assert_masks_agree,
     state_dtype,
 )
 
@@ -169,10 +168,11 @@ def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what
 def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep"):
     """One obs_sweep output against the float64 oracle on the same inputs.
 
-    Unstructured/fixed: the mask is keep1 exactly. N:M: masks agree with the free oracle on
-    >= MASK_AGREE of entries, every group's choice is the contract's rule on the scores it saw
-    up to near-ties, and the forced entries are pruned. Values: q, err, loss_rows within
-    OP_RTOL (scale-relative) of the oracle swept along the backend's own mask."""
+    Unstructured/fixed: the mask is keep1 exactly. N:M: every group's choice is the
+    contract's rule on the scores it saw along the backend's own mask up to near-ties (how
+    many near-ties a draw holds, and so how far the mask drifts from the free oracle's, is
+    not asserted: it depends on the draw), and the forced entries are pruned. Values: q, err,
+    loss_rows within OP_RTOL (scale-relative) of the oracle swept along that mask."""
     n, m = prune_n, prune_m
     q, err, keep, loss = out
     state = state_dtype(W1, Hinv1)
@@ -183,8 +183,6 @@ def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep
     assert loss.shape == (W1.shape[0],)
     keep = keep.cpu()
     if n:
-        free = oracle_obs_sweep(W1, Hinv1, keep1, n, m)
-        assert_masks_agree(keep, free.keep, MASK_AGREE, what=f"{what} keep ({NEAR_TIE_NOTE})")
         ref = oracle_obs_sweep(W1, Hinv1, keep1, n, m, follow=keep)
         assert_groups_near_optimal(keep, ref, keep1, n, m, NEAR_TIE_RTOL[state], what)
     else:
@@ -208,12 +206,11 @@ def oracle_block_prune_mask(W1, hinv_diag, sparsity):
 
 
 def check_block_prune_mask(keep, W1, hinv_diag, sparsity, what="block_prune_mask"):
-    """The keep-mask agrees with the float64 oracle on >= MASK_AGREE of entries; an entry
-    differs only where its score is a near-tie with the block's threshold."""
+    """The keep-mask equals the float64 oracle's except where a score is a near-tie with the
+    block's threshold."""
     assert keep.dtype == torch.bool and keep.shape == W1.shape, f"{what}: {keep.dtype}"
     want, s, thr = oracle_block_prune_mask(W1, hinv_diag, sparsity)
     keep = keep.cpu()
-    assert_masks_agree(keep, want, MASK_AGREE, what=f"{what} ({NEAR_TIE_NOTE})")
     flips = keep != want
     if flips.any():
         tol = NEAR_TIE_RTOL[state_dtype(W1, hinv_diag)]
@@ -346,6 +343,20 @@ def check_swap_apply(keep_after, c_after, w, keep, c, H, rows, u, p, what="swap_
     assert_close_to_scale(c_after, c64, OP_RTOL[state_dtype(w, c)], what=f"{what} c")
 
 
+def check_swap_result(r, W, H, n, m, converged):
+    """A SparseSwaps result on its own mask: loss_after the float64 loss of that mask, never
+    above loss_before, and (`converged`) a local optimum: the exhaustive search finds no swap
+    improving by more than rounding."""
+    Wd, Hd, keep = W.double(), H.double(), r.mask.cpu()
+    res = Wd * ~keep
+    assert r.info["loss_after"] <= r.info["loss_before"]
+    assert r.info["loss_after"] == pytest.approx(((res @ Hd) * res).sum().item(), rel=1e-5)
+    if converged:
+        assert r.info["converged"]
+        dmin, _, scale = oracle_swap_search(Wd, keep, res @ Hd, Hd, m if n else 0)
+        assert (dmin >= -2 * OP_RTOL[torch.float32] * scale).all(), "an improving swap is left"
+
+
 CHECKS = {
     "obs_sweep": check_obs_sweep,
     "block_prune_mask": check_block_prune_mask,
@@ -354,3 +365,166 @@ CHECKS = {
 }
 """Checks of one op call from its output and arguments (swap_apply works in place: its check
 needs the state before the call and is run by the tests directly)."""
+
+
+# ------------------------------------------------------------- whole OBS solves (layers)
+
+
+class FollowedSolve(NamedTuple):
+    weight: torch.Tensor  # float64, the research loop's weights along the given mask
+    loss_rows: torch.Tensor  # float64, sum err^2 / 2 per row
+    worst: float  # the largest gap of a decision, as a multiple of its near-tie tolerance
+
+
+def _check_block_threshold(keep1, s, smag, sparsity, tol, what):
+    """A block's unstructured choice is the research rule (prune `s <= sorted(s)[k]`,
+    k = int(numel * sparsity)) up to near-ties; returns the worst gap / tolerance."""
+    pruned = ~keep1
+    k = int(s.numel() * sparsity)
+    got = int(pruned.sum())
+    assert got >= k + 1, f"{what}: prunes {got} entries, the `<=` rule at least {k + 1}"
+    worst = 0.0
+    if pruned.any() and keep1.any():
+        # every pruned p and kept q: s_p <= s_q unless the two are a near-tie
+        hi = (s - tol * smag)[pruned].max()
+        lo = (s + tol * smag)[keep1].min()
+        worst = ((hi - lo) / (tol * smag.max() + 1e-300)).item()
+        assert hi <= lo, (
+            f"{what}: a pruned entry's score exceeds a kept one's beyond the near-tie "
+            f"tolerance; {NEAR_TIE_NOTE}"
+        )
+    if got > k + 1:  # more only where float32 scores tie at the threshold
+        flat, order = torch.sort(s.flatten(), stable=True)
+        top = s[pruned].argmax()
+        gap = s[pruned][top] - flat[k]
+        slack = tol * (smag[pruned][top] + smag.flatten()[order[k]]) + 1e-300
+        assert gap <= slack, f"{what}: {got - k - 1} extra entries pruned without a tie"
+    return worst
+
+
+def _check_groups(keep_g, s, smag, n, tol, what):
+    """Each N:M group prunes exactly n, its n lowest scores up to near-ties."""
+    pruned = ~keep_g
+    counts = pruned.sum(1)
+    assert (counts == n).all(), f"{what}: groups prune {counts.unique().tolist()}, not {n}"
+    a = pruned[:, :, None] & keep_g[:, None, :]
+    gap = s[:, :, None] - s[:, None, :]
+    slack = tol * (smag[:, :, None] + smag[:, None, :]) + 1e-300
+    ratio = (gap / slack).masked_fill(~a, 0.0)
+    assert not (a & (gap > slack)).any(), (
+        f"{what}: a group prunes a score above one it keeps beyond the near-tie tolerance "
+        f"(worst {ratio.max().item():.3g}x); {NEAR_TIE_NOTE}"
+    )
+    return ratio.max().item() if ratio.numel() else 0.0
+
+
+def follow_obs_solve(W, hinv, keep, widths, sparsity=0.5, n=0, m=0, what="mask", fixed=False):
+    """The research loop (`fastprune.original.original_sparsegpt`) in float64 on `hinv` (the
+    solve's own inverse, so only the sweep's rounding separates the two), taking every mask
+    decision from `keep` (True = kept) instead of making it, and checking each decision
+    against the research rule on the scores it was made from: the block threshold
+    (unstructured) or the group's n lowest (N:M), up to near-ties. Near-tie tolerance:
+    NEAR_TIE_RTOL of the scores' magnitude, the magnitude of a weight being |w| plus the
+    magnitudes of every update it received (the scale of a float32 solve's rounding).
+    `W` with its dead columns zeroed, as the solvers sweep it; `fixed`: `keep` was given to
+    the solve (no decision to check). Returns the weights and per-row
+    losses along `keep`, and the worst decision gap as a multiple of its tolerance."""
+    W = W.detach().double().cpu().clone()
+    H = hinv.detach().double().cpu()
+    keep = keep.cpu()
+    mag = W.abs()
+    tol = NEAR_TIE_RTOL[torch.float32]
+    rows, cols = W.shape
+    assert sum(widths) == cols
+    loss = torch.zeros(rows, dtype=torch.float64)
+    worst = 0.0
+    i2 = 0
+    for b, count in enumerate(widths):
+        i1, i2 = i2, i2 + count
+        W1, M1 = W[:, i1:i2].clone(), mag[:, i1:i2].clone()
+        Hinv1 = H[i1:i2, i1:i2]
+        d = Hinv1.diagonal()
+        k1 = keep[:, i1:i2]
+        Q1, Err1, Emag1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+        if not n and not fixed:
+            s, smag = W1**2 / d**2, M1**2 / d**2
+            where = f"{what} block {b}"
+            worst = max(worst, _check_block_threshold(k1, s, smag, sparsity, tol, where))
+        for i in range(count):
+            if n and not fixed and i % m == 0:
+                g = slice(i, i + m)
+                s, smag = W1[:, g] ** 2 / d[g] ** 2, M1[:, g] ** 2 / d[g] ** 2
+                where = f"{what} columns {i1 + i}..{i1 + i + m - 1}"
+                worst = max(worst, _check_groups(k1[:, g], s, smag, n, tol, where))
+            w = W1[:, i]
+            q = w * k1[:, i]
+            err = (w - q) / d[i]
+            emag = M1[:, i] * ~k1[:, i] / d[i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:]
+            M1[:, i + 1 :] += emag[:, None] * Hinv1[i, i + 1 :].abs()
+            Q1[:, i], Err1[:, i], Emag1[:, i] = q, err, emag
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ H[i1:i2, i2:]
+        mag[:, i2:] += Emag1 @ H[i1:i2, i2:].abs()
+        loss += (Err1 * Err1).sum(1) / 2
+    return FollowedSolve(W, loss, worst)
+
+
+def check_obs_solve(
+    r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, percdamp=0.01, method="direct",
+    perm=None, widths=None, rtol=1e-5, what="solve", hinv=None, fixed=False,
+):  # fmt: skip
+    """A SparseGPT-type result `r` (mask, weight) against the research loop run along its
+    own mask (`follow_obs_solve`), on the solve's own inverse of H (`perm`: the columns in
+    sweep order, as ROSE reorders them; `widths`: the sweep's block widths): every mask
+    decision is the research rule's up to near-ties, and the weights are the loop's along
+    that mask within `rtol` (relative error over the whole layer: no row is skipped).
+    Holds for every input: nothing here depends on how many near-ties a draw has. `hinv`:
+    the solve's inverse when it is not `inverse_hessian(H, percdamp, method=method)` (a
+    batched solve's own); `fixed`: the mask was given to the solve."""
+    from fastprune.obs import block_bounds, nm_blocksize
+
+    dtype = state_dtype(W, H)
+    cols = W.shape[1]
+    if perm is None:
+        perm = torch.arange(cols)
+    Hp = H[perm][:, perm]
+    inv = hinv if hinv is not None else inverse_hessian(Hp, percdamp, dtype=dtype, method=method)
+    Wp = W.detach().cpu().to(dtype)[:, perm].clone()
+    Wp[:, inv.dead.cpu()] = 0
+    if widths is None:
+        widths = [i2 - i1 for i1, i2 in block_bounds(cols, nm_blocksize(blocksize, m))]
+    keep = r.mask.cpu()[:, perm]
+    f = follow_obs_solve(Wp, inv.hinv, keep, widths, sparsity, n, m, what, fixed)
+    inv_perm = torch.argsort(perm)
+    want = f.weight[:, inv_perm]
+    got = r.weight.detach().cpu().double()
+    err = ((got - want).norm() / want.norm().clamp_min(1e-300)).item()
+    assert err <= rtol, f"{what}: weights {err:.3g} (relative) from the loop along its mask"
+    return f
+
+
+def check_rose_solve(
+    r, W, H, sparsity=0.5, n=0, m=0, blocksize=128, range_rule="per_column", method="direct",
+    rtol=1e-5, what="rose", losses=None,
+):  # fmt: skip
+    """`check_obs_solve` of a ROSE result: along the column order and sweep blocks ROSE
+    derives from W and H when it reordered (from `losses`, the solve's own column and block
+    losses, or else torch's), else SparseGPT's."""
+    from fastprune.core import wanda_score
+    from fastprune.obs import block_bounds
+    from fastprune.ops import torch_column_losses
+    from fastprune.solvers.rose import comparable_block_losses, rose_permutation
+
+    kw = dict(method=method, rtol=rtol, what=what)
+    if not r.info["reordered"]:
+        return check_obs_solve(r, W, H, sparsity, n, m, blocksize, **kw)
+    bounds = block_bounds(W.shape[1], m if n else blocksize)
+    if losses is None:
+        S = wanda_score(W.cpu(), H.cpu(), dtype=state_dtype(W, H))
+        losses = torch_column_losses(S, bounds, sparsity, n, m)
+    col, blk = (t.cpu() for t in losses)
+    perm, sizes = rose_permutation(col, comparable_block_losses(blk, bounds, range_rule), bounds)
+    return check_obs_solve(
+        r, W, H, sparsity, n, m, blocksize, perm=perm, widths=None if n else sizes, **kw
+    )

@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from conftest import assert_masks_agree, relative_error
+from conftest import assert_weights_agree_where_masks_do
+from op_oracles import check_rose_solve
 
 import fastprune as fp
 from fastprune.core import wanda_score
@@ -14,14 +15,16 @@ from fastprune.solvers.rose import relative_range, rose_permutation
 
 @pytest.mark.parametrize("rows,cols,bs", [(1, 128, 32), (29, 192, 64), (64, 256, 128)])
 def test_columnar_layer_reorders_and_matches_original(gen, rows, cols, bs):
+    """Block scales two decades apart (`columnar`): the range is far above 0.5 for every
+    draw. The result is the research loop on ROSE's order along its own mask (every decision
+    the rule's up to near-ties), and the original's weights on every row whose mask agrees."""
     W, H, _ = fp.testing.random_layer(rows, cols, columnar=True, blocksize=bs, generator=gen)
     r = fp.rose_layer(W, H, blocksize=bs)
     Wo, pruned, ste = original_rose(W, H, torch.diagonal(H) / 2, 0.5, blocksize=bs)
     assert r.info["reordered"] and ste > 0.5
     assert r.info["relative_range"] == pytest.approx(ste, rel=1e-4)
-    assert_masks_agree(r.mask, ~pruned, 0.999)
-    if torch.equal(r.mask, ~pruned):
-        assert relative_error(r.weight, Wo) < 1e-5
+    check_rose_solve(r, W, H, blocksize=bs, rtol=1e-5)
+    assert_weights_agree_where_masks_do(r.weight, Wo, r.mask, ~pruned, 1e-5)
 
 
 def test_uniform_layer_is_plain_sparsegpt(gen):
@@ -89,8 +92,9 @@ def test_partial_last_block_reorders(gen):
     W, H, _ = fp.testing.random_layer(16, 100, columnar=True, blocksize=32, generator=gen)
     r = fp.rose_layer(W, H, blocksize=32, range_threshold=0.0)
     assert r.info["reordered"]
-    for i1, i2 in block_bounds(100, 32):
-        assert (~r.mask[:, i1:i2]).sum().item() == int(16 * (i2 - i1) * 0.5) + 1
+    for i1, i2 in block_bounds(100, 32):  # more only where scores tie at the threshold
+        assert (~r.mask[:, i1:i2]).sum().item() >= int(16 * (i2 - i1) * 0.5) + 1
+    check_rose_solve(r, W, H, blocksize=32)  # each sweep block's `<=` rule, ties included
     D = (W - r.weight).double()
     assert r.loss == pytest.approx(torch.trace(D @ H.double() @ D.t()).item(), rel=1e-5)
 
@@ -144,14 +148,20 @@ def test_short_last_block_does_not_make_uniform_layer_columnar(gen, rows, cols):
     """Block sums put a short last block near `1 - width/128` below the others (0.5 for 576
     columns, 0.94 for 136), so the old rule reordered uniform layers by their geometry;
     per column the blocks of a uniform layer are alike."""
-    W, H = iid_layer(rows, cols, gen)
-    r = fp.rose_layer(W, H, backend="torch")
-    old = fp.rose_layer(W, H, backend="torch", range_rule="block_sum")
-    assert not r.info["reordered"] and r.info["relative_range"] < 0.15
-    assert r.info["range_rule"] == "per_column"
-    assert old.info["relative_range"] == sum_range(W, H) > 0.45
-    if cols == 136:
-        assert old.info["reordered"]
+    # the per-column range of one draw spreads with 1/sqrt(rows * cols) (45 x 136: mean
+    # 0.06, sd 0.04; 576 x 576: mean 0.013, sd 0.005): small layers are judged on the mean
+    # of several draws, each one still never reordered (0.5 is many sd away)
+    ranges = []
+    for _ in range(8 if rows * cols < 10**5 else 1):
+        W, H = iid_layer(rows, cols, gen)
+        r = fp.rose_layer(W, H, backend="torch")
+        old = fp.rose_layer(W, H, backend="torch", range_rule="block_sum")
+        assert not r.info["reordered"] and r.info["range_rule"] == "per_column"
+        assert old.info["relative_range"] == sum_range(W, H) > 0.45
+        if cols == 136:
+            assert old.info["reordered"]
+        ranges.append(r.info["relative_range"])
+    assert sum(ranges) / len(ranges) < 0.15, ranges
 
 
 FULL_BLOCKS = [(29, 192, 64, 0, 0), (40, 256, 128, 0, 0), (24, 96, 128, 2, 4), (16, 64, 128, 4, 8)]
@@ -194,8 +204,8 @@ def test_columnar_layer_with_short_last_block_reorders(gen, cols, bs):
         W[:, perm], H[perm][:, perm], 0.5, widths=[len(x) for x in blocks]
     )
     inv = torch.argsort(perm)
-    assert_masks_agree(r.mask, ~pruned[:, inv], 0.999)
-    assert relative_error(r.weight, Wq[:, inv]) < 1e-4
+    check_rose_solve(r, W, H, blocksize=bs, method="reference", rtol=1e-5)
+    assert_weights_agree_where_masks_do(r.weight, Wq[:, inv], r.mask, ~pruned[:, inv], 1e-4)
 
 
 def test_range_rule_is_checked(gen):

@@ -1,15 +1,11 @@
 """SparseGPT against the research loop, oracles and invariants."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
-from conftest import (
-    LAYER_RTOL,
-    MASK_AGREE,
-    assert_masks_agree,
-    assert_weights_agree_where_masks_do,
-    relative_error,
-)
-from op_oracles import layer
+from conftest import LAYER_RTOL, assert_weights_agree_where_masks_do, relative_error
+from op_oracles import check_obs_solve, layer
 
 import fastprune as fp
 from fastprune.original import original_sparsegpt
@@ -22,18 +18,39 @@ SHAPES = [(1, 64, 32), (37, 104, 32), (64, 256, 128), (53, 200, 64)]  # rows, co
 @pytest.mark.parametrize("n,m", PATTERNS)
 @pytest.mark.parametrize("kind", ["plain", "columnar", "ill"])
 def test_matches_original_loop(shadow, gen, rows, cols, bs, n, m, kind):
-    """Same mask as the IST-DASLab loop (>= 99.9%; every mask choice of the solve is checked
-    against the float64 oracle as it is made by `shadow`, so a flip is a float32 near-tie),
-    weights equal to float32 rounding on every row whose mask agrees."""
+    """The IST-DASLab loop's result: every mask decision is the loop's rule on the scores
+    the loop reaches along this mask, up to float32 near-ties (and each kernel call is checked
+    against its float64 oracle as it is made by `shadow`), the weights are the loop's along
+    this mask on every row, and equal to the float32 loop's on every row whose mask agrees."""
     if m and cols % m:
         pytest.skip("cols not divisible by M")
     W, H = layer(gen, rows, cols, kind, blocksize=bs)
     r = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=bs)
     assert shadow["obs_sweep"] >= 1 and (n or shadow["block_prune_mask"] >= 1)
+    check_obs_solve(r, W, H, 0.5, n, m, bs, rtol=LAYER_RTOL, what="sparsegpt")
     Wo, pruned = original_sparsegpt(W, H, 0.5, n, m, bs)
-    assert_masks_agree(r.mask, ~pruned, MASK_AGREE)
-    assert_weights_agree_where_masks_do(r.weight, Wo, r.mask, ~pruned, LAYER_RTOL, min_rows=0.9)
+    assert_weights_agree_where_masks_do(r.weight, Wo, r.mask, ~pruned, LAYER_RTOL)
     assert r.weight.dtype == W.dtype and r.mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_check_obs_solve_refuses_a_wrong_decision_or_weights(gen, n, m):
+    """The check along a solve's own mask is not vacuous: one clearly worse choice (row 0's
+    highest-scoring kept entry of the first block or group pruned, its lowest-scoring pruned
+    one kept) is refused, and so are weights off by 0.1%."""
+    W, H = layer(gen, 16, 64, "plain")
+    r = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=32)
+    check_obs_solve(r, W, H, 0.5, n, m, 32)
+    span = m or 32
+    d = fp.inverse_hessian(H, 0.01).hinv.diagonal()[:span]
+    s, keep = W[0, :span] ** 2 / d**2, r.mask.clone()
+    hi = int(torch.where(keep[0, :span], s, torch.full_like(s, -1.0)).argmax())
+    lo = int(torch.where(keep[0, :span], torch.full_like(s, float("inf")), s).argmin())
+    keep[0, hi], keep[0, lo] = False, True
+    with pytest.raises(AssertionError, match="near-tie tolerance"):
+        check_obs_solve(SimpleNamespace(mask=keep, weight=r.weight), W, H, 0.5, n, m, 32)
+    with pytest.raises(AssertionError, match="weights"):
+        check_obs_solve(SimpleNamespace(mask=r.mask, weight=r.weight * 1.001), W, H, 0.5, n, m, 32)
 
 
 def test_identity_hessian_is_block_magnitude(gen):
@@ -67,21 +84,29 @@ def test_exact_pattern_and_count(gen, n, m, sparsity):
     r = fp.sparsegpt_layer(W, H, sparsity, n, m, blocksize=64)
     if n:
         assert fp.check_nm_keep_mask(r.mask, n, m)
-    else:  # the reference's rule: one more than int(numel * s) per block (no ties here)
+    else:  # the reference's `<=` rule: one more than int(numel * s) per block, more only
+        # where scores tie at the threshold (checked on the scores the solve reaches)
         for i1 in range(0, 128, 64):
             pruned = (~r.mask[:, i1 : i1 + 64]).sum().item()
-            assert pruned == int(32 * 64 * sparsity) + 1
+            assert pruned >= int(32 * 64 * sparsity) + 1
+    check_obs_solve(r, W, H, sparsity, n, m, 64)
     assert ((r.weight == 0) | r.mask).all() and (r.weight[~r.mask] == 0).all()
 
 
 def test_fixed_mask_prunes_exactly_that_mask(gen):
-    W, H, _ = fp.testing.random_layer(20, 64, generator=gen)
-    keep = torch.rand(20, 64, generator=gen) > 0.4
-    r = fp.sparsegpt_layer(W, H, mask=keep, blocksize=16)
-    assert torch.equal(r.mask, keep)
-    assert (r.weight[~keep] == 0).all()
-    # OBS updates compensate: better than just masking
-    assert r.loss < fp.layer_loss(W, W * keep, H)
+    ratios = []
+    for _ in range(4):
+        W, H, _ = fp.testing.random_layer(20, 64, generator=gen)
+        keep = torch.rand(20, 64, generator=gen) > 0.4
+        r = fp.sparsegpt_layer(W, H, mask=keep, blocksize=16)
+        assert torch.equal(r.mask, keep)
+        assert (r.weight[~keep] == 0).all()
+        check_obs_solve(r, W, H, blocksize=16, rtol=LAYER_RTOL, fixed=True)  # the loop's weights
+        ratios.append(r.loss / fp.layer_loss(W, W * keep, H))
+    # OBS updates compensate: better than just masking. Sequential OBS is not optimal for a
+    # given mask, so one draw's ratio can come near 1 (mean 0.93, sd 0.03, max 0.996 over
+    # 1800 draws): judged on the mean of a few
+    assert sum(ratios) / len(ratios) < 1.0, ratios
     # the default-argument mask fed back in reproduces the same weights
     r0 = fp.sparsegpt_layer(W, H, blocksize=16)
     r1 = fp.sparsegpt_layer(W, H, mask=r0.mask, blocksize=16)
@@ -90,18 +115,17 @@ def test_fixed_mask_prunes_exactly_that_mask(gen):
 
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_float64_agrees_with_float32(shadow, gen, n, m):
-    """Masks agree (each choice of either solve checked against the float64 oracle by
-    `shadow`: a flip is a float32 near-tie), weights within 1e-4 on the rows whose masks
-    agree."""
+    """Each solve is the research loop along its own mask (every decision the rule's up to
+    near-ties; each kernel call also checked by `shadow`), and the two agree within 1e-4 on
+    every row whose masks agree."""
     W, H, _ = fp.testing.random_layer(48, 160, generator=gen)
     r32 = fp.sparsegpt_layer(W, H, 0.5, n, m, blocksize=32)
     r64 = fp.sparsegpt_layer(W.double(), H.double(), 0.5, n, m, blocksize=32)
     assert r64.weight.dtype == torch.float64 and r64.info["compute_dtype"] == "float64"
     assert shadow["obs_sweep"] >= 2
-    assert_masks_agree(r32.mask, r64.mask, MASK_AGREE)
-    assert_weights_agree_where_masks_do(
-        r32.weight.double(), r64.weight, r32.mask, r64.mask, 1e-4, min_rows=0.9
-    )
+    check_obs_solve(r32, W, H, 0.5, n, m, 32, rtol=LAYER_RTOL, what="float32")
+    check_obs_solve(r64, W.double(), H.double(), 0.5, n, m, 32, rtol=1e-12, what="float64")
+    assert_weights_agree_where_masks_do(r32.weight.double(), r64.weight, r32.mask, r64.mask, 1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -3,13 +3,8 @@
 
 import pytest
 import torch
-from conftest import (
-    LAYER_RTOL,
-    MASK_AGREE,
-    assert_masks_agree,
-    assert_weights_agree_where_masks_do,
-)
-from op_oracles import layer, random_keep, sweep_block
+from conftest import LAYER_RTOL, assert_weights_agree_where_masks_do
+from op_oracles import check_obs_solve, check_obs_sweep, layer, random_keep, sweep_block
 
 import fastprune as fp
 from fastprune.ops.obs_sweep import torch_obs_sweep, torch_obs_sweep_batched
@@ -24,6 +19,11 @@ def _experts(gen, E, rows, cols, bs, kinds=("plain", "columnar", "ill")):
     return torch.stack([w for w, _ in pairs]), torch.stack([h for _, h in pairs])
 
 
+def _row_losses(W, Wp, H):
+    D = (W - Wp).double()
+    return ((D @ H.double()) * D).sum(1)
+
+
 @pytest.mark.parametrize("rows,cols,bs", SHAPES)
 @pytest.mark.parametrize("n,m", PATTERNS)
 def test_each_expert_equals_its_own_solve(gen, rows, cols, bs, n, m):
@@ -33,13 +33,18 @@ def test_each_expert_equals_its_own_solve(gen, rows, cols, bs, n, m):
     H[1, :, 3] = 0  # a dead column in one expert
     H[1, 3, :] = 0
     got = sparsegpt_experts(W, H, 0.5, n, m, blocksize=bs)
+    invs = inverse_hessians(H, 0.01)
     for e in range(W.shape[0]):
         want = fp.sparsegpt_layer(W[e], H[e], 0.5, n, m, blocksize=bs)
-        assert_masks_agree(got[e].mask, want.mask, MASK_AGREE)
-        assert_weights_agree_where_masks_do(
+        # each expert is the research loop on its inverse along its own mask (decisions the
+        # rule's up to near-ties), equal to its own solve on every row whose mask agrees
+        check_obs_solve(got[e], W[e], H[e], 0.5, n, m, bs, hinv=invs[e], what=f"expert {e}")
+        rows = assert_weights_agree_where_masks_do(
             got[e].weight, want.weight, got[e].mask, want.mask, LAYER_RTOL
         )
-        assert got[e].loss == pytest.approx(want.loss, rel=1e-4)
+        assert got[e].loss == pytest.approx(fp.layer_loss(W[e], got[e].weight, H[e]), rel=1e-4)
+        la, lb = (_row_losses(W[e], r.weight, H[e])[rows].sum().item() for r in (got[e], want))
+        assert la == pytest.approx(lb, rel=1e-4, abs=1e-12)
         assert got[e].info["dead_columns"] == want.info["dead_columns"]
         assert got[e].info["achieved_sparsity"] == want.info["achieved_sparsity"]
 
@@ -74,6 +79,16 @@ def test_batched_inverse_equals_single(gen):
         assert torch.equal(got.dead, want.dead) and got.damp == pytest.approx(want.damp)
 
 
+def _equal_where_masks_agree(out, want, what):
+    """A sweep's (q, err, keep, loss_rows) equal another's on every row whose masks agree
+    (rows of a sweep are independent given their mask)."""
+    q, _, keep, loss = (t.cpu() for t in out)
+    wq, _, wkeep, wloss = (t.cpu() for t in want)
+    rows = (keep == wkeep).all(1)
+    torch.testing.assert_close(q[rows], wq[rows], rtol=1e-5, atol=1e-5, msg=what)
+    torch.testing.assert_close(loss[rows], wloss[rows], rtol=1e-4, atol=1e-6, msg=what)
+
+
 @pytest.mark.parametrize("n,m", PATTERNS)
 @pytest.mark.parametrize("rows,count", [(1, 16), (29, 40), (64, 128)])
 def test_batched_sweep_equals_single(gen, rows, count, n, m):
@@ -85,10 +100,11 @@ def test_batched_sweep_equals_single(gen, rows, count, n, m):
     keep1 = None if n else torch.stack([random_keep(gen, rows, count) for _ in blocks])
     got = torch_obs_sweep_batched(W1, Hinv1, keep1, n, m)
     for e in range(3):
-        want = torch_obs_sweep(W1[e], Hinv1[e], None if keep1 is None else keep1[e], n, m)
-        assert_masks_agree(got.keep[e], want.keep, MASK_AGREE)
-        torch.testing.assert_close(got.q[e], want.q, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got.loss_rows[e], want.loss_rows, rtol=1e-4, atol=1e-6)
+        k1 = None if keep1 is None else keep1[e]
+        want = torch_obs_sweep(W1[e], Hinv1[e], k1, n, m)
+        out = (got.q[e], got.err[e], got.keep[e], got.loss_rows[e])
+        check_obs_sweep(out, W1[e], Hinv1[e], k1, n, m, what=f"layer {e}")
+        _equal_where_masks_agree(out, want, f"layer {e}")
 
 
 def test_bad_shapes_are_refused(gen):
@@ -128,9 +144,11 @@ def test_triton_sweep_over_layers_equals_torch(gen, rows, count, n, m):
     got = triton_obs_sweep_batched(W1, Hinv1, keep1, n, m)
     want = torch_obs_sweep_batched(W1, Hinv1, keep1, n, m)
     for e in range(3):
-        assert_masks_agree(got[2][e], want.keep[e], MASK_AGREE)
-        torch.testing.assert_close(got[0][e], want.q[e], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[3][e], want.loss_rows[e], rtol=1e-4, atol=1e-6)
+        k1 = None if keep1 is None else keep1[e]
+        out = tuple(t[e] for t in got)
+        check_obs_sweep(out, W1[e], Hinv1[e], k1, n, m, what=f"triton layer {e}")
+        ref = (want.q[e], want.err[e], want.keep[e], want.loss_rows[e])
+        _equal_where_masks_agree(out, ref, f"triton layer {e}")
 
 
 def test_triton_backend_solves_experts(gen):
@@ -139,9 +157,10 @@ def test_triton_backend_solves_experts(gen):
     pytest.importorskip("triton")
     W, H = _experts(gen, 3, 10, 48, 16)
     got = sparsegpt_experts(W, H, 0.5, 2, 4, blocksize=16, backend="triton")
+    invs = inverse_hessians(H, 0.01)
     for e in range(3):
         want = fp.sparsegpt_layer(W[e], H[e], 0.5, 2, 4, blocksize=16, backend="triton")
-        assert_masks_agree(got[e].mask, want.mask, MASK_AGREE)
+        check_obs_solve(got[e], W[e], H[e], 0.5, 2, 4, 16, hinv=invs[e], what=f"expert {e}")
         assert_weights_agree_where_masks_do(
             got[e].weight, want.weight, got[e].mask, want.mask, LAYER_RTOL
         )
