@@ -31,6 +31,47 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Write contiguous CPU `tensors` as one safetensors file, tensor by tensor from their
+    own memory (the format: an 8-byte little-endian header length, a JSON header of dtypes,
+    shapes and byte ranges padded to 8 bytes, then the bytes in that order), so writing a
+    shard takes no second copy of it."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 def check_output(out_dir: str | Path, source_dir: str | Path | None = None) -> Path:
     """The resolved `out_dir`, refused (`ValueError`) when it is the source checkpoint folder or
     inside it, or when it exists and is a file or a non-empty folder."""
@@ -166,10 +207,8 @@ class CheckpointWriter:
         """Write the buffered tensors as one shard now (nothing if the buffer is empty)."""
         if not self._buffer:
             return
-        from safetensors.torch import save_file
-
         fname = f"shard-{len(self._shards) + 1:05d}.safetensors"
-        save_file(self._buffer, str(self.tmp_dir / fname), metadata={"format": "pt"})
+        write_safetensors(self.tmp_dir / fname, self._buffer)
         self._shards.append((fname, list(self._buffer), self._buffered))
         self._buffer = {}
         self._buffered = 0
