@@ -131,9 +131,10 @@ def prune_checkpoint(
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
     writer = CheckpointWriter(out, max_shard_bytes, ckpt.path) if lead else None
     try:
-        if writer is not None:
+        if writer is not None:  # written at once: the buffer never holds them beside a block
             for key, t in ckpt.module_tensors(model, "", skip=[blocks_path]):
-                writer.add(key, t)
+                writer.add(key, t, copy=False)
+            writer.flush()
         store = StreamedBlocks(ckpt, writer, dtype)
         report = run_stages(arguments, store)
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
