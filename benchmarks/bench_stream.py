@@ -31,7 +31,8 @@ def run_path(args) -> dict:
     import transformers
 
     from fastprune import prune_model
-    from fastprune.pipeline.stream import peak_host_memory, prune_checkpoint
+    from fastprune.pipeline.prune import peak_host_memory
+    from fastprune.pipeline.stream import prune_checkpoint
     from fastprune.streaming import open_checkpoint
 
     ckpt = open_checkpoint(args.checkpoint)

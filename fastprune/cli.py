@@ -94,7 +94,7 @@ def _prune(args: argparse.Namespace) -> int:
         if msg:
             print(f"fastprune: error: {msg}", file=sys.stderr)
         return status
-    workflow.run_prune(job, flag)
+    workflow.run_checked(job, flag)  # checked above
     return 0
 
 

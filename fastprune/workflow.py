@@ -271,7 +271,8 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
 def _check_streamable(job: PruneJob, src, name: Name) -> None:
     """What a streamed prune needs: a local safetensors checkpoint, a save folder outside it,
     a method and allocation that do not need the whole model, no lm-eval tasks."""
-    from .streaming import check_output, open_checkpoint
+    from .streaming import check_output as check_stream_output
+    from .streaming import open_checkpoint
 
     if src.gguf_file or not Path(src.path).is_dir():
         raise ValueError(
@@ -282,7 +283,7 @@ def _check_streamable(job: PruneJob, src, name: Name) -> None:
         raise ValueError(
             f"{name('stream')} writes the pruned model as it goes: give {name('save')}"
         )
-    check_output(job.save, ckpt.path)
+    check_stream_output(job.save, ckpt.path)
     if job.method_entry().needs_gradients:
         raise ValueError(f"{name('stream')}: method {job.method} needs the whole model (gradients)")
     if job.allocation != "uniform":
@@ -367,14 +368,19 @@ def _sayer(quiet: bool, lead: bool = True) -> Say:
 
 
 def run_prune(job: PruneJob, name: Name = field_name) -> dict:
-    """`job` end to end in this process, after `check_prune_job`: under torchrun (WORLD_SIZE
-    > 1) every rank prunes its share and rank 0 alone evaluates, saves and reports. Returns
-    the report (the JSON written to `job.report`)."""
+    """`job` checked (`check_prune_job`) and run end to end in this process (`run_checked`).
+    Returns the report (the JSON written to `job.report`)."""
+    check_prune_job(job, name)
+    return run_checked(job, name)
+
+
+def run_checked(job: PruneJob, name: Name = field_name) -> dict:
+    """`job`, already checked, end to end in this process: under torchrun (WORLD_SIZE > 1)
+    every rank prunes its share and rank 0 alone evaluates, saves and reports."""
     import torch.distributed as dist
 
     from .pipeline.distributed import init_from_env
 
-    check_prune_job(job, name)
     created = init_from_env(job.dist_timeout, job.device)
     try:
         return _prune_here(job, name)

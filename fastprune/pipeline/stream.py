@@ -26,7 +26,7 @@ from torch import nn
 from ..block_layers import count_block_zeros
 from ..models import find_blocks
 from ..streaming import Checkpoint, CheckpointWriter, check_output, open_checkpoint
-from .prune import BlockStore, PruneArgs, peak_host_memory, prune_model, run_stages
+from .prune import BlockStore, PruneArgs, prune_model, run_stages
 from .report import PruneReport
 
 REPORT_FILE = "fastprune_report.json"
@@ -138,7 +138,6 @@ def prune_checkpoint(
         store = StreamedBlocks(ckpt, writer, dtype)
         report = run_stages(arguments, store)
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
-        report.totals["peak_host_memory_bytes"] = peak_host_memory()
         if writer is not None:
             writer.finish(
                 model.config,
@@ -156,39 +155,24 @@ def prune_checkpoint(
 
 
 @torch.no_grad()
-def verify_streamed_prune(
-    out_dir: str | Path, report: PruneReport, sample_ids: torch.Tensor | None = None
-) -> dict:
+def verify_streamed_prune(out_dir: str | Path, report: PruneReport) -> dict:
     """Check a streamed prune's output without loading it whole: every tensor read back
     equal to what was written (digests), every pruned layer's zeros and N:M pattern, the
     blocks' zeros equal to the report's, one block in memory at a time."""
     from ..streaming import verify_streamed
+    from .verify import check_layer_sparsity, report_pattern
 
-    digests = report.totals.get("digests")
-    out = verify_streamed(out_dir, digests)
+    out = verify_streamed(out_dir, report.totals.get("digests"))
     ckpt = open_checkpoint(out_dir)
-    model = ckpt.skeleton()
-    path, blocks = find_blocks(model, report.totals.get("blocks_path"))
-    pat = report.pattern
-    n, m = (int(v) for v in pat.split(":")) if ":" in pat else (0, 0)
-    by_block: dict[int, list] = {}
-    for lr in report.layers:
-        by_block.setdefault(lr.block, []).append(lr)
+    path, blocks = find_blocks(ckpt.skeleton(), report.totals.get("blocks_path"))
+    n, m = report_pattern(report)
     zeros = entries = pruned_zeros = pruned = 0
-    from ..block_layers import resolve_layer
-    from ..layers import get_weight
-
     for i, block in enumerate(blocks):
         ckpt.load(block, f"{path}.{i}")
-        for lr in by_block.get(i, []):
-            W = get_weight(resolve_layer(block, lr.name.split(".", 1)[1]))
-            z = int((W == 0).sum().item())
-            if z < round(lr.sparsity * W.numel()):
-                raise ValueError(f"saved {path}.{lr.name}: {z} zeros, fewer than pruned")
-            if n and not bool(((W == 0).reshape(W.shape[0], -1, m).sum(-1) >= n).all()):
-                raise ValueError(f"saved {path}.{lr.name} does not follow {n}:{m}")
-            pruned_zeros += z
-            pruned += W.numel()
+        for lr in report.layers:
+            if lr.block == i:
+                z, size = check_layer_sparsity(block, lr, path, n, m)
+                pruned_zeros, pruned = pruned_zeros + z, pruned + size
         z, e = count_block_zeros([block])
         zeros, entries = zeros + z, entries + e
         ckpt.release(block)

@@ -16,21 +16,33 @@ def check_model_sparsity(model, report: PruneReport, blocks: str | None = None) 
     """Measured zeros of every layer in `report` (and the N:M pattern where one was asked);
     raises `AssertionError`-free `ValueError` naming the first layer that is off."""
     path, block_list = find_blocks(model, blocks or report.totals.get("blocks_path"))
-    pat = report.pattern
-    n, m = (int(v) for v in pat.split(":")) if ":" in pat else (0, 0)
+    n, m = report_pattern(report)
     zeros = total = 0
     for lr in report.layers:
-        mod = resolve_layer(block_list[lr.block], lr.name.split(".", 1)[1])
-        W = get_weight(mod)
-        z = int((W == 0).sum().item())
-        expected = round(lr.sparsity * W.numel())
-        if z < expected:
-            raise ValueError(f"{path}.{lr.name}: {z} zeros, expected at least {expected}")
-        if n and not check_nm_keep_mask(W != 0, n, m) and not _nm_at_least(W, n, m):
-            raise ValueError(f"{path}.{lr.name} does not follow the {n}:{m} pattern")
+        z, size = check_layer_sparsity(block_list[lr.block], lr, path, n, m)
         zeros += z
-        total += W.numel()
+        total += size
     return {"zeros": zeros, "params": total, "sparsity": zeros / max(1, total)}
+
+
+def report_pattern(report: PruneReport) -> tuple[int, int]:
+    """(prune_n, prune_m) of a report's pattern ("2:4"; (0, 0) unstructured)."""
+    pat = report.pattern
+    n, m = (int(v) for v in pat.split(":")) if ":" in pat else (0, 0)
+    return n, m
+
+
+def check_layer_sparsity(block, lr, path: str, n: int, m: int) -> tuple[int, int]:
+    """(zeros, entries) of the weight of report row `lr` in `block`; a `ValueError` naming
+    it when it holds fewer zeros than were pruned or breaks the `n:m` pattern."""
+    W = get_weight(resolve_layer(block, lr.name.split(".", 1)[1]))
+    z = int((W == 0).sum().item())
+    expected = round(lr.sparsity * W.numel())
+    if z < expected:
+        raise ValueError(f"{path}.{lr.name}: {z} zeros, expected at least {expected}")
+    if n and not check_nm_keep_mask(W != 0, n, m) and not _nm_at_least(W, n, m):
+        raise ValueError(f"{path}.{lr.name} does not follow the {n}:{m} pattern")
+    return z, W.numel()
 
 
 def _nm_at_least(W: torch.Tensor, n: int, m: int) -> bool:

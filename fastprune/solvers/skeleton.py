@@ -20,7 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import LOSS_INFO_KEYS, base_info, finish, problem_scales, scale_inverse
+from ..core import (
+    LOSS_INFO_KEYS,
+    base_info,
+    finish,
+    merge_kernel_info,
+    problem_scales,
+    scale_inverse,
+)
 from ..hessian import InverseHessian, scale_pow2
 from ..masks import check_nm_keep_mask
 from ..ops import Kernels
@@ -55,10 +62,6 @@ class Problem:
     info: dict
     ew: int = 0
     eh: int = 0
-
-    @property
-    def rescaled(self) -> bool:
-        return bool(self.ew or self.eh)
 
     def _scaled(self, x: torch.Tensor | None, exponent: int) -> torch.Tensor | None:
         if x is None or exponent == 0:
@@ -159,13 +162,7 @@ def run_solver(
     p = Problem(Ws, Hs, s, n, m, dtype, kernels, info, ew, eh)
     out = algorithm(p)
     if kernels is not None:
-        kernel_info = kernels.info()
-        info["kernels"] = {**kernel_info["kernels"], **info["kernels"]}
-        if "kernel_fallbacks" in kernel_info:
-            info["kernel_fallbacks"] = {
-                **kernel_info["kernel_fallbacks"],
-                **info.get("kernel_fallbacks", {}),
-            }
+        merge_kernel_info(info, kernels.info())  # with what nested solves already added
     like = W if out.rows is None else W[out.rows]  # the weights the result stands for
     if scales is None:
         return finish(like, out.weight, out.keep, out.loss, info, t0, inplace)
