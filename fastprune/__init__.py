@@ -8,6 +8,7 @@ Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 from . import testing  # synthetic layers for tests and benchmarks
 from .evaluate import perplexity
 from .hessian import (
+    DiagonalAccumulator,
     HessianAccumulator,
     InverseHessian,
     accumulate_hessian,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "DiagonalAccumulator",
     "GradientNormAccumulator",
     "HessianAccumulator",
     "InverseHessian",

@@ -206,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         "else the reference's float32 arithmetic; exact: always the reference's",
     )
     q.add_argument(
+        "--hessian-kind",
+        choices=["auto", "full", "diagonal"],
+        default="auto",
+        help="what is accumulated per layer input: the full H, or its diagonal alone (all "
+        "Wanda and GBLM read: no GEMM, cols floats; their layers then report no loss); auto: "
+        "the diagonal for those methods, the full H otherwise",
+    )
+    q.add_argument(
         "--moe-calibration",
         choices=["routed", "all"],
         default="routed",

@@ -11,6 +11,7 @@ import torch
 from .hessian import (
     InverseHessian,
     check_inverse_of,
+    hessian_diagonal,
     hessian_scale_exponent,
     inverse_hessian,
     scale_pow2,
@@ -37,11 +38,12 @@ def wanda_score(
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Wanda's score `|W| * sqrt(scaler)` with `scaler = diag(H)/2` (the per-input-channel
-    `||x_j||^2 / n`) unless a `scaler` is given; in float32, or float64 for float64 inputs."""
+    `||x_j||^2 / n`; H may be that diagonal alone) unless a `scaler` is given; in float32,
+    or float64 for float64 inputs."""
     if scaler is None:
         if H is None:
             raise ValueError("wanda_score needs H or scaler")
-        scaler = torch.diagonal(H) / 2
+        scaler = hessian_diagonal(H) / 2
     dtype = dtype or compute_dtype(W, scaler)
     return W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
 
@@ -64,7 +66,7 @@ def problem_scales(W: torch.Tensor, H: torch.Tensor | None) -> tuple[int, int] |
     so `sqrt(s_h)` is exact too) that bring max|W| to [2^16, 2^17) and max diag(H) to [1, 4).
     Every mask rule here is invariant to these scales (see docs/semantics.md)."""
     wmax = W.abs().amax().item()
-    hmax = 0.0 if H is None else torch.diagonal(H).amax().item()
+    hmax = 0.0 if H is None else hessian_diagonal(H).amax().item()
     w_ok = wmax == 0 or W_RANGE[0] <= wmax <= W_RANGE[1]
     h_ok = hmax == 0 or H_RANGE[0] <= hmax <= H_RANGE[1]
     if w_ok and h_ok and wmax * wmax * hmax <= PRODUCT_MAX:

@@ -34,6 +34,9 @@ from .validation import (
 )
 
 HESSIAN_PRECISIONS = ("auto", "exact", "fast")
+# what a pipeline accumulates per input: the full `H`, or only its diagonal (all that Wanda
+# and GBLM read; "auto" picks it for them)
+HESSIAN_KINDS = ("auto", "full", "diagonal")
 _HALF = (torch.float16, torch.bfloat16)
 # `inverse_hessian` factors H as given when max diag(H) is 0 or in this range, else a copy
 # scaled by a power of four (exactly: the factor then scales by a power of two)
@@ -135,6 +138,22 @@ def running_hessian_update(
     return total
 
 
+def _check_batch(inp: object, cols: int) -> torch.Tensor:
+    """A batch of layer inputs as `[batch, tokens, cols]` (a 2-D input is one sample)."""
+    if not isinstance(inp, torch.Tensor):
+        raise TypeError(f"inp must be a torch.Tensor, got {type(inp).__name__}")
+    if not inp.is_floating_point():
+        raise TypeError(f"inp must be a real floating-point tensor, got dtype {inp.dtype}")
+    if inp.dim() == 2:
+        inp = inp.unsqueeze(0)
+    if inp.dim() != 3 or inp.shape[-1] != cols:
+        raise ValueError(
+            f"inp must be [batch, tokens, {cols}] or [tokens, {cols}], got {tuple(inp.shape)}"
+        )
+    check_real_data(inp, "inp")
+    return inp
+
+
 class HessianAccumulator:
     """Streams activations `[batch, tokens, cols]` or `[tokens, cols]` into `H`.
 
@@ -163,21 +182,10 @@ class HessianAccumulator:
     @torch.no_grad()
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add a batch of layer inputs (the reference's `add_batch(inp, out)` without `out`)."""
-        if not isinstance(inp, torch.Tensor):
-            raise TypeError(f"inp must be a torch.Tensor, got {type(inp).__name__}")
-        if not inp.is_floating_point():
-            raise TypeError(f"inp must be a real floating-point tensor, got dtype {inp.dtype}")
-        if inp.dim() == 2:
-            inp = inp.unsqueeze(0)
-        if inp.dim() != 3 or inp.shape[-1] != self.cols:
-            raise ValueError(
-                f"inp must be [batch, tokens, {self.cols}] or [tokens, {self.cols}], "
-                f"got {tuple(inp.shape)}"
-            )
+        inp = _check_batch(inp, self.cols)
         if inp.shape[0] * inp.shape[1] == 0:  # no tokens (an expert no token was routed to)
             return
         # NaN/inf are refused by the update's range check, before H is touched
-        check_real_data(inp, "inp")
         x = inp.reshape(-1, self.cols).to(device=self.H.device)
         self.nsamples = running_hessian_update(
             self.H, self.nsamples, x.t(), inp.shape[0], self.precision
@@ -187,6 +195,56 @@ class HessianAccumulator:
     def scaler_row(self) -> torch.Tensor:
         """Wanda's `||x_j||^2 / n` per input channel, i.e. `diag(H)/2`."""
         return torch.diagonal(self.H) / 2
+
+
+def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
+    """`diag(H)` of a full `H [cols, cols]`, or `H` itself when only its diagonal `[cols]` is
+    kept (`DiagonalAccumulator`)."""
+    return H if H.dim() == 1 else torch.diagonal(H)
+
+
+class DiagonalAccumulator:
+    """Streams activations (as `HessianAccumulator`) into `diag(H)` alone: `cols` floats
+    instead of `cols^2`, and no GEMM. It keeps Wanda's own statistic, `scaler_row` (the
+    running mean over samples of `||x_j||^2`, in Wanda's arithmetic, so a pipeline's Wanda
+    matches the original code bit for bit), and `H = 2 * scaler_row` (exact: a power of
+    two). For the methods that read only the diagonal (Wanda, GBLM); no layer loss
+    `tr(D H D^T)` can be computed from it."""
+
+    def __init__(self, cols: int, device: torch.device | str | None = None) -> None:
+        self.cols = check_int(cols, "cols", minimum=1)
+        self.scaler_row: torch.Tensor | None = torch.zeros(cols, device=device)
+        self.nsamples = 0
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        return None if self.scaler_row is None else 2 * self.scaler_row
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self.scaler_row = None if value is None else value / 2
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add a batch of layer inputs `[batch, tokens, cols]` (batch samples) or
+        `[tokens, cols]` (one sample); a batch without tokens adds and counts nothing."""
+        inp = _check_batch(inp, self.cols)
+        if inp.shape[0] * inp.shape[1] == 0:
+            return
+        x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device).float()
+        sq = torch.norm(x, p=2, dim=1) ** 2
+        if not torch.isfinite(sq).all():  # NaN/inf inputs, or squares beyond float32
+            if not torch.isfinite(x).all():
+                raise non_finite_error(x, "inp")
+            raise ValueError(
+                "inp: the squared input norms overflow float32 (diag(H)); scale the "
+                "activations down"
+            )
+        # Wanda's update, step for step: scaler *= n/(n+b); n += b; scaler += ||x_j||^2 / n
+        total = self.nsamples + inp.shape[0]
+        self.scaler_row *= self.nsamples / total
+        self.scaler_row += sq / total
+        self.nsamples = total
 
 
 def accumulate_hessian(batches, cols: int | None = None, device=None) -> torch.Tensor:
@@ -425,6 +483,7 @@ def row_losses(W: torch.Tensor, Wp: torch.Tensor, H: torch.Tensor) -> torch.Tens
 
 __all__ = [
     "INVERSE_METHODS",
+    "DiagonalAccumulator",
     "HessianAccumulator",
     "InverseHessian",
     "accumulate_hessian",

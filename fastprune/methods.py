@@ -73,6 +73,8 @@ class Method:
     layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
     row_separable: Callable[[int, Mapping[str, Any]], bool] | None = None
     takes_rows: bool = False  # the solver slices rows itself (`rows=`: ROSE's column order)
+    # the solver reads only diag(H) (Wanda, GBLM): a pipeline may accumulate that alone
+    reads_diagonal: bool = False
     # solves a batch of same-shaped layers at once (MoE experts): `batch_solver(W [E, r, c],
     # H [E, c, c], sparsity, prune_n, prune_m, **solver options, hinvs=)` -> [PruneResult]
     batch_solver: Callable[..., list[PruneResult]] | None = None
@@ -335,6 +337,7 @@ METHODS: dict[str, Method] = {
             wanda_layer,
             "|W| * sqrt(diag(H)/2), per output row",
             row_separable=_selector_separable("wanda"),
+            reads_diagonal=True,
         ),
         Method(
             "sparsegpt",
@@ -362,6 +365,7 @@ METHODS: dict[str, Method] = {
             pipeline_options=GRADIENT_OPTIONS,
             check=_check_gblm,
             row_separable=_selector_separable("gblm"),
+            reads_diagonal=True,
         ),
         Method(
             "sparseswaps",

@@ -68,6 +68,27 @@ def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -
     return H
 
 
+def check_hessian_diagonal(
+    H: object, cols: int, device: torch.device, name: str = "H"
+) -> torch.Tensor:
+    """`diag(H)` given in place of H: a floating `[cols]` tensor on `device`, finite and
+    non-negative."""
+    if not isinstance(H, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(H).__name__}")
+    if not H.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {H.dtype}")
+    if H.shape != (cols,):
+        raise ValueError(
+            f"{name} (the diagonal of H) must have W's {cols} columns, got {tuple(H.shape)}"
+        )
+    check_device(H, device, name)
+    check_finite(H, name)
+    if (H < 0).any():
+        i = int((H < 0).nonzero()[0, 0])
+        raise ValueError(f"{name}: diag(H) must be non-negative, got {H[i].item():g} at {i}")
+    return H
+
+
 def hessian_tolerance(dtype: torch.dtype) -> float:
     """The relative tolerance of `check_gram_like` for an H of `dtype`."""
     return max(HESSIAN_RTOL, 2 * torch.finfo(dtype).eps)

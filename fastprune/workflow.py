@@ -74,6 +74,7 @@ class PruneJob:
     dtype: str = "float32"
     batch_size: int = 1
     hessian_precision: str = "auto"
+    hessian_kind: str = "auto"
     moe_calibration: str = "routed"
     targets: list[str] | None = None
     ignore: list[str] | None = None

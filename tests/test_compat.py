@@ -542,6 +542,13 @@ def test_wrapped_gpt_matches_wanda(gen, pattern):
     assert torch.equal(~r.mask, pruned)
     own = fp.wanda_layer(W0, acc.H, 0.5, n, m)
     assert_masks_agree(r.mask, own.mask, MASK_AGREE)
+    # the diagonal alone, as a pipeline keeps it for Wanda: Wanda's statistic bit for bit
+    diag = fp.DiagonalAccumulator(64)
+    for x in batches:
+        diag.add_batch(x)
+    assert torch.equal(diag.scaler_row, ref.scaler_row) and diag.nsamples == ref.nsamples
+    exact = fp.wanda_layer(W0, diag.H, 0.5, n, m)
+    assert torch.equal(~exact.mask, pruned) and torch.equal(exact.weight, expect)
 
 
 # ------------------------------------------------------------------------- llm-compressor

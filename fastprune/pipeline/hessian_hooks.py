@@ -24,7 +24,7 @@ from ..experts import (
     grouped_tokens,
     routed_tokens,
 )
-from ..hessian import HessianAccumulator, uses_fast_hessian
+from ..hessian import DiagonalAccumulator, HessianAccumulator, uses_fast_hessian
 from ..layers import get_weight
 
 # at most this many bytes of zero-padded expert inputs per batched Hessian GEMM
@@ -208,7 +208,8 @@ class InputHooks:
 
 
 class HessianHooks(InputHooks):
-    """One float32 `H` per distinct input of the block's layers: `acc[leader]`."""
+    """One float32 `H` per distinct input of the block's layers: `acc[leader]`; with
+    `kind="diagonal"`, only its diagonal (a `DiagonalAccumulator`)."""
 
     def __init__(
         self,
@@ -217,15 +218,21 @@ class HessianHooks(InputHooks):
         device,
         precision: str = "auto",
         moe_calibration: str = "routed",
+        kind: str = "full",
     ):
+        if kind not in ("full", "diagonal"):
+            raise ValueError(f"kind must be 'full' or 'diagonal', got {kind!r}")
         self.device = device
         self.precision = precision
-        self.acc: dict[str, HessianAccumulator] = {}
+        self.kind = kind
+        self.acc: dict[str, HessianAccumulator | DiagonalAccumulator] = {}
         self.stacks: dict[str, torch.Tensor] = {}  # a fused projection's experts' Hs
         super().__init__(block, bl, moe_calibration)
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
-        if name not in self.acc:
+        if name not in self.acc and self.kind == "diagonal":
+            self.acc[name] = DiagonalAccumulator(x.shape[-1], device=self.device)
+        elif name not in self.acc:
             self.acc[name] = HessianAccumulator(
                 x.shape[-1], device=self.device, precision=self.precision
             )
@@ -238,7 +245,10 @@ class HessianHooks(InputHooks):
         tokens, zero-padded to the longest: the reference's arithmetic per expert (`H *=
         n/(n+b)`, inputs scaled by `sqrt(2/(n+b))`, `H += x^T x`, float32). Where that
         arithmetic does not apply (half-precision inputs that take the fast path, an update
-        near float32's range) the experts are updated one by one."""
+        near float32's range) the experts are updated one by one; diagonals always are."""
+        if self.kind == "diagonal":
+            super().observe_experts(names, xs)
+            return
         key = names[0]
         if key not in self.stacks:
             cols = xs[0].shape[-1]

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..block_layers import BlockLayers, check_selection, count_block_zeros, find_block_layers
 from ..experts import ExpertProjection, check_moe_calibration
-from ..hessian import HESSIAN_PRECISIONS, inverse_hessian
+from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name
 from ..methods import Method, composed, get_method
@@ -50,9 +50,23 @@ EXPERT_BATCH_BYTES = 1 << 30
 # the arguments every rank must have been given alike (with the pattern, options, blocks,
 # allocation and device type)
 _AGREED = (
-    "method", "sparsity", "seed", "targets", "ignore", "hessian_precision", "moe_calibration",
-    "batch_size",
+    "method", "sparsity", "seed", "targets", "ignore", "hessian_precision", "hessian_kind",
+    "moe_calibration", "batch_size",
 )  # fmt: skip
+
+
+def _check_hessian_kind(kind: object, meth) -> str:
+    """ "full" or "diagonal" for `meth` ("auto": the diagonal where the method reads no more)."""
+    if kind not in HESSIAN_KINDS:
+        raise ValueError(f"hessian_kind must be one of {HESSIAN_KINDS}, got {kind!r}")
+    if kind == "auto":
+        return "diagonal" if meth.reads_diagonal else "full"
+    if kind == "diagonal" and not meth.reads_diagonal:
+        raise ValueError(
+            f"hessian_kind='diagonal' does not fit {meth.name!r}, which needs the full H "
+            "(only Wanda and GBLM read diag(H) alone)"
+        )
+    return kind
 
 
 def _check_device(device, home: torch.device) -> torch.device:
@@ -85,6 +99,7 @@ def prune_model(
     seed: int = 0,
     batch_size: int = 1,
     hessian_precision: str = "auto",
+    hessian_kind: str = "auto",
     targets=None,
     ignore=None,
     blocks: str | None = None,
@@ -121,6 +136,10 @@ def prune_model(
     hessian_precision: "auto" (tensor cores with float32 accumulation for a float16/bfloat16
         model on a GPU, else the reference's float32 arithmetic), "exact" (always the
         reference's) or "fast"; see `fastprune.hessian`.
+    hessian_kind: what is accumulated per layer input: "full" (`H`, cols^2 floats) or
+        "diagonal" (`diag(H)` alone, in Wanda's own arithmetic: cols floats and no GEMM; for
+        the methods that read nothing else, Wanda and GBLM, whose layers then report no
+        loss); "auto" (default) takes "diagonal" for those methods and "full" otherwise.
     targets / ignore: glob patterns on layer names inside a block (`self_attn.*`, `q_proj`,
         `mlp.experts.down_proj`). Every matrix of a block is pruned, left dense by a rule
         (MoE routers, expert bias tables) or by targets/ignore; any other is an error naming
@@ -255,6 +274,7 @@ class PruneArgs:
     seed: int
     batch_size: int
     hessian_precision: str
+    hessian_kind: str
     moe_calibration: str
     targets: Any
     ignore: Any
@@ -271,7 +291,8 @@ class PruneArgs:
 
 def check_prune_args(
     model, calibration, method, sparsity, prune_n, prune_m, device, *, tokenizer, nsamples,
-    seqlen, seed, batch_size, hessian_precision, targets, ignore, blocks, offload_activations,
+    seqlen, seed, batch_size, hessian_precision, hessian_kind, targets, ignore, blocks,
+    offload_activations,
     allocation, owl_threshold, owl_lambda, moe_calibration, progress, method_options,
 ) -> PruneArgs:  # fmt: skip
     """Every argument checked before any work (errors name the argument); the calibration
@@ -293,6 +314,7 @@ def check_prune_args(
         raise ValueError(
             f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
         )
+    hessian_kind = _check_hessian_kind(hessian_kind, meth)
     dev = _check_device(device, model_device(model))
     blocks_path, block_list = find_blocks(model, blocks)
     moe_calibration = check_moe_calibration(moe_calibration)
@@ -324,7 +346,8 @@ def check_prune_args(
             raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
     return PruneArgs(
         model, method, meth, opts, sparsity, n, m, dev, blocks_path, block_list, kinds,
-        layouts, calib, seed, batch_size, hessian_precision, moe_calibration, targets, ignore,
+        layouts, calib, seed, batch_size, hessian_precision, hessian_kind, moe_calibration,
+        targets, ignore,
         offload_activations, allocation, owl_threshold, owl_lambda, progress,
     )  # fmt: skip
 
@@ -352,7 +375,11 @@ class PruneRun:
             device=str(a.dev),
             options=jsonable(
                 {k: v for k, v in a.opts.items() if k not in _UNREPORTED}
-                | ({"hessian_precision": a.hessian_precision} if a.meth.needs_calibration else {})
+                | (
+                    {"hessian_precision": a.hessian_precision, "hessian_kind": a.hessian_kind}
+                    if a.meth.needs_hessian
+                    else {}
+                )
                 | ({"allocation": a.allocation} if a.meth.needs_calibration else {})
             ),
         )
@@ -484,7 +511,9 @@ class PruneRun:
             self.store.enter(i, block, f"{a.blocks_path}.{i}", a.dev)
             if self.acts is None:
                 return None
-            hooks = HessianHooks(block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration)
+            hooks = HessianHooks(
+                block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind
+            )
             try:
                 run_block(
                     block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i], hooks=hooks
@@ -509,7 +538,16 @@ class PruneRun:
                 self.untouched.extend(f"{i}.{k}" for k in _identity_for_unrouted(hooks, block_name))
                 for group in _expert_groups(lins):
                     batched.update(self._solve_experts(i, hooks, inverses, group))
-            done = [batched.get(name) or solve(name, mod) for name, mod in lins.items()]
+            done = []
+            last_use = {} if hooks is None else {hooks.leader.get(k): k for k in lins}
+            for name, mod in lins.items():
+                done.append(batched.get(name) or solve(name, mod))
+                lead = None if hooks is None else hooks.leader.get(name)
+                if lead is not None and last_use.get(lead) == name:
+                    # this input's last layer is solved: its H and inverse go now, so a
+                    # block never holds more than the rest of its own
+                    hooks.acc[lead].H = None
+                    inverses.pop(lead, None)
         else:
             comm = self.comm
             lead_of = {} if hooks is None else hooks.leader
@@ -670,8 +708,10 @@ def _identity_for_unrouted(hooks, block: str) -> list[str]:
     for name, acc in hooks.acc.items():
         if name in hooks.tokens and acc.nsamples == 0:
             out.append(name)
-            if acc.H is not None:
-                acc.H = torch.eye(acc.cols, dtype=acc.H.dtype, device=acc.H.device)
+            H = acc.H
+            if H is not None:
+                eye = torch.ones(acc.cols) if H.dim() == 1 else torch.eye(acc.cols)
+                acc.H = eye.to(H)
     if out:
         logger.warning(
             "%s: %d expert layer(s) received no calibration token (%s%s): pruned with H = I, "

@@ -39,7 +39,8 @@ def gblm_layer(
     inplace: bool = False,
 ) -> PruneResult:
     """GBLM-Pruner: score `|W| * sqrt(diag(H)/2) + alpha * |W| * G` with `G` the accumulated
-    gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda."""
+    gradient norm per weight (see `fastprune.gradient_norm`); selection as Wanda. `H` may
+    be its diagonal alone, `[cols]`."""
 
     def check_g(W: torch.Tensor, H: torch.Tensor | None) -> None:
         if not isinstance(G, torch.Tensor):
@@ -56,14 +57,15 @@ def gblm_layer(
         if not (number and math.isfinite(alpha)):
             raise TypeError(f"alpha must be a finite number, got {alpha!r}")
 
-    def score(p: Problem) -> torch.Tensor:
+    def score(p: Problem):
         p.info["alpha"] = float(alpha)
         # G scales as sqrt(H), so on a rescaled layer the score's two terms keep their ratio
-        return gblm_score(p.W, p.H, p.like_sqrt_h(G), float(alpha))
+        g = p.like_sqrt_h(G)
+        return lambda r: gblm_score(p.W[r], p.H, g[r], float(alpha))
 
     return run_solver(
         "gblm", W, H, sparsity, prune_n, prune_m, by_score(score, per_row=True),
-        inplace=inplace, check=check_g,
+        diagonal_h=True, inplace=inplace, check=check_g,
     )  # fmt: skip
 
 

@@ -34,5 +34,6 @@ def magnitude_layer(
     group. `H` is optional and only used to report the loss."""
     return run_solver(
         "magnitude", W, H, sparsity, prune_n, prune_m,
-        by_score(lambda p: p.W.abs(), per_row=False), needs_h=False, inplace=inplace,
+        by_score(lambda p: lambda r: p.W[r].abs(), per_row=False), needs_h=False,
+        diagonal_h=True, inplace=inplace,
     )  # fmt: skip

@@ -35,6 +35,7 @@ from ..result import PruneResult
 from ..validation import (
     check_backend,
     check_hessian,
+    check_hessian_diagonal,
     check_inplace,
     check_mask,
     check_pattern,
@@ -130,6 +131,7 @@ def run_solver(
     algorithm: Callable[[Problem], Outcome],
     *,
     needs_h: bool = True,
+    diagonal_h: bool = False,
     backend: str | None = None,
     ops: Sequence[str] = (),
     inplace: bool = False,
@@ -140,11 +142,14 @@ def run_solver(
     the solve's range, and finish its `Outcome` into a `PruneResult` for the W given: weights
     scaled back (an overflow of W's dtype is an error), the loss and the losses in `info`
     by `s_w^2 s_h`, the damping by `s_h`. `backend`/`ops`: the `Kernels` the algorithm gets
-    (none when `ops` is empty). `H` is checked when `needs_h` or given."""
+    (none when `ops` is empty). `H` is checked when `needs_h` or given; with `diagonal_h`
+    (a solver that reads only diag(H)) it may be that diagonal alone, `[cols]`."""
     t0 = time.perf_counter()
     W = check_weight(W)
     check_inplace(inplace, W)
-    if needs_h or H is not None:
+    if diagonal_h and isinstance(H, torch.Tensor) and H.dim() == 1:
+        H = check_hessian_diagonal(H, W.shape[1], W.device)
+    elif needs_h or H is not None:
         H = check_hessian(H, W.shape[1], W.device)
     s = check_sparsity(sparsity)
     n, m = check_pattern(prune_n, prune_m, W.shape[1])

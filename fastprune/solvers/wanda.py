@@ -21,8 +21,10 @@ def wanda_layer(
     inplace: bool = False,
 ) -> PruneResult:
     """Wanda: score `|W| * sqrt(diag(H)/2)`; per output row prune the `int(cols*sparsity)`
-    lowest (stable sort); N:M per group."""
+    lowest (stable sort); N:M per group. `H` may be its diagonal alone, `[cols]` (all Wanda
+    reads; the result then has no layer loss)."""
     return run_solver(
         "wanda", W, H, sparsity, prune_n, prune_m,
-        by_score(lambda p: wanda_score(p.W, p.H), per_row=True), inplace=inplace,
+        by_score(lambda p: lambda r: wanda_score(p.W[r], p.H), per_row=True),
+        diagonal_h=True, inplace=inplace,
     )  # fmt: skip

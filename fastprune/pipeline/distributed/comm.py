@@ -147,7 +147,7 @@ class Comm:
             self._sum_onto(buf, dests, "the Hessian reduction")
             total = int(counts[j].item())
             if self.rank in dests:
-                acc.H.copy_(buf.div_(total))
+                acc.H = buf.div_(total).to(acc.H)  # a full H or its diagonal
                 acc.nsamples = total
             else:
                 acc.H = None
