@@ -1,15 +1,20 @@
-"""Perplexity of every peer method and of fastprune's recipes on the built-in model.
+"""Perplexity of every peer method and of fastprune's recipes on the built-in model, over
+several calibration samples and texts of three domains.
 
-SmolLM2-135M (built in), 32x512 calibration windows of the built-in text, perplexity on the
-built-in evaluation text (CPython's help topics, held out) and on a text of another domain:
-the GNU GPL version 3 (legal prose; Debian ships it in `/usr/share/common-licenses/GPL-3`,
-any file can be given with `--second-text`). Every configuration prunes a fresh copy of the
-dense weights; its prune seconds are `PruneReport.seconds` (calibration forwards, Hessians,
-gradients, solves). Rows are appended to `OUT.jsonl` as they finish, so an interrupted run
-resumes where it stopped (`--rerun` runs finished rows again; the table keeps the last row of
-each configuration and pattern); `--table` writes `OUT.json`, `OUT.csv` and `OUT.md` from them.
+SmolLM2-135M (built in), 32x512 calibration windows of the built-in text drawn with each seed
+of `--seeds` (one calibration sample per seed), perplexity on three texts the calibration
+never saw: the built-in evaluation text (CPython's help topics, held out: technical prose),
+the GNU GPL version 3 (legal prose; Debian ships it in `/usr/share/common-licenses/GPL-3`)
+and Python source code (the standard library's own `argparse.py`, which ships with every
+Python); `--texts` names others. Every configuration prunes a fresh copy of the dense
+weights; its prune seconds are `PruneReport.seconds` (calibration forwards, Hessians,
+gradients, solves). Rows are appended to `OUT.jsonl` as they finish, keyed by (configuration,
+pattern, seed), so an interrupted run resumes where it stopped (`--rerun` runs finished rows
+again; the tables keep the last row of each key). `--table` writes `OUT.json`, `OUT.csv` and
+`OUT.md`: per pattern and text, the mean and sample standard deviation over the seeds, and
+how the recipe compares with the best peer seed by seed.
 
-    python -m benchmarks.quality_recipes --configs peers --patterns 50%,2:4
+    python -m benchmarks.quality_recipes --configs peers,fastprune --patterns 2:4,50%
     python -m benchmarks.quality_recipes --table
 """
 
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -27,8 +33,14 @@ from benchmarks.harness import device_name, versions, write_rows
 from fastprune.data import get_calibration, read_text_file, text_for, tokenize
 from fastprune.evaluate import perplexity
 
-OUT = "benchmarks/results/quality_recipes_smollm2_cpu"
-SECOND_TEXT = "/usr/share/common-licenses/GPL-3"
+OUT = "benchmarks/results/quality_seeds_smollm2_cpu"
+# name -> text ("builtin": the held-out built-in text; else a file path)
+TEXTS = {
+    "builtin": "builtin",
+    "gpl3": "/usr/share/common-licenses/GPL-3",
+    "code": argparse.__file__,
+}
+RECIPE = "fastprune"
 
 # label -> prune_model keyword arguments (besides calibration, sparsity and pattern)
 PEERS = {
@@ -80,11 +92,24 @@ def load_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run(args) -> None:
-    jsonl = Path(args.out + ".jsonl")
-    done = {(r["config"], r["pattern"]) for r in load_rows(jsonl)}
+def key(row: dict) -> tuple:
+    return row["config"], row["pattern"], row.get("seed", 0)
+
+
+def parse_texts(spec: str) -> dict[str, str]:
+    """`name=path,name=path` (a bare known name takes its default path)."""
+    out = {}
+    for item in spec.split(","):
+        name, _, path = item.partition("=")
+        if not path and name not in TEXTS:
+            raise SystemExit(f"text {name!r} needs a path (name=path); known: {', '.join(TEXTS)}")
+        out[name] = path or TEXTS[name]
+    return out
+
+
+def pick_configs(spec: str) -> dict[str, dict]:
     configs = {}
-    for name in args.configs.split(","):
+    for name in spec.split(","):
         if name in GROUPS:
             configs.update(GROUPS[name])
         elif name in PEERS or name in COMBOS:
@@ -92,23 +117,34 @@ def run(args) -> None:
         else:
             known = ", ".join([*GROUPS, *PEERS, *COMBOS])
             raise SystemExit(f"unknown config {name!r}; known: {known}")
+    return configs
+
+
+def run(args) -> None:
+    jsonl = Path(args.out + ".jsonl")
+    done = {key(r) for r in load_rows(jsonl)}
+    configs = pick_configs(args.configs)
+    seeds = [int(x) for x in args.seeds.split(",")]
+    # pattern by pattern, then seed by seed: every finished (pattern, seed) is a comparison
     todo = [
-        (c, p)
+        (c, p, sd)
         for p in args.patterns.split(",")
+        for sd in seeds
         for c in configs
-        if args.rerun or (c, p) not in done
+        if args.rerun or (c, p, sd) not in done
     ]
-    if not todo and ("dense", "-") in done:
+    if not todo and ("dense", "-", "-") in done:
         print("nothing to do")
         return
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    calib = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed=0)
     texts = {
-        "builtin": tokenize(tok, text_for("builtin", "eval")),
-        "gpl3": tokenize(tok, read_text_file(args.second_text, "eval")),
-    }
+        name: tokenize(tok, text_for("builtin", "eval") if path == "builtin" else
+                       read_text_file(path, "eval"))
+        for name, path in parse_texts(args.texts).items()
+    }  # fmt: skip
+    calib = {}
 
     def evaluate() -> dict:
         return {
@@ -120,23 +156,30 @@ def run(args) -> None:
 
     common = {
         "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
-        "eval_windows": args.eval_windows, "device": device_name("cpu"), **versions(),
+        "eval_windows": args.eval_windows, "texts": parse_texts(args.texts),
+        "eval_tokens": {k: int(v.numel()) for k, v in texts.items()},
+        "device": device_name("cpu"), **versions(),
     }  # fmt: skip
     with jsonl.open("a") as f:
-        if ("dense", "-") not in done:
-            f.write(json.dumps({"config": "dense", "pattern": "-", **evaluate(), **common}) + "\n")
+        if ("dense", "-", "-") not in done:
+            row = {"config": "dense", "pattern": "-", "seed": "-", **evaluate(), **common}
+            f.write(json.dumps(row) + "\n")
             f.flush()
-        for config, pat in todo:
+        for config, pat, seed in todo:
+            if seed not in calib:
+                calib[seed] = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed)
             model.load_state_dict(dense)
             kw = dict(configs[config])
             t0 = time.perf_counter()
             rep = fp.prune_model(
-                model, calib, **pattern_args(pat), progress=not args.no_progress, **kw
-            )
+                model, calib[seed], **pattern_args(pat), seed=seed,
+                progress=not args.no_progress, **kw,
+            )  # fmt: skip
             wall = time.perf_counter() - t0
             row = {
                 "config": config,
                 "pattern": pat,
+                "seed": seed,
                 **evaluate(),
                 "prune_s": round(rep.seconds, 1),
                 "wall_s": round(wall, 1),
@@ -151,34 +194,109 @@ def run(args) -> None:
             f.flush()
 
 
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value), min, max and count."""
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
+    """Per (pattern, text): each configuration's `spread` over its seeds, and the recipe
+    against the best peer (lowest mean): the margin of the means, on how many shared seeds
+    the recipe was lower, and whether the margin exceeds both standard deviations."""
+    last = {key(r): r for r in rows}
+    texts = [k[4:] for k in next(iter(last.values()), {}) if k.startswith("ppl_")]
+    pats = list(dict.fromkeys(k[1] for k in last if k[1] != "-"))
+    out = {}
+    for p in pats:
+        for t in texts:
+            per = {}
+            for (c, pat, seed), r in last.items():
+                if pat == p and f"ppl_{t}" in r:
+                    per.setdefault(c, {})[seed] = r[f"ppl_{t}"]
+            cell = {c: spread(list(v.values())) for c, v in per.items()}
+            secs = {}
+            for (c, pat, _), r in last.items():
+                if pat == p and "prune_s" in r:
+                    secs.setdefault(c, []).append(r["prune_s"])
+            for c in cell:
+                cell[c]["prune_s"] = statistics.fmean(secs[c]) if c in secs else None
+            verdict = None
+            peers = [c for c in cell if c in PEERS]
+            if recipe in cell and peers:
+                best = min(peers, key=lambda c: cell[c]["mean"])
+                mine, theirs = cell[recipe], cell[best]
+                shared = sorted(set(per[recipe]) & set(per[best]), key=str)
+                wins = sum(per[recipe][s] < per[best][s] for s in shared)
+                gap = theirs["mean"] - mine["mean"]
+                verdict = {
+                    "best_peer": best,
+                    "margin_pct": 100 * gap / theirs["mean"],
+                    "wins": wins,
+                    "seeds": len(shared),
+                    "beyond_spread": gap > max(mine["sd"], theirs["sd"]),
+                }
+            out[(p, t)] = {"cells": cell, "verdict": verdict}
+    return out
+
+
 def table(args) -> None:
-    """OUT.json/.csv (every row) and OUT.md: per configuration (peers and fastprune first)
-    and pattern, the last row's perplexity on both texts and its prune seconds."""
+    """OUT.json/.csv (every row) and OUT.md: per pattern, each configuration's mean +- sd
+    of perplexity on every text and its mean prune seconds, then the recipe against the best
+    peer; and a summary of the margins."""
     rows = load_rows(Path(args.out + ".jsonl"))
     write_rows(rows, args.out)
-    pats = list(dict.fromkeys(r["pattern"] for r in rows if r["pattern"] != "-"))
-    by = {(r["config"], r["pattern"]): r for r in rows}
-    dense = by.get(("dense", "-"), {})
-    ran = list(dict.fromkeys(r["config"] for r in rows if r["config"] != "dense"))
-    first = [c for c in (*PEERS, "fastprune") if c in ran]
-    order = first + [c for c in ran if c not in first]
-    lines = [
-        "| method | " + " | ".join(f"{p}: builtin / gpl3 (prune s)" for p in pats) + " |",
-        "|---|" + "---|" * len(pats),
-        "| dense | " + " | ".join(
-            f"{dense.get('ppl_builtin', 0):.2f} / {dense.get('ppl_gpl3', 0):.2f}" for _ in pats
-        ) + " |",
-    ]  # fmt: skip
-    for c in order:
+    summ = summarize(rows)
+    dense = next((r for r in reversed(rows) if r["config"] == "dense"), {})
+    texts = [k[4:] for k in dense if k.startswith("ppl_")] or sorted({t for _, t in summ})
+    pats = list(dict.fromkeys(p for p, _ in summ))
+    lines = []
+    for p in pats:
+        n = max((c["n"] for t in texts for c in summ.get((p, t), {"cells": {}})["cells"].values()),
+                default=0)  # fmt: skip
+        lines += [
+            f"### {p} (mean +- sd over up to {n} calibration seeds; prune seconds: mean)",
+            "",
+            "| method | " + " | ".join(texts) + " | prune s |",
+            "|---|" + "---|" * (len(texts) + 1),
+            "| dense | " + " | ".join(f"{dense.get('ppl_' + t, 0):.2f}" for t in texts) + " | |",
+        ]
+        configs = list(dict.fromkeys(c for t in texts for c in summ[(p, t)]["cells"]))
+        first = [c for c in (*PEERS, RECIPE) if c in configs]
+        for c in first + [c for c in configs if c not in first]:
+            cells, secs = [], None
+            for t in texts:
+                x = summ[(p, t)]["cells"].get(c)
+                best = summ[(p, t)]["verdict"]
+                mark = "**" if best and c == RECIPE and best["beyond_spread"] and best[
+                    "margin_pct"] > 0 else ""  # fmt: skip
+                cells.append(
+                    ""
+                    if x is None
+                    else f"{mark}{x['mean']:.2f} +- {x['sd']:.2f}{mark} (n={x['n']})"
+                )
+                secs = secs or (x and x["prune_s"])
+            lines.append(f"| {c} | " + " | ".join(cells) + f" | {secs or 0:.0f} |")
+        lines.append("")
+    lines += [
+        "### The recipe against the best peer (its mean lower by; seeds it was lower on)",
+        "",
+        "| pattern | " + " | ".join(texts) + " |",
+        "|---|" + "---|" * len(texts),
+    ]
+    for p in pats:
         cells = []
-        for p in pats:
-            r = by.get((c, p))
-            cells.append(
-                ""
-                if r is None
-                else f"{r['ppl_builtin']:.2f} / {r['ppl_gpl3']:.2f} ({r['prune_s']:.0f})"
-            )
-        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        for t in texts:
+            v = summ[(p, t)]["verdict"]
+            cells.append("" if v is None else (
+                f"{v['margin_pct']:+.1f}% vs {v['best_peer']} ({v['wins']}/{v['seeds']}"
+                f"{', beyond sd' if v['beyond_spread'] else ''})"))  # fmt: skip
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -186,12 +304,19 @@ def table(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--configs", default="peers,combos", help="groups or labels, comma-separated")
+    ap.add_argument(
+        "--configs", default="peers,fastprune", help="groups or labels, comma-separated"
+    )
     ap.add_argument("--patterns", default="50%,2:4,70%,4:8")
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=16)
-    ap.add_argument("--second-text", default=SECOND_TEXT)
+    ap.add_argument("--seeds", default="0,1,2", help="calibration window seeds, comma-separated")
+    ap.add_argument(
+        "--texts",
+        default="builtin,gpl3,code",
+        help="evaluation texts: names of the defaults or name=path, comma-separated",
+    )
     ap.add_argument("--out", default=OUT)
     ap.add_argument(
         "--rerun", action="store_true", help="run finished rows again (the table keeps the last)"

@@ -221,6 +221,6 @@ def count_block_zeros(blocks: nn.ModuleList) -> tuple[int, int]:
     for b in blocks:
         for p in b.parameters():
             if p.dim() >= 2:
-                zeros += int((p == 0).sum().item())
+                zeros += p.numel() - torch.count_nonzero(p).item()
                 total += p.numel()
     return zeros, total

@@ -65,7 +65,8 @@ def problem_scales(W: torch.Tensor, H: torch.Tensor | None) -> tuple[int, int] |
     exponents `(ew, eh)` of the power-of-two scales `s_w = 2^ew`, `s_h = 2^eh` (`eh` even,
     so `sqrt(s_h)` is exact too) that bring max|W| to [2^16, 2^17) and max diag(H) to [1, 4).
     Every mask rule here is invariant to these scales (see docs/semantics.md)."""
-    wmax = W.abs().amax().item()
+    lo, hi = torch.aminmax(W)  # max|W| without a |W| temporary
+    wmax = torch.stack([lo.abs(), hi.abs()]).amax().item()
     hmax = 0.0 if H is None else hessian_diagonal(H).amax().item()
     w_ok = wmax == 0 or W_RANGE[0] <= wmax <= W_RANGE[1]
     h_ok = hmax == 0 or H_RANGE[0] <= hmax <= H_RANGE[1]
@@ -175,6 +176,6 @@ def finish(
     if inplace:
         W.copy_(weight)
         weight = W
-    info["achieved_sparsity"] = 1.0 - keep.float().mean().item()
+    info["achieved_sparsity"] = 1.0 - torch.count_nonzero(keep).item() / keep.numel()
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight, keep, loss, info)

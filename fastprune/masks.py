@@ -35,14 +35,28 @@ def lowest_n_along_dim0(score: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def row_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """True for the `int(cols * sparsity)` lowest scores of each row (stable sort, as Wanda)."""
+    """True for the `int(cols * sparsity)` lowest scores of each row, ties taken by
+    position: exactly the first `k` of Wanda's stable sort. On a GPU by that sort; on the
+    CPU by a selection (kthvalue: each row's k-th lowest `t`; every score below `t`, then
+    the first of those equal to `t` by position), 4-5x faster than sorting there."""
     rows, cols = score.shape
     k = int(cols * sparsity)
-    pruned = torch.zeros_like(score, dtype=torch.bool)
-    if k > 0:
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if score.is_cuda:
+        pruned = torch.zeros_like(score, dtype=torch.bool)
         idx = torch.sort(score, dim=-1, stable=True).indices[:, :k]
-        pruned.scatter_(1, idx, True)
-    return pruned
+        return pruned.scatter_(1, idx, True)
+    t = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    pruned = score < t
+    tied = score == t
+    need = k - pruned.sum(1)  # >= 1: t itself is among the k lowest
+    crowded = (tied.sum(1) > need).nonzero().squeeze(1)  # rows with more ties than room
+    if crowded.numel():
+        first = tied[crowded]
+        first &= first.cumsum(1) <= need[crowded, None]
+        tied[crowded] = first
+    return pruned.logical_or_(tied)
 
 
 def global_prune_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:

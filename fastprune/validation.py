@@ -44,10 +44,19 @@ def non_finite_error(T: torch.Tensor, name: str) -> ValueError:
     return ValueError(f"{name} contains {bad} NaN/inf value(s)")
 
 
+def all_finite(T: torch.Tensor) -> bool:
+    """Whether `T` holds no NaN/inf, from its min and max (NaN propagates into both): one
+    pass and no temporary the size of `T`."""
+    if not T.is_floating_point() or T.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(T)
+    return bool(torch.isfinite(torch.stack([lo, hi])).all())
+
+
 def check_finite(T: torch.Tensor, name: str) -> None:
     """Reject meta tensors (no data) and NaN/inf instead of letting them propagate."""
     check_real_data(T, name)
-    if not torch.isfinite(T).all():
+    if not all_finite(T):
         raise non_finite_error(T, name)
 
 

@@ -192,37 +192,56 @@ def test_distributed_cost_model(tmp_path):
 
 
 def test_quality_recipes_table(tmp_path):
-    """The recipes table is built from the resumable rows (no model is run here)."""
+    """The seeds x texts table is built from the resumable rows (no model is run here):
+    mean and sample sd per cell, the recipe against the best peer seed by seed."""
     import argparse
     import json
 
     from benchmarks import quality_recipes as q
 
     out = tmp_path / "q"
+
+    def row(config, pattern, seed, a, b, s=100.0):
+        return {"config": config, "pattern": pattern, "seed": seed, "ppl_builtin": a,
+                "ppl_gpl3": b, "prune_s": s}  # fmt: skip
+
     rows = [
-        {"config": "dense", "pattern": "-", "ppl_builtin": 12.5, "ppl_gpl3": 23.0},
-        {"config": "sparsegpt", "pattern": "50%", "ppl_builtin": 18.3, "ppl_gpl3": 47.6,
-         "prune_s": 150.0},
-        {"config": "sparsegpt+owl", "pattern": "50%", "ppl_builtin": 19.0, "ppl_gpl3": 52.0,
-         "prune_s": 160.0},
-        {"config": "fastprune", "pattern": "2:4", "ppl_builtin": 30.1, "ppl_gpl3": 80.2,
-         "prune_s": 400.0},
-        {"config": "sparsegpt", "pattern": "50%", "ppl_builtin": 18.3, "ppl_gpl3": 47.6,
-         "prune_s": 110.4},  # a rerun: the table keeps the last row
-    ]  # fmt: skip
+        {"config": "dense", "pattern": "-", "seed": "-", "ppl_builtin": 12.5, "ppl_gpl3": 23.0},
+        row("sparsegpt", "50%", 0, 18.0, 47.0),
+        row("sparsegpt", "50%", 1, 19.0, 48.0),
+        row("sparseswaps", "50%", 0, 21.0, 45.0, 200.0),
+        row("sparseswaps", "50%", 1, 22.0, 46.0, 300.0),
+        row("fastprune", "50%", 0, 17.0, 46.0),
+        row("fastprune", "50%", 1, 18.0, 47.0),
+        row("sparsegpt", "50%", 1, 20.0, 48.0),  # a rerun: the last row of a key counts
+        row("sparsegpt+owl", "50%", 0, 19.5, 50.0),
+    ]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summ = q.summarize(q.load_rows(tmp_path / "q.jsonl"))
+    cell = summ[("50%", "builtin")]["cells"]["sparsegpt"]
+    assert (cell["mean"], cell["n"], cell["min"], cell["max"]) == (19.0, 2, 18.0, 20.0)
+    assert cell["sd"] == pytest.approx(2**0.5)
+    assert cell["prune_s"] == 100.0
+    v = summ[("50%", "builtin")]["verdict"]  # 17.5 vs sparsegpt's 19.0, lower on both seeds
+    assert v["best_peer"] == "sparsegpt" and (v["wins"], v["seeds"]) == (2, 2)
+    assert v["margin_pct"] == pytest.approx(100 * 1.5 / 19.0)
+    assert v["beyond_spread"]  # 1.5 above both sds (sparsegpt's 1.41)
+    v = summ[("50%", "gpl3")]["verdict"]  # 46.5 vs sparseswaps' 45.5: worse on both seeds
+    assert v["best_peer"] == "sparseswaps" and v["wins"] == 0 and v["margin_pct"] < 0
     q.table(argparse.Namespace(out=str(out)))
     md = (tmp_path / "q.md").read_text().splitlines()
-    assert md[0] == "| method | 50%: builtin / gpl3 (prune s) | 2:4: builtin / gpl3 (prune s) |"
-    assert md[2] == "| dense | 12.50 / 23.00 | 12.50 / 23.00 |"
-    assert md[3:] == [  # peers, then fastprune, then the other combinations
-        "| sparsegpt | 18.30 / 47.60 (110) |  |",
-        "| fastprune |  | 30.10 / 80.20 (400) |",
-        "| sparsegpt+owl | 19.00 / 52.00 (160) |  |",
-    ]
+    assert md[2] == "| method | builtin | gpl3 | prune s |"
+    assert md[4] == "| dense | 12.50 | 23.00 | |"
+    assert md[5] == "| sparsegpt | 19.00 +- 1.41 (n=2) | 47.50 +- 0.71 (n=2) | 100 |"
+    assert md[7] == "| fastprune | **17.50 +- 0.71** (n=2) | 46.50 +- 0.71 (n=2) | 100 |"
+    assert md[8].startswith("| sparsegpt+owl | 19.50 +- 0.00 (n=1)")
+    assert md[-1] == "| 50% | +7.9% vs sparsegpt (2/2, beyond sd) | -2.2% vs sparseswaps (0/2) |"
     assert json.loads((tmp_path / "q.json").read_text())[1]["config"] == "sparsegpt"
     assert q.pattern_args("2:4") == {"sparsity": 0.5, "prune_n": 2, "prune_m": 4}
     assert q.pattern_args("70%") == {"sparsity": 0.7, "prune_n": 0, "prune_m": 0}
+    assert q.parse_texts("builtin,mine=/x.txt") == {"builtin": "builtin", "mine": "/x.txt"}
+    with pytest.raises(SystemExit, match="needs a path"):
+        q.parse_texts("poetry")
 
 
 def test_stream_benchmark_rows(tmp_path):

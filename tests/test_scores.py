@@ -99,3 +99,29 @@ def test_half_precision_weights(gen, dtype):
     W, H, _ = fp.testing.random_layer(8, 32, generator=gen)
     r = fp.wanda_layer(W.to(dtype), H, prune_n=2, prune_m=4)
     assert r.weight.dtype == dtype and fp.check_nm_keep_mask(r.mask, 2, 4)
+
+
+def _stable_sort_rows(score, sparsity):
+    """The first `int(cols * sparsity)` of each row's stable sort (Wanda's own rule)."""
+    k = int(score.shape[1] * sparsity)
+    pruned = torch.zeros_like(score, dtype=torch.bool)
+    if k:
+        pruned.scatter_(1, torch.sort(score, dim=-1, stable=True).indices[:, :k], True)
+    return pruned
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 1), (1, 17), (7, 2), (31, 97), (64, 256)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9, 0.99])
+@pytest.mark.parametrize("levels", [2, 5, None])  # heavy ties, some, none
+def test_row_selection_is_the_stable_sort(gen, rows, cols, sparsity, levels):
+    from fastprune.masks import row_prune_mask
+
+    if levels is None:
+        score = torch.rand(rows, cols, generator=gen)
+    else:
+        score = torch.randint(0, levels, (rows, cols), generator=gen).float()
+        score[0, : cols // 2] = 0.0  # a row with a long run of equal lowest scores
+    got, want = row_prune_mask(score, sparsity), _stable_sort_rows(score, sparsity)
+    bad = (got != want).nonzero()
+    assert not bad.numel(), f"{bad.shape[0]} differ, first at {bad[:3].tolist()}"
+    assert (got.sum(1) == int(cols * sparsity)).all()

@@ -727,7 +727,7 @@ def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> L
         block=i,
         shape=tuple(W.shape),
         method=method,
-        sparsity=1.0 - int(r.mask.sum().item()) / r.mask.numel(),
+        sparsity=1.0 - torch.count_nonzero(r.mask).item() / r.mask.numel(),
         loss=r.loss,
         seconds=float(r.info.get("seconds", 0.0)),
         hessian=None if lead is None else f"{i}.{lead}",
