@@ -75,6 +75,11 @@ COMBOS = {
         "reconstruct": True,
     },
     "wanda+swaps+rec": {"method": "wanda", "refine": "sparseswaps", "reconstruct": True},
+    # regularised reconstruction: more damping shrinks the OBS updates toward the kept weights
+    "fastprune+damp0.05": {"method": "fastprune", "percdamp": 0.05},
+    "fastprune+damp0.1": {"method": "fastprune", "percdamp": 0.1},
+    # the recipe's swaps without its final reconstruction
+    "fastprune-rec": {"method": "fastprune", "reconstruct": False},
 }  # fmt: skip
 GROUPS = {"peers": PEERS, "combos": COMBOS}
 
