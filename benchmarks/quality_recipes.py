@@ -212,8 +212,9 @@ def spread(values: list[float]) -> dict:
 
 def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
     """Per (pattern, text): each configuration's `spread` over its seeds, and the recipe
-    against the best peer (lowest mean): the margin of the means, on how many shared seeds
-    the recipe was lower, and whether the margin exceeds both standard deviations."""
+    against the best peer (lowest mean), on the seeds both ran: the margin of their means, on
+    how many of those seeds the recipe was lower, and whether the margin exceeds both
+    standard deviations."""
     last = {key(r): r for r in rows}
     texts = [k[4:] for k in next(iter(last.values()), {}) if k.startswith("ppl_")]
     pats = list(dict.fromkeys(k[1] for k in last if k[1] != "-"))
@@ -235,17 +236,18 @@ def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
             peers = [c for c in cell if c in PEERS]
             if recipe in cell and peers:
                 best = min(peers, key=lambda c: cell[c]["mean"])
-                mine, theirs = cell[recipe], cell[best]
                 shared = sorted(set(per[recipe]) & set(per[best]), key=str)
-                wins = sum(per[recipe][s] < per[best][s] for s in shared)
-                gap = theirs["mean"] - mine["mean"]
-                verdict = {
-                    "best_peer": best,
-                    "margin_pct": 100 * gap / theirs["mean"],
-                    "wins": wins,
-                    "seeds": len(shared),
-                    "beyond_spread": gap > max(mine["sd"], theirs["sd"]),
-                }
+                if shared:  # compared on the calibration samples both ran
+                    mine = spread([per[recipe][s] for s in shared])
+                    theirs = spread([per[best][s] for s in shared])
+                    gap = theirs["mean"] - mine["mean"]
+                    verdict = {
+                        "best_peer": best,
+                        "margin_pct": 100 * gap / theirs["mean"],
+                        "wins": sum(per[recipe][s] < per[best][s] for s in shared),
+                        "seeds": len(shared),
+                        "beyond_spread": len(shared) > 1 and gap > max(mine["sd"], theirs["sd"]),
+                    }
             out[(p, t)] = {"cells": cell, "verdict": verdict}
     return out
 
