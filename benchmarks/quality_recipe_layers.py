@@ -1,10 +1,14 @@
-"""Layer errors of recipe candidates on a real model's layers, relative to SparseGPT's.
+"""Layer errors of recipe candidates on a real model's layers, relative to SparseGPT's, on
+the calibration text and on texts it never saw.
 
 Hessians come from the dense model's own activations on the built-in calibration text (hooks
 on the chosen blocks' linears; k/v and up share q's and gate's inputs, so they are skipped);
 each layer is solved by every candidate (`fastprune.compose_layer`) with SparseSwaps' CPU/GPU
-step budget (`max_swaps="auto"`), and `tr(D H D^T)` is printed relative to SparseGPT's. This
-is the cheap screen that chose which recipes `benchmarks.quality_recipes` runs end to end.
+step budget (`max_swaps="auto"`, capped by `--max-swaps`), and `tr(D H D^T)` is printed
+relative to SparseGPT's, under the calibration H and under the H of each `--transfer` text
+(the dense model's activations on that text: the layer's error on another domain, with the
+same weights). This is the cheap screen that chooses which recipes
+`benchmarks.quality_recipes` runs end to end.
 
     python -m benchmarks.quality_recipe_layers [--blocks 0,14,28] [--patterns 50%,2:4]
 """
@@ -18,10 +22,16 @@ import torch
 
 import fastprune as fp
 from benchmarks.harness import dense_layer_hessians
-from fastprune.data import get_calibration
+from fastprune.data import get_calibration, read_text_file, sample_windows, tokenize
+from fastprune.hessian import layer_loss
 from fastprune.methods import auto_max_swaps
 from fastprune.models import get_weight
 from fastprune.solvers.recipes import compose_layer
+
+
+def _swaps(select: str, **kw) -> dict:
+    return dict(select=select, refine="sparseswaps", refine_on="reconstructed", **kw)
+
 
 VARIANTS = {
     "sparsegpt": dict(select="sparsegpt"),
@@ -29,15 +39,16 @@ VARIANTS = {
     "sg+sw(orig)+rec": dict(
         select="sparsegpt", refine="sparseswaps", refine_on="original", reconstruct=True
     ),
-    "sg+sw(rec)": dict(select="sparsegpt", refine="sparseswaps", refine_on="reconstructed"),
-    "sg+sw(rec)+rec": dict(
-        select="sparsegpt", refine="sparseswaps", refine_on="reconstructed", reconstruct=True
-    ),
-    "rose+sw(rec)": dict(
-        select="rose", refine="sparseswaps", refine_on="reconstructed", reconstruct="best"
-    ),
+    "sg+sw(rec)": _swaps("sparsegpt"),
+    "sg+sw(rec)+rec": _swaps("sparsegpt", reconstruct=True),
+    "sg+sw(rec)+best": _swaps("sparsegpt", reconstruct="best"),  # the recipe, unstructured
+    "sg+sw(rec)+best/damp0.1": _swaps("sparsegpt", reconstruct="best", percdamp=0.1),
+    "rose+sw(rec)": _swaps("rose"),
+    "rose+sw(rec)+best": _swaps("rose", reconstruct="best"),  # the recipe, N:M
+    "rose+sw(rec)+best/damp0.1": _swaps("rose", reconstruct="best", percdamp=0.1),
     "wanda+sw+rec": dict(select="wanda", refine="sparseswaps", reconstruct=True),
 }
+TRANSFER = {"gpl3": "/usr/share/common-licenses/GPL-3", "code": argparse.__file__}
 
 
 def main() -> None:
@@ -47,32 +58,54 @@ def main() -> None:
     ap.add_argument("--patterns", default="50%,2:4")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+    ap.add_argument("--max-swaps", type=int, default=16, help="cap on the swap steps")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    ap.add_argument(
+        "--transfer", default="gpl3,code", help="other texts (names or name=path); '' for none"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
-    calib = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed=0)
+    calib = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed=args.seed)
     blocks = [int(x) for x in args.blocks.split(",")]
     # k/v and up read q's and gate's inputs: the same H, so one of each group is enough
-    accs = dense_layer_hessians(model, calib, blocks, skip=("k_proj", "v_proj", "up_proj"))
+    skip = ("k_proj", "v_proj", "up_proj")
+    accs = dense_layer_hessians(model, calib, blocks, skip=skip)
+    others = {}
+    for item in filter(None, args.transfer.split(",")):
+        name, _, path = item.partition("=")
+        ids = tokenize(tok, read_text_file(path or TRANSFER[name], "transfer"))
+        windows = sample_windows(ids, args.nsamples, args.seqlen, 0)
+        others[name] = dense_layer_hessians(model, windows, blocks, skip=skip)
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     for pat in args.patterns.split(","):
         n, m = (0, 0) if pat.endswith("%") else map(int, pat.split(":"))
         s = float(pat[:-1]) / 100 if pat.endswith("%") else n / m
-        tot = dict.fromkeys(VARIANTS, 0.0)
-        secs = dict.fromkeys(VARIANTS, 0.0)
+        texts = ["calib", *others]
+        tot = {(v, t): 0.0 for v in variants for t in texts}
+        secs = dict.fromkeys(variants, 0.0)
         for key, (acc, lin) in accs.items():
             W, H = get_weight(lin).detach().float(), acc.H
-            steps = auto_max_swaps(W.shape[0], W.shape[1], m, W.device)
-            line, base = [key, str(tuple(W.shape)), f"steps={steps}"], None
-            for v, kw in VARIANTS.items():
-                t = time.perf_counter()
+            Hs = {"calib": H} | {t: others[t][key][0].H for t in others}
+            steps = min(args.max_swaps, auto_max_swaps(W.shape[0], W.shape[1], m, W.device))
+            base = None
+            line = [key, str(tuple(W.shape)), f"steps={steps}"]
+            for v, kw in variants.items():
+                t0 = time.perf_counter()
                 r = compose_layer(W, H, sparsity=s, prune_n=n, prune_m=m, max_swaps=steps, **kw)
-                secs[v] += time.perf_counter() - t
-                base = r.loss if base is None else base
-                tot[v] += r.loss / base
-                line.append(f"{v}={r.loss / base:.4f}")
+                secs[v] += time.perf_counter() - t0
+                losses = {t: layer_loss(W, r.weight.float(), Ht) for t, Ht in Hs.items()}
+                base = losses if base is None else base
+                for t in texts:
+                    tot[(v, t)] += losses[t] / base[t]
+                line.append(v + "=" + "/".join(f"{losses[t] / base[t]:.4f}" for t in texts))
             print(" ".join(line), flush=True)
-        means = {k: round(v / len(accs), 4) for k, v in tot.items()}
-        print(pat, means, {k: round(v, 1) for k, v in secs.items()}, flush=True)
+        print(f"{pat}: mean over {len(accs)} layers, relative to {next(iter(variants))} "
+              f"({' / '.join(texts)}), solve seconds", flush=True)  # fmt: skip
+        for v in variants:
+            rel = " / ".join(f"{tot[(v, t)] / len(accs):.4f}" for t in texts)
+            print(f"  {v:28s} {rel}  {secs[v]:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

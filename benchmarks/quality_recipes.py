@@ -231,7 +231,7 @@ def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
                 if pat == p and "prune_s" in r:
                     secs.setdefault(c, []).append(r["prune_s"])
             for c in cell:
-                cell[c]["prune_s"] = statistics.fmean(secs[c]) if c in secs else None
+                cell[c]["prune_s"] = statistics.median(secs[c]) if c in secs else None
             verdict = None
             peers = [c for c in cell if c in PEERS]
             if recipe in cell and peers:
@@ -254,8 +254,8 @@ def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
 
 def table(args) -> None:
     """OUT.json/.csv (every row) and OUT.md: per pattern, each configuration's mean +- sd
-    of perplexity on every text and its mean prune seconds, then the recipe against the best
-    peer; and a summary of the margins."""
+    of perplexity on every text and its median prune seconds (robust to one run that shared
+    the cores), then the recipe against the best peer; and a summary of the margins."""
     rows = load_rows(Path(args.out + ".jsonl"))
     write_rows(rows, args.out)
     summ = summarize(rows)
@@ -267,7 +267,7 @@ def table(args) -> None:
         n = max((c["n"] for t in texts for c in summ.get((p, t), {"cells": {}})["cells"].values()),
                 default=0)  # fmt: skip
         lines += [
-            f"### {p} (mean +- sd over up to {n} calibration seeds; prune seconds: mean)",
+            f"### {p} (mean +- sd over up to {n} calibration seeds; prune seconds: median)",
             "",
             "| method | " + " | ".join(texts) + " | prune s |",
             "|---|" + "---|" * (len(texts) + 1),
