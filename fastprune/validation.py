@@ -16,12 +16,18 @@ HESSIAN_RTOL = 1e-4
 SOLVE_DTYPES = (torch.float32, torch.float64)
 
 
+def check_float_tensor(T: object, name: str) -> torch.Tensor:
+    """A floating-point torch.Tensor (a `TypeError` naming `name` otherwise)."""
+    if not isinstance(T, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(T).__name__}")
+    if not T.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {T.dtype}")
+    return T
+
+
 def check_weight(W: object, name: str = "W") -> torch.Tensor:
     """A finite floating 2-D tensor."""
-    if not isinstance(W, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
-    if not W.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {W.dtype}")
+    check_float_tensor(W, name)
     if W.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, cols], got shape {tuple(W.shape)}")
     if W.shape[0] == 0 or W.shape[1] == 0:
@@ -62,10 +68,7 @@ def check_finite(T: torch.Tensor, name: str) -> None:
 
 def check_hessian(H: object, cols: int, device: torch.device, name: str = "H") -> torch.Tensor:
     """A square floating `[cols, cols]` tensor on `device` that passes `check_gram_like`."""
-    if not isinstance(H, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(H).__name__}")
-    if not H.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {H.dtype}")
+    check_float_tensor(H, name)
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"{name} must be square [cols, cols], got shape {tuple(H.shape)}")
     if H.shape[0] != cols:
@@ -82,10 +85,7 @@ def check_hessian_diagonal(
 ) -> torch.Tensor:
     """`diag(H)` given in place of H: a floating `[cols]` tensor on `device`, finite and
     non-negative."""
-    if not isinstance(H, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(H).__name__}")
-    if not H.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {H.dtype}")
+    check_float_tensor(H, name)
     if H.shape != (cols,):
         raise ValueError(
             f"{name} (the diagonal of H) must have W's {cols} columns, got {tuple(H.shape)}"
