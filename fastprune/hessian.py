@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .validation import (
+    all_finite,
     check_finite,
     check_hessian,
     check_int,
@@ -197,6 +198,16 @@ class HessianAccumulator:
         return torch.diagonal(self.H) / 2
 
 
+def scaler_update(scaler: torch.Tensor, nsamples: int, sq: torch.Tensor, b: int) -> int:
+    """Wanda's running mean of each input channel's squared norm, in place and in Wanda's
+    arithmetic: `scaler *= n/(n+b)`, then `scaler += sq/(n+b)` for `b` new samples whose
+    squared norms per channel are `sq`; returns `n+b`."""
+    total = nsamples + b
+    scaler *= nsamples / total
+    scaler += sq / total
+    return total
+
+
 def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
     """`diag(H)` of a full `H [cols, cols]`, or `H` itself when only its diagonal `[cols]` is
     kept (`DiagonalAccumulator`)."""
@@ -233,18 +244,13 @@ class DiagonalAccumulator:
             return
         x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device).float()
         sq = torch.norm(x, p=2, dim=1) ** 2
-        if not torch.isfinite(sq).all():  # NaN/inf inputs, or squares beyond float32
-            if not torch.isfinite(x).all():
-                raise non_finite_error(x, "inp")
+        if not all_finite(sq):  # NaN/inf inputs, or squares beyond float32
+            check_finite(x, "inp")
             raise ValueError(
                 "inp: the squared input norms overflow float32 (diag(H)); scale the "
                 "activations down"
             )
-        # Wanda's update, step for step: scaler *= n/(n+b); n += b; scaler += ||x_j||^2 / n
-        total = self.nsamples + inp.shape[0]
-        self.scaler_row *= self.nsamples / total
-        self.scaler_row += sq / total
-        self.nsamples = total
+        self.nsamples = scaler_update(self.scaler_row, self.nsamples, sq, inp.shape[0])
 
 
 def accumulate_hessian(batches, cols: int | None = None, device=None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..hessian import scaler_update
 from ..layers import get_weight, layer_kind, to_layer_layout
 from ..result import PruneResult
 from ..validation import check_backend
@@ -55,13 +56,10 @@ def running_scaler_update(
     `b` new samples whose inputs are the columns of `x [cols, tokens]`; returns the new sample
     count. `prescale=True` is the ROSE code's variant: the inputs are first scaled by
     `sqrt(2/n)` as for `H`, so sample k counts with weight `2/(N n_k)`, not `1/N`."""
-    scaler *= nsamples / (nsamples + b)
-    nsamples += b
     x = x.float()
     if prescale:
-        x = math.sqrt(2 / nsamples) * x
-    scaler += torch.norm(x, p=2, dim=1) ** 2 / nsamples
-    return nsamples
+        x = math.sqrt(2 / (nsamples + b)) * x
+    return scaler_update(scaler, nsamples, torch.norm(x, p=2, dim=1) ** 2, b)
 
 
 class LayerAdapter:
