@@ -80,6 +80,10 @@ COMBOS = {
     "fastprune+damp0.1": {"method": "fastprune", "percdamp": 0.1},
     # the recipe's swaps without its final reconstruction
     "fastprune-rec": {"method": "fastprune", "reconstruct": False},
+    # asymmetric calibration: every layer fitted to the dense model's outputs
+    "fastprune+asym": {"method": "fastprune", "asymmetric": True},
+    "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
+    "rose+asym": {"method": "rose", "asymmetric": True},
 }  # fmt: skip
 GROUPS = {"peers": PEERS, "combos": COMBOS}
 

@@ -220,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="MoE experts' Hessians: routed (the tokens the router sends each expert) or all "
         "(every token through every expert; the block's output still follows the router)",
     )
+    q.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="fit each layer to the dense model's outputs from the pruned model's inputs "
+        "(GPTAQ-style asymmetric calibration: a weight correction before the method prunes; "
+        "dense models, one process; twice the calibration forwards and activations)",
+    )
     q.add_argument("--targets", nargs="+", default=None, help="glob patterns of layers to prune")
     q.add_argument("--ignore", nargs="+", default=None, help="glob patterns of layers to skip")
     q.add_argument(

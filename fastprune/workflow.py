@@ -76,6 +76,7 @@ class PruneJob:
     hessian_precision: str = "auto"
     hessian_kind: str = "auto"
     moe_calibration: str = "routed"
+    asymmetric: bool = False
     targets: list[str] | None = None
     ignore: list[str] | None = None
     allocation: str = "uniform"
@@ -233,6 +234,10 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
             "every process needs at least one calibration sample"
         )
     dist_timeout(job.dist_timeout, name("dist_timeout"))
+    if job.asymmetric and job.nproc > 1:
+        raise ValueError(f"{name('asymmetric')} runs in one process, not with {name('nproc')} > 1")
+    if job.asymmetric and not job.method_entry().needs_calibration:
+        raise ValueError(f"{name('asymmetric')} needs calibration, which {job.method} does not use")
     opts = job.options
     if opts.get("max_swaps") is not None and opts["max_swaps"] < 0:
         raise ValueError(f"{name('max_swaps')} must be >= 0, got {opts['max_swaps']}")

@@ -111,6 +111,15 @@ class Activations:
     def swap(self):
         self.inps, self.outs = self.outs, self.inps
 
+    def twin(self) -> Activations:
+        """A second set of activations starting from a copy of these inputs, with the same
+        batches' arguments (asymmetric calibration's dense stream)."""
+        other = Activations.__new__(Activations)
+        other.inps = self.inps.clone()
+        other.outs = torch.empty_like(self.inps)
+        other.arg_sets, other.batch_args = self.arg_sets, self.batch_args
+        return other
+
     @property
     def nbytes(self) -> int:
         return 2 * self.inps.numel() * self.inps.element_size()
@@ -225,3 +234,23 @@ def run_block(block, acts: Activations, batch_size, device, arg_sets, kind, hook
         if store:
             out = _block_output(out)
             acts.outs[s : s + out.shape[0]] = out.to(acts.outs.device)
+
+
+@torch.no_grad()
+def run_block_paired(
+    block, dense: Activations, acts: Activations, batch_size, device, arg_sets, kind, hooks
+):
+    """Asymmetric calibration's forward of a still dense `block`: per batch, first on the
+    dense model's inputs (`hooks.recording`: each layer's input kept; the block's outputs go
+    to `dense.outs`), then on the pruned model's, whose layer inputs `hooks` pair with them."""
+    total = acts.inps.shape[0]
+    for bi, s in enumerate(range(0, total, batch_size)):
+        args, kwargs = arg_sets[acts.batch_args[kind][bi]]
+        hooks.batch = min(batch_size, total - s)
+        hooks.recording = True
+        out = _block_output(block(dense.inps[s : s + batch_size].to(device), *args, **kwargs))
+        hooks.end_batch()
+        dense.outs[s : s + out.shape[0]] = out.to(dense.outs.device)
+        hooks.recording = False
+        block(acts.inps[s : s + batch_size].to(device), *args, **kwargs)
+        hooks.end_batch()

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from ..asymmetric import CrossAccumulator
 from ..block_layers import BlockLayers
 from ..experts import (
     ExpertProjection,
@@ -295,3 +296,38 @@ class HessianHooks(InputHooks):
         longest = max(x.shape[0] for x in xs)
         lim = torch.finfo(stack.dtype).max / 4
         return math.isfinite(xmax) and hmax + 2 * xmax * xmax * longest <= lim
+
+
+class PairedHessianHooks(HessianHooks):
+    """`HessianHooks` that also accumulate, per distinct input, the cross term
+    `C = 2/n sum x_dense^T x` with the dense model's inputs of the same tokens (`cross[leader]`,
+    a `CrossAccumulator`; see `fastprune.asymmetric`). Each batch runs twice
+    (`run_block_paired`): with `recording` set, on the dense model's inputs, whose layer inputs
+    are kept; then on the pruned model's, which update `H` and `C`. Linears only."""
+
+    def __init__(self, *args, **kwargs):
+        self.recording = False
+        self.dense: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, CrossAccumulator] = {}
+        super().__init__(*args, **kwargs)
+        if self.kind != "full":
+            raise ValueError("asymmetric calibration needs the full H (kind='full')")
+
+    def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
+        if per_token:
+            raise ValueError(f"{name}: asymmetric calibration pairs no expert's tokens")
+        if self.recording:
+            self.dense[name] = x
+            return
+        xd = self.dense.pop(name, None)
+        if xd is None:
+            raise RuntimeError(f"{name} saw no dense input for this batch")
+        super().observe(name, x, per_token)
+        if name not in self.cross:
+            self.cross[name] = CrossAccumulator(x.shape[-1], self.device)
+        self.cross[name].add_batch(xd, x)
+
+    def end_batch(self) -> None:
+        super().end_batch()
+        if not self.recording:
+            self.dense.clear()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..asymmetric import asymmetric_target
 from ..block_layers import BlockLayers, check_selection, count_block_zeros, find_block_layers
 from ..experts import ExpertProjection, check_moe_calibration
 from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS, inverse_hessian
@@ -36,10 +37,10 @@ from .allocation import (
     outlier_ratios,
     owl_block_sparsities,
 )
-from .capture import block_kinds, capture_inputs, run_block, to_device
+from .capture import block_kinds, capture_inputs, run_block, run_block_paired, to_device
 from .distributed import Comm, active_world, fingerprint
 from .gradients import compute_gradient_norms
-from .hessian_hooks import HessianHooks
+from .hessian_hooks import HessianHooks, PairedHessianHooks
 from .report import LayerReport, PruneReport, jsonable
 
 logger = logging.getLogger("fastprune")
@@ -108,6 +109,7 @@ def prune_model(
     owl_threshold: float = OWL_THRESHOLD,
     owl_lambda: float = OWL_LAMBDA,
     moe_calibration: str = "routed",
+    asymmetric: bool = False,
     progress: bool = True,
     **method_options,
 ) -> PruneReport:
@@ -154,6 +156,12 @@ def prune_model(
     allocation: layer-wise sparsity, "uniform" or "owl" (outlier-weighted per decoder block,
         same total; `owl_threshold` is OWL's M, `owl_lambda` the spread; N:M stays
         uniform).
+    asymmetric: fit every layer to the dense model's outputs rather than to its own on the
+        pruned model's inputs (GPTAQ's asymmetric calibration; see `fastprune.asymmetric`):
+        each block also runs on the dense model's activations, each layer's weights are
+        corrected by `W (C - H) H^-1` before the method prunes them. Dense models in one
+        process; it needs the full `H` (any method with calibration) and doubles the
+        activations and the calibration forwards.
 
     Inside an initialised torch.distributed process group of size > 1, every rank calls this
     with its own replica of the model and the same arguments (checked before any work: a
@@ -175,6 +183,8 @@ def run_stages(arguments: dict, store: BlockStore) -> PruneReport:
     comm = Comm() if active_world() > 1 else None
     with _guarded(comm, "setup (arguments, model, calibration)"):
         args = check_prune_args(**arguments)
+        if comm is not None and args.asymmetric:
+            raise ValueError("asymmetric=True runs in one process, not under torch.distributed")
         store.check(args)
     run = PruneRun(args, comm, t_start, store)
     run.agree()
@@ -276,6 +286,7 @@ class PruneArgs:
     hessian_precision: str
     hessian_kind: str
     moe_calibration: str
+    asymmetric: bool
     targets: Any
     ignore: Any
     offload_activations: bool | None
@@ -293,7 +304,7 @@ def check_prune_args(
     model, calibration, method, sparsity, prune_n, prune_m, device, *, tokenizer, nsamples,
     seqlen, seed, batch_size, hessian_precision, hessian_kind, targets, ignore, blocks,
     offload_activations,
-    allocation, owl_threshold, owl_lambda, moe_calibration, progress, method_options,
+    allocation, owl_threshold, owl_lambda, moe_calibration, asymmetric, progress, method_options,
 ) -> PruneArgs:  # fmt: skip
     """Every argument checked before any work (errors name the argument); the calibration
     tokens drawn."""
@@ -314,7 +325,13 @@ def check_prune_args(
         raise ValueError(
             f"hessian_precision must be one of {HESSIAN_PRECISIONS}, got {hessian_precision!r}"
         )
-    hessian_kind = _check_hessian_kind(hessian_kind, meth)
+    if not isinstance(asymmetric, bool):
+        raise TypeError(f"asymmetric must be True or False, got {asymmetric!r}")
+    if asymmetric and not meth.needs_calibration:
+        raise ValueError(f"asymmetric=True needs calibration data, which {method!r} does not use")
+    if asymmetric and hessian_kind == "diagonal":
+        raise ValueError("asymmetric=True needs the full H; hessian_kind='diagonal' keeps none")
+    hessian_kind = "full" if asymmetric else _check_hessian_kind(hessian_kind, meth)
     dev = _check_device(device, model_device(model))
     blocks_path, block_list = find_blocks(model, blocks)
     moe_calibration = check_moe_calibration(moe_calibration)
@@ -326,6 +343,13 @@ def check_prune_args(
     ]
     if not any(bl.layers for bl in layouts):
         raise ValueError("targets/ignore leave no layer to prune")
+    if asymmetric:
+        expert = next((k for bl in layouts for k in bl.layers if bl.is_expert(k)), None)
+        if expert is not None:
+            raise ValueError(
+                f"asymmetric=True pairs each token's dense and pruned inputs, which routed "
+                f"experts do not have (the router may send them elsewhere): {expert}"
+            )
     for i, bl in enumerate(layouts):
         for name, mod in bl.layers.items():
             try:
@@ -347,7 +371,7 @@ def check_prune_args(
     return PruneArgs(
         model, method, meth, opts, sparsity, n, m, dev, blocks_path, block_list, kinds,
         layouts, calib, seed, batch_size, hessian_precision, hessian_kind, moe_calibration,
-        targets, ignore,
+        asymmetric, targets, ignore,
         offload_activations, allocation, owl_threshold, owl_lambda, progress,
     )  # fmt: skip
 
@@ -381,6 +405,7 @@ class PruneRun:
                     else {}
                 )
                 | ({"allocation": a.allocation} if a.meth.needs_calibration else {})
+                | ({"asymmetric": True} if a.asymmetric else {})
             ),
         )
         # where the time goes (forward_seconds = capture + hessian forwards + propagation)
@@ -388,11 +413,14 @@ class PruneRun:
         self.totals.update(
             capture_seconds=0.0, hessian_seconds=0.0, propagate_seconds=0.0, inverse_seconds=0.0
         )
+        if a.asymmetric:
+            self.totals["asymmetric_seconds"] = 0.0
         self.show = a.progress and (comm is None or comm.rank == 0)
         self.G = None
         self.partial_G = False  # distributed GBLM: G holds this rank's raw sums until reduced
         self.block_sparsity = [a.sparsity] * len(a.block_list)
         self.acts = self.arg_sets = None
+        self.dense_acts = None  # asymmetric: the dense model's activations
         self.untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
         self.bar = None
 
@@ -491,7 +519,9 @@ class PruneRun:
             self.arg_sets = [
                 (to_device(x, a.dev), to_device(k, a.dev)) for x, k in self.acts.arg_sets
             ]
-        self.totals["activation_bytes"] = self.acts.nbytes
+        if a.asymmetric:
+            self.dense_acts = self.acts.twin()
+        self.totals["activation_bytes"] = self.acts.nbytes * (2 if a.asymmetric else 1)
         self.totals["activation_device"] = str(self.acts.inps.device)
 
     def progress(self):
@@ -511,13 +541,21 @@ class PruneRun:
             self.store.enter(i, block, f"{a.blocks_path}.{i}", a.dev)
             if self.acts is None:
                 return None
-            hooks = HessianHooks(
+            kind = PairedHessianHooks if a.asymmetric else HessianHooks
+            hooks = kind(
                 block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind
             )
             try:
-                run_block(
-                    block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i], hooks=hooks
-                )
+                if a.asymmetric:  # the block is still dense: its dense outputs come from here
+                    run_block_paired(
+                        block, self.dense_acts, self.acts, a.batch_size, a.dev, self.arg_sets,
+                        a.kinds[i], hooks,
+                    )  # fmt: skip
+                else:
+                    run_block(
+                        block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i],
+                        hooks=hooks,
+                    )  # fmt: skip
             finally:
                 hooks.remove()
             self.clock("hessian_seconds", t0)
@@ -548,6 +586,7 @@ class PruneRun:
                     # block never holds more than the rest of its own
                     hooks.acc[lead].H = None
                     inverses.pop(lead, None)
+                    getattr(hooks, "cross", {}).pop(lead, None)
         else:
             comm = self.comm
             lead_of = {} if hooks is None else hooks.leader
@@ -574,6 +613,8 @@ class PruneRun:
             if self.acts is not None and i + 1 < len(a.block_list):
                 run_block(block, self.acts, a.batch_size, a.dev, self.arg_sets, a.kinds[i])
                 self.acts.swap()
+                if self.dense_acts is not None:
+                    self.dense_acts.swap()
                 self.clock("propagate_seconds", t0)
             self.store.leave(i, block, f"{a.blocks_path}.{i}")
         if self.bar is not None:
@@ -620,7 +661,8 @@ class PruneRun:
         """The inverse of the H of input group `lead`, one per distinct H (SparseGPT)."""
         if lead not in inverses:
             t0 = time.perf_counter()
-            inverses[lead] = inverse_hessian(hooks.acc[lead].H, self.args.opts["percdamp"])
+            percdamp = self.args.opts.get("percdamp", 0.01)
+            inverses[lead] = inverse_hessian(hooks.acc[lead].H, percdamp)
             self.clock("inverse_seconds", t0)
         return inverses[lead]
 
@@ -643,13 +685,20 @@ class PruneRun:
         if a.meth.shares_inverse and H is not None:
             hinv = self._shared_inverse(hooks, inverses, lead)
         g = None if self.G is None else self.G[full]
-        r = a.meth.solve(W, H, g, self.block_sparsity[i], a.n, a.m, a.opts, hinv, rows)
+        target, extra = W, {}
+        if a.asymmetric and H is not None:
+            t0 = time.perf_counter()
+            inv = hinv if hinv is not None else self._shared_inverse(hooks, inverses, lead)
+            target, extra = asymmetric_target(W, H, hooks.cross[lead].C, hinv=inv)
+            self.clock("asymmetric_seconds", t0)
+        r = a.meth.solve(target, H, g, self.block_sparsity[i], a.n, a.m, a.opts, hinv, rows)
         if rows is None:
             set_weight(mod, r.weight)
         else:
             with torch.no_grad():
                 W[rows].copy_(r.weight)
         lr = _layer_report(i, name, W if rows is None else W[rows], a.method, r, lead)
+        lr.info.update(extra)
         if tokens is not None:
             lr.info["tokens"] = int(tokens)
         return lr
