@@ -16,7 +16,7 @@ from .hessian import (
     inverse_hessian,
     scale_pow2,
 )
-from .masks import pattern_name
+from .masks import pattern_name, pruned_fraction
 from .result import PruneResult
 from .validation import (
     check_backend,
@@ -176,6 +176,6 @@ def finish(
     if inplace:
         W.copy_(weight)
         weight = W
-    info["achieved_sparsity"] = 1.0 - torch.count_nonzero(keep).item() / keep.numel()
+    info["achieved_sparsity"] = pruned_fraction(keep)
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight, keep, loss, info)

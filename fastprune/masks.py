@@ -102,6 +102,12 @@ def selection_prune_mask(
     return global_prune_mask(score, sparsity)
 
 
+def pruned_fraction(keep: torch.Tensor) -> float:
+    """The fraction of a keep-mask's entries that are pruned (False), counted without a
+    float copy of the mask."""
+    return 1.0 - torch.count_nonzero(keep).item() / max(1, keep.numel())
+
+
 def pattern_name(prune_n: int, prune_m: int) -> str:
     return f"{prune_n}:{prune_m}" if prune_n else "unstructured"
 

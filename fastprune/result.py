@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .masks import pruned_fraction
+
 
 @dataclass
 class PruneResult:
@@ -31,7 +33,7 @@ class PruneResult:
     @property
     def sparsity(self) -> float:
         """Fraction of weights pruned by the mask."""
-        return 1.0 - self.mask.float().mean().item()
+        return pruned_fraction(self.mask)
 
     def summary(self) -> str:
         """One line saying what was done, for logs and the CLI."""

@@ -25,7 +25,7 @@ from ..block_layers import BlockLayers, check_selection, count_block_zeros, find
 from ..experts import ExpertProjection, check_moe_calibration
 from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
-from ..masks import pattern_name
+from ..masks import pattern_name, pruned_fraction
 from ..methods import Method, composed, get_method
 from ..models import find_blocks, model_device
 from ..solvers.sparsegpt_batched import inverse_hessians
@@ -776,7 +776,7 @@ def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> L
         block=i,
         shape=tuple(W.shape),
         method=method,
-        sparsity=1.0 - torch.count_nonzero(r.mask).item() / r.mask.numel(),
+        sparsity=pruned_fraction(r.mask),
         loss=r.loss,
         seconds=float(r.info.get("seconds", 0.0)),
         hessian=None if lead is None else f"{i}.{lead}",

@@ -32,6 +32,7 @@ import torch
 
 from ..core import merge_kernel_info
 from ..hessian import InverseHessian, row_losses
+from ..masks import pruned_fraction
 from ..result import PruneResult
 from ..validation import check_rows, check_weight
 from .gblm import gblm_layer
@@ -150,7 +151,7 @@ def compose_layer(
                 W, H, weight, rec.weight, result
             )
     info.update(method="compose", result=result)
-    info["achieved_sparsity"] = 1.0 - mask.float().mean().item()
+    info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight.to(W.dtype), mask, loss, info)
 

@@ -6,6 +6,7 @@ import torch
 
 from ..core import check_obs_options, resolve_inverse
 from ..hessian import InverseHessian
+from ..masks import pruned_fraction
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
 from .skeleton import (
@@ -62,7 +63,7 @@ def sparsegpt_layer(
         info = p.info
         info.update(blocksize=nm_blocksize(blocksize, p.m), percdamp=percdamp)
         if mask is not None:
-            info.update(sparsity=1.0 - mask.float().mean().item(), pattern="fixed mask")
+            info.update(sparsity=pruned_fraction(mask), pattern="fixed mask")
         elif p.n == 0 and p.sparsity == 0.0:
             return unpruned(p)
         inv = resolve_inverse(p.inverse(hinv), p.H, percdamp, p.dtype, inverse_method)

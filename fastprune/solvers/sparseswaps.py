@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from ..core import merge_kernel_info, wanda_score
 from ..hessian import InverseHessian
-from ..masks import pattern_name, selection_prune_mask
+from ..masks import pattern_name, pruned_fraction, selection_prune_mask
 from ..ops import Kernels
 from ..result import PruneResult
 from ..validation import (
@@ -159,7 +159,7 @@ def sparseswaps_layer(
             keep0, warm = ~pruned, "wanda"
         else:
             keep0, warm = mask, "given mask"
-        info.update(sparsity=1.0 - keep0.float().mean().item(), warm_start=warm)
+        info.update(sparsity=pruned_fraction(keep0), warm_start=warm)
         target = None if values is None else Wc
 
         def residual(keep):
