@@ -295,19 +295,23 @@ def table(args) -> None:
             lines.append(f"| {c} | " + " | ".join(cells) + f" | {secs or 0:.0f} |")
         lines.append("")
     lines += [
-        "### The recipe against the best peer (its mean lower by; seeds it was lower on)",
+        "### Each recipe against the best peer (its mean lower by; seeds it was lower on)",
         "",
-        "| pattern | " + " | ".join(texts) + " |",
-        "|---|" + "---|" * len(texts),
+        "| recipe | pattern | " + " | ".join(texts) + " |",
+        "|---|---|" + "---|" * len(texts),
     ]
-    for p in pats:
-        cells = []
-        for t in texts:
-            v = summ[(p, t)]["verdict"]
-            cells.append("" if v is None else (
-                f"{v['margin_pct']:+.1f}% vs {v['best_peer']} ({v['wins']}/{v['seeds']}"
-                f"{', beyond sd' if v['beyond_spread'] else ''})"))  # fmt: skip
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    others = dict.fromkeys(r["config"] for r in rows if r["config"] not in (*PEERS, "dense"))
+    for cand in sorted(others, key=lambda c: (c != RECIPE, c)):
+        verdicts = summ if cand == RECIPE else summarize(rows, cand)
+        for p in pats:
+            cells = []
+            for t in texts:
+                v = verdicts[(p, t)]["verdict"]
+                cells.append("" if v is None else (
+                    f"{v['margin_pct']:+.1f}% vs {v['best_peer']} ({v['wins']}/{v['seeds']}"
+                    f"{', beyond sd' if v['beyond_spread'] else ''})"))  # fmt: skip
+            if any(cells):
+                lines.append(f"| {cand} | {p} | " + " | ".join(cells) + " |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
