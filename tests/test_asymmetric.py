@@ -3,7 +3,7 @@ fit to the dense outputs) and the pipeline option."""
 
 import pytest
 import torch
-from pipeline_helpers import calib_ids, tiny_moe_model, tiny_model
+from pipeline_helpers import calib_ids, tiny_model, tiny_moe_model
 
 import fastprune as fp
 from fastprune.asymmetric import CrossAccumulator, asymmetric_target
