@@ -235,7 +235,14 @@ def test_quality_recipes_table(tmp_path):
     assert md[5] == "| sparsegpt | 19.00 +- 1.41 (n=2) | 47.50 +- 0.71 (n=2) | 100 |"
     assert md[7] == "| fastprune | **17.50 +- 0.71** (n=2) | 46.50 +- 0.71 (n=2) | 100 |"
     assert md[8].startswith("| sparsegpt+owl | 19.50 +- 0.00 (n=1)")
-    assert md[-1] == "| 50% | +7.9% vs sparsegpt (2/2, beyond sd) | -2.2% vs sparseswaps (0/2) |"
+    # every candidate against the best peer, the recipe first, each on the seeds both ran
+    assert md[-4] == "| recipe | pattern | builtin | gpl3 |"
+    assert md[-2] == (
+        "| fastprune | 50% | +7.9% vs sparsegpt (2/2, beyond sd) | -2.2% vs sparseswaps (0/2) |"
+    )
+    assert md[-1] == (
+        "| sparsegpt+owl | 50% | -8.3% vs sparsegpt (0/1) | -11.1% vs sparseswaps (0/1) |"
+    )
     assert json.loads((tmp_path / "q.json").read_text())[1]["config"] == "sparsegpt"
     assert q.pattern_args("2:4") == {"sparsity": 0.5, "prune_n": 2, "prune_m": 4}
     assert q.pattern_args("70%") == {"sparsity": 0.7, "prune_n": 0, "prune_m": 0}
