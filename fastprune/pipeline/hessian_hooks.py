@@ -230,6 +230,10 @@ class HessianHooks(InputHooks):
         self.stacks: dict[str, torch.Tensor] = {}  # a fused projection's experts' Hs
         super().__init__(block, bl, moe_calibration)
 
+    def release(self, lead: str) -> None:
+        """Free what was accumulated for input `lead` (its last layer is solved)."""
+        self.acc[lead].H = None
+
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         if name not in self.acc and self.kind == "diagonal":
             self.acc[name] = DiagonalAccumulator(x.shape[-1], device=self.device)
@@ -331,3 +335,7 @@ class PairedHessianHooks(HessianHooks):
         super().end_batch()
         if not self.recording:
             self.dense.clear()
+
+    def release(self, lead: str) -> None:
+        super().release(lead)
+        self.cross.pop(lead, None)

@@ -584,9 +584,8 @@ class PruneRun:
                 if lead is not None and last_use.get(lead) == name:
                     # this input's last layer is solved: its H and inverse go now, so a
                     # block never holds more than the rest of its own
-                    hooks.acc[lead].H = None
+                    hooks.release(lead)
                     inverses.pop(lead, None)
-                    getattr(hooks, "cross", {}).pop(lead, None)
         else:
             comm = self.comm
             lead_of = {} if hooks is None else hooks.leader
@@ -687,8 +686,8 @@ class PruneRun:
         g = None if self.G is None else self.G[full]
         target, extra = W, {}
         if a.asymmetric and H is not None:
+            inv = self._shared_inverse(hooks, inverses, lead)  # hinv itself where shared
             t0 = time.perf_counter()
-            inv = hinv if hinv is not None else self._shared_inverse(hooks, inverses, lead)
             target, extra = asymmetric_target(W, H, hooks.cross[lead].C, hinv=inv)
             self.clock("asymmetric_seconds", t0)
         r = a.meth.solve(target, H, g, self.block_sparsity[i], a.n, a.m, a.opts, hinv, rows)
