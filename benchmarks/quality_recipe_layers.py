@@ -44,6 +44,7 @@ VARIANTS = {
     "sg+sw(rec)+best": _swaps("sparsegpt", reconstruct="best"),  # the recipe, unstructured
     "sg+sw(rec)+best/damp0.1": _swaps("sparsegpt", reconstruct="best", percdamp=0.1),
     "rose+sw(rec)": _swaps("rose"),
+    "rose+sw(rec)+rec": _swaps("rose", reconstruct=True),  # OBS in ROSE's order on its mask
     "rose+sw(rec)+best": _swaps("rose", reconstruct="best"),  # the recipe, N:M
     "rose+sw(rec)+best/damp0.1": _swaps("rose", reconstruct="best", percdamp=0.1),
     "wanda+sw+rec": dict(select="wanda", refine="sparseswaps", reconstruct=True),

@@ -21,11 +21,11 @@ from .solvers.gblm import gblm_layer
 from .solvers.magnitude import magnitude_layer
 from .solvers.recipes import (
     RECIPE,
-    RECIPE_MAX_SWAPS,
     SELECTORS,
     check_recipe,
     compose_layer,
     fastprune_layer,
+    recipe_max_swaps,
     recipe_selector,
 )
 from .solvers.rose import rose_layer
@@ -70,7 +70,7 @@ class Method:
     shares_inverse: bool = False
     pipeline_options: tuple[str, ...] = ()
     check: Callable[[dict], dict] | None = None
-    layer_options: Callable[[torch.Tensor, int, dict], dict] | None = None
+    layer_options: Callable[[torch.Tensor, int, int, dict], dict] | None = None
     row_separable: Callable[[int, Mapping[str, Any]], bool] | None = None
     takes_rows: bool = False  # the solver slices rows itself (`rows=`: ROSE's column order)
     # the solver reads only diag(H) (Wanda, GBLM): a pipeline may accumulate that alone
@@ -138,7 +138,7 @@ class Method:
         swap budget) are still those of the whole layer."""
         kw = {k: options[k] for k in self.solver_options}
         if self.layer_options is not None:
-            kw = self.layer_options(W, prune_m, kw)
+            kw = self.layer_options(W, prune_n, prune_m, kw)
         if rows is not None:
             if not self.separable(prune_n, options):
                 raise ValueError(f"method {self.name!r} cannot solve a layer's rows separately")
@@ -304,17 +304,19 @@ def auto_max_swaps(rows: int, cols: int, prune_m: int, device: torch.device) -> 
     return int(min(MAX_AUTO_SWAPS, max(1, budget // pairs)))
 
 
-def _sparseswaps_layer_options(W: torch.Tensor, prune_m: int, kw: dict) -> dict:
+def _sparseswaps_layer_options(W: torch.Tensor, prune_n: int, prune_m: int, kw: dict) -> dict:
     if kw["max_swaps"] == "auto":
         kw["max_swaps"] = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
     return kw
 
 
-def _recipe_layer_options(W: torch.Tensor, prune_m: int, kw: dict) -> dict:
-    """fastprune's "auto": the SparseSwaps budget, capped at the recipe's step count."""
+def _recipe_layer_options(W: torch.Tensor, prune_n: int, prune_m: int, kw: dict) -> dict:
+    """fastprune's "auto": the SparseSwaps budget, capped at the recipe's step count for the
+    pattern (`recipe_max_swaps`)."""
     if kw["max_swaps"] == "auto":
+        cap = recipe_max_swaps(prune_n, prune_m)
         steps = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
-        kw["max_swaps"] = RECIPE_MAX_SWAPS if steps is None else min(steps, RECIPE_MAX_SWAPS)
+        kw["max_swaps"] = cap if steps is None else min(steps, cap)
     return kw
 
 

@@ -20,7 +20,6 @@ from fastprune.solvers.recipes import SELECTORS
 # model-level defaults that differ from the solver's own on purpose
 PIPELINE_DEFAULTS = {
     ("sparseswaps", "max_swaps"): ("auto", None),
-    ("fastprune", "max_swaps"): ("auto", 16),
 }
 
 

@@ -144,6 +144,22 @@ def test_compose_refine_and_best(rows, cols, n, m, select):
     )
 
 
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_rose_selection_reconstructs_in_roses_order(n, m):
+    """After a ROSE selection the reconstruction takes ROSE's column order on the final
+    mask; after SparseGPT's, the natural order."""
+    W, H, _ = random_layer(
+        13, 96, columnar=True, blocksize=16, generator=torch.Generator().manual_seed(5)
+    )
+    kw = dict(prune_n=n, prune_m=m, blocksize=16, refine="sparseswaps", reconstruct=True)
+    rose = compose_layer(W, H, select="rose", **kw)
+    want = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=16, mask=rose.mask)
+    assert want.info["reordered"] and torch.equal(rose.weight, want.weight)
+    sg = compose_layer(W, H, select="sparsegpt", **kw)
+    want = fp.sparsegpt_layer(W, H, prune_n=n, prune_m=m, blocksize=16, mask=sg.mask)
+    assert torch.equal(sg.weight, want.weight)
+
+
 def row_losses(W, Q, H):
     D = (W - Q).double()
     return ((D @ H.double()) * D).sum(1)
@@ -186,7 +202,7 @@ def test_fastprune_layer_is_the_recipe(n, m, select):
     W, H = layer(16, 64, seed=9)
     a = fastprune_layer(W, H, 0.5, n, m)
     recipe = {**fp.RECIPE, "select": select}
-    b = compose_layer(W, H, **recipe, sparsity=0.5, prune_n=n, prune_m=m, max_swaps=16)
+    b = compose_layer(W, H, **recipe, sparsity=0.5, prune_n=n, prune_m=m, max_swaps=4 if n else 16)
     assert fp.RECIPE["select"] == "auto" and a.info["recipe"]["select"] == select
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
 
@@ -423,14 +439,26 @@ def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
     assert doc["method"] == "fastprune" and doc["options"]["allocation"] == "uniform"
 
 
-def test_fastprune_caps_its_swap_steps():
-    from fastprune.solvers.recipes import RECIPE_MAX_SWAPS
+@pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
+def test_fastprune_caps_its_swap_steps(n, m):
+    from fastprune.solvers.recipes import recipe_max_swaps
 
     rep = fp.prune_model(
         pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),
-        method="fastprune", prune_n=2, prune_m=4, progress=False,
+        method="fastprune", prune_n=n, prune_m=m, progress=False,
     )  # fmt: skip
     # "auto" would allow 100 steps on these tiny layers; the recipe stops at its cap
-    assert {lr.info["refine_max_swaps"] for lr in rep.layers} == {RECIPE_MAX_SWAPS}
-    assert all(lr.info["refine_steps"] <= RECIPE_MAX_SWAPS for lr in rep.layers)
+    cap = recipe_max_swaps(n, m)
+    assert cap == {(2, 4): 4, (4, 8): 16}[(n, m)]
+    assert {lr.info["refine_max_swaps"] for lr in rep.layers} == {cap}
+    assert all(lr.info["refine_steps"] <= cap for lr in rep.layers)
     assert rep.options["max_swaps"] == "auto" and rep.options["reconstruct"] == "best"
+
+
+@pytest.mark.parametrize("n,m,cap", [(0, 0, 16), (2, 4, 4), (4, 8, 16)])
+def test_fastprune_layer_auto_swaps_is_the_patterns_cap(n, m, cap):
+    W, H = layer(8, 64, seed=3)
+    a = fastprune_layer(W, H, 0.5, n, m)
+    b = fastprune_layer(W, H, 0.5, n, m, max_swaps=cap)
+    assert a.info["refine_max_swaps"] == cap
+    assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import assert_weights_agree_where_masks_do
+from conftest import assert_close, assert_weights_agree_where_masks_do
 from op_oracles import check_rose_solve
 
 import fastprune as fp
@@ -212,3 +212,52 @@ def test_range_rule_is_checked(gen):
     W, H, _ = fp.testing.random_layer(8, 64, generator=gen)
     with pytest.raises(ValueError, match="range_rule"):
         fp.rose_layer(W, H, range_rule="sum")
+
+
+# ------------------------------------------- a given mask pruned in ROSE's column order
+@pytest.mark.parametrize("rows,cols,n,m", [(1, 96, 0, 0), (13, 128, 0, 0), (7, 64, 2, 4), (9, 96, 4, 8)])
+def test_own_mask_given_back_reproduces_rose(gen, rows, cols, n, m):
+    """ROSE's own mask given as `mask=` takes the same OBS updates in the same order."""
+    W, H, _ = fp.testing.random_layer(rows, cols, columnar=True, blocksize=32, generator=gen)
+    r = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32)
+    g = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, mask=r.mask)
+    assert r.info["reordered"] and g.info["reordered"] and g.info["pattern"] == "fixed mask"
+    assert torch.equal(g.mask, r.mask)
+    assert_close(g.weight, r.weight, rtol=1e-6, atol=1e-6, what="weights")
+    assert g.loss == pytest.approx(r.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_given_mask_in_rose_order_is_sparsegpt_on_the_permuted_layer(gen, n, m):
+    """Any mask: SparseGPT's fixed-mask updates on W[:, perm], H[perm][:, perm], put back."""
+    W, H, _ = fp.testing.random_layer(11, 128, columnar=True, blocksize=32, generator=gen)
+    keep = fp.rose_layer(fp.testing.random_layer(11, 128, generator=gen)[0], H, prune_n=n,
+                         prune_m=m, blocksize=32).mask  # a mask that is not ROSE's own
+    g = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, mask=keep)
+    assert g.info["reordered"] and torch.equal(g.mask, keep)
+    col, blk = torch_column_losses(wanda_score(W, H), block_bounds(128, m or 32), 0.5, n, m)
+    perm, _ = rose_permutation(col, blk, block_bounds(128, m or 32))
+    s = fp.sparsegpt_layer(
+        W[:, perm], H[perm][:, perm], prune_n=n, prune_m=m, blocksize=32, mask=keep[:, perm]
+    )
+    inv = torch.argsort(perm)
+    assert_close(g.weight, s.weight[:, inv], rtol=1e-6, atol=1e-6, what="weights")
+    assert g.loss == pytest.approx(fp.layer_loss(W, g.weight, H), rel=1e-4)
+
+
+def test_given_mask_rows_are_the_whole_layers_rows(gen):
+    W, H, _ = fp.testing.random_layer(12, 64, columnar=True, blocksize=4, generator=gen)
+    keep = fp.rose_layer(W, H, prune_n=2, prune_m=4).mask
+    keep[:, :4] = keep[:, :4].flip(1)  # still 2:4, no longer ROSE's
+    whole = fp.rose_layer(W, H, prune_n=2, prune_m=4, mask=keep)
+    part = fp.rose_layer(W, H, prune_n=2, prune_m=4, mask=keep[3:8], rows=slice(3, 8))
+    assert torch.equal(part.mask, whole.mask[3:8])
+    assert_close(part.weight, whole.weight[3:8], rtol=1e-6, atol=1e-6, what="weights")
+
+
+def test_given_mask_is_checked(gen):
+    W, H, _ = fp.testing.random_layer(4, 16, generator=gen)
+    with pytest.raises(ValueError, match="2:4"):
+        fp.rose_layer(W, H, prune_n=2, prune_m=4, mask=torch.ones_like(W, dtype=torch.bool))
+    with pytest.raises((ValueError, TypeError), match="mask"):
+        fp.rose_layer(W, H, mask=torch.ones(3, 16, dtype=torch.bool))

@@ -10,7 +10,8 @@ pruned the built-in model best (see the table in docs/recipes.md).
    loss of the selector's own result, lowered swap by swap). The two coincide for the score
    methods.
 3. reconstruct=True: SparseGPT's OBS updates on the final mask from the original `W`
-   (`sparsegpt_layer(W, H, mask=...)`); "best" keeps whichever of the refined and the
+   (`sparsegpt_layer(W, H, mask=...)`; in ROSE's column order, `rose_layer(W, H, mask=...)`,
+   when ROSE selected); "best" keeps whichever of the refined and the
    reconstructed weights has the lower layer loss `tr(D H D^T)`; "best_rows" chooses row by
    row by the loss `d H d^T` (both have the same mask, and the layer loss is the sum of the
    rows', so this is never above either). "best_rows" fits the calibration data more
@@ -141,7 +142,14 @@ def compose_layer(
             info[f"refine_{k}"] = ref.info[k]
         merge_kernel_info(info, ref.info)
     if reconstruct and (refine is not None or select != "sparsegpt"):
-        rec = sparsegpt_layer(W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv)
+        if select == "rose":  # OBS updates in ROSE's column order, as the selection ran
+            rec = rose_layer(
+                whole, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask
+            )
+        else:
+            rec = sparsegpt_layer(
+                W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv
+            )
         info["loss_reconstructed"] = rec.loss
         merge_kernel_info(info, rec.info)
         if reconstruct is True or (reconstruct == "best" and rec.loss < loss):
@@ -173,18 +181,27 @@ def _best_rows(
     return weight, loss, "per row", count
 
 
-# SparseSwaps steps in fastprune's recipe: at most this many (and at most the budget of
-# `max_swaps="auto"` in the pipeline); docs/recipes.md has the measurements that chose it.
+# SparseSwaps steps in fastprune's recipe: at most this many per layer (and at most the budget
+# of `max_swaps="auto"` in the pipeline), by pattern; docs/recipes.md has the measurements
+# that chose them (at 2:4 more steps fitted the calibration text better and the other texts
+# worse; at 4:8 the 16 steps were better everywhere).
 RECIPE_MAX_SWAPS = 16
+RECIPE_MAX_SWAPS_BY_PATTERN = {"2:4": 4}
 # the recipe's composition (`method="fastprune"` in the pipeline) and `fastprune_layer`'s
-# defaults: that composition with at most RECIPE_MAX_SWAPS swap steps
+# defaults: that composition with at most `recipe_max_swaps(prune_n, prune_m)` swap steps
 RECIPE = {
     "select": "auto",
     "refine": "sparseswaps",
     "refine_on": "reconstructed",
     "reconstruct": "best",
 }
-RECIPE_DEFAULTS = {**RECIPE, "max_swaps": RECIPE_MAX_SWAPS}
+RECIPE_DEFAULTS = {**RECIPE, "max_swaps": "auto"}
+
+
+def recipe_max_swaps(prune_n: int, prune_m: int) -> int:
+    """The recipe's cap on swap steps for a pattern: 4 at 2:4, else `RECIPE_MAX_SWAPS`."""
+    name = f"{prune_n}:{prune_m}" if prune_n else "unstructured"
+    return RECIPE_MAX_SWAPS_BY_PATTERN.get(name, RECIPE_MAX_SWAPS)
 
 
 def fastprune_layer(
@@ -198,13 +215,15 @@ def fastprune_layer(
     """fastprune's recipe on one layer: `compose_layer` with the recipe's composition
     (`RECIPE`: the selector's mask and weights, `select="auto"` being ROSE for N:M and
     SparseGPT unstructured, refined by SparseSwaps scored on those weights, then the better of
-    that and an OBS reconstruction on the refined mask) and at most `RECIPE_MAX_SWAPS` swap
-    steps. `options`: any of `compose_layer`'s keywords (blocksize, percdamp, backend, hinv,
+    that and an OBS reconstruction on the refined mask) and at most
+    `recipe_max_swaps(prune_n, prune_m)` swap steps (`max_swaps="auto"`). `options`: any of `compose_layer`'s keywords (blocksize, percdamp, backend, hinv,
     rows, ...), overriding those defaults."""
     fastprune_layer.__signature__.bind(W, H, sparsity, prune_n, prune_m, **options)
     opts = {**RECIPE_DEFAULTS, **options}
     if opts["select"] == "auto":
         opts["select"] = recipe_selector(prune_n)
+    if opts["max_swaps"] == "auto":
+        opts["max_swaps"] = recipe_max_swaps(prune_n, prune_m)
     return compose_layer(W, H, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, **opts)
 
 

@@ -17,11 +17,11 @@ import torch
 
 from ..core import check_obs_options, wanda_score
 from ..hessian import inverse_hessian
-from ..masks import pattern_name
+from ..masks import pattern_name, pruned_fraction
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
-from .skeleton import Outcome, Problem, beyond_lead, legacy_positional, run_solver, unpruned
+from .skeleton import Outcome, check_given_mask, Problem, beyond_lead, legacy_positional, run_solver, unpruned
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
@@ -94,6 +94,7 @@ def rose_layer(
     inverse_method: str = "direct",
     range_rule: str = "per_column",
     rows: slice | None = None,
+    mask: torch.Tensor | None = None,
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
@@ -107,6 +108,9 @@ def rose_layer(
     "block_sum" (the ROSE repository's sums; `fastprune.compat` uses it).
     `rows`: prune only these rows (a slice), with the column order of the whole layer, so
     for N:M the result is exactly those rows of the whole layer's (not with `inplace`).
+    `mask` (True = kept; the pruned rows' mask with `rows`) prunes exactly that pattern with
+    the OBS updates run in ROSE's column order (the order still comes from `sparsity` and the
+    scores), as `sparsegpt_layer(mask=...)` does in the natural order.
     """
 
     def check(W: torch.Tensor, H: torch.Tensor | None) -> None:
@@ -119,6 +123,8 @@ def rose_layer(
             raise ValueError(f"range_rule must be one of {RANGE_RULES}, got {range_rule!r}")
         if scaler is not None:
             scaler = check_scaler(scaler, W.shape[1], W.device, "scaler")
+        if mask is not None:
+            check_given_mask(mask, W if rows is None else W[rows], prune_n, prune_m)
 
     def solve(p: Problem) -> Outcome:
         W, H, sparsity, n, m, dtype = p.W, p.H, p.sparsity, p.n, p.m, p.dtype
@@ -132,7 +138,7 @@ def rose_layer(
             range_rule=range_rule,
         )
         Wr = W if rows is None else W[rows]  # the rows pruned (the order comes from all of W)
-        if n == 0 and sparsity == 0.0:
+        if n == 0 and sparsity == 0.0 and mask is None:
             info.update(relative_range=0.0, reordered=False)
             return unpruned(p, rows)
 
@@ -150,6 +156,7 @@ def rose_layer(
             perm = perm.to(W.device)
             Hp = H[perm][:, perm]
             Wc = Wr.to(dtype)[:, perm]
+            fixed = None if mask is None else mask[:, perm]
             if n:  # whole groups moved: any multiple of M keeps groups inside one sweep block
                 bounds = block_bounds(cols, sweep_bs)
             else:  # the sweep's blocks are the reordered ROSE blocks (last one may be short)
@@ -157,6 +164,7 @@ def rose_layer(
                 bounds = list(zip(edges[:-1], edges[1:]))
         else:
             perm, Hp, Wc = None, H, Wr.to(dtype, copy=True)
+            fixed = mask
             bounds = block_bounds(cols, sweep_bs)
 
         # One inverse per layer: the permutation depends on this layer's W (through its
@@ -167,12 +175,16 @@ def rose_layer(
         inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=inverse_method)
         info.update(inv.as_info())
         Wc[:, inv.dead] = 0
-        Q, keep, losses = obs_prune(Wc, inv.hinv, bounds, sparsity, n, m, p.kernels)
+        Q, keep, losses = obs_prune(
+            Wc, inv.hinv, bounds, sparsity, n, m, p.kernels, fixed_keep=fixed
+        )
         dead = inv.dead
         if perm is not None:
             inv_perm = torch.argsort(perm)
             Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
-        info["pattern"] = pattern_name(n, m)
+        info["pattern"] = pattern_name(n, m) if mask is None else "fixed mask"
+        if mask is not None:
+            info["sparsity"] = pruned_fraction(mask)
         return Outcome(Q, keep, obs_loss_info(Wr, Q, H, inv, losses, info, dead), rows)
 
     return run_solver(
