@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"{_for('max_swaps')}: steps per layer (default: a per-layer budget on CPU, "
-        "a larger one on GPU; see fastprune.methods)",
+        "a larger one on GPU, and for the fastprune recipe at most 4 at 2:4 and 16 otherwise; "
+        "see fastprune.methods)",
     )
     q.add_argument(
         "--reconstruct",

@@ -215,7 +215,9 @@ def test_range_rule_is_checked(gen):
 
 
 # ------------------------------------------- a given mask pruned in ROSE's column order
-@pytest.mark.parametrize("rows,cols,n,m", [(1, 96, 0, 0), (13, 128, 0, 0), (7, 64, 2, 4), (9, 96, 4, 8)])
+@pytest.mark.parametrize(
+    "rows,cols,n,m", [(1, 96, 0, 0), (13, 128, 0, 0), (7, 64, 2, 4), (9, 96, 4, 8)]
+)
 def test_own_mask_given_back_reproduces_rose(gen, rows, cols, n, m):
     """ROSE's own mask given as `mask=` takes the same OBS updates in the same order."""
     W, H, _ = fp.testing.random_layer(rows, cols, columnar=True, blocksize=32, generator=gen)
@@ -231,8 +233,9 @@ def test_own_mask_given_back_reproduces_rose(gen, rows, cols, n, m):
 def test_given_mask_in_rose_order_is_sparsegpt_on_the_permuted_layer(gen, n, m):
     """Any mask: SparseGPT's fixed-mask updates on W[:, perm], H[perm][:, perm], put back."""
     W, H, _ = fp.testing.random_layer(11, 128, columnar=True, blocksize=32, generator=gen)
-    keep = fp.rose_layer(fp.testing.random_layer(11, 128, generator=gen)[0], H, prune_n=n,
-                         prune_m=m, blocksize=32).mask  # a mask that is not ROSE's own
+    keep = fp.rose_layer(
+        fp.testing.random_layer(11, 128, generator=gen)[0], H, prune_n=n, prune_m=m, blocksize=32
+    ).mask  # a mask that is not ROSE's own
     g = fp.rose_layer(W, H, prune_n=n, prune_m=m, blocksize=32, mask=keep)
     assert g.info["reordered"] and torch.equal(g.mask, keep)
     col, blk = torch_column_losses(wanda_score(W, H), block_bounds(128, m or 32), 0.5, n, m)

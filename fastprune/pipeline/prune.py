@@ -127,8 +127,9 @@ def prune_model(
         sparseswaps: max_swaps ('auto': on CPU a budget of 3e8 pair evaluations per layer,
         1 to 100 steps; on GPU a budget of 5e12, ~2 s a layer on an H100),
         reconstruct (OBS reconstruction on the refined mask), percdamp, backend;
-        fastprune (the recipe): select, refine, refine_on, reconstruct, max_swaps,
-        blocksize, percdamp, range_threshold, backend (see `fastprune.solvers.recipes`).
+        fastprune (the recipe): select, refine, refine_on, reconstruct, max_swaps ('auto':
+        sparseswaps' budget, capped at 4 steps at 2:4 and 16 otherwise), blocksize, percdamp,
+        range_threshold, backend (see `fastprune.solvers.recipes`).
         Any mask selector (magnitude, wanda, gblm, sparsegpt, rose) also takes
         refine='sparseswaps', refine_on ('original' | 'reconstructed'), reconstruct
         (True | 'best') and max_swaps: `fastprune.compose_layer` then solves each layer.

@@ -216,8 +216,9 @@ def fastprune_layer(
     (`RECIPE`: the selector's mask and weights, `select="auto"` being ROSE for N:M and
     SparseGPT unstructured, refined by SparseSwaps scored on those weights, then the better of
     that and an OBS reconstruction on the refined mask) and at most
-    `recipe_max_swaps(prune_n, prune_m)` swap steps (`max_swaps="auto"`). `options`: any of `compose_layer`'s keywords (blocksize, percdamp, backend, hinv,
-    rows, ...), overriding those defaults."""
+    `recipe_max_swaps(prune_n, prune_m)` swap steps (`max_swaps="auto"`). `options`: any of
+    `compose_layer`'s keywords (blocksize, percdamp, backend, hinv, rows, ...), overriding
+    those defaults."""
     fastprune_layer.__signature__.bind(W, H, sparsity, prune_n, prune_m, **options)
     opts = {**RECIPE_DEFAULTS, **options}
     if opts["select"] == "auto":

@@ -21,7 +21,15 @@ from ..masks import pattern_name, pruned_fraction
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
-from .skeleton import Outcome, check_given_mask, Problem, beyond_lead, legacy_positional, run_solver, unpruned
+from .skeleton import (
+    Outcome,
+    Problem,
+    beyond_lead,
+    check_given_mask,
+    legacy_positional,
+    run_solver,
+    unpruned,
+)
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
