@@ -68,6 +68,9 @@ class Method:
     needs_hessian: bool = True
     needs_gradients: bool = False
     shares_inverse: bool = False
+    # of a `shares_inverse` method, whether a solve with (prune_n, options) reads the shared
+    # inverse at all (None: always); a recipe selecting with ROSE factors its own permuted H
+    uses_inverse: Callable[[int, Mapping[str, Any]], bool] | None = None
     pipeline_options: tuple[str, ...] = ()
     check: Callable[[dict], dict] | None = None
     layer_options: Callable[[torch.Tensor, int, int, dict], dict] | None = None
@@ -154,6 +157,13 @@ class Method:
         H = H if self.needs_hessian else None
         return self.solver(W, H, sparsity, prune_n, prune_m, **kw)
 
+    def wants_inverse(self, prune_n: int, options: Mapping[str, Any]) -> bool:
+        """Whether the pipeline should factor the shared inverse for a solve with these
+        options (`shares_inverse`, and `uses_inverse` where the method has one)."""
+        if not self.shares_inverse:
+            return False
+        return self.uses_inverse is None or self.uses_inverse(prune_n, options)
+
     def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
         """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
         solved as one batch here: the method has a batch solver for its backend (torch's
@@ -205,8 +215,10 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         opts,
         needs_hessian=True,
         needs_gradients=base.needs_gradients,
-        # the inverse serves SparseGPT's selection and the reconstruction, nothing else
+        # the inverse serves SparseGPT's selection and the natural-order reconstruction
+        # (after ROSE's selection the reconstruction factors ROSE's permuted H itself)
         shares_inverse=base.name == "sparsegpt" or bool(reconstruct),
+        uses_inverse=lambda n, o: _selector_reads_inverse(base.name, n),
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=_sparseswaps_layer_options,
@@ -263,6 +275,13 @@ _SEPARABLE_SELECTORS = {
 def _selector_separable(name: str) -> Callable[[int, Mapping[str, Any]], bool]:
     """A selector method's `row_separable`, from `_SEPARABLE_SELECTORS`."""
     return lambda prune_n, opts: _SEPARABLE_SELECTORS[name](prune_n)
+
+
+def _selector_reads_inverse(select: str, prune_n: int) -> bool:
+    """Whether a composition selecting with `select` ("auto": the recipe's choice for the
+    pattern) reads the shared inverse of H: all but ROSE's, whose selection and
+    reconstruction factor its own permuted H."""
+    return (recipe_selector(prune_n) if select == "auto" else select) != "rose"
 
 
 def _composition_separable(select: str, prune_n: int, opts: Mapping[str, Any]) -> bool:
@@ -391,6 +410,7 @@ METHODS: dict[str, Method] = {
                 "backend": "auto",
             },
             shares_inverse=True,
+            uses_inverse=lambda n, o: _selector_reads_inverse(o["select"], n),
             check=_check_recipe,
             layer_options=_recipe_layer_options,
             row_separable=lambda n, o: _composition_separable(o["select"], n, o),

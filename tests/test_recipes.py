@@ -462,3 +462,34 @@ def test_fastprune_layer_auto_swaps_is_the_patterns_cap(n, m, cap):
     b = fastprune_layer(W, H, 0.5, n, m, max_swaps=cap)
     assert a.info["refine_max_swaps"] == cap
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize(
+    "method,kw,factored",
+    [
+        ("fastprune", dict(prune_n=2, prune_m=4), False),  # ROSE selects: its own inverses
+        ("fastprune", dict(sparsity=0.5), True),  # SparseGPT selects: the shared inverse
+        ("rose", dict(prune_n=2, prune_m=4, refine="sparseswaps", reconstruct=True), False),
+        ("wanda", dict(sparsity=0.5, refine="sparseswaps", reconstruct=True), True),
+    ],
+)
+def test_pipeline_factors_the_shared_inverse_only_for_a_solve_that_reads_it(
+    monkeypatch, method, kw, factored
+):
+    import fastprune.pipeline.prune as prune_module
+    from fastprune.methods import METHODS, composed
+
+    calls = []
+    real = prune_module.inverse_hessian
+    monkeypatch.setattr(
+        prune_module, "inverse_hessian", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    fp.prune_model(
+        pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),
+        method=method, max_swaps=1, progress=False, **kw,
+    )  # fmt: skip
+    assert bool(calls) == factored
+    opts = {k: v for k, v in kw.items() if k in ("refine", "reconstruct")}
+    meth = composed(METHODS[method], opts)
+    full = meth.check_options(opts)
+    assert meth.shares_inverse and meth.wants_inverse(kw.get("prune_n", 0), full) == factored

@@ -682,7 +682,7 @@ class PruneRun:
                 tokens = hooks.acc[lead].nsamples
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
         # its own layer's permutation (from |W|), so it has no inverse to share.
-        if a.meth.shares_inverse and H is not None:
+        if a.meth.wants_inverse(a.n, a.opts) and H is not None:
             hinv = self._shared_inverse(hooks, inverses, lead)
         g = None if self.G is None else self.G[full]
         target, extra = W, {}
@@ -717,7 +717,7 @@ class PruneRun:
         for c0 in range(0, len(group), chunk):
             part, part_leads = group[c0 : c0 + chunk], leads[c0 : c0 + chunk]
             todo = sorted({ld for ld in part_leads if ld not in inverses})
-            if meth.shares_inverse and todo and dev.type == "cuda":
+            if meth.wants_inverse(a.n, opts) and todo and dev.type == "cuda":
                 # one batched factorisation (on CPU, LAPACK one by one is faster: it stays
                 # with the single solves' own inverses)
                 t0 = time.perf_counter()
@@ -727,7 +727,7 @@ class PruneRun:
             if not meth.batches(opts, dev, get_weight(part[0][1]).shape):
                 continue
             hinvs = None
-            if meth.shares_inverse:
+            if meth.wants_inverse(a.n, opts):
                 hinvs = [self._shared_inverse(hooks, inverses, ld) for ld in part_leads]
             Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
             Hs = [hooks.acc[ld].H for ld in part_leads]  # the accumulators' own, not a copy
