@@ -64,10 +64,6 @@ COMBOS = {
     "rose+swaps4+best": {
         "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 4,
     },
-    "rose+swaps4+best+damp0.05": {
-        "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 4,
-        "percdamp": 0.05,
-    },
     "rose+swaps16+best": {
         "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 16,
     },
