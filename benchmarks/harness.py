@@ -221,10 +221,25 @@ def kernels_label(info: dict) -> str:
     return " ".join(f"{op}={impl}" for op, impl in info.get("kernels", {}).items())
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), or the machine type elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device) -> str:
+    """The GPU's name, or the CPU's architecture, model, vector ISA torch uses and threads:
+    CPU results (the float order of its kernels) and times depend on all of them."""
     if is_cuda(device) and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    return f"cpu ({platform.machine()}, {cpu_model()}, {isa}, {os.cpu_count()} threads)"
 
 
 def versions() -> dict:

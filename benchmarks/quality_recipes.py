@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 import fastprune as fp
 from benchmarks.harness import device_name, versions, write_rows
@@ -170,7 +171,7 @@ def run(args) -> None:
         "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
         "eval_windows": args.eval_windows, "texts": parse_texts(args.texts),
         "eval_tokens": {k: int(v.numel()) for k, v in texts.items()},
-        "device": device_name("cpu"), **versions(),
+        "device": device_name("cpu"), **versions(), "transformers": transformers.__version__,
     }  # fmt: skip
     with jsonl.open("a") as f:
         if ("dense", "-", "-") not in done:

@@ -269,3 +269,12 @@ def test_stream_benchmark_rows(tmp_path):
     assert all(r["peak_rss_GB"] > 0 and r["blocks"] == 2 for r in rows)
     assert rows[0]["achieved_sparsity"] == rows[1]["achieved_sparsity"] > 0.45
     assert "| streamed | wanda |" in (tmp_path / "res" / "stream_cpu.md").read_text()
+
+
+def test_cpu_device_name_says_model_isa_and_threads():
+    from benchmarks.harness import cpu_model, device_name
+
+    name = device_name("cpu")
+    isa = torch.backends.cpu.get_cpu_capability()
+    assert name.startswith("cpu (") and cpu_model() in name and isa in name, name
+    assert name.endswith(" threads)"), name
