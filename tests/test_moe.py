@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 import fastprune
 from fastprune import METHODS
-from fastprune.hessian import HessianAccumulator
+from fastprune.hessian import HessianAccumulator, row_losses
 
 transformers = pytest.importorskip("transformers")
 from transformers.activations import ACT2FN  # noqa: E402
@@ -64,6 +64,12 @@ RESTATED_METHODS = tuple(SOLVER_OPTIONS)
 MASK_AGREE = 0.999
 WEIGHT_RTOL = 1e-4
 LOSS_RTOL = 1e-3
+# a row whose mask differs by a rounding-level near-tie: an OBS flip changes the updates of
+# the rest of its row, so several of its entries may differ and its greedy sweep may end
+# better or worse; the pipeline's row may not be worse than the restated one by more than
+# this (its loss `d H d^T`), and at most this fraction of the rows (at least one) may differ
+TIE_ROW_LOSS_RTOL = 0.05
+TIE_ROWS = 0.02
 
 
 # --------------------------------------------------------------------------- helpers
@@ -160,9 +166,17 @@ def _solve(method: str, W: torch.Tensor, H: torch.Tensor, sparsity: float, n: in
     raise ValueError(method)
 
 
-def _assert_same_prune(name: str, got: torch.Tensor, want: torch.Tensor) -> int:
+def _assert_same_prune(
+    name: str,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    W: torch.Tensor | None = None,
+    H: torch.Tensor | None = None,
+) -> int:
     """The pipeline's pruned matrix `got` against the restated `want` ([out, in] both):
-    zero patterns agree on >= MASK_AGREE of the entries, and in every row where they agree
+    zero patterns agree on >= MASK_AGREE of the entries, or (given the dense `W` and the
+    restated `H`) they differ in at most TIE_ROWS of the rows, none of them worse than the
+    restated row by more than TIE_ROW_LOSS_RTOL of its loss `d H d^T`; in every row where they agree
     entirely the weights agree within WEIGHT_RTOL of the row's largest |weight| (rows where
     one mask entry flipped legitimately diverge under OBS updates). Returns the number of
     mask entries that differ."""
@@ -172,11 +186,14 @@ def _assert_same_prune(name: str, got: torch.Tensor, want: torch.Tensor) -> int:
     nd = int(diff.sum())
     agree = 1.0 - nd / diff.numel()
     first = [tuple(ix) for ix in diff.nonzero()[:5].tolist()]
-    assert agree >= MASK_AGREE, (
+    message = (
         f"{name}: zero patterns differ at {nd} of {diff.numel()} entries (agree {agree:.5f} "
         f"< {MASK_AGREE}); first at {first}; pruned {int((~gm).sum())} vs restated "
         f"{int((~wm).sum())}"
     )
+    if agree < MASK_AGREE:
+        assert W is not None and H is not None, message
+        _assert_near_ties(message, diff.any(1), W, got, want, H)
     rows = ~diff.any(1)
     g, w = got[rows].double(), want[rows].double()
     scale = w.abs().amax(1, keepdim=True).clamp_min(1e-30)
@@ -191,6 +208,26 @@ def _assert_same_prune(name: str, got: torch.Tensor, want: torch.Tensor) -> int:
             f"{g[r, c].item():.8g}, restated {w[r, c].item():.8g}"
         )
     return nd
+
+
+def _assert_near_ties(
+    message: str,
+    rows: torch.Tensor,
+    W: torch.Tensor,
+    got: torch.Tensor,
+    want: torch.Tensor,
+    H: torch.Tensor,
+) -> None:
+    """The rows `rows` whose masks differ are few (TIE_ROWS) and none worse than the
+    restated row under `H` (TIE_ROW_LOSS_RTOL): a near-tie the rounding decided (a wrong H
+    or update would make the pipeline's rows worse), not a bug."""
+    count = int(rows.sum())
+    assert count <= max(1, TIE_ROWS * rows.numel()), f"{message}; {count} rows differ"
+    lg, lw = row_losses(W, got, H)[rows], row_losses(W, want, H)[rows]
+    rel = (lg - lw) / lw.abs().clamp_min(1e-30)
+    assert (rel <= TIE_ROW_LOSS_RTOL).all(), (
+        f"{message}; row losses {lg.tolist()} vs restated {lw.tolist()}"
+    )
 
 
 def _call_args(module: nn.Module, args: tuple, kwargs: dict):
@@ -283,7 +320,7 @@ def _restate_fused_block(
             Wp = _oriented(getattr(exp, proj)[e], tr)
             G = None if grads is None else _oriented(grads[b, proj][e], tr).contiguous()
             r = _solve(method, W0, H, sparsity, n, m, G)
-            nd = _assert_same_prune(name, Wp, r.weight)
+            nd = _assert_same_prune(name, Wp, r.weight, W0, H)
             total += nd
             lr = by_name[name]
             if method != "magnitude":
