@@ -167,7 +167,9 @@ def row_losses(W, Q, H):
 
 def test_best_mixes_rows_when_each_side_wins_some():
     """A layer where some rows are better reconstructed and some better refined: 'best_rows'
-    is strictly below both whole-layer choices (and so below 'best')."""
+    takes each row's lower loss, so it is below both whole-layer choices (and so below
+    'best'). The losses are compared in one computation: the solvers' own `loss` figures
+    come from different ones, which differ in the last digits where a row is a near-tie."""
     hits = 0
     for seed in range(6):
         W, H = layer(24, 64, seed=100 + seed)
@@ -177,7 +179,10 @@ def test_best_mixes_rows_when_each_side_wins_some():
         best = compose_layer(W, H, **kw, reconstruct="best_rows")
         if best.info["result"] == "per row":
             hits += 1
-            assert best.loss < min(ref.loss, rec.loss)
+            lb, lf, lr = (row_losses(W, r.weight, H) for r in (best, ref, rec))
+            torch.testing.assert_close(lb, torch.minimum(lf, lr), rtol=1e-9, atol=0)
+            assert lb.sum() <= min(lf.sum(), lr.sum()) * (1 + 1e-12)
+            assert best.loss == pytest.approx(lb.sum().item(), rel=1e-6)
     assert hits > 0
 
 
