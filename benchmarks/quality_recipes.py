@@ -84,6 +84,8 @@ COMBOS = {
     "fastprune+damp0.1": {"method": "fastprune", "percdamp": 0.1},
     # the recipe's swaps without its final reconstruction
     "fastprune-rec": {"method": "fastprune", "reconstruct": False},
+    "fastprune+lstsq": {"method": "fastprune", "reconstruct": "lstsq"},
+    "select+lstsq": {"method": "fastprune", "refine": None, "reconstruct": "lstsq"},
     # asymmetric calibration: every layer fitted to the dense model's outputs
     "fastprune+asym": {"method": "fastprune", "asymmetric": True},
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},

@@ -405,6 +405,7 @@ METHODS: dict[str, Method] = {
             {
                 **RECIPE,
                 "max_swaps": "auto",
+                "refit_iters": 32,
                 **_OBS,
                 "range_threshold": 0.5,
                 "backend": "auto",

@@ -32,12 +32,13 @@ import time
 import torch
 
 from ..core import merge_kernel_info
-from ..hessian import InverseHessian, row_losses
+from ..hessian import InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..result import PruneResult
 from ..validation import check_rows, check_weight
 from .gblm import gblm_layer
 from .magnitude import magnitude_layer
+from .refit import refit_masked
 from .rose import rose_layer
 from .skeleton import legacy_positional, tensor_or_none_at
 from .sparsegpt import sparsegpt_layer
@@ -47,7 +48,7 @@ from .wanda import wanda_layer
 SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
 REFINERS = ("sparseswaps",)
 REFINE_ON = ("original", "reconstructed")
-RECONSTRUCT = (False, True, "best", "best_rows")
+RECONSTRUCT = (False, True, "best", "best_rows", "lstsq")
 
 
 def check_recipe(
@@ -62,7 +63,7 @@ def check_recipe(
         raise ValueError(f"refine_on must be one of {', '.join(REFINE_ON)}; got {refine_on!r}")
     if not any(reconstruct is r or (isinstance(r, str) and reconstruct == r) for r in RECONSTRUCT):
         raise ValueError(
-            f"reconstruct must be False, True, 'best' or 'best_rows'; got {reconstruct!r}"
+            f"reconstruct must be False, True, 'best', 'best_rows' or 'lstsq'; got {reconstruct!r}"
         )
     return select, refine, refine_on, reconstruct
 
@@ -86,6 +87,7 @@ def compose_layer(
     refine_on: str = "reconstructed",
     reconstruct: bool | str = False,
     max_swaps: int | None = None,
+    refit_iters: int = 32,
     blocksize: int = 128,
     percdamp: float = 0.01,
     range_threshold: float = 0.5,
@@ -141,7 +143,10 @@ def compose_layer(
         for k in ("swaps", "steps", "converged", "max_swaps", "loss_before", "loss_after"):
             info[f"refine_{k}"] = ref.info[k]
         merge_kernel_info(info, ref.info)
-    if reconstruct and (refine is not None or select != "sparsegpt"):
+    # SparseGPT's and ROSE's own weights are already the OBS reconstruction on their mask;
+    # "lstsq" solves for the optimum itself (an OBS start converges no faster)
+    obs_rec = reconstruct and reconstruct != "lstsq"
+    if obs_rec and (refine is not None or select not in ("sparsegpt", "rose")):
         if select == "rose":  # OBS updates in ROSE's column order, as the selection ran
             rec = rose_layer(
                 whole, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask
@@ -158,6 +163,12 @@ def compose_layer(
             weight, loss, result, info["rows_reconstructed"] = _best_rows(
                 W, H, weight, rec.weight, result
             )
+    if reconstruct == "lstsq":
+        weight, refit = refit_masked(
+            W, H, mask, weight, percdamp=percdamp, iters=refit_iters
+        )
+        info.update(refit, loss_before_refit=loss)
+        loss, result = layer_loss(W, weight, H), "refit"
     info.update(method="compose", result=result)
     info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
