@@ -15,6 +15,7 @@ from .solvers.recipes import REFINE_ON, REFINERS, SELECTORS
 OPTION_FLAGS = {
     "backend": "backend",
     "max_swaps": "max_swaps",
+    "refit_iters": "refit_iters",
     "reconstruct": "reconstruct",
     "refine": "refine",
     "refine_on": "refine_on",
@@ -144,9 +145,9 @@ def _add_lm_eval_flags(q: argparse.ArgumentParser) -> None:
 
 
 def _reconstruct_arg(text: str):
-    if text not in ("best", "best_rows"):
+    if text not in ("best", "best_rows", "lstsq"):
         raise argparse.ArgumentTypeError(
-            f"--reconstruct takes no value, 'best' or 'best_rows', got {text!r}"
+            f"--reconstruct takes no value, 'best', 'best_rows' or 'lstsq', got {text!r}"
         )
     return text
 
@@ -243,10 +244,17 @@ def build_parser() -> argparse.ArgumentParser:
         const=True,
         default=None,
         type=_reconstruct_arg,
-        metavar="best|best_rows",
+        metavar="best|best_rows|lstsq",
         help=f"{_for('reconstruct')}/{'/'.join(SELECTORS)}: OBS reconstruction on the final "
         "mask (--reconstruct best: only where it lowers the layer's loss; best_rows: row by "
-        "row)",
+        "row; lstsq: the least-squares weights on the mask instead, by conjugate gradients)",
+    )
+    q.add_argument(
+        "--refit-iters",
+        type=int,
+        default=None,
+        help=f"{_for('refit_iters')}/{'/'.join(SELECTORS)}: conjugate-gradient iterations of "
+        "--reconstruct lstsq per layer (default 32)",
     )
     q.add_argument(
         "--refine",

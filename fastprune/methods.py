@@ -197,12 +197,13 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
     name = base.name + (f"+{refine}" if refine else "")
     name += "" if not reconstruct else "+reconstruct" if reconstruct is True else f"+{reconstruct}"
     extra = {"refine": None, "refine_on": "reconstructed", "reconstruct": False}
-    extra |= {"max_swaps": "auto", "percdamp": 0.01, "backend": "auto"}
+    extra |= {"max_swaps": "auto", "refit_iters": 32, "percdamp": 0.01, "backend": "auto"}
     opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
 
     def check(o: dict) -> dict:
         o = base.check(o) if base.check is not None else o
         check_recipe(base.name, o["refine"], o["refine_on"], o["reconstruct"])
+        o["refit_iters"] = check_int(o["refit_iters"], "refit_iters", minimum=0)
         return _check_sparseswaps(o)
 
     def solver(W, H, sparsity, prune_n, prune_m, **kw):
@@ -215,9 +216,10 @@ def composed(base: Method, options: Mapping[str, Any]) -> Method:
         opts,
         needs_hessian=True,
         needs_gradients=base.needs_gradients,
-        # the inverse serves SparseGPT's selection and the natural-order reconstruction
-        # (after ROSE's selection the reconstruction factors ROSE's permuted H itself)
-        shares_inverse=base.name == "sparsegpt" or bool(reconstruct),
+        # the inverse serves SparseGPT's selection and the natural-order OBS reconstruction
+        # (after ROSE's selection the reconstruction factors ROSE's permuted H itself;
+        # "lstsq" solves with H, not its inverse)
+        shares_inverse=base.name == "sparsegpt" or reconstruct not in (False, "lstsq"),
         uses_inverse=lambda n, o: _selector_reads_inverse(base.name, n),
         pipeline_options=base.pipeline_options,
         check=check,
@@ -255,6 +257,7 @@ def _check_recipe(opts: dict) -> dict:
         )
     select = "sparsegpt" if opts["select"] == "auto" else opts["select"]
     check_recipe(select, opts["refine"], opts["refine_on"], opts["reconstruct"])
+    opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     return _check_sparseswaps(opts)
 
 

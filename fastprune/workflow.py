@@ -241,11 +241,13 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
     opts = job.options
     if opts.get("max_swaps") is not None and opts["max_swaps"] < 0:
         raise ValueError(f"{name('max_swaps')} must be >= 0, got {opts['max_swaps']}")
+    if opts.get("refit_iters") is not None and opts["refit_iters"] < 0:
+        raise ValueError(f"{name('refit_iters')} must be >= 0, got {opts['refit_iters']}")
     takes = (*SELECTORS, "fastprune")
     for key in ("refine", "refine_on"):
         if opts.get(key) is not None and job.method not in takes:
             raise ValueError(f"{name(key)} applies to method {'/'.join(takes)}, not {job.method}")
-    if opts.get("reconstruct") in ("best", "best_rows") and job.method not in takes:
+    if opts.get("reconstruct") in ("best", "best_rows", "lstsq") and job.method not in takes:
         raise ValueError(
             f"{name('reconstruct')} {opts['reconstruct']} applies to method {'/'.join(takes)}"
         )

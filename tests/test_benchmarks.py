@@ -78,6 +78,15 @@ def test_swap_search_benchmark(tmp_path):
     assert all(r["matches_ref"] for r in rows if r["kernel"] == "swap_search")
 
 
+def test_refit_benchmark(tmp_path):
+    rows = run("bench_refit", [*TINY, "--iters", "4,64"], tmp_path)
+    kinds = [(r["kernel"], r["pattern"], r.get("iters")) for r in rows]
+    assert ("obs_reconstruct", "2:4", None) in kinds and ("refit", "unstructured", 4) in kinds
+    for r in rows:
+        if r["kernel"] == "refit":
+            assert 0 < r["loss_vs_obs"] <= 1.0 + 1e-6 and r["gflops"] > 0
+
+
 def test_swap_quality_benchmark(tmp_path):
     rows = run("bench_swap_search", [*TINY, "--quality", "--patterns", "2:4"], tmp_path)
     assert {r["layer"] for r in rows} == {"independent", "low_rank"}

@@ -388,7 +388,44 @@ def test_cli_reconstruct_value_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["prune", "--method", "wanda", "--reconstruct", "rows"])
     assert e.value.code == 2
-    assert "--reconstruct takes no value, 'best' or 'best_rows'" in capsys.readouterr().err
+    assert "--reconstruct takes no value, 'best', 'best_rows' or 'lstsq'" in capsys.readouterr().err
+
+
+def test_cli_lstsq_reconstruction_reaches_the_pipeline(tmp_path):
+    import json
+
+    from fastprune.cli import main
+
+    d = tmp_path / "tiny"
+    pipeline_helpers.tiny_model("llama").save_pretrained(d)
+    pipeline_helpers.byte_tokenizer().save_pretrained(d)
+    rep = tmp_path / "r.json"
+    argv = ["prune", "--model", str(d), "--method", "sparsegpt", "--reconstruct", "lstsq"]
+    argv += ["--refit-iters", "5", "--pattern", "2:4", "--nsamples", "2", "--seqlen", "16"]
+    assert main([*argv, "--eval", "none", "--no-progress", "--report", str(rep)]) == 0
+    doc = json.loads(rep.read_text())
+    assert doc["method"] == "sparsegpt+lstsq" and doc["options"]["refit_iters"] == 5
+
+
+def test_lstsq_composition_is_named_separable_and_needs_no_inverse():
+    from fastprune.methods import composed, get_method
+
+    opts = {"reconstruct": "lstsq"}
+    m = composed(get_method("wanda"), opts)
+    assert m.name == "wanda+lstsq" and not m.shares_inverse
+    assert m.separable(0, m.check_options(opts))
+    with pytest.raises(ValueError, match="refit_iters"):
+        m.check_options({**opts, "refit_iters": -2})
+    rep = fp.prune_model(
+        pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),
+        method="rose", prune_n=2, prune_m=4, reconstruct="lstsq", progress=False,
+    )  # fmt: skip
+    assert rep.method == "rose+lstsq"
+    assert {lr.info["result"] for lr in rep.layers} == {"refit"}
+    # the refit minimises the damped loss; the layers' undamped losses fall in sum
+    assert sum(lr.loss for lr in rep.layers) < sum(
+        lr.info["loss_before_refit"] for lr in rep.layers
+    )
 
 
 def test_best_rows_composition_is_named_and_separable():
@@ -407,6 +444,8 @@ def test_best_rows_composition_is_named_and_separable():
         (["--method", "sparseswaps", "--refine", "sparseswaps"], "--refine"),
         (["--method", "sparseswaps", "--reconstruct", "best"], "--reconstruct"),
         (["--method", "sparseswaps", "--reconstruct", "best_rows"], "--reconstruct best_rows"),
+        (["--method", "sparseswaps", "--reconstruct", "lstsq"], "--reconstruct lstsq"),
+        (["--method", "fastprune", "--refit-iters", "-1"], "--refit-iters"),
         (["--allocation", "owl", "--owl-lambda", "0.7"], "--owl-lambda"),
         (["--allocation", "owl", "--owl-threshold", "-1"], "--owl-threshold"),
     ],

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_close_to_scale
 
 import fastprune as fp
 from fastprune.solvers.recipes import compose_layer
 from fastprune.solvers.refit import damped_hessian, refit_masked
 from fastprune.testing import random_layer
-
-from conftest import assert_close_to_scale
 
 PATTERNS = [(0, 0), (2, 4), (4, 8)]
 
@@ -137,10 +136,9 @@ def test_lstsq_reconstruction_is_the_optimum_on_the_refined_mask(select, n, m):
     assert lsq.info["result"] == "refit" and lsq.info["refit_iters"] <= 300
     assert lsq.loss == pytest.approx(fp.layer_loss(W, lsq.weight, H), rel=1e-6)
     assert lsq.info["loss_before_refit"] == pytest.approx(best.info["refine_loss_after"], rel=1e-6)
-    assert (
-        damped_row_losses(W, lsq.weight, H).sum()
-        <= damped_row_losses(W, best.weight, H).sum() * (1 + 1e-6)
-    )
+    assert damped_row_losses(W, lsq.weight, H).sum() <= damped_row_losses(
+        W, best.weight, H
+    ).sum() * (1 + 1e-6)
     assert_close_to_scale(lsq.weight.double(), reference_refit(W, H, lsq.mask), rtol=1e-3,
                           what="lstsq weights")  # fmt: skip
     assert not lsq.weight[~lsq.mask].any()

@@ -35,7 +35,7 @@ from ..core import merge_kernel_info
 from ..hessian import InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..result import PruneResult
-from ..validation import check_rows, check_weight
+from ..validation import check_int, check_rows, check_weight
 from .gblm import gblm_layer
 from .magnitude import magnitude_layer
 from .refit import refit_masked
@@ -106,6 +106,7 @@ def compose_layer(
     `rows_reconstructed`) and `recipe`."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
+    refit_iters = check_int(refit_iters, "refit_iters", minimum=0)
     W = check_weight(W)
     whole = W
     if check_rows(rows) is not None:
@@ -164,9 +165,7 @@ def compose_layer(
                 W, H, weight, rec.weight, result
             )
     if reconstruct == "lstsq":
-        weight, refit = refit_masked(
-            W, H, mask, weight, percdamp=percdamp, iters=refit_iters
-        )
+        weight, refit = refit_masked(W, H, mask, weight, percdamp=percdamp, iters=refit_iters)
         info.update(refit, loss_before_refit=loss)
         loss, result = layer_loss(W, weight, H), "refit"
     info.update(method="compose", result=result)

@@ -72,7 +72,8 @@ def refit_masked(
     rz = (r * z).sum(1)
     done = 0
     worst = 0.0
-    for done in range(1, iters + 1):
+    while done < iters:
+        done += 1
         Ap = (p @ Hd) * keep
         pAp = (p * Ap).sum(1)
         alpha = torch.where(pAp > 0, rz / pAp.clamp_min(torch.finfo(dt).tiny), 0.0)
@@ -90,7 +91,7 @@ def refit_masked(
     better = _damped_row_losses(x - w0, Hd) <= _damped_row_losses(x0 - w0, Hd)
     x = torch.where(better[:, None], x, x0) * keep
     info = {
-        "refit_iters": done if iters else 0,
+        "refit_iters": done,
         "refit_residual": worst,
         "refit_rows_kept_start": int((~better).sum()),
     }
