@@ -48,6 +48,11 @@ VARIANTS = {
     "rose+sw(rec)+best": _swaps("rose", reconstruct="best"),  # the recipe, N:M
     "rose+sw(rec)+best/damp0.1": _swaps("rose", reconstruct="best", percdamp=0.1),
     "wanda+sw+rec": dict(select="wanda", refine="sparseswaps", reconstruct=True),
+    # the least-squares weights on the selector's mask (the recipe: SparseGPT's unstructured,
+    # ROSE's for N:M) and after the swaps
+    "sparsegpt+lstsq": dict(select="sparsegpt", reconstruct="lstsq"),
+    "rose+lstsq": dict(select="rose", reconstruct="lstsq"),
+    "rose+sw(rec)+lstsq": _swaps("rose", reconstruct="lstsq"),
 }
 TRANSFER = {"gpl3": "/usr/share/common-licenses/GPL-3", "code": argparse.__file__}
 

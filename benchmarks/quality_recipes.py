@@ -52,15 +52,21 @@ PEERS = {
     "rose": {"method": "rose"},
     "sparseswaps": {"method": "sparseswaps"},
 }
+# the recipe's definition before the least-squares reconstruction: the selector's weights
+# refined by swap steps on them, then the better of that and an OBS reconstruction; the rows
+# named `fastprune-obs` ran as "fastprune" while this was its definition (`ran_as`), and the
+# `fastprune-obs+...` candidates as "fastprune+..."
+OBS_RECIPE = {"method": "fastprune", "refine": "sparseswaps", "reconstruct": "best"}
 COMBOS = {
     "fastprune": {"method": "fastprune"},
+    "fastprune-obs": OBS_RECIPE,
     # SparseSwaps (Wanda's mask, swaps within its budget) + fastprune's OBS reconstruction
     "sparseswaps+rec": {"method": "sparseswaps", "reconstruct": True},
     "sparsegpt+swaps+best": {
         "method": "sparsegpt", "refine": "sparseswaps", "reconstruct": "best",
     },
     "sparsegpt+owl": {"method": "sparsegpt", "allocation": "owl"},
-    "fastprune+owl": {"method": "fastprune", "allocation": "owl"},
+    "fastprune-obs+owl": {**OBS_RECIPE, "allocation": "owl"},
     "rose+swaps+best": {"method": "rose", "refine": "sparseswaps", "reconstruct": "best"},
     "rose+swaps4+best": {
         "method": "rose", "refine": "sparseswaps", "reconstruct": "best", "max_swaps": 4,
@@ -80,14 +86,14 @@ COMBOS = {
     },
     "wanda+swaps+rec": {"method": "wanda", "refine": "sparseswaps", "reconstruct": True},
     # regularised reconstruction: more damping shrinks the OBS updates toward the kept weights
-    "fastprune+damp0.05": {"method": "fastprune", "percdamp": 0.05},
-    "fastprune+damp0.1": {"method": "fastprune", "percdamp": 0.1},
-    # the recipe's swaps without its final reconstruction
-    "fastprune-rec": {"method": "fastprune", "reconstruct": False},
-    "fastprune+lstsq": {"method": "fastprune", "reconstruct": "lstsq"},
-    "select+lstsq": {"method": "fastprune", "refine": None, "reconstruct": "lstsq"},
+    "fastprune-obs+damp0.05": {**OBS_RECIPE, "percdamp": 0.05},
+    "fastprune-obs+damp0.1": {**OBS_RECIPE, "percdamp": 0.1},
+    # the swaps without a final reconstruction
+    "fastprune-rec": {**OBS_RECIPE, "reconstruct": False},
+    # the least-squares reconstruction after the swaps (the recipe is it without them)
+    "fastprune+swaps": {"method": "fastprune", "refine": "sparseswaps"},
     # asymmetric calibration: every layer fitted to the dense model's outputs
-    "fastprune+asym": {"method": "fastprune", "asymmetric": True},
+    "fastprune-obs+asym": {**OBS_RECIPE, "asymmetric": True},
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
     "rose+asym": {"method": "rose", "asymmetric": True},
 }  # fmt: skip

@@ -403,8 +403,8 @@ METHODS: dict[str, Method] = {
         Method(
             "fastprune",
             fastprune_layer,
-            "fastprune's recipe: SparseGPT (ROSE for N:M), refined by swaps on its own "
-            "weights, reconstructed where that helps (see docs/recipes.md)",
+            "fastprune's recipe: SparseGPT's mask (ROSE's for N:M) with the least-squares "
+            "weights on it (see docs/recipes.md)",
             {
                 **RECIPE,
                 "max_swaps": "auto",

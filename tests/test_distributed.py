@@ -77,7 +77,8 @@ SPLIT_CASES = [
     ("gpt2", "split-gblm", 0, 0, 1),
     ("qwen2", "split-wanda+rec", 2, 4, 1),
     ("gpt2", "split-rose", 2, 4, 1),  # the column order of the whole layer on each rank
-    ("llama", "split-fastprune", 2, 4, 1),  # ROSE, swaps, reconstruct="best_rows"
+    ("llama", "split-fastprune", 2, 4, 1),  # the recipe: ROSE, per-row least squares
+    ("llama", "split-fastprune-swaps", 2, 4, 1),  # ROSE, swaps, reconstruct="best_rows"
     ("olmoe", "split-sparsegpt", 2, 4, 1),
 ]
 
@@ -108,7 +109,10 @@ def _options(meth: str) -> tuple[str, dict]:
     if meth == "sparseswaps":
         return meth, {"max_swaps": 8, "reconstruct": True}
     if meth == "fastprune" and split:
-        return meth, {"blocksize": 16, "max_swaps": 8, "reconstruct": "best_rows"}
+        return meth, {"blocksize": 16}
+    if meth == "fastprune-swaps":
+        opts = {"refine": "sparseswaps", "max_swaps": 8, "reconstruct": "best_rows"}
+        return "fastprune", {"blocksize": 16, **opts}
     if meth == "fastprune":
         return meth, {"blocksize": 16, "max_swaps": 8, "allocation": "owl"}
     return meth, {}
@@ -187,6 +191,11 @@ def test_distributed_matches_single_process(dist_results, case):
         diff = (Wd - Ws)[rows].norm(dim=1)
         scale = Ws[rows].norm(dim=1).clamp_min(1e-30)
         tol = 5e-5 if case[0] == "gpt2" else 1e-5
+        if want_rep["options"].get("reconstruct") == "lstsq":
+            # the least-squares weights move by up to cond(H) times the rounding difference
+            # of the ranks' summed H (another summation order); the losses, flat at the
+            # optimum, are still checked to 1e-5 below
+            tol = 1e-3
         assert (diff <= tol * scale).all(), f"{name}: max rel {(diff / scale).max():.3g}"
     assert got_rep["layers"] == other_rep["layers"]
     split = [ld["info"].get("row_parts") for ld in got_rep["layers"]]

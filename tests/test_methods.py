@@ -223,6 +223,8 @@ SEPARABLE = [
     ("rose", (2, 4), {"blocksize": 8}),  # the column order of the whole layer
     ("rose", (4, 8), {"blocksize": 8, "range_threshold": 0.0}),  # always reordered
     ("fastprune", (2, 4), {"max_swaps": 3, "blocksize": 8, "reconstruct": "best_rows"}),
+    ("fastprune", (2, 4), {"blocksize": 8}),  # the recipe at N:M: ROSE, per-row least squares
+    ("sparsegpt", (4, 8), {"reconstruct": "lstsq", "refit_iters": 5}),
     ("wanda", (0, 0), {"refine": "sparseswaps", "reconstruct": "best_rows", "max_swaps": 3}),
 ]
 COUPLED = [
@@ -231,7 +233,7 @@ COUPLED = [
     ("rose", (0, 0), {}),
     ("fastprune", (0, 0), {}),
     ("sparsegpt", (0, 0), {"refine": "sparseswaps", "reconstruct": "best"}),
-    ("fastprune", (2, 4), {}),  # reconstruct="best": by the whole layer's loss
+    ("fastprune", (2, 4), {"refine": "sparseswaps", "reconstruct": "best"}),  # whole layer
     ("wanda", (2, 4), {"refine": "sparseswaps", "reconstruct": "best"}),
 ]
 

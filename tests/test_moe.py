@@ -49,10 +49,11 @@ SOLVER_OPTIONS = {
     },
     "fastprune": {
         "select": "auto",
-        "refine": "sparseswaps",
+        "refine": None,
         "refine_on": "reconstructed",
-        "reconstruct": "best",
+        "reconstruct": "lstsq",
         "max_swaps": MAX_SWAPS,
+        "refit_iters": 32,
         "blocksize": 128,
         "percdamp": 0.01,
         "range_threshold": 0.5,

@@ -346,6 +346,7 @@ def test_fastprune_method_and_composed_methods():
         "rose+sparseswaps+best": {
             "method": "rose", "refine": "sparseswaps", "reconstruct": "best"
         },
+        "sparsegpt+lstsq": {"method": "sparsegpt", "reconstruct": "lstsq"},
         "fastprune": {"method": "fastprune"},
     }.items():  # fmt: skip
         if name not in ("wanda", "sparsegpt"):
@@ -359,7 +360,8 @@ def test_fastprune_method_and_composed_methods():
             assert {"recipe", "result", "loss_selected"} <= set(rep.layers[0].info)
     assert losses["wanda+sparseswaps+reconstruct"] < losses["wanda"]
     assert losses["sparsegpt+sparseswaps+best"] <= losses["sparsegpt"] * (1 + 1e-6)
-    assert losses["fastprune"] == pytest.approx(losses["sparsegpt+sparseswaps+best"], rel=1e-6)
+    assert losses["fastprune"] == pytest.approx(losses["sparsegpt+lstsq"], rel=1e-6)
+    assert losses["fastprune"] < losses["sparsegpt"]
     with pytest.raises(TypeError, match="refine"):
         fp.prune_model(
             pipeline_helpers.tiny_model("llama"), calib, method="sparseswaps",
@@ -485,25 +487,34 @@ def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
 
 @pytest.mark.parametrize("n,m", [(2, 4), (4, 8)])
 def test_fastprune_caps_its_swap_steps(n, m):
+    """Asked to refine, the recipe stops its swaps at the pattern's cap; by default it does
+    not refine and keeps the least-squares weights on the selector's mask."""
     from fastprune.solvers.recipes import recipe_max_swaps
 
+    kw = dict(method="fastprune", prune_n=n, prune_m=m, progress=False)
     rep = fp.prune_model(
         pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16),
-        method="fastprune", prune_n=n, prune_m=m, progress=False,
+        refine="sparseswaps", **kw,
     )  # fmt: skip
     # "auto" would allow 100 steps on these tiny layers; the recipe stops at its cap
     cap = recipe_max_swaps(n, m)
     assert cap == {(2, 4): 4, (4, 8): 16}[(n, m)]
     assert {lr.info["refine_max_swaps"] for lr in rep.layers} == {cap}
     assert all(lr.info["refine_steps"] <= cap for lr in rep.layers)
-    assert rep.options["max_swaps"] == "auto" and rep.options["reconstruct"] == "best"
+    assert rep.options["max_swaps"] == "auto" and rep.options["reconstruct"] == "lstsq"
+    plain = fp.prune_model(
+        pipeline_helpers.tiny_model("llama"), pipeline_helpers.calib_ids(2, 16), **kw
+    )
+    assert plain.options["refine"] is None
+    assert all("refine_steps" not in lr.info for lr in plain.layers)
+    assert {lr.info["result"] for lr in plain.layers} == {"refit"}
 
 
 @pytest.mark.parametrize("n,m,cap", [(0, 0, 16), (2, 4, 4), (4, 8, 16)])
 def test_fastprune_layer_auto_swaps_is_the_patterns_cap(n, m, cap):
     W, H = layer(8, 64, seed=3)
-    a = fastprune_layer(W, H, 0.5, n, m)
-    b = fastprune_layer(W, H, 0.5, n, m, max_swaps=cap)
+    a = fastprune_layer(W, H, 0.5, n, m, refine="sparseswaps")
+    b = fastprune_layer(W, H, 0.5, n, m, refine="sparseswaps", max_swaps=cap)
     assert a.info["refine_max_swaps"] == cap
     assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
 

@@ -1,6 +1,6 @@
-"""Recipes: a mask selector, an optional mask refinement and an optional OBS reconstruction
+"""Recipes: a mask selector, an optional mask refinement and an optional reconstruction
 composed into one layer solve (`compose_layer`), and `fastprune_layer`, the composition that
-pruned the built-in model best (see the table in docs/recipes.md).
+pruned the built-in model best (see docs/recipes.md).
 
 1. select: magnitude | wanda | gblm | sparsegpt | rose gives a mask and weights (SparseGPT and
    ROSE update the kept weights; the score methods keep `W`).
@@ -14,8 +14,10 @@ pruned the built-in model best (see the table in docs/recipes.md).
    when ROSE selected); "best" keeps whichever of the refined and the
    reconstructed weights has the lower layer loss `tr(D H D^T)`; "best_rows" chooses row by
    row by the loss `d H d^T` (both have the same mask, and the layer loss is the sum of the
-   rows', so this is never above either). "best_rows" fits the calibration data more
-   closely; the recipe keeps "best" (docs/recipes.md has the measurements behind it).
+   rows', so this is never above either). "lstsq" instead solves for the least-squares
+   weights on the final mask (`refit.refit_masked`: per row the minimum of the damped loss
+   over the kept entries, which SparseGPT's column-by-column OBS updates do not reach).
+   The recipe is the selector's mask with "lstsq" (docs/recipes.md has the measurements).
 
 Every step treats each row on its own except the selection of magnitude (unstructured: one
 threshold), SparseGPT (unstructured: a threshold per block over all rows) and ROSE (its column
@@ -191,25 +193,29 @@ def _best_rows(
     return weight, loss, "per row", count
 
 
-# SparseSwaps steps in fastprune's recipe: at most this many per layer (and at most the budget
-# of `max_swaps="auto"` in the pipeline), by pattern; docs/recipes.md has the measurements
-# that chose them (at 2:4 more steps fitted the calibration text better and the other texts
-# worse; at 4:8 the 16 steps were better everywhere).
+# SparseSwaps steps when the recipe is asked to refine (`refine="sparseswaps"`): at most this
+# many per layer (and at most the budget of `max_swaps="auto"` in the pipeline), by pattern;
+# docs/recipes.md has the measurements that chose them (at 2:4 more steps fitted the
+# calibration text better and the other texts worse; at 4:8 the 16 steps were better
+# everywhere).
 RECIPE_MAX_SWAPS = 16
 RECIPE_MAX_SWAPS_BY_PATTERN = {"2:4": 4}
 # the recipe's composition (`method="fastprune"` in the pipeline) and `fastprune_layer`'s
-# defaults: that composition with at most `recipe_max_swaps(prune_n, prune_m)` swap steps
+# defaults: the selector's mask (ROSE for N:M, SparseGPT unstructured) with the least-squares
+# weights on it. Swaps before the refit gained nothing on the texts the calibration never saw
+# and cost 20-75% more time (docs/recipes.md), so the recipe does not refine by default.
 RECIPE = {
     "select": "auto",
-    "refine": "sparseswaps",
+    "refine": None,
     "refine_on": "reconstructed",
-    "reconstruct": "best",
+    "reconstruct": "lstsq",
 }
 RECIPE_DEFAULTS = {**RECIPE, "max_swaps": "auto"}
 
 
 def recipe_max_swaps(prune_n: int, prune_m: int) -> int:
-    """The recipe's cap on swap steps for a pattern: 4 at 2:4, else `RECIPE_MAX_SWAPS`."""
+    """The recipe's cap on swap steps (when it refines) for a pattern: 4 at 2:4, else
+    `RECIPE_MAX_SWAPS`."""
     name = f"{prune_n}:{prune_m}" if prune_n else "unstructured"
     return RECIPE_MAX_SWAPS_BY_PATTERN.get(name, RECIPE_MAX_SWAPS)
 
@@ -223,12 +229,11 @@ def fastprune_layer(
     **options,
 ) -> PruneResult:
     """fastprune's recipe on one layer: `compose_layer` with the recipe's composition
-    (`RECIPE`: the selector's mask and weights, `select="auto"` being ROSE for N:M and
-    SparseGPT unstructured, refined by SparseSwaps scored on those weights, then the better of
-    that and an OBS reconstruction on the refined mask) and at most
-    `recipe_max_swaps(prune_n, prune_m)` swap steps (`max_swaps="auto"`). `options`: any of
-    `compose_layer`'s keywords (blocksize, percdamp, backend, hinv, rows, ...), overriding
-    those defaults."""
+    (`RECIPE`: the selector's mask, `select="auto"` being ROSE for N:M and SparseGPT
+    unstructured, with the least-squares weights on it, `reconstruct="lstsq"`). With
+    `refine="sparseswaps"` the swaps take at most `recipe_max_swaps(prune_n, prune_m)` steps
+    (`max_swaps="auto"`). `options`: any of `compose_layer`'s keywords (blocksize, percdamp,
+    refit_iters, backend, hinv, rows, ...), overriding those defaults."""
     fastprune_layer.__signature__.bind(W, H, sparsity, prune_n, prune_m, **options)
     opts = {**RECIPE_DEFAULTS, **options}
     if opts["select"] == "auto":
