@@ -92,3 +92,31 @@ def test_fast_hessian_on_tensor_cores(gen, dtype):
         err = ((got[precision] - truth).norm() / truth.norm()).item()
         assert err < 1e-5, f"{precision}: relative error {err:.2e} against float64"
     assert ((got["fast"] - got["exact"]).norm() / truth.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_lstsq_refit_on_cuda_matches_a_dense_solve(gen, n, m):
+    """The conjugate-gradient refit on CUDA tensors: the per-row dense float64 solve's
+    weights (1e-3 of their scale: the iteration tolerance), a damped loss (what both
+    minimise) at or below OBS's."""
+    from fastprune.solvers.refit import damped_hessian, refit_masked
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    W, H, _ = fp.testing.random_layer(96, 384, columnar=True, generator=gen)
+    sg = fp.sparsegpt_layer(W.cuda(), H.cuda(), prune_n=n, prune_m=m)
+    x, info = refit_masked(W.cuda(), H.cuda(), sg.mask, sg.weight, iters=400, tol=1e-7)
+    assert x.device.type == "cuda" and not x[~sg.mask].any()
+    Hd, _ = damped_hessian(H.double(), 0.01)
+    want = torch.zeros_like(W, dtype=torch.float64)
+    mask = sg.mask.cpu()
+    for i in range(W.shape[0]):
+        K = mask[i].nonzero().squeeze(1)
+        want[i, K] = torch.linalg.solve(Hd[K][:, K], (W[i].double() @ Hd)[K])
+    err = (x.cpu().double() - want).abs().max() / want.abs().max()
+    assert err < 1e-3, (err, info)
+
+    def damped(w):
+        D = w.cpu().double() - W.double()
+        return float(((D @ Hd) * D).sum())
+
+    assert damped(x) <= damped(sg.weight) * (1 + 1e-6)

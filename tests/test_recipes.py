@@ -424,6 +424,8 @@ def test_lstsq_composition_is_named_separable_and_needs_no_inverse():
     )  # fmt: skip
     assert rep.method == "rose+lstsq"
     assert {lr.info["result"] for lr in rep.layers} == {"refit"}
+    summary = rep.summary()
+    assert "recipe: select rose, refine None, reconstruct lstsq; least-squares refit on" in summary
     # the refit minimises the damped loss; the layers' undamped losses fall in sum
     assert sum(lr.loss for lr in rep.layers) < sum(
         lr.info["loss_before_refit"] for lr in rep.layers

@@ -93,6 +93,7 @@ class PruneReport:
             + (f", gradients {t['gradient_seconds']:.1f}s" if "gradient_seconds" in t else "")
             + ")"
         )
+        lines.extend(self._recipe_lines())
         lines.extend(self._dense_lines())
         lines.extend(self._expert_lines())
         if t.get("hessian_seconds"):
@@ -119,6 +120,36 @@ class PruneReport:
         if kernels:
             lines.append("kernels: " + ", ".join(f"{op}={impl}" for op, impl in kernels.items()))
         return "\n".join(lines)
+
+    def _recipe_lines(self) -> list[str]:
+        """For a composition: its steps, and what the least-squares refit did."""
+        infos = [lr.info for lr in self.layers if "recipe" in lr.info]
+        if not infos:
+            return []
+        steps = {
+            k: "/".join(sorted({str(i["recipe"].get(k)) for i in infos}))
+            for k in ("select", "refine", "reconstruct")
+        }
+        line = f"recipe: select {steps['select']}, refine {steps['refine']}, "
+        line += f"reconstruct {steps['reconstruct']}"
+        refits = [i for i in infos if "refit_iters" in i]
+        if refits:
+
+            def values(key: str) -> list[float]:  # a row-split layer lists its parts'
+                out = []
+                for i in refits:
+                    v = i.get(key, 0.0)
+                    out.extend(v if isinstance(v, (list, tuple)) else [v])
+                return out
+
+            after = sum(lr.loss or 0.0 for lr in self.layers if "refit_iters" in lr.info)
+            line += (
+                f"; least-squares refit on {len(refits)} layers: at most "
+                f"{max(values('refit_iters'))} CG iterations, largest residual left "
+                f"{max(values('refit_residual')):.1e}, layer loss "
+                f"{sum(values('loss_before_refit')):.4g} -> {after:.4g}"
+            )
+        return [line]
 
     def _dense_lines(self) -> list[str]:
         """What stayed dense, grouped by matrix kind and reason."""

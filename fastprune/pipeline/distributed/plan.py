@@ -166,8 +166,8 @@ def merge_part_reports(parts: list, shape: tuple[int, int]):
     )
 
 
-_PART_MAX = {"steps", "max_swaps", "damp", "damp_retries"}
-_PART_SUM = {"swaps", "seconds", "pruned", "kept"}
+_PART_MAX = {"steps", "max_swaps", "damp", "damp_retries", "refit_iters", "refit_residual"}
+_PART_SUM = {"swaps", "seconds", "pruned", "kept", "refit_rows_kept_start"}
 _PART_MEAN = {"sparsity", "achieved_sparsity"}
 
 
