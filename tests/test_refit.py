@@ -102,6 +102,18 @@ def test_refit_dead_columns_end_at_zero_and_inputs_are_not_mutated():
     assert_close_to_scale(got.double(), reference_refit(W, H, keep), rtol=1e-4, what="dead")
 
 
+def test_refit_non_finite_iterates_keep_their_start():
+    """An H whose entries overflow the iteration: every row keeps its (finite) start."""
+    W, H = layer(5, 16, seed=8)
+    keep = random_keep(5, 16, 2, 4, seed=3)
+    start = W * keep
+    H = H.clone()
+    H[0, 1] = H[1, 0] = float("inf")
+    got, info = refit_masked(W, H, keep, start, iters=5)
+    assert torch.isfinite(got).all()
+    assert info["refit_rows_kept_start"] == 5 and torch.equal(got, start)
+
+
 def test_refit_rows_with_nothing_kept_stay_zero():
     W, H = layer(4, 16, seed=6)
     keep = random_keep(4, 16, 0, 0, seed=2)
@@ -119,6 +131,8 @@ def test_refit_bad_arguments_are_named():
         refit_masked(W, H, keep[:, :8])
     with pytest.raises(ValueError, match="mask"):
         refit_masked(W, H, keep.float())
+    with pytest.raises(ValueError, match="start"):
+        refit_masked(W, H, keep, W[:2])
     with pytest.raises(ValueError, match="percdamp"):
         refit_masked(W, H, keep, percdamp=-1.0)
 

@@ -49,15 +49,17 @@ def refit_masked(
 ) -> tuple[torch.Tensor, dict]:
     """Least-squares weights for `W` (rows x cols) on the keep-mask `mask` (True = kept, as
     results carry it) under `H` (cols x cols), by batched PCG from `start` (default `W` with
-    the mask applied); stops
-    after `iters` iterations or when every row's residual is below `tol` times its initial
-    one. Returns (weights in `W`'s dtype with the pruned entries zero, info: `refit_iters`,
+    the mask applied); stops after `iters` iterations or when every row's residual is below
+    `tol` times its initial one. A row whose iterate is not finite keeps its start. Returns
+    (weights in `W`'s dtype with the pruned entries zero, info: `refit_iters`,
     `refit_residual` (the largest relative residual left), `refit_rows_kept_start`)."""
     percdamp = check_percdamp(percdamp)
     if iters < 0:
         raise ValueError(f"iters must be >= 0; got {iters}")
     if mask.shape != W.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor of W's shape {tuple(W.shape)}")
+    if start is not None and start.shape != W.shape:
+        raise ValueError(f"start must have W's shape {tuple(W.shape)}; got {tuple(start.shape)}")
     Hd, dead = damped_hessian(H, percdamp)
     dt = Hd.dtype
     keep = mask.to(dt)
