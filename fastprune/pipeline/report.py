@@ -133,21 +133,14 @@ class PruneReport:
         line = f"recipe: select {steps['select']}, refine {steps['refine']}, "
         line += f"reconstruct {steps['reconstruct']}"
         refits = [i for i in infos if "refit_iters" in i]
-        if refits:
-
-            def values(key: str) -> list[float]:  # a row-split layer lists its parts'
-                out = []
-                for i in refits:
-                    v = i.get(key, 0.0)
-                    out.extend(v if isinstance(v, (list, tuple)) else [v])
-                return out
-
+        if refits:  # a row-split layer's parts are merged: iterations and residual the
+            # largest, losses summed (`merge_part_reports`)
             after = sum(lr.loss or 0.0 for lr in self.layers if "refit_iters" in lr.info)
             line += (
                 f"; least-squares refit on {len(refits)} layers: at most "
-                f"{max(values('refit_iters'))} CG iterations, largest residual left "
-                f"{max(values('refit_residual')):.1e}, layer loss "
-                f"{sum(values('loss_before_refit')):.4g} -> {after:.4g}"
+                f"{max(i['refit_iters'] for i in refits)} CG iterations, largest residual "
+                f"left {max(i['refit_residual'] for i in refits):.1e}, layer loss "
+                f"{sum(i['loss_before_refit'] for i in refits):.4g} -> {after:.4g}"
             )
         return [line]
 

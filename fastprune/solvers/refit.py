@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..validation import check_percdamp
+from ..hessian import row_losses
+from ..validation import check_int, check_percdamp
 
 
 def damped_hessian(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -30,10 +31,6 @@ def damped_hessian(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torc
     diag[dead] = 1.0
     diag += percdamp * diag.mean()
     return Hd, dead
-
-
-def _damped_row_losses(D: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
-    return ((D @ Hd) * D).sum(1, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -54,8 +51,7 @@ def refit_masked(
     (weights in `W`'s dtype with the pruned entries zero, info: `refit_iters`,
     `refit_residual` (the largest relative residual left), `refit_rows_kept_start`)."""
     percdamp = check_percdamp(percdamp)
-    if iters < 0:
-        raise ValueError(f"iters must be >= 0; got {iters}")
+    iters = check_int(iters, "iters", minimum=0)
     if mask.shape != W.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be a bool tensor of W's shape {tuple(W.shape)}")
     if start is not None and start.shape != W.shape:
@@ -90,7 +86,7 @@ def refit_masked(
         beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(dt).tiny), 0.0)
         p = z + beta[:, None] * p
         rz = rz_new
-    better = _damped_row_losses(x - w0, Hd) <= _damped_row_losses(x0 - w0, Hd)
+    better = row_losses(w0, x, Hd) <= row_losses(w0, x0, Hd)
     x = torch.where(better[:, None], x, x0) * keep
     info = {
         "refit_iters": done,
