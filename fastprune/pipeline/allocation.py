@@ -11,30 +11,34 @@ parameters, so the whole model keeps `1 - sparsity` of them. N:M patterns stay u
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from ..config import ALLOCATIONS, OWL_LAMBDA, OWL_THRESHOLD, PruneConfig, options
 from ..layers import get_weight
 from .capture import capture_inputs, run_block, to_device
 from .hessian_hooks import InputHooks
 
-ALLOCATIONS = ("uniform", "owl")
-OWL_THRESHOLD = 5.0  # OWL's M: an outlier scores above M x its block's mean
-OWL_LAMBDA = 0.08  # OWL's lambda: block sparsities lie within sparsity +- lambda
+__all__ = [
+    "ALLOCATIONS",
+    "OWL_LAMBDA",
+    "OWL_THRESHOLD",
+    "check_allocation",
+    "outlier_ratios",
+    "owl_block_sparsities",
+]
 
 
 def check_allocation(
     allocation: object, threshold: object, lam: object
 ) -> tuple[str, float, float]:
-    """The allocation arguments checked (errors name the argument)."""
-    if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
-    limits = (("owl_threshold", threshold, 0.0, math.inf), ("owl_lambda", lam, 0.0, 0.5))
-    for name, v, lo, hi in limits:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not lo < v < hi:
-            raise ValueError(f"{name} must be a number in ({lo}, {hi}), got {v!r}")
-    return allocation, float(threshold), float(lam)
+    """The allocation arguments checked by their declarations in `PruneConfig` (errors name
+    the argument)."""
+    opts = options(PruneConfig)
+    return (
+        opts["allocation"].check(allocation, "allocation"),
+        opts["owl_threshold"].check(threshold, "owl_threshold"),
+        opts["owl_lambda"].check(lam, "owl_lambda"),
+    )
 
 
 def owl_block_sparsities(

@@ -16,7 +16,7 @@ blocks (no replica of the model per rank) and rank 0 alone writes.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 from pathlib import Path
 
@@ -26,7 +26,10 @@ from torch import nn
 from ..block_layers import count_block_zeros
 from ..models import find_blocks
 from ..streaming import Checkpoint, CheckpointWriter, check_output, open_checkpoint
-from .prune import BlockStore, PruneArgs, prune_model, run_stages
+from ..config import PruneConfig, make_config
+from .arguments import PruneArgs
+from .blockstore import BlockStore
+from .prune import run_stages
 from .report import PruneReport
 
 REPORT_FILE = "fastprune_report.json"
@@ -100,31 +103,30 @@ def prune_checkpoint(
     checkpoint: str | Path | Checkpoint,
     save: str | Path,
     calibration=None,
+    config: PruneConfig | None = None,
     *,
     dtype: torch.dtype | None = None,
     tokenizer=None,
     max_shard_bytes: int = 5 * 2**30,
-    **prune_args,
+    **overrides,
 ) -> PruneReport:
     """Prune the local safetensors checkpoint `checkpoint` block by block into the folder
     `save` (which must not exist or be empty, and not lie inside the source), holding one
-    decoder block and the calibration activations in memory at a time. `prune_args`:
-    `prune_model`'s (method, sparsity, prune_n, prune_m, device, nsamples, seqlen, ...,
-    method options); gradient methods (GBLM) and OWL allocation need the whole model and are
-    refused. `dtype`: the dtype blocks are pruned in and written (default: the checkpoint's).
-    `tokenizer` is saved beside the weights. The report says `path="streamed"`, the peak host
-    memory and the bytes read; `save` gets `fastprune_report.json` too."""
+    decoder block and the calibration activations in memory at a time. `config` and
+    `overrides`: as for `prune_model` (method, sparsity, prune_n, prune_m, device, nsamples,
+    seqlen, ..., method options); gradient methods (GBLM) and OWL allocation need the whole
+    model and are refused. `dtype`: the dtype blocks are pruned in and written (default: the
+    checkpoint's). `tokenizer` is saved beside the weights. The report says
+    `path="streamed"`, the peak host memory and the bytes read; `save` gets
+    `fastprune_report.json` too."""
+    config = make_config(config, (), overrides, "prune_checkpoint")
+    if config.device is None:
+        config = dataclasses.replace(config, device="cpu")  # the skeleton has no device
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     out = check_output(save, ckpt.path)
     model = ckpt.skeleton(dtype)
     dtype = next(model.parameters()).dtype
-    bound = inspect.signature(prune_model).bind(model, calibration, **prune_args)
-    bound.apply_defaults()
-    arguments = dict(bound.arguments)
-    arguments["tokenizer"] = tokenizer
-    if arguments["device"] is None:
-        arguments["device"] = "cpu"  # the skeleton has no device of its own
-    blocks_path, _ = find_blocks(model, arguments["blocks"])
+    blocks_path, _ = find_blocks(model, config.blocks)
     ckpt.load(model, "", device="cpu", skip=[blocks_path])  # embeddings, final norm, head
     from .distributed import active_world
 
@@ -136,7 +138,7 @@ def prune_checkpoint(
                 writer.add(key, t, copy=False)
             writer.flush()
         store = StreamedBlocks(ckpt, writer, dtype)
-        report = run_stages(arguments, store)
+        report = run_stages(model, calibration, config, store, tokenizer)
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
         if writer is not None:
             writer.finish(
