@@ -120,10 +120,17 @@ def options(cls: type) -> dict[str, Option]:
 # ------------------------------------------------------------------------------ validators
 
 
+def _same(value: Any, choice: Any) -> bool:
+    """`value` is `choice` (True and False only as themselves, never as 1 and 0)."""
+    if isinstance(value, bool) or isinstance(choice, bool):
+        return value is choice
+    return value == choice
+
+
 def one_of(choices: tuple | Callable[[], tuple]) -> Callable[[Any, str], Any]:
     def check(value: Any, name: str) -> Any:
         allowed = choices() if callable(choices) else choices
-        if isinstance(value, bool) or not any(value == c for c in allowed):
+        if not any(_same(value, c) for c in allowed):
             raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
 
@@ -304,7 +311,7 @@ class PruneConfig:
         check=number_in(0.0, 0.5), agreed=True,
     )  # fmt: skip
     progress: bool = option(
-        True, "progress bars (the command: --no-progress turns them off)", flag="--no-progress",
+        True, "show progress bars (the command: --no-progress hides them)", flag="--no-progress",
         cli={"action": "store_false"},
     )  # fmt: skip
     options: Mapping[str, Any] = option(
@@ -619,3 +626,41 @@ def options_markdown(cls: type = PruneConfig) -> str:
             f"| `{f.option}` | `{f.flag_name}` | {', '.join(methods_with(f.option))} | {meaning} |"
         )
     return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------ jobs
+
+
+def _field_like(f: dataclasses.Field, default: Any) -> dataclasses.Field:
+    if default is dataclasses.MISSING:
+        return field(default_factory=f.default_factory, metadata=f.metadata)
+    return field(default=default, metadata=f.metadata)
+
+
+def job_fields(cls: type = PruneConfig) -> list[tuple[str, str, dataclasses.Field]]:
+    """The options of `cls` a workflow job carries (`Option.in_job`), with the command's
+    defaults, as `dataclasses.make_dataclass` fields."""
+    out = []
+    for f in dataclasses.fields(cls):
+        opt = f.metadata.get("option")
+        if opt is None or not opt.in_job:
+            continue
+        default = f.default if opt.job_default is SAME else opt.job_default
+        out.append((f.name, f.type, _field_like(f, default)))
+    return out
+
+
+def reuse(cls: type, name: str) -> Any:
+    """A field declaring the same option as `cls`'s field `name`, with the command's
+    default (another job offering it)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    opt = f.metadata["option"]
+    return _field_like(f, f.default if opt.job_default is SAME else opt.job_default)
+
+
+def check_declared(obj: Any, name: Name = keyword, skip: Any = ()) -> None:
+    """Every option `obj`'s dataclass declares with a validator, checked (those in `skip`
+    are checked elsewhere)."""
+    for key, opt in options(type(obj)).items():
+        if key not in skip and opt.check is not None:
+            opt.check(getattr(obj, key), name(key))

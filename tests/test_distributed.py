@@ -273,16 +273,16 @@ FAULTS = {
     # name: (patch or None, per-rank prune_model arguments)
     "setup": (None, lambda r: {"sparsity": 1.5 if r == 1 else 0.5}),
     "gradients": (
-        lambda: _raise_on(1, "fastprune.pipeline.prune.compute_gradient_norms"),
+        lambda: _raise_on(1, "fastprune.pipeline.stages.compute_gradient_norms"),
         lambda r: {"method": "gblm"},
     ),
     "forward": (
-        lambda: _raise_on(1, "fastprune.pipeline.prune.run_block", _hooks_given),
+        lambda: _raise_on(1, "fastprune.pipeline.stages.run_block", _hooks_given),
         lambda r: {},
     ),
     "solve": (lambda: _raise_on(1, "fastprune.methods.Method.solve"), lambda r: {}),
     "propagate": (
-        lambda: _raise_on(0, "fastprune.pipeline.prune.run_block", _no_hooks),
+        lambda: _raise_on(0, "fastprune.pipeline.stages.run_block", _no_hooks),
         lambda r: {},
     ),
     "sparsity": (None, lambda r: {"sparsity": 0.5 + 0.1 * r}),

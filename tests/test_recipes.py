@@ -533,7 +533,7 @@ def test_fastprune_layer_auto_swaps_is_the_patterns_cap(n, m, cap):
 def test_pipeline_factors_the_shared_inverse_only_for_a_solve_that_reads_it(
     monkeypatch, method, kw, factored
 ):
-    import fastprune.pipeline.prune as prune_module
+    import fastprune.pipeline.layer_solves as prune_module
     from fastprune.methods import METHODS, composed
 
     calls = []
