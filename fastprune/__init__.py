@@ -6,6 +6,7 @@ Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 """
 
 from . import testing  # synthetic layers for tests and benchmarks
+from .config import PruneConfig
 from .evaluate import perplexity
 from .hessian import (
     DiagonalAccumulator,
@@ -45,6 +46,7 @@ __all__ = [
     "HessianAccumulator",
     "InverseHessian",
     "METHODS",
+    "PruneConfig",
     "PruneReport",
     "PruneResult",
     "RECIPE",

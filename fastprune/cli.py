@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from . import workflow
@@ -58,12 +57,13 @@ def _job_fields(job_class, args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k, o in declared.items() if o.flag_name and o.argument}
 
 
-def prune_job(args: argparse.Namespace) -> workflow.PruneJob:
-    """The `prune` flags as a `PruneJob`: a method option flag left unset keeps the method's
-    default."""
+def prune_job(args: argparse.Namespace, job: type | None = None) -> workflow.PruneJob:
+    """The `prune` flags as a `PruneJob` (or `job`, a class from `workflow.job_for`): a method
+    option flag left unset keeps the method's default."""
+    job = workflow.PruneJob if job is None else job
     options_given = {o: getattr(args, d) for d, o in OPTION_FLAGS.items()}
-    return workflow.PruneJob(
-        **_job_fields(workflow.PruneJob, args),
+    return job(
+        **_job_fields(job, args),
         options={k: v for k, v in options_given.items() if v is not None},
         lm_eval=_lm_eval(args),
         stream=args.stream,

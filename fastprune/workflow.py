@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .config import PruneConfig, flag_bool, integer, job_fields, option, optional, reuse
 from .methods import METHODS, composed
@@ -63,6 +64,7 @@ __all__ = [
     "check_prune_job",
     "check_source",
     "field_name",
+    "job_for",
     "lm_eval_limit",
     "lm_eval_report",
     "load_lm_eval_tasks",
@@ -106,15 +108,11 @@ class PruneJob(PipelineOptions):
     )
     pattern: str | None = option(None, "N:M pattern such as 2:4 (overrides --sparsity)")
     calib: str = option("builtin", "builtin | FILE | wikitext2 | c4", check=calib_source)
-    eval: str = option(
-        "builtin", "builtin | FILE | wikitext2 | c4 | none", check=eval_source
-    )
+    eval: str = option("builtin", "builtin | FILE | wikitext2 | c4 | none", check=eval_source)
     eval_windows: int = option(
         16, "at most this many eval windows of --seqlen tokens (default 16)", check=integer(1)
     )
-    dtype: str = option(
-        "float32", "model dtype: float32 | bfloat16 | float16", check=check_dtype
-    )
+    dtype: str = option("float32", "model dtype: float32 | bfloat16 | float16", check=check_dtype)
     nproc: int = option(
         1,
         "prune with N local processes (torch.distributed: gloo on CPU, NCCL with one GPU "
@@ -129,11 +127,14 @@ class PruneJob(PipelineOptions):
         "it covers rank 0's dense evaluation before pruning)",
         check=timeout, cli={"type": float, "metavar": "SECONDS"},
     )  # fmt: skip
-    save: str | None = option(
-        None, "save the pruned model (safetensors) here", check=save_folder
-    )
+    save: str | None = option(None, "save the pruned model (safetensors) here", check=save_folder)
     report: str | None = option(None, "write a JSON report here", check=report_file)
-    lm_eval: LmEval | None = None  # the command's --lm-eval* flags
+    lm_eval: LmEval | None = option(
+        None,
+        "zero-shot lm-eval tasks on the dense and the pruned model (`LmEval`; the command: "
+        "--lm-eval TASKS, --lm-eval-limit, --lm-eval-batch-size, --lm-eval-include)",
+        argument=False,
+    )
     stream: bool | None = option(
         None,
         "prune a local safetensors checkpoint block by block from disk, writing save as it "
@@ -144,6 +145,7 @@ class PruneJob(PipelineOptions):
     quiet: bool = option(
         False, "print nothing but errors", check=flag_bool, cli={"action": "store_true"}
     )
+    config_class: ClassVar[type] = PruneConfig
 
     @property
     def prune_n_m(self) -> tuple[int, int]:
@@ -166,8 +168,19 @@ class PruneJob(PipelineOptions):
         """The job's `PruneConfig`: its pipeline options, the pattern as prune_n/prune_m and
         the method options the method declares."""
         n, m = self.prune_n_m
-        own = {k: getattr(self, k) for k, _, _ in job_fields(PruneConfig)}
-        return PruneConfig(**own | {"prune_n": n, "prune_m": m, "options": self.method_options()})
+        own = {k: getattr(self, k) for k, _, _ in job_fields(self.config_class)}
+        own |= {"prune_n": n, "prune_m": m, "options": self.method_options()}
+        return self.config_class(**own)
+
+
+def job_for(config: type) -> type:
+    """`PruneJob` for a configuration class that extends `PruneConfig` (`config.extend`):
+    its further options become fields too."""
+    known = {k for k, _, _ in job_fields(PruneConfig)}
+    extra = [f for f in job_fields(config) if f[0] not in known]
+    return dataclasses.make_dataclass(
+        "PruneJob", extra, bases=(PruneJob,), namespace={"config_class": config}
+    )
 
 
 @dataclass

@@ -141,8 +141,7 @@ def check_method_flags(job: PruneJob, name: Name) -> None:
             raise ValueError(f"{name(key)} applies to method {'/'.join(takes)}, not {job.method}")
     if isinstance(opts.get("reconstruct"), str):
         raise ValueError(
-            f"{given(name, 'reconstruct', opts['reconstruct'])} applies to method "
-            f"{'/'.join(takes)}"
+            f"{given(name, 'reconstruct', opts['reconstruct'])} applies to method {'/'.join(takes)}"
         )
 
 

@@ -271,5 +271,3 @@ def _finish(run: _Run, out: dict, seconds: float) -> dict:
     if job.report and run.lead:
         write_report(job.report, doc, say)
     return doc
-
-

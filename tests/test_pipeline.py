@@ -326,7 +326,7 @@ def test_text_calibration_and_builtin_split(tmp_path):
     rep = fp.prune_model(
         tiny_model("llama"),
         "builtin",
-        "wanda",
+        method="wanda",
         tokenizer=tok,
         nsamples=2,
         seqlen=32,
@@ -373,7 +373,12 @@ def test_save_reload_identical(tmp_path, family, pattern):
     model = tiny_model(family)
     tok = byte_tokenizer()
     rep = fp.prune_model(
-        model, calib_ids(), "sparsegpt", prune_n=pattern[0], prune_m=pattern[1], progress=False
+        model,
+        calib_ids(),
+        method="sparsegpt",
+        prune_n=pattern[0],
+        prune_m=pattern[1],
+        progress=False,
     )
     out = save_pruned(model, tok, tmp_path / "m", rep)
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
@@ -391,7 +396,7 @@ def test_save_reload_identical(tmp_path, family, pattern):
 
 def test_check_model_sparsity_detects_broken_pattern():
     model = tiny_model("llama")
-    rep = fp.prune_model(model, calib_ids(), "wanda", prune_n=2, prune_m=4, progress=False)
+    rep = fp.prune_model(model, calib_ids(), method="wanda", prune_n=2, prune_m=4, progress=False)
     mod = _linears(model)[rep.layers[-1].name]
     with torch.no_grad():
         W = get_weight(mod)
@@ -403,9 +408,9 @@ def test_check_model_sparsity_detects_broken_pattern():
 def test_batch_size_and_offload_give_same_result():
     calib = calib_ids(4, 24)
     a, b = tiny_model("mistral"), tiny_model("mistral")
-    ra = fp.prune_model(a, calib, "sparsegpt", progress=False, batch_size=1)
+    ra = fp.prune_model(a, calib, method="sparsegpt", progress=False, batch_size=1)
     rb = fp.prune_model(
-        b, calib, "sparsegpt", progress=False, batch_size=3, offload_activations=True
+        b, calib, method="sparsegpt", progress=False, batch_size=3, offload_activations=True
     )
     assert rb.totals["activation_bytes"] == 2 * 4 * 24 * 64 * 4
     for x, y in zip(_linears(a).values(), _linears(b).values()):
@@ -424,7 +429,12 @@ def test_hessian_precision_option():
     for precision in ("exact", "fast"):
         model = tiny_model("llama").to(torch.bfloat16)
         reps[precision] = fp.prune_model(
-            model, calib, "sparsegpt", 0.5, progress=False, hessian_precision=precision
+            model,
+            calib,
+            method="sparsegpt",
+            sparsity=0.5,
+            progress=False,
+            hessian_precision=precision,
         )
         masks[precision] = torch.cat(
             [get_weight(m).flatten() == 0 for m in _linears(model).values()]
@@ -435,13 +445,13 @@ def test_hessian_precision_option():
     for a, b in zip(reps["exact"].layers, reps["fast"].layers, strict=True):
         assert b.loss == pytest.approx(a.loss, rel=1e-4 if a.block == 0 else 1e-2), a.name
     with pytest.raises(ValueError, match="hessian_precision"):
-        fp.prune_model(tiny_model("llama"), calib, "sparsegpt", hessian_precision="tf32")
+        fp.prune_model(tiny_model("llama"), calib, method="sparsegpt", hessian_precision="tf32")
 
 
 def test_report_says_where_the_time_goes():
     """totals split the forward time into capture, forwards with Hessian hooks and
     propagation, and count the shared inverses apart from the solves."""
-    rep = fp.prune_model(tiny_model("llama"), calib_ids(2, 16), "sparsegpt", progress=False)
+    rep = fp.prune_model(tiny_model("llama"), calib_ids(2, 16), method="sparsegpt", progress=False)
     t = rep.totals
     parts = t["capture_seconds"] + t["hessian_seconds"] + t["propagate_seconds"]
     assert t["forward_seconds"] == pytest.approx(parts)

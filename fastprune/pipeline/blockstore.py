@@ -71,5 +71,3 @@ class ResidentBlocks(BlockStore):
 def guarded(comm: Comm | None, what: str):
     """Distributed: a phase whose error every rank hears of (`Comm.guard`)."""
     return contextlib.nullcontext() if comm is None else comm.guard(what)
-
-

@@ -299,4 +299,3 @@ class PruneRun(LayerSolves):
         report.totals = totals
         report.seconds = time.perf_counter() - self.t_start
         return report
-

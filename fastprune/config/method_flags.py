@@ -1,0 +1,128 @@
+"""The method options the command line offers (`METHOD_FLAGS`): a method's options are its
+own (`Method.options`); each flag here sets one of them for every method declaring it."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, SELECTORS
+from ..validation import BACKENDS, check_int
+from .validators import _methods_with, integer, one_of, optional
+
+# ------------------------------------------------------------------ method options' flags
+
+
+def reconstruct_arg(text_value: str):
+    """--reconstruct's value: one of `RECONSTRUCT`'s names (no value: True)."""
+    names = [r for r in RECONSTRUCT if isinstance(r, str)]
+    if text_value not in names:
+        listed = ", ".join(repr(r) for r in names[:-1]) + f" or {names[-1]!r}"
+        raise argparse.ArgumentTypeError(
+            f"--reconstruct takes no value, {listed}, got {text_value!r}"
+        )
+    return text_value
+
+
+def _swaps(value: Any, name: str):
+    return value if value in ("auto", None) else check_int(value, name, 0)
+
+
+@dataclass(frozen=True)
+class MethodFlag:
+    """A command-line flag that sets method option `option` of every method declaring it
+    (left unset, each method keeps its default). `check(value, spelled name)`."""
+
+    option: str
+    help: Callable[[], str]
+    check: Callable[[Any, str], Any]
+    flag: str = ""
+    cli: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def flag_name(self) -> str:
+        return self.flag or "--" + self.option.replace("_", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.flag_name[2:].replace("-", "_")
+
+
+def _selectors() -> str:
+    return "/".join(SELECTORS)
+
+
+METHOD_FLAGS = (
+    MethodFlag(
+        "max_swaps",
+        lambda: (
+            f"{_methods_with('max_swaps')}: steps per layer (default: a per-layer budget "
+            "on CPU, a larger one on GPU, and for the fastprune recipe at most 4 at 2:4 and 16 "
+            "otherwise; see fastprune.methods)"
+        ),
+        _swaps,
+        cli={"type": int},
+    ),
+    MethodFlag(
+        "reconstruct",
+        lambda: (
+            f"{_methods_with('reconstruct')}/{_selectors()}: OBS reconstruction on the "
+            "final mask (--reconstruct best: only where it lowers the layer's loss; best_rows: "
+            "row by row; lstsq: the least-squares weights on the mask instead, by conjugate "
+            "gradients)"
+        ),
+        one_of(RECONSTRUCT),
+        cli={
+            "nargs": "?",
+            "const": True,
+            "type": reconstruct_arg,
+            "metavar": "|".join(r for r in RECONSTRUCT if isinstance(r, str)),
+        },
+    ),  # fmt: skip
+    MethodFlag(
+        "refit_iters",
+        lambda: (
+            f"{_methods_with('refit_iters')}/{_selectors()}: conjugate-gradient "
+            "iterations of --reconstruct lstsq per layer (default 32)"
+        ),
+        integer(0),
+        cli={"type": int},
+    ),
+    MethodFlag(
+        "refine",
+        lambda: f"{_selectors()}/fastprune: refine the method's mask by optimal 1-swaps",
+        optional(one_of(REFINERS)),
+        cli={"choices": REFINERS},
+    ),
+    MethodFlag(
+        "refine_on",
+        lambda: (
+            "the kept weights the swaps are scored with: the original W, or the "
+            "method's updated weights (sparsegpt/rose; default)"
+        ),
+        optional(one_of(REFINE_ON)),
+        cli={"choices": REFINE_ON},
+    ),
+    MethodFlag(
+        "norm",
+        lambda: f"{_methods_with('norm')} gradient norm",
+        one_of(("l1", "l2")),
+        flag="--gblm-norm",
+        cli={"choices": ("l1", "l2")},
+    ),
+    MethodFlag(
+        "backend",
+        lambda: f"kernels for {_methods_with('backend')} (default auto: the fastest for --device)",
+        one_of(BACKENDS),
+        cli={"choices": BACKENDS},
+    ),
+)
+METHOD_FLAG_OF = {f.option: f for f in METHOD_FLAGS}
+
+
+def add_method_flags(parser) -> None:
+    """The flags of `METHOD_FLAGS` (default None: each method keeps its own default)."""
+    for f in METHOD_FLAGS:
+        parser.add_argument(f.flag_name, dest=f.dest, default=None, help=f.help(), **f.cli)
