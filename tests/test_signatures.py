@@ -118,3 +118,17 @@ def test_rescaled_layer_runs_the_algorithm_once(monkeypatch, module, solver):
     ref = solver(W, H, 0.5)
     assert torch.equal(big.mask, ref.mask)
     assert torch.equal(big.weight, ref.weight * 2.0**60)
+
+
+def test_prune_model_takes_one_configuration():
+    """`prune_model(model, calibration, config=None, **overrides)`: every pipeline option is
+    a field of `PruneConfig` (and a keyword); the former positional options are taken by
+    `*positional` with a DeprecationWarning (tests/test_config.py)."""
+    params = inspect.signature(fp.prune_model).parameters
+    assert list(params)[:3] == ["model", "calibration", "config"]
+    kinds = {p.name: p.kind for p in params.values()}
+    assert kinds["positional"] is inspect.Parameter.VAR_POSITIONAL
+    assert kinds["overrides"] is inspect.Parameter.VAR_KEYWORD
+    assert kinds["tokenizer"] is inspect.Parameter.KEYWORD_ONLY
+    ckpt = inspect.signature(fp.prune_checkpoint).parameters
+    assert list(ckpt)[:4] == ["checkpoint", "save", "calibration", "config"]

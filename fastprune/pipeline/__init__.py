@@ -13,7 +13,7 @@
    input (layers fed the very same tensor, q/k/v or gate/up, share one `H` and, for methods
    that share inverses (SparseGPT), one inverse) (`hessian_hooks`); each linear is pruned by
    its method's entry in `fastprune.METHODS`; the block is run again so the next block sees
-   the pruned block's outputs; the block goes back where it was. (`prune`)
+   the pruned block's outputs; the block goes back where it was. (`prune`, `stages`)
 3. Methods that need gradients (GBLM) first run real backward passes over the calibration
    samples (one sample at a time, whole model on `device`) and accumulate the per-weight
    l1/l2 gradient norm in a float32 buffer per pruned weight, from a hook that frees each
