@@ -107,7 +107,8 @@ def add_arguments(parser, cls: type, skip: tuple[str, ...] = ()) -> None:
         numeric = isinstance(default, int | float) and not isinstance(default, bool)
         if numeric and not kw.keys() & {"action", "type", "choices"}:
             kw["type"] = type(default)
-        parser.add_argument(opt.flag_name, dest=key, default=default, help=opt.text, **kw)
+        kw.setdefault("help", opt.text)  # `cli` may word the flag's help its own way
+        parser.add_argument(opt.flag_name, dest=key, default=default, **kw)
 
 
 def _field_like(f: dataclasses.Field, default: Any) -> dataclasses.Field:

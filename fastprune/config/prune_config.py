@@ -78,7 +78,8 @@ class PruneConfig:
     hessian_precision: str = option(
         "auto",
         "auto: tensor cores (float32 accumulation) for half-precision models on a GPU, else "
-        "the reference's float32 arithmetic; exact: always the reference's",
+        "the reference's float32 arithmetic; exact: always the reference's; fast: the tensor "
+        "cores wherever they apply (see fastprune.hessian)",
         check=one_of(HESSIAN_PRECISIONS), cli={"choices": HESSIAN_PRECISIONS}, agreed=True,
     )  # fmt: skip
     hessian_kind: str = option(
@@ -90,19 +91,24 @@ class PruneConfig:
     )  # fmt: skip
     moe_calibration: str = option(
         "routed",
-        "MoE experts' Hessians: routed (the tokens the router sends each expert) or all "
-        "(every token through every expert; the block's output still follows the router)",
+        "MoE experts' Hessians: routed (the tokens the router sends each expert, normalised "
+        "by their count) or all (every token through every expert; the block's output still "
+        "follows the router); an expert no token reaches is pruned with H = I, with a warning",
         check=check_moe_calibration, cli={"choices": MOE_CALIBRATIONS}, agreed=True,
     )  # fmt: skip
     asymmetric: bool = option(
         False,
         "fit each layer to the dense model's outputs from the pruned model's inputs "
-        "(GPTAQ-style asymmetric calibration: a weight correction before the method prunes; "
-        "dense models, one process; twice the calibration forwards and activations)",
+        "(GPTAQ-style asymmetric calibration: a weight correction W (C - H) H^-1 before the "
+        "method prunes, see fastprune.asymmetric; dense models, one process, a method with "
+        "calibration and the full H; twice the calibration forwards and activations)",
         check=flag_bool, cli={"action": "store_true"}, agreed=True,
     )  # fmt: skip
     targets: str | list[str] | None = option(
-        None, "glob patterns of layers to prune", check=patterns, cli={"nargs": "+"},
+        None,
+        "glob patterns of layer names inside a block to prune (self_attn.*, q_proj, "
+        "mlp.experts.down_proj); the report lists what stayed dense and why",
+        check=patterns, cli={"nargs": "+"},
         agreed=True,
     )  # fmt: skip
     ignore: str | list[str] | None = option(
@@ -133,9 +139,11 @@ class PruneConfig:
         check=number_in(0.0, 0.5), agreed=True,
     )  # fmt: skip
     progress: bool = option(
-        True, "show progress bars (the command: --no-progress hides them)", flag="--no-progress",
-        cli={"action": "store_false"},
-    )  # fmt: skip
+        True,
+        "show progress bars",
+        flag="--no-progress",
+        cli={"action": "store_false", "help": "no progress bars"},
+    )
     options: Mapping[str, Any] = option(
         help="the method's own options (see METHOD_FLAGS for those the command offers)",
         factory=dict, flag=None,
