@@ -78,8 +78,8 @@ class PruneConfig:
     hessian_precision: str = option(
         "auto",
         "auto: tensor cores (float32 accumulation) for half-precision models on a GPU, else "
-        "the reference's float32 arithmetic; exact: always the reference's; fast: the tensor "
-        "cores wherever they apply (see fastprune.hessian)",
+        "the reference's float32 arithmetic; exact: always the reference's; fast: the fast "
+        "arithmetic for any half-precision model, on CPU too (see fastprune.hessian)",
         check=one_of(HESSIAN_PRECISIONS), cli={"choices": HESSIAN_PRECISIONS}, agreed=True,
     )  # fmt: skip
     hessian_kind: str = option(
