@@ -38,7 +38,9 @@ class Option:
     `flag`: "" derives `--the-name`, None means Python only; `argument=False` spells errors
     with `flag` without adding an argument of its own (prune_n/prune_m are `--pattern`).
     `cli`: argparse specifics. `job_default`: the command's and `PruneJob`'s default where
-    it differs from `prune_model`'s. `agreed`: every rank must be given the same value."""
+    it differs from `prune_model`'s; `in_job=False`: not a field of a workflow job
+    (prune_n/prune_m: the job's `pattern`). `agreed`: every rank must be given the same
+    value."""
 
     help: str | Callable[[], str]
     check: Callable[[Any, str], Any] | None = None
