@@ -12,6 +12,8 @@ from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, SELECTORS
 from ..validation import BACKENDS, check_int
 from .validators import _methods_with, integer, one_of, optional
 
+GRADIENT_NORMS = ("l1", "l2")  # GBLM's norm of the accumulated gradients
+
 # ------------------------------------------------------------------ method options' flags
 
 
@@ -108,9 +110,9 @@ METHOD_FLAGS = (
     MethodFlag(
         "norm",
         lambda: f"{_methods_with('norm')} gradient norm",
-        one_of(("l1", "l2")),
+        one_of(GRADIENT_NORMS),
         flag="--gblm-norm",
-        cli={"choices": ("l1", "l2")},
+        cli={"choices": GRADIENT_NORMS},
     ),
     MethodFlag(
         "backend",
