@@ -95,12 +95,18 @@ def _rank(rank: int, nproc: int, init: str, cfg: dict, out: str) -> None:
         # untimed warm-up on a 1-block copy (lazy imports, first calls), as every rank
         small = copy.deepcopy(model)
         _truncate(small, 1)
-        fp.prune_model(small, calib[:nproc], cfg["method"], cfg["sparsity"], progress=False, **opts)
+        fp.prune_model(
+            small, calib[:nproc], method=cfg["method"], sparsity=cfg["sparsity"], progress=False,
+            **opts,
+        )  # fmt: skip
         del small
         if nproc > 1:
             dist.barrier()  # start together: loading is not timed
         t0 = time.perf_counter()
-        rep = fp.prune_model(model, calib, cfg["method"], cfg["sparsity"], progress=False, **opts)
+        rep = fp.prune_model(
+            model, calib, method=cfg["method"], sparsity=cfg["sparsity"], progress=False,
+            **opts,
+        )  # fmt: skip
         seconds = time.perf_counter() - t0
         if rank == 0:
             doc = {"seconds": seconds, "totals": rep.totals}

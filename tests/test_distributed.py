@@ -123,7 +123,10 @@ def _run(case, progress=False):
     model = tiny_moe_model(fam) if fam in MOE_FAMILIES else tiny_model(fam)
     calib = None if meth.endswith("magnitude") else calib_ids(NSAMPLES)
     name, opts = _options(meth)
-    report = prune_model(model, calib, name, 0.5, n, m, batch_size=bs, progress=progress, **opts)
+    report = prune_model(
+        model, calib, method=name, sparsity=0.5, prune_n=n, prune_m=m, batch_size=bs,
+        progress=progress, **opts,
+    )  # fmt: skip
     return _pruned_weights(model), report.to_dict(), report.summary()
 
 
@@ -145,7 +148,7 @@ def _worker(rank: int, init: str, out: str) -> None:
             del os.environ[ROW_SPLIT_ENV]
         errors = {}
         try:
-            prune_model(tiny_model("llama"), calib_ids(1), "wanda")
+            prune_model(tiny_model("llama"), calib_ids(1), method="wanda")
         except Exception as e:  # recorded for the parent's checks
             errors["too_few"] = (type(e).__name__, str(e))
         torch.save({"results": results, "errors": errors}, f"{out}.{rank}")
@@ -387,7 +390,7 @@ def _dying_worker(rank: int, init: str, out: str, how: str) -> None:
         methods.Method.solve = die
     t0 = time.perf_counter()
     try:
-        prune_model(model, calib, "sparsegpt", progress=False)
+        prune_model(model, calib, method="sparsegpt", progress=False)
         res = ("ok", "", time.perf_counter() - t0)
     except Exception as e:
         res = (type(e).__name__, str(e), time.perf_counter() - t0)
