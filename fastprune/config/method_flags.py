@@ -10,7 +10,7 @@ from typing import Any
 
 from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, SELECTORS
 from ..validation import BACKENDS, check_int
-from .validators import _methods_with, integer, one_of, optional
+from .validators import integer, methods_taking, one_of, optional
 
 GRADIENT_NORMS = ("l1", "l2")  # GBLM's norm of the accumulated gradients
 
@@ -60,7 +60,7 @@ METHOD_FLAGS = (
     MethodFlag(
         "max_swaps",
         lambda: (
-            f"{_methods_with('max_swaps')}: steps per layer (default: a per-layer budget "
+            f"{methods_taking('max_swaps')}: steps per layer (default: a per-layer budget "
             "on CPU, a larger one on GPU, and for the fastprune recipe at most 4 at 2:4 and 16 "
             "otherwise; see fastprune.methods)"
         ),
@@ -70,7 +70,7 @@ METHOD_FLAGS = (
     MethodFlag(
         "reconstruct",
         lambda: (
-            f"{_methods_with('reconstruct')}/{_selectors()}: OBS reconstruction on the "
+            f"{methods_taking('reconstruct')}/{_selectors()}: OBS reconstruction on the "
             "final mask (--reconstruct best: only where it lowers the layer's loss; best_rows: "
             "row by row; lstsq: the least-squares weights on the mask instead, by conjugate "
             "gradients)"
@@ -86,7 +86,7 @@ METHOD_FLAGS = (
     MethodFlag(
         "refit_iters",
         lambda: (
-            f"{_methods_with('refit_iters')}/{_selectors()}: conjugate-gradient "
+            f"{methods_taking('refit_iters')}/{_selectors()}: conjugate-gradient "
             "iterations of --reconstruct lstsq per layer (default 32)"
         ),
         integer(0),
@@ -109,14 +109,14 @@ METHOD_FLAGS = (
     ),
     MethodFlag(
         "norm",
-        lambda: f"{_methods_with('norm')} gradient norm",
+        lambda: f"{methods_taking('norm')} gradient norm",
         one_of(GRADIENT_NORMS),
         flag="--gblm-norm",
         cli={"choices": GRADIENT_NORMS},
     ),
     MethodFlag(
         "backend",
-        lambda: f"kernels for {_methods_with('backend')} (default auto: the fastest for --device)",
+        lambda: f"kernels for {methods_taking('backend')} (default auto: the fastest for --device)",
         one_of(BACKENDS),
         cli={"choices": BACKENDS},
     ),

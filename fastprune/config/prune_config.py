@@ -16,11 +16,11 @@ from ..validation import check_pattern, check_sparsity
 from .declare import Name, given, keyword, option, options
 from .method_flags import METHOD_FLAG_OF
 from .validators import (
-    _method_names,
     check_device,
     check_method,
     flag_bool,
     integer,
+    method_names,
     number_in,
     one_of,
     optional,
@@ -49,7 +49,7 @@ class PruneConfig:
     `options` are the method's own (`METHODS[method].options`, with refine/reconstruct for a
     mask selector)."""
 
-    method: str = option("rose", _method_names, check=check_method, agreed=True)
+    method: str = option("rose", method_names, check=check_method, agreed=True)
     sparsity: float = option(
         0.5, "unstructured sparsity in [0, 1)", check=check_sparsity,
         agreed=True,

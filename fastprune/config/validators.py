@@ -99,13 +99,13 @@ def check_device(spec: Any, name: str):
     return spec
 
 
-def _method_names() -> str:
+def method_names() -> str:
     from ..methods import METHODS
 
     return " | ".join(METHODS)
 
 
-def _methods_with(option_name: str) -> str:
+def methods_taking(option_name: str) -> str:
     from ..methods import methods_with
 
     return "/".join(methods_with(option_name))
