@@ -139,7 +139,7 @@ def compose_layer(
         return fn(W, H, G=G, rows=None, **context, **extra)
 
     sel = hook(spec.run)
-    info = dict(sel.info)
+    info = {"kernels": {}, **sel.info}  # a selector that runs no kernel may not say so
     recipe = {"select": select, "refine": refine, "refine_on": refine_on}
     info.update(recipe=recipe | {"reconstruct": reconstruct}, loss_selected=sel.loss)
     weight, mask, loss, result = sel.weight, sel.mask, sel.loss, select
