@@ -200,9 +200,9 @@ def sparseswaps_layer(
 
 # max_swaps="auto": as many steps as fit in a budget of pair evaluations per layer (a step
 # evaluates rows x cols x cols pairs, N:M rows x cols x M), at least 1 and at most
-# MAX_AUTO_SWAPS; each budget is a couple of seconds a layer at the rates measured by
-# benchmarks/bench_cpu_reference.py and benchmarks/bench_swap_search.py (see
-# docs/semantics.md and benchmarks/results/). Steps also end as soon as no row improves.
+# MAX_AUTO_SWAPS; each budget bounds a layer's swaps to a short time at the pair rates
+# measured on CPU and GPU (benchmarks/bench_swap_search.py; docs/semantics.md has the rates
+# and the times they give). Steps also end as soon as no row improves.
 CPU_SWAP_PAIR_BUDGET = 3e8
 GPU_SWAP_PAIR_BUDGET = 5e12
 MAX_AUTO_SWAPS = 100
