@@ -13,6 +13,7 @@ from pipeline_helpers import byte_tokenizer, calib_ids, tiny_model
 import fastprune as fp
 from fastprune.cli import build_parser, main
 from fastprune.masks import selection_prune_mask
+from fastprune.methods import composed
 from fastprune.models import find_blocks, find_linears, get_weight
 from fastprune.solvers.registry import (
     METHODS,
@@ -171,3 +172,11 @@ def test_register_checks():
         unregister("nothing")
     with pytest.raises(ValueError, match="not a Method field"):
         methods_where("fast")
+    # a selector's own options must reach compose_layer's selection to be composed
+    tagged = Method(
+        "tagged", lambda W, H, s, n, m, *, tag=1: toy_layer(W, H, s, n, m), "tagged", {"tag": 1},
+        select=Selection(_toy_select, row_separable=lambda prune_n: True),
+    )  # fmt: skip
+    assert composed(tagged, {}) is tagged
+    with pytest.raises(TypeError, match="option tag does not reach compose_layer"):
+        composed(tagged, {"refine": "sparseswaps"})

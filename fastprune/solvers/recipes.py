@@ -280,16 +280,15 @@ def _selection(select: str, prune_n: int) -> Selection:
     return get_method(recipe_selector(prune_n) if select == "auto" else select).select
 
 
-def _reads_inverse(select: str, prune_n: int) -> bool:
-    """Whether a composition selecting with `select` reads the shared inverse of H: all but
+def _reads_inverse(spec: Selection) -> bool:
+    """Whether a composition selecting with `spec` reads the shared inverse of H: all but
     those whose selection and reconstruction factor their own H (ROSE's permuted one)."""
-    spec = _selection(select, prune_n)
     return spec.reads_inverse or spec.reconstruct is None
 
 
-def _separable(select: str, prune_n: int, opts) -> bool:
+def _separable(spec: Selection, prune_n: int, opts) -> bool:
     """A composition's `row_separable`: its selection's, unless "best" compares the layer."""
-    return _selection(select, prune_n).row_separable(prune_n) and opts.get("reconstruct") != "best"
+    return spec.row_separable(prune_n) and opts.get("reconstruct") != "best"
 
 
 def _check_steps(opts: dict) -> dict:
@@ -312,6 +311,10 @@ def composed(base: Method, options) -> Method:
         **solver_defaults(compose_layer, "refit_iters", "percdamp", "backend"),
     }
     opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
+    takes = inspect.signature(compose_layer).parameters
+    stray = [k for k in base.solver_options if k not in takes]
+    if stray:
+        raise TypeError(f"{base.name}'s option {stray[0]} does not reach compose_layer's selection")
 
     def check(o: dict) -> dict:
         o = base.check(o) if base.check is not None else o
@@ -331,11 +334,11 @@ def composed(base: Method, options) -> Method:
         # the inverse serves an OBS selection that reads it (SparseGPT's) and the natural-order
         # OBS reconstruction ("lstsq" solves with H, not its inverse)
         shares_inverse=base.select.reads_inverse or by_obs(reconstruct),
-        uses_inverse=lambda n, o: _reads_inverse(base.name, n),
+        uses_inverse=lambda n, o: _reads_inverse(base.select),
         pipeline_options=base.pipeline_options,
         check=check,
         layer_options=auto_swaps_layer_options,
-        row_separable=lambda n, o: _separable(base.name, n, o),
+        row_separable=lambda n, o: _separable(base.select, n, o),
         takes_rows=True,
     )
 
@@ -374,10 +377,10 @@ register(
             ),
         },
         shares_inverse=True,
-        uses_inverse=lambda n, o: _reads_inverse(o["select"], n),
+        uses_inverse=lambda n, o: _reads_inverse(_selection(o["select"], n)),
         check=_check_options,
         layer_options=_layer_options,
-        row_separable=lambda n, o: _separable(o["select"], n, o),
+        row_separable=lambda n, o: _separable(_selection(o["select"], n), n, o),
         takes_rows=True,
     )
 )
