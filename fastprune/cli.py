@@ -8,7 +8,7 @@ import sys
 
 from . import workflow
 from .methods import METHODS, methods_with
-from .solvers.recipes import REFINE_ON, REFINERS, SELECTORS
+from .solvers.recipes import REFINE_ON, REFINERS, selectors
 
 # CLI flags that carry a method option: argparse dest -> option name. A flag reaches every
 # method in METHODS that declares the option; a flag left at None keeps the method's default.
@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         type=_reconstruct_arg,
         metavar="best|best_rows|lstsq",
-        help=f"{_for('reconstruct')}/{'/'.join(SELECTORS)}: OBS reconstruction on the final "
+        help=f"{_for('reconstruct')}/{'/'.join(selectors())}: OBS reconstruction on the final "
         "mask (--reconstruct best: only where it lowers the layer's loss; best_rows: row by "
         "row; lstsq: the least-squares weights on the mask instead, by conjugate gradients)",
     )
@@ -253,14 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--refit-iters",
         type=int,
         default=None,
-        help=f"{_for('refit_iters')}/{'/'.join(SELECTORS)}: conjugate-gradient iterations of "
+        help=f"{_for('refit_iters')}/{'/'.join(selectors())}: conjugate-gradient iterations of "
         "--reconstruct lstsq per layer (default 32)",
     )
     q.add_argument(
         "--refine",
         default=None,
         choices=REFINERS,
-        help=f"{'/'.join(SELECTORS)}/fastprune: refine the method's mask by optimal 1-swaps",
+        help=f"{'/'.join(selectors())}/fastprune: refine the method's mask by optimal 1-swaps",
     )
     q.add_argument(
         "--refine-on",

@@ -22,7 +22,7 @@ from pathlib import Path
 from .methods import METHODS, composed
 from .models import DEFAULT_MODEL
 from .pipeline.allocation import OWL_LAMBDA, OWL_THRESHOLD
-from .solvers.recipes import SELECTORS
+from .solvers.registry import selectors
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 # says one line (print-like); `quiet` jobs get a silent one
@@ -243,7 +243,7 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
         raise ValueError(f"{name('max_swaps')} must be >= 0, got {opts['max_swaps']}")
     if opts.get("refit_iters") is not None and opts["refit_iters"] < 0:
         raise ValueError(f"{name('refit_iters')} must be >= 0, got {opts['refit_iters']}")
-    takes = (*SELECTORS, "fastprune")
+    takes = (*selectors(), "fastprune")
     for key in ("refine", "refine_on"):
         if opts.get(key) is not None and job.method not in takes:
             raise ValueError(f"{name(key)} applies to method {'/'.join(takes)}, not {job.method}")

@@ -26,7 +26,7 @@ from ..experts import ExpertProjection, check_moe_calibration
 from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pattern_name, pruned_fraction
-from ..methods import Method, composed, get_method
+from ..methods import Method, composed, get_method, methods_where
 from ..models import find_blocks, model_device
 from ..solvers.sparsegpt_batched import inverse_hessians
 from ..validation import check_int, check_pattern, check_sparsity
@@ -65,7 +65,7 @@ def _check_hessian_kind(kind: object, meth) -> str:
     if kind == "diagonal" and not meth.reads_diagonal:
         raise ValueError(
             f"hessian_kind='diagonal' does not fit {meth.name!r}, which needs the full H "
-            "(only Wanda and GBLM read diag(H) alone)"
+            f"(only {', '.join(methods_where('reads_diagonal'))} read diag(H) alone)"
         )
     return kind
 
