@@ -36,6 +36,7 @@ setup(
     packages=[
         "fastprune",
         "fastprune.compat",
+        "fastprune.hessian",
         "fastprune.ops",
         "fastprune.pipeline",
         "fastprune.pipeline.distributed",
