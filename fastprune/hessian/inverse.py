@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..validation import check_hessian, check_percdamp, check_solve_dtype
+from ..validation import check_hessian, check_percdamp, check_solve_dtype, compute_dtype
 from .factor import INVERSE_METHODS, upper_factor
 from .scaling import hessian_in_range, hessian_scale_exponent, scale_pow2
 
@@ -87,7 +87,7 @@ def inverse_hessian(
     percdamp = check_percdamp(percdamp)
     if dtype is not None:
         check_solve_dtype(dtype)
-    dtype = dtype or (torch.float64 if H.dtype == torch.float64 else torch.float32)
+    dtype = dtype or compute_dtype(H)
     hmax = torch.diagonal(H).amax().item()
     eh = 0 if hessian_in_range(hmax) else hessian_scale_exponent(hmax)
     if eh:  # scaled exactly in H's precision first, so a float64 H fits a float32 solve

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import compute_dtype
+
 
 def _loss_terms(W: torch.Tensor, Wp: torch.Tensor, H: torch.Tensor):
     """`(D H) * D` for `D = W - W_p`, a chunk of rows at a time (float32, float64 for float64
     inputs), so a big layer does not need a second rows x cols temporary at once."""
-    dtype = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
+    dtype = compute_dtype(W, H)
     D = W.to(dtype) - Wp.to(dtype)
     Hc = H.to(dtype)
     step = max(1, (1 << 24) // max(1, W.shape[1]))

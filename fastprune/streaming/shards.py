@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-CONFIG_FILE = "config.json"
+from ..models import CONFIG_FILE
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
