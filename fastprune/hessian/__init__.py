@@ -1,6 +1,7 @@
-"""Calibration Hessians: their accumulation (`accumulate`, `diagonal`), the exact rescaling of
-one out of range (`scaling`), the inverse's factor with damping retries (`factor`, `inverse`)
-and the layer losses they weigh (`loss`); every name is importable from here."""
+"""Calibration Hessians: their accumulation (`accumulate`, which documents the two
+arithmetics of `HESSIAN_PRECISIONS`; `diagonal`), the exact rescaling of one out of range
+(`scaling`), the inverse's factor with damping retries (`factor`, `inverse`) and the layer
+losses they weigh (`loss`); every name is importable from here."""
 
 from ..validation import check_finite
 from .accumulate import (

@@ -35,6 +35,10 @@ class BlockLoader:
         self._plan, self._ties = match_model(model, self.tensors, self.path)
         self._root = weakref.ref(model)
 
+    def _model(self) -> nn.Module | None:
+        """The model last matched by `check_model`, while it lives."""
+        return self._root() if self._root is not None else None
+
     def source(self, name: str, shape: Sequence[int] | None = None) -> Source:
         """Where model tensor `name` (full name) comes from in the checkpoint."""
         src = self._plan.get(name)
@@ -62,7 +66,7 @@ class BlockLoader:
                     yield f"{pre}{mname}.{attr}" if mname else f"{pre}{attr}", m, attr, "buffer"
 
     def _tied_owners(self, name: str) -> list[tuple[nn.Module, str]]:
-        root = self._root() if self._root is not None else None
+        root = self._model()
         if root is None:
             return []
         out = []
@@ -87,7 +91,7 @@ class BlockLoader:
         dtype; buffers keep theirs),
         replacing the meta tensors in place; tied parameters elsewhere in the model follow.
         Names under any prefix in `skip` are left alone. Returns the bytes read."""
-        root = self._root() if self._root is not None else None
+        root = self._model()
         if root is not None and any(m is module for m in root.modules()):
             try:
                 named = root.get_submodule(prefix) if prefix else root
@@ -139,7 +143,7 @@ class BlockLoader:
     def release(self, module: nn.Module) -> None:
         """Put every parameter of `module` back on the meta device (tied parameters elsewhere
         follow), freeing its memory; buffers keep their values."""
-        root = self._root() if self._root is not None else None
+        root = self._model()
         names = {}
         if root is not None:
             names = {id(p): n for n, p in root.named_parameters()}
