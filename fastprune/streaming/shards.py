@@ -35,7 +35,9 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype | None, float]] = {
     "F8_E8M0": (None, 1),
     "F4": (None, 0.5),
 }
-FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
+FLOAT_NAMES = tuple(
+    name for name, (dt, _) in SAFETENSORS_DTYPES.items() if dt is not None and dt.is_floating_point
+)
 # torch dtype -> safetensors dtype name, for the ones torch has
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
     dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items() if dt is not None
