@@ -66,3 +66,4 @@ OPS = {
     "obs_sweep": (cuda_obs_sweep, cuda_obs_sweep_unsupported),
     "swap_search": (cuda_swap_search, cuda_swap_search_unsupported),
 }
+BATCHED: frozenset = frozenset()  # no kernel here takes a batch of layers
