@@ -42,7 +42,10 @@ class ObsSweep(NamedTuple):
 
 
 def _sub_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`out -= a ⊗ b`, per layer of a batch (`out [E, i, j]`, `a [E, i]`, `b [E, j]`)."""
+    """`out -= a ⊗ b`, per layer of a batch (`out [E, i, j]`, `a [E, i]`, `b [E, j]`); a
+    batch of one takes the one-layer product, so it equals that layer's sweep bit for bit."""
+    if out.dim() == 3 and out.shape[0] == 1:
+        out, a, b = out[0], a[0], b[0]
     if out.dim() == 2:
         out.addr_(a, b, alpha=-1)
     else:
@@ -50,7 +53,10 @@ def _sub_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def sub_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`out -= a @ b`, per layer of a batch (`out [E, i, j]`, `a [E, i, k]`, `b [E, k, j]`)."""
+    """`out -= a @ b`, per layer of a batch (`out [E, i, j]`, `a [E, i, k]`, `b [E, k, j]`);
+    a batch of one takes the one-layer product (bit for bit that layer's)."""
+    if out.dim() == 3 and out.shape[0] == 1:
+        out, a, b = out[0], a[0], b[0]
     if out.dim() == 2:
         out.addmm_(a, b, alpha=-1)
     else:
