@@ -6,8 +6,8 @@ experts of one MoE projection) own what they share: the clock, the common argume
 whose W or H lies outside the solve's range (the algorithm runs once, on the rescaled
 copies; see `core.problem_scales`), the `Kernels` that run the ops and record what ran, the
 result's base `info` and its finishing (loss and weights scaled back, dtype cast, in-place
-write, achieved sparsity, seconds). `legacy_positional` keeps calls in an older argument order working, with a
-`DeprecationWarning`.
+write, achieved sparsity, seconds). `legacy_positional` keeps calls in an older argument
+order working, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
