@@ -239,7 +239,7 @@ def run_batch_solver(
     dtype = compute_dtype(W, *(h for _, h, *_ in checked))
     kernels = Kernels(backend or "torch", W.device, tuple(ops)) if ops else None
     problems = [_problem(method, *c, dtype, kernels) for c in checked]
-    outcomes = algorithm(problems)
+    outcomes = algorithm(problems) if problems else []
     share = (time.perf_counter() - t0) / max(1, len(problems))
     results = []
     for (We, *_), p, out in zip(checked, problems, outcomes):

@@ -82,9 +82,9 @@ def sparsegpt_experts(
     """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H` (`[E, cols, cols]`, or E
     `[cols, cols]` tensors, not stacked again: the pipeline passes its accumulators'), solved
     together on W's device in the solver skeleton (`run_batch_solver`: each layer checked and
-    rescaled as alone) by the one OBS block loop (`obs_prune`) over the batch: the ops'
-    batched forms, on the backend dispatch picks (Triton's sweep launched over the layers on
-    a GPU, torch's batched sweep on CPU). `hinvs`: one inverse per layer, as
+    rescaled as alone) by the one OBS block loop (`obs_prune`) over the batch, with the ops'
+    batched forms on the backend dispatch picks (on a GPU the fused sweep launched over the
+    layers, on CPU torch's batched sweep). `hinvs`: one inverse per layer, as
     `inverse_hessians(H, percdamp)` gives (computed here if None)."""
     Hs = list(H) if isinstance(H, torch.Tensor) and H.dim() == 3 else H
     if W.dim() != 3 or not isinstance(Hs, Sequence) or len(Hs) != W.shape[0]:
