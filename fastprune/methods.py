@@ -166,12 +166,12 @@ class Method:
 
     def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
         """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
-        solved as one batch here: the method has a batch solver for its backend (torch's
-        batched sweep, or Triton's launched over the layers on a GPU) and, on CPU, the
-        layers are small enough for the Python loop over columns to dominate
-        (`BATCH_MAX_ENTRIES`; `benchmarks/bench_experts_batch.py` measured it)."""
+        solved as one batch here: the method has a batch solver (the ops' batched forms,
+        on the backend dispatch picks) and, on CPU, the layers are small enough for the
+        Python loop over columns to dominate (`BATCH_MAX_ENTRIES`;
+        `benchmarks/bench_experts_batch.py` measured it)."""
         backend = options.get("backend", "auto")
-        if self.batch_solver is None or backend == "cuda":
+        if self.batch_solver is None:
             return False
         if device.type == "cpu":  # Triton asked for on CPU: the single path says why not
             return backend in ("auto", "torch") and shape[0] * shape[1] <= BATCH_MAX_ENTRIES
