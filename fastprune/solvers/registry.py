@@ -180,12 +180,12 @@ class Method:
 
     def batches(self, options: Mapping[str, Any], device: torch.device, shape) -> bool:
         """Whether same-shaped layers (a projection's experts, `shape` = (rows, cols)) are
-        solved as one batch here: the method has a batch solver for its backend (torch's
-        batched sweep, or Triton's launched over the layers on a GPU; no CUDA kernels) and,
-        on CPU, the layers are small enough for the Python loop over columns to dominate
+        solved as one batch here: the method has a batch solver (the ops' batched forms, on
+        the backend dispatch picks, which falls back for a form a backend lacks) and, on CPU,
+        the layers are small enough for the Python loop over columns to dominate
         (`BATCH_MAX_ENTRIES`)."""
         backend = options.get("backend", "auto")
-        if self.batch_solver is None or backend == "cuda":
+        if self.batch_solver is None:
             return False
         if device.type == "cpu":  # a fast backend asked for on CPU: the single path runs it
             return _runs_torch(backend, device) and shape[0] * shape[1] <= BATCH_MAX_ENTRIES
