@@ -6,9 +6,19 @@ and are compiled lazily on first use on a CUDA machine.
 """
 
 import os
+import re
 from pathlib import Path
 
 from setuptools import setup
+
+
+def read_version() -> str:
+    """`__version__` from fastprune/version.py, parsed (importing the package needs torch)."""
+    text = Path(__file__).with_name("fastprune").joinpath("version.py").read_text("utf-8")
+    found = re.search(r'^__version__ = "([^"]+)"$', text, re.M)
+    if found is None:
+        raise RuntimeError("fastprune/version.py declares no __version__")
+    return found.group(1)
 
 
 def cuda_extension_kwargs() -> dict:
@@ -28,7 +38,7 @@ def cuda_extension_kwargs() -> dict:
 
 setup(
     name="fastprune",
-    version="0.1.0",
+    version=read_version(),
     description="Fused Triton/CUDA kernels and exact reference solvers for one-shot LLM pruning",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
@@ -36,6 +46,7 @@ setup(
     packages=[
         "fastprune",
         "fastprune.compat",
+        "fastprune.hessian",
         "fastprune.ops",
         "fastprune.pipeline",
         "fastprune.pipeline.distributed",

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=None, help="write OUT.json / OUT.csv")
     args = ap.parse_args(argv)
     # one by one with the kernels the batch uses: torch's on CPU, the fused ones on a GPU
-    # (where the batch launches Triton's obs_sweep over the experts)
+    # (where the batch launches the fused obs_sweep over the experts)
     backend = "torch" if args.device == "cpu" else "auto"
     rows = []
     for E, r, c in CASES:

@@ -28,18 +28,26 @@ void check_ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " failed: ", cudaGetErrorString(err));
 }
 
+// One block W1 [rows, count] with Hinv1 [count, count], or a batch of layers W1 [E, rows,
+// count] with Hinv1 [E, count, count] (outputs gain the leading E).
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep(
     const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& keep1,
     int64_t prune_n, int64_t prune_m, int64_t stream) {
   check_cuda(W1, "W1", torch::kFloat32);
   check_cuda(Hinv1, "Hinv1", torch::kFloat32);
-  TORCH_CHECK(W1.dim() == 2 && Hinv1.dim() == 2, "W1 and Hinv1 must be 2-D");
-  const int64_t rows = W1.size(0), count = W1.size(1);
-  TORCH_CHECK(Hinv1.size(0) == count && Hinv1.size(1) == count, "Hinv1 must be [count, count]");
+  const bool batched = W1.dim() == 3;
+  TORCH_CHECK((W1.dim() == 2 || batched) && Hinv1.dim() == W1.dim(),
+              "W1 and Hinv1 must be 2-D, or 3-D for a batch of layers");
+  const int64_t layers = batched ? W1.size(0) : 1;
+  const int64_t rows = W1.size(-2), count = W1.size(-1);
+  TORCH_CHECK(Hinv1.size(-2) == count && Hinv1.size(-1) == count &&
+                  (!batched || Hinv1.size(0) == layers),
+              "Hinv1 must be [(E,) count, count]");
   TORCH_CHECK(count >= 1 && count <= 256, "count (block size) must be in [1, 256], got ", count);
+  TORCH_CHECK(layers <= 65535, "at most 65535 layers in a batch, got ", layers);
   TORCH_CHECK(W1.device() == Hinv1.device(), "W1 and Hinv1 must be on one device");
   const uint8_t* kin = nullptr;
-  int64_t skm = 0, skn = 0;
+  int64_t skb = 0, skm = 0, skn = 0;
   if (prune_n > 0) {
     TORCH_CHECK(prune_m > prune_n && 32 % prune_m == 0 && count % prune_m == 0,
                 "N:M needs prune_n < prune_m, 32 % prune_m == 0 and count % prune_m == 0");
@@ -52,21 +60,23 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
     TORCH_CHECK(k.sizes() == W1.sizes(), "keep1 must have W1's shape");
     TORCH_CHECK(k.device() == W1.device(), "keep1 must be on W1's device");
     kin = reinterpret_cast<const uint8_t*>(k.data_ptr<bool>());
-    skm = k.stride(0);
-    skn = k.stride(1);
+    skb = batched ? k.stride(0) : 0;
+    skm = k.stride(-2);
+    skn = k.stride(-1);
   }
-  auto Q = torch::empty({rows, count}, W1.options());
-  auto E = torch::empty({rows, count}, W1.options());
-  auto K = torch::empty({rows, count}, W1.options().dtype(torch::kBool));
-  auto L = torch::empty({rows}, W1.options());
-  if (rows == 0) return {Q, E, K, L};
-  check_ok(fastprune::obs_sweep_f32(
-               W1.data_ptr<float>(), W1.stride(0), W1.stride(1), Hinv1.data_ptr<float>(),
-               Hinv1.stride(0), Hinv1.stride(1), kin, skm, skn, Q.data_ptr<float>(),
-               E.data_ptr<float>(), reinterpret_cast<uint8_t*>(K.data_ptr<bool>()),
-               L.data_ptr<float>(), static_cast<int>(rows), static_cast<int>(count),
-               static_cast<int>(prune_n), static_cast<int>(prune_m),
-               reinterpret_cast<cudaStream_t>(stream)),
+  auto Q = torch::empty(W1.sizes(), W1.options());
+  auto E = torch::empty(W1.sizes(), W1.options());
+  auto K = torch::empty(W1.sizes(), W1.options().dtype(torch::kBool));
+  auto L = torch::empty(W1.sizes().slice(0, W1.dim() - 1), W1.options());
+  if (rows == 0 || layers == 0) return {Q, E, K, L};
+  check_ok(fastprune::obs_sweep_batched_f32(
+               static_cast<int>(layers), W1.data_ptr<float>(), batched ? W1.stride(0) : 0,
+               W1.stride(-2), W1.stride(-1), Hinv1.data_ptr<float>(),
+               batched ? Hinv1.stride(0) : 0, Hinv1.stride(-2), Hinv1.stride(-1), kin, skb, skm,
+               skn, Q.data_ptr<float>(), E.data_ptr<float>(),
+               reinterpret_cast<uint8_t*>(K.data_ptr<bool>()), L.data_ptr<float>(),
+               static_cast<int>(rows), static_cast<int>(count), static_cast<int>(prune_n),
+               static_cast<int>(prune_m), reinterpret_cast<cudaStream_t>(stream)),
            "obs_sweep");
   return {Q, E, K, L};
 }
@@ -132,6 +142,6 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastprune CUDA kernels (obs_sweep, swap_search)";
-  m.def("obs_sweep", &obs_sweep, "fused OBS sweep of one column block");
+  m.def("obs_sweep", &obs_sweep, "fused OBS sweep of one column block (or a batch of layers)");
   m.def("swap_search", &swap_search, "best 1-swap per row");
 }

@@ -19,6 +19,16 @@ cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
                           const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
                           float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
                           int count, int prune_n, int prune_m, cudaStream_t stream);
+// The same for `layers` blocks at once (1 <= layers <= 65535), each with its own Hinv block:
+// inputs of layer b start at b * stride_?b; outputs are [layers, rows, count] (loss
+// [layers, rows]) contiguous.
+cudaError_t obs_sweep_batched_f32(int layers, const float* W, int64_t stride_wb,
+                                  int64_t stride_wm, int64_t stride_wn, const float* Hinv,
+                                  int64_t stride_hb, int64_t stride_hm, int64_t stride_hn,
+                                  const uint8_t* keep_in, int64_t stride_kb, int64_t stride_km,
+                                  int64_t stride_kn, float* Q, float* Err, uint8_t* keep_out,
+                                  float* loss, int rows, int count, int prune_n, int prune_m,
+                                  cudaStream_t stream);
 
 // SparseSwaps best 1-swap per row (contract: fastprune/ops/swap_search.py):
 // minimise over kept u / pruned p (N:M: same group) of

@@ -1,7 +1,8 @@
 // Fused OBS sweep for one block of columns: one warp per R rows, the block's columns spread
 // over the lanes (column s*32 + lane lives in register slot s), Hinv rows read through the
 // read-only cache and each swept column's error broadcast across the warp with __shfl_sync
-// (one shuffle per row and column).
+// (one shuffle per row and column). A batch of layers (each with its own Hinv block) is
+// swept in one launch: blockIdx.y is the layer, selected by the batch strides.
 #include "fastprune_kernels.h"
 
 namespace fastprune {
@@ -13,13 +14,24 @@ constexpr int kWarpsPerBlock = 4;
 
 template <int SLOTS>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    obs_sweep_kernel(const float* __restrict__ W, int64_t swm, int64_t swn,
-                     const float* __restrict__ Hinv, int64_t shm, int64_t shn,
-                     const uint8_t* __restrict__ keep_in, int64_t skm, int64_t skn,
-                     float* __restrict__ Q, float* __restrict__ Err,
+    obs_sweep_kernel(const float* __restrict__ W, int64_t swb, int64_t swm, int64_t swn,
+                     const float* __restrict__ Hinv, int64_t shb, int64_t shm, int64_t shn,
+                     const uint8_t* __restrict__ keep_in, int64_t skb, int64_t skm,
+                     int64_t skn, float* __restrict__ Q, float* __restrict__ Err,
                      uint8_t* __restrict__ keep_out, float* __restrict__ loss, int rows,
                      int count, int prune_n, int prune_m) {
   constexpr int R = kRowsPerWarp;
+  {  // this block's layer of the batch; outputs are [layers, rows, count] contiguous
+    const int64_t b = blockIdx.y;
+    W += b * swb;
+    Hinv += b * shb;
+    if (keep_in != nullptr) keep_in += b * skb;
+    const int64_t out = b * static_cast<int64_t>(rows) * count;
+    Q += out;
+    Err += out;
+    keep_out += out;
+    loss += b * rows;
+  }
   const int lane = threadIdx.x & 31;
   const int warp = blockIdx.x * kWarpsPerBlock + (threadIdx.x >> 5);
   const int row0 = warp * R;
@@ -113,24 +125,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 
 }  // namespace
 
-cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
-                          const float* Hinv, int64_t stride_hm, int64_t stride_hn,
-                          const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
-                          float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
-                          int count, int prune_n, int prune_m, cudaStream_t stream) {
-  if (rows <= 0 || count <= 0 || count > 256) return cudaErrorInvalidValue;
+cudaError_t obs_sweep_batched_f32(int layers, const float* W, int64_t stride_wb,
+                                  int64_t stride_wm, int64_t stride_wn, const float* Hinv,
+                                  int64_t stride_hb, int64_t stride_hm, int64_t stride_hn,
+                                  const uint8_t* keep_in, int64_t stride_kb, int64_t stride_km,
+                                  int64_t stride_kn, float* Q, float* Err, uint8_t* keep_out,
+                                  float* loss, int rows, int count, int prune_n, int prune_m,
+                                  cudaStream_t stream) {
+  if (layers <= 0 || layers > 65535 || rows <= 0 || count <= 0 || count > 256)
+    return cudaErrorInvalidValue;
   if (prune_n > 0 && (prune_m <= 0 || prune_n >= prune_m || 32 % prune_m != 0))
     return cudaErrorInvalidValue;
   if (prune_n == 0 && keep_in == nullptr) return cudaErrorInvalidValue;
   const int rows_per_block = kRowsPerWarp * kWarpsPerBlock;
-  const dim3 grid((rows + rows_per_block - 1) / rows_per_block);
+  const dim3 grid((rows + rows_per_block - 1) / rows_per_block, layers);
   const dim3 block(kWarpsPerBlock * 32);
   const int slots = (count + 31) / 32;
-#define FASTPRUNE_SWEEP(S)                                                                  \
-  obs_sweep_kernel<S><<<grid, block, 0, stream>>>(W, stride_wm, stride_wn, Hinv, stride_hm, \
-                                                  stride_hn, keep_in, stride_km,            \
-                                                  stride_kn, Q, Err, keep_out, loss, rows,  \
-                                                  count, prune_n, prune_m)
+#define FASTPRUNE_SWEEP(S)                                                                 \
+  obs_sweep_kernel<S><<<grid, block, 0, stream>>>(                                         \
+      W, stride_wb, stride_wm, stride_wn, Hinv, stride_hb, stride_hm, stride_hn, keep_in, \
+      stride_kb, stride_km, stride_kn, Q, Err, keep_out, loss, rows, count, prune_n, prune_m)
   if (slots <= 1) {
     FASTPRUNE_SWEEP(1);
   } else if (slots <= 2) {
@@ -142,6 +156,16 @@ cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
   }
 #undef FASTPRUNE_SWEEP
   return cudaGetLastError();
+}
+
+cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
+                          const float* Hinv, int64_t stride_hm, int64_t stride_hn,
+                          const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
+                          float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
+                          int count, int prune_n, int prune_m, cudaStream_t stream) {
+  return obs_sweep_batched_f32(1, W, 0, stride_wm, stride_wn, Hinv, 0, stride_hm, stride_hn,
+                               keep_in, 0, stride_km, stride_kn, Q, Err, keep_out, loss, rows,
+                               count, prune_n, prune_m, stream);
 }
 
 }  // namespace fastprune

@@ -35,9 +35,8 @@ from .solvers import (
     sparseswaps_layer,
     wanda_layer,
 )
+from .version import __version__ as __version__
 from .zeroshot import lm_eval_tasks
-
-__version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",

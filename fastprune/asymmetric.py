@@ -2,10 +2,10 @@
 
 Sequential pruning calibrates layer `l` on the inputs `X~` that the already pruned layers
 produce, and asks the pruned weights `W^` to reproduce `W X~`, so the error of every earlier
-layer is taken as given. Asymmetric calibration (as GPTAQ does for quantization) asks for the
-dense model's output instead: minimise `||W X - W^ X~||^2`, `X` the dense model's inputs of
-the same layer on the same tokens. With `H = 2/n X~^T X~` (samples as rows) and the cross
-term `C = 2/n X^T X~`,
+layer is taken as given. Asymmetric calibration (as GPTAQ does for quantization: Li et al.,
+ICML 2025, arXiv:2504.02692) asks for the dense model's output instead: minimise
+`||W X - W^ X~||^2`, `X` the dense model's inputs of the same layer on the same tokens.
+With `H = 2/n X~^T X~` (samples as rows) and the cross term `C = 2/n X^T X~`,
 
     ||W X - W^ X~||^2 = ||(W' - W^) X~||^2 + const,   W' = W C H^-1 = W + W (C - H) H^-1,
 

@@ -8,10 +8,12 @@ import time
 
 import torch
 
+from .hessian import H_RANGE as H_RANGE  # the Hessian's range, part of this module's rule
 from .hessian import (
     InverseHessian,
     check_inverse_of,
     hessian_diagonal,
+    hessian_in_range,
     hessian_scale_exponent,
     inverse_hessian,
     scale_pow2,
@@ -48,12 +50,12 @@ def wanda_score(
     return W.to(dtype).abs() * torch.sqrt(scaler.to(dtype)).reshape(1, -1)
 
 
-# A layer is solved as given when max|W| and max diag(H) lie in these ranges and
-# max|W|^2 * max diag(H) (the size of a score `w^2 h` or a loss term) is below PRODUCT_MAX:
-# then no score, OBS error or loss term comes near float32's range (2^-126 .. 2^128) even
-# summed over 2^20 columns. Outside them it is solved on a power-of-two rescaled copy.
+# A layer is solved as given when max|W| lies in W_RANGE, max diag(H) in H_RANGE (the
+# Hessian's, `fastprune.hessian.scaling`) and max|W|^2 * max diag(H) (the size of a score
+# `w^2 h` or a loss term) is below PRODUCT_MAX: then no score, OBS error or loss term comes
+# near float32's range (2^-126 .. 2^128) even summed over 2^20 columns. Outside them it is
+# solved on a power-of-two rescaled copy.
 W_RANGE = (2.0**-32, 2.0**32)
-H_RANGE = (2.0**-48, 2.0**48)
 PRODUCT_MAX = 2.0**96
 W_TARGET_EXP = 17  # a rescaled W has max|W| in [2^16, 2^17)
 # info entries that carry a loss (scale s_w^2 s_h); "damp" carries H's scale s_h
@@ -69,17 +71,21 @@ def problem_scales(W: torch.Tensor, H: torch.Tensor | None) -> tuple[int, int] |
     wmax = torch.stack([lo.abs(), hi.abs()]).amax().item()
     hmax = 0.0 if H is None else hessian_diagonal(H).amax().item()
     w_ok = wmax == 0 or W_RANGE[0] <= wmax <= W_RANGE[1]
-    h_ok = hmax == 0 or H_RANGE[0] <= hmax <= H_RANGE[1]
+    h_ok = hessian_in_range(hmax)
     if w_ok and h_ok and wmax * wmax * hmax <= PRODUCT_MAX:
         return None
     ew = math.frexp(wmax)[1] - W_TARGET_EXP if wmax > 0 else 0
     return ew, hessian_scale_exponent(hmax)
 
 
-def scale_inverse(hinv: InverseHessian, eh: int, dtype: torch.dtype) -> InverseHessian:
-    """The inverse of `H / 2^eh` from `hinv`, that of `H`: `U` times `2^(eh/2)` (eh even)."""
+def _check_inverse_type(hinv: object) -> None:
     if not isinstance(hinv, InverseHessian):
         raise TypeError("hinv must be an InverseHessian from fastprune.inverse_hessian")
+
+
+def scale_inverse(hinv: InverseHessian, eh: int, dtype: torch.dtype) -> InverseHessian:
+    """The inverse of `H / 2^eh` from `hinv`, that of `H`: `U` times `2^(eh/2)` (eh even)."""
+    _check_inverse_type(hinv)
     U = scale_pow2(hinv.hinv.to(dtype, copy=True), eh // 2)
     return InverseHessian(U, hinv.dead, math.ldexp(hinv.damp, -eh), hinv.percdamp, hinv.retries)
 
@@ -138,8 +144,7 @@ def resolve_inverse(
     `inverse_hessian(H, percdamp, method=method)` (`method` does not apply to a given `hinv`)."""
     if hinv is None:
         return inverse_hessian(H, percdamp, dtype=dtype, method=method)
-    if not isinstance(hinv, InverseHessian):
-        raise TypeError("hinv must be an InverseHessian from fastprune.inverse_hessian")
+    _check_inverse_type(hinv)
     if hinv.hinv.shape != H.shape or hinv.hinv.device != H.device:
         raise ValueError(
             f"hinv is {tuple(hinv.hinv.shape)} on {hinv.hinv.device}, "

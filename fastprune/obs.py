@@ -1,6 +1,8 @@
-"""The one OBS block loop (SparseGPT's), shared by SparseGPT, ROSE and the llm-compressor
-adapter: per block of columns choose the mask, sweep the block with OBS updates (one
-`obs_sweep` launch), then the trailing GEMM `W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`."""
+"""The one OBS block loop (SparseGPT's), shared by SparseGPT, ROSE, the MoE experts' batch
+solve and the llm-compressor adapter: per block of columns choose the mask, sweep the block
+with OBS updates (one `obs_sweep` call), then the trailing GEMM
+`W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]`. A batch of same-shaped layers (`W [E, rows, cols]`,
+each with its own inverse) runs the same loop with the ops' batched forms."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 
 from .hessian import InverseHessian, layer_loss
 from .ops import Kernels
+from .ops.obs_sweep import sub_matmul
 
 OBS_OPS = ("block_prune_mask", "obs_sweep")
 
@@ -37,26 +40,30 @@ def obs_prune(
     fixed_keep: torch.Tensor | None = None,
     preserve: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The SparseGPT block loop over `bounds` on a float32/64 working copy `W` (modified).
+    """The SparseGPT block loop over `bounds` on a float32/64 working copy `W` (modified):
+    one layer (`W [rows, cols]`, `hinv [cols, cols]`) or a batch (`W [E, rows, cols]`, `hinv
+    [E, cols, cols]`, `fixed_keep` as W), each layer with its own masks and inverse.
 
     Per block the mask is `fixed_keep`'s (pruned exactly, whatever the pattern), else chosen
     as SparseGPT does: by one threshold over the block (unstructured) or per N:M group inside
-    the sweep. `preserve` (True = must stay pruned: llm-compressor's existing zeros, which are
-    zero in `W`) keeps those entries pruned: an unstructured block already at its target keeps
-    its mask, one below extends it by the usual threshold; an N:M group prunes its preserved
-    entries plus its lowest others up to `prune_n`; trailing updates never revive them.
-    Returns `(W, keep, obs_loss_rows)`.
+    the sweep. `preserve` (one layer only; True = must stay pruned: llm-compressor's existing
+    zeros, which are zero in `W`) keeps those entries pruned: an unstructured block already at
+    its target keeps its mask, one below extends it by the usual threshold; an N:M group
+    prunes its preserved entries plus its lowest others up to `prune_n`; trailing updates
+    never revive them. Returns `(W, keep, obs_loss_rows)` (`[(E,) rows]` losses).
     """
-    rows, cols = W.shape
-    keep = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
-    losses = torch.zeros(rows, dtype=W.dtype, device=W.device)
-    hdiag = hinv.diagonal()
+    if preserve is not None and W.dim() != 2:
+        raise ValueError("preserve is for one layer, W [rows, cols]")
+    cols = W.shape[-1]
+    keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    losses = torch.zeros(W.shape[:-1], dtype=W.dtype, device=W.device)
+    hdiag = hinv.diagonal(dim1=-2, dim2=-1)
     for i1, i2 in bounds:
-        W1 = W[:, i1:i2]
-        Hinv1 = hinv[i1:i2, i1:i2]
+        W1 = W[..., i1:i2]
+        Hinv1 = hinv[..., i1:i2, i1:i2]
         n, m = prune_n, prune_m
         if fixed_keep is not None:
-            keep1, n, m = fixed_keep[:, i1:i2], 0, 0
+            keep1, n, m = fixed_keep[..., i1:i2], 0, 0
         elif preserve is not None:
             base1 = preserve[:, i1:i2]
             if n:  # the sweep ranks preserved entries first and keeps them pruned
@@ -66,15 +73,15 @@ def obs_prune(
             else:
                 keep1 = ~base1
         elif n == 0:
-            keep1 = kernels("block_prune_mask", W1, hdiag[i1:i2], sparsity)
+            keep1 = kernels("block_prune_mask", W1, hdiag[..., i1:i2], sparsity)
         else:
             keep1 = None
         Q1, Err1, keep1, loss1 = kernels("obs_sweep", W1, Hinv1, keep1, n, m)
-        W[:, i1:i2] = Q1
-        keep[:, i1:i2] = keep1
+        W[..., i1:i2] = Q1
+        keep[..., i1:i2] = keep1
         losses += loss1
         if i2 < cols:
-            W[:, i2:].addmm_(Err1, hinv[i1:i2, i2:], alpha=-1)
+            sub_matmul(W[..., i2:], Err1, hinv[..., i1:i2, i2:])
             if preserve is not None:
                 W[:, i2:].masked_fill_(preserve[:, i2:], 0)
     return W, keep, losses

@@ -103,7 +103,7 @@ _MANAGERS: dict[tuple, object] = {}
 
 def _task_manager(paths: tuple[str, ...]):
     """lm-eval's TaskManager for these include paths, built again only when their YAML files
-    change (it indexes every task YAML lm-eval ships: seconds)."""
+    change (building one indexes every task YAML lm-eval ships, which is slow)."""
     key = (paths, tuple(sorted(_yaml_stamps(paths))))
     if key not in _MANAGERS:
         _, _, TaskManager = _import_lm_eval()

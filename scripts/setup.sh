@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: a virtualenv in .venv with the CPU build of torch, triton (its
-# interpreter runs the kernels on CPU), fastprune (editable) with the model pipeline's
-# dependencies, lm-evaluation-harness (the eval extra), the built-in default model and the
-# test tools, with the newest transformers that installs beside them.
+# Set up a fresh machine: a virtualenv in .venv with torch 2.13.0, triton (its interpreter
+# runs the kernels on CPU), fastprune (editable) with the model pipeline's dependencies,
+# lm-evaluation-harness (the eval extra), the built-in default model and the test tools, with
+# the newest transformers that installs beside them. Which build of torch that is (CPU or
+# CUDA) is up to the package index pip is configured with: where it serves the CPU wheel,
+# as on the machines this project is developed on, .venv gets torch 2.13.0+cpu.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -d .venv ] || "$PY" -m venv .venv
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-# torch first, pinned, so nothing below pulls the multi-GB CUDA wheels
+# torch first, pinned, so the installs below keep this build of torch rather than resolving
+# (and downloading) another one
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[triton,test,model,eval]"
 # the built-in default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed

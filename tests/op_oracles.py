@@ -172,8 +172,19 @@ def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep
     contract's rule on the scores it saw along the backend's own mask up to near-ties (how
     many near-ties a draw holds, and so how far the mask drifts from the free oracle's, is
     not asserted: it depends on the draw), and the forced entries are pruned. Values: q, err,
-    loss_rows within OP_RTOL (scale-relative) of the oracle swept along that mask."""
+    loss_rows within OP_RTOL (scale-relative) of the oracle swept along that mask. The
+    batched form (`W1 [E, rows, count]`) is checked layer by layer, each against the oracle
+    of its own `W1[e]`, `Hinv1[e]`, `keep1[e]`."""
     n, m = prune_n, prune_m
+    if W1.dim() == 3:
+        assert len(out) == 4 and all(t.shape[0] == W1.shape[0] for t in out), (
+            f"{what}: every output of the batched form has the leading E = {W1.shape[0]}"
+        )
+        for e in range(W1.shape[0]):
+            k1 = None if keep1 is None else keep1[e]
+            layer_out = tuple(t[e] for t in out)
+            check_obs_sweep(layer_out, W1[e], Hinv1[e], k1, n, m, what=f"{what} layer {e}")
+        return
     q, err, keep, loss = out
     state = state_dtype(W1, Hinv1)
     assert q.dtype == err.dtype == loss.dtype == state, (
@@ -207,7 +218,12 @@ def oracle_block_prune_mask(W1, hinv_diag, sparsity):
 
 def check_block_prune_mask(keep, W1, hinv_diag, sparsity, what="block_prune_mask"):
     """The keep-mask equals the float64 oracle's except where a score is a near-tie with the
-    block's threshold."""
+    block's threshold (the batched form: each layer's block with its own threshold)."""
+    if W1.dim() == 3:
+        assert keep.shape == W1.shape, f"{what}: {tuple(keep.shape)}, want {tuple(W1.shape)}"
+        for e in range(W1.shape[0]):
+            check_block_prune_mask(keep[e], W1[e], hinv_diag[e], sparsity, f"{what} layer {e}")
+        return
     assert keep.dtype == torch.bool and keep.shape == W1.shape, f"{what}: {keep.dtype}"
     want, s, thr = oracle_block_prune_mask(W1, hinv_diag, sparsity)
     keep = keep.cpu()

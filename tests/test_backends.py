@@ -176,6 +176,32 @@ def test_layer_fixed_mask_vs_torch(solver_backend, shadow, gen):
     compare_layers(got, ref, W, H)
 
 
+@fast_backends
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_experts_vs_torch(solver_backend, shadow, gen, pattern):
+    """A projection's experts solved as one batch (`sparsegpt_experts`: the ops' batched
+    forms through dispatch) on each fast backend: every kernel call checked against its
+    oracle layer by layer (`shadow`), each expert the research loop along its own mask, and
+    equal to the torch batch on every row whose mask agrees."""
+    from fastprune.solvers.sparsegpt_batched import inverse_hessians, sparsegpt_experts
+
+    b = solver_backend
+    n, m = PATTERNS[pattern]
+    pairs = [layer(gen, 9, 64, kind, blocksize=32, dead=e) for e, kind in enumerate(
+        ("plain", "ill", "columnar"))]  # fmt: skip
+    W, H = torch.stack([w for w, _ in pairs]), torch.stack([h for _, h in pairs])
+    Wd, Hd = W.to(b.device), H.to(b.device)
+    got = sparsegpt_experts(Wd, Hd, 0.5, n, m, blocksize=32, backend=b.name)
+    ref = sparsegpt_experts(W, H, 0.5, n, m, blocksize=32, backend="torch")
+    assert shadow["obs_sweep"] >= 2 * (64 // 32)
+    invs = inverse_hessians(Hd, 0.01)
+    want = {"obs_sweep": b.name} | ({} if n else {"block_prune_mask": "torch"})
+    for e in range(3):
+        assert got[e].info["kernels"] == want and got[e].info["backend"] == b.name
+        check_obs_solve(got[e], Wd[e], Hd[e], 0.5, n, m, 32, hinv=invs[e], what=f"expert {e}")
+        compare_layers(got[e], ref[e], W[e], H[e])
+
+
 @pytest.mark.parametrize("backend", FAST[1:], indirect=True)
 @pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
 def test_columnar_layer_all_solvers(

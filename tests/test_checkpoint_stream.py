@@ -28,7 +28,7 @@ from fastprune.streaming import (
     open_checkpoint,
     verify_streamed,
 )
-from fastprune.streaming import checkpoint as checkpoint_mod
+from fastprune.streaming import loader as loader_mod
 
 FAMILIES = ("llama", "qwen2", "qwen3_moe", "mixtral", "gpt_oss")
 SHARD = "50KB"  # the tiny models are ~430 KB in float32: 8 to 13 shards
@@ -125,7 +125,7 @@ def test_load_one_block_reads_only_its_tensors(saved, monkeypatch):
     skel = ckpt.skeleton()
     path, blocks = find_blocks(skel)
     opened, read = [], []
-    real = checkpoint_mod._safe_open
+    real = loader_mod.open_safetensors
 
     class Recorder:
         def __init__(self, f):
@@ -146,7 +146,7 @@ def test_load_one_block_reads_only_its_tensors(saved, monkeypatch):
         opened.append(Path(p).name)
         return Recorder(real(p))
 
-    monkeypatch.setattr(checkpoint_mod, "_safe_open", recording)
+    monkeypatch.setattr(loader_mod, "open_safetensors", recording)
     nbytes = ckpt.load(blocks[1], f"{path}.1", dtype=torch.bfloat16)
     mine = {k for k in ckpt.tensors if k.startswith(f"{path}.1.")}
     assert sorted(read) == sorted(mine)

@@ -13,9 +13,9 @@ import fastprune as fp
 import fastprune.pipeline
 from fastprune import cli
 from fastprune.hessian import InverseHessian
-from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, composed, get_method
+from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, composed, get_method, selectors
 from fastprune.models import find_blocks, find_linears, get_weight
-from fastprune.solvers.recipes import SELECTORS
+from fastprune.solvers import registry
 
 # model-level defaults that differ from the solver's own on purpose
 PIPELINE_DEFAULTS = {
@@ -27,17 +27,16 @@ def _params(fn) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(fn).parameters)
 
 
+BUILT_IN = ["magnitude", "wanda", "sparsegpt", "rose", "gblm", "sparseswaps", "fastprune"]
+
+
 def test_one_registry_everywhere():
-    assert list(METHODS) == [
-        "magnitude",
-        "wanda",
-        "sparsegpt",
-        "rose",
-        "gblm",
-        "sparseswaps",
-        "fastprune",
-    ]
-    assert fp.METHODS is METHODS and fastprune.pipeline.METHODS is METHODS
+    # the built-in methods, in the order their modules register them, ahead of any other
+    assert list(METHODS)[: len(BUILT_IN)] == BUILT_IN
+    assert fp.METHODS is METHODS is registry.METHODS and fastprune.pipeline.METHODS is METHODS
+    assert {"magnitude", "wanda", "gblm", "sparsegpt", "rose"} <= set(selectors())
+    assert selectors() == [k for k, m in METHODS.items() if m.select is not None]
+    assert {"wanda", "gblm"} <= set(registry.methods_where("reads_diagonal"))
     assert "METHODS" in fp.__all__
     for name, m in METHODS.items():
         assert m.name == name and isinstance(m, Method)
@@ -128,7 +127,7 @@ def test_cli_flags_reach_the_methods_that_declare_them():
         opts = cli.prune_job(args).method_options()
         # --reconstruct on a mask selector composes it (fastprune.methods.composed)
         runs = composed(m, given)
-        assert (runs is not m) == (name in SELECTORS), name
+        assert (runs is not m) == (m.select is not None), name
         assert opts == {k: v for k, v in given.items() if k in runs.options}, name
         runs.check_options(opts)
     args = cli.build_parser().parse_args(["prune", "--method", "sparseswaps", *flags])

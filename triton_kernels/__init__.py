@@ -4,7 +4,8 @@ kernels import nothing of fastprune). `radix_select.py` holds the exact order st
 
 `OPS = {op: (launcher, unsupported)}`: each launcher has the contract of
 `fastprune.ops.<op>`, and `unsupported(*args)` says why it cannot take given inputs (None if
-it can). Importing this package imports triton (an ImportError means "no Triton backend").
+it can). `BATCHED`: the ops whose launcher also takes the op's batched form. Importing this
+package imports triton (an ImportError means "no Triton backend").
 """
 
 from __future__ import annotations
@@ -12,5 +13,7 @@ from __future__ import annotations
 from . import block_prune_mask, column_losses, obs_sweep, swap_apply, swap_search
 
 OPS: dict = {}
+BATCHED: frozenset = frozenset()
 for _mod in (obs_sweep, block_prune_mask, column_losses, swap_search, swap_apply):
     OPS.update(_mod.OPS)
+    BATCHED |= getattr(_mod, "BATCHED", frozenset())

@@ -4,6 +4,10 @@ The block's threshold is the exact `int(numel * sparsity)`-th smallest `w^2 / d^
 selection, `radix_select.py`, the score formed on the fly); then `_keep_kernel`, grid
 `(row tiles, column tiles)` of `[BLOCK_R, BLOCK_C]`, writes `score > thr` as bytes. Scores
 are selected in float32 (fp16/bf16 inputs are upcast exactly).
+
+The dispatcher passes this kernel over for CUDA tensors (`triton_block_prune_mask_unsupported`:
+torch's sort selects faster there), so solves run it only on CPU tensors under the Triton
+interpreter; `triton_block_prune_mask` itself takes CUDA tensors when called directly.
 """
 
 from __future__ import annotations

@@ -144,28 +144,19 @@ def triton_obs_sweep(
     prune_n: int = 0,
     prune_m: int = 0,
 ):
-    """`(Q1, Err1, keep1, loss_rows)` in float32 (float64 if an input is float64); W1 may
-    have any strides and is not modified."""
-    if W1.dim() != 2 or Hinv1.shape != (W1.shape[1], W1.shape[1]):
-        raise ValueError(
-            f"W1 must be [rows, count] and Hinv1 [count, count], got "
-            f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
-        )
-    one = None if keep1 is None else keep1[None]
-    Q, E, keep, loss = triton_obs_sweep_batched(W1[None], Hinv1[None], one, prune_n, prune_m)
-    return Q[0], E[0], keep1 if keep is one else keep[0], loss[0]
-
-
-def triton_obs_sweep_batched(
-    W1: torch.Tensor,
-    Hinv1: torch.Tensor,
-    keep1: torch.Tensor | None,
-    prune_n: int = 0,
-    prune_m: int = 0,
-):
-    """`triton_obs_sweep` for `E` layers in one launch (grid `(row tiles, E)`): `W1
-    [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1 [E, rows, count]`; every output
-    gains the leading `E` (contract: `fastprune.ops.obs_sweep.torch_obs_sweep_batched`)."""
+    """`(Q1, Err1, keep1, loss_rows)` in float32 (float64 if an input is float64) for one
+    layer (`W1 [rows, count]`, `Hinv1 [count, count]`) or a batch of E in one launch (grid
+    `(row tiles, E)`: `W1 [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1` as W1;
+    every output gains the leading `E`). W1 may have any strides and is not modified."""
+    if W1.dim() == 2:
+        if Hinv1.shape != (W1.shape[1], W1.shape[1]):
+            raise ValueError(
+                f"W1 must be [rows, count] and Hinv1 [count, count], got "
+                f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
+            )
+        one = None if keep1 is None else keep1[None]
+        Q, E, keep, loss = triton_obs_sweep(W1[None], Hinv1[None], one, prune_n, prune_m)
+        return Q[0], E[0], keep1 if keep is one else keep[0], loss[0]
     if W1.dim() != 3 or Hinv1.shape != (W1.shape[0], W1.shape[2], W1.shape[2]):
         raise ValueError(
             f"W1 must be [E, rows, count] and Hinv1 [E, count, count], got "
@@ -232,4 +223,7 @@ def triton_obs_sweep_batched(
     return Q, E, k_out.view(torch.bool) if nm else keep1, loss
 
 
+triton_obs_sweep_batched = triton_obs_sweep  # the former name of the batched launch
+
 OPS = {"obs_sweep": (triton_obs_sweep, triton_obs_sweep_unsupported)}
+BATCHED = frozenset({"obs_sweep"})  # takes W1 [E, rows, count] (grid: row tiles x layers)

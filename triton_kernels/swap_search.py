@@ -427,10 +427,10 @@ def triton_swap_search(
         )
         return u_out, p_out, val
 
-    # GPU defaults: 64 accumulators per thread at 8 warps, ~3.55 SASS instructions per pair
-    # in the hot loop (mul, FMA, min + loads) on sm_90, no spills; H traffic 1/16 and B, Y
-    # traffic 2/32 elements per pair (float64: 8 rows, no spills). Interpreter: fewer,
-    # larger tiles.
+    # GPU defaults: 64 accumulators per thread at 8 warps, a hot loop of mul, FMA and min per
+    # pair plus loads (its instruction count on sm_90: benchmarks/results/README.md); H
+    # traffic 1/16 and B, Y traffic 2/32 elements per pair (float64: 8 rows). Interpreter:
+    # fewer, larger tiles.
     br = block_r or (8 if w.dtype == torch.float64 and not interp else 16)
     bu = block_u or (64 if interp else 32)
     bp = block_p or (128 if interp else 32)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, SELECTORS
+from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
 from ..validation import BACKENDS, check_int
 from .validators import integer, methods_taking, one_of, optional
 
@@ -53,7 +53,9 @@ class MethodFlag:
 
 
 def _selectors() -> str:
-    return "/".join(SELECTORS)
+    from ..methods import selectors
+
+    return "/".join(selectors())
 
 
 METHOD_FLAGS = (

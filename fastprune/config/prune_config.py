@@ -225,9 +225,12 @@ def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
     elif kind == "auto":
         kind = "diagonal" if meth.reads_diagonal else "full"
     elif kind == "diagonal" and not meth.reads_diagonal:
+        from ..methods import methods_where
+
         raise ValueError(
             f"{given(name, 'hessian_kind', 'diagonal')} does not fit {meth.name!r}, which "
-            "needs the full H (only Wanda and GBLM read diag(H) alone)"
+            f"needs the full H (only {', '.join(methods_where('reads_diagonal'))} read diag(H) "
+            "alone)"
         )
     values.update(prune_n=n, prune_m=m, allocation=allocation, hessian_kind=kind)
     return Checked(dataclasses.replace(config, **values), meth, opts)

@@ -3,17 +3,20 @@
 Each op is found by its name alone: `fastprune/ops/<op>.py` (contract, typed result, torch
 version), `triton_kernels/<op>.py` (Triton), `csrc/<op>.cu` (CUDA, where hand-written).
 Solvers call them through `Kernels` (`dispatch.py`), which picks the implementation and
-records what ran.
+records what ran. `obs_sweep` and `block_prune_mask` also have a batched form (a leading
+layer dimension, `BATCH_RANK`); each backend declares which it takes (`backend_batched`).
 """
 
 from .block_prune_mask import torch_block_prune_mask
 from .column_losses import ColumnLosses, torch_column_losses
 from .dispatch import (
     BACKENDS,
+    BATCH_RANK,
     OPS,
     TORCH_OPS,
     BackendUnavailableError,
     Kernels,
+    backend_batched,
     backend_ops,
     get_op,
     resolve_backend,
@@ -24,6 +27,7 @@ from .swap_search import SwapSearch, torch_swap_search
 
 __all__ = [
     "BACKENDS",
+    "BATCH_RANK",
     "OPS",
     "TORCH_OPS",
     "BackendUnavailableError",
@@ -31,6 +35,7 @@ __all__ = [
     "Kernels",
     "ObsSweep",
     "SwapSearch",
+    "backend_batched",
     "backend_ops",
     "get_op",
     "resolve_backend",

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..version import __version__
+
 log = logging.getLogger("fastprune")
 
 FAST_BACKENDS = ("triton", "cuda")
@@ -35,8 +37,6 @@ def _versions() -> str:
         tv = triton.__version__
     except ImportError:
         tv = "none"
-    from .. import __version__
-
     return f"fastprune {__version__}, torch {torch.__version__}, triton {tv}"
 
 

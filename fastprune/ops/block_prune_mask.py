@@ -3,6 +3,8 @@
 Contract. With scores `s = w^2 / Hinv_jj^2` over the whole block `W1 [rows, count]`, prune
 `s <= sorted(s)[int(numel * sparsity)]` (the reference's rule: without ties one more than
 `int(numel * sparsity)`). Returns the keep-mask (True = kept), bool `[rows, count]`.
+Batched form: `W1 [E, rows, count]`, `hinv_diag [E, count]`: each layer's block with its own
+threshold; the mask gains the leading `E`.
 """
 
 from __future__ import annotations
@@ -15,5 +17,6 @@ from ..masks import threshold_prune_mask
 def torch_block_prune_mask(
     W1: torch.Tensor, hinv_diag: torch.Tensor, sparsity: float
 ) -> torch.Tensor:
-    """Reference `block_prune_mask` (one selection, then the `<=` rule)."""
-    return ~threshold_prune_mask(W1**2 / hinv_diag.reshape(1, -1) ** 2, sparsity)
+    """Reference `block_prune_mask` (one selection per layer, then the `<=` rule)."""
+    score = W1**2 / hinv_diag[..., None, :] ** 2
+    return ~threshold_prune_mask(score, sparsity, start_dim=W1.dim() - 2)

@@ -12,14 +12,17 @@ from .obs_sweep import ObsSweep
 from .swap_search import SwapSearch
 
 MAX_SWEEP_COLS = 256  # obs_sweep keeps a block of up to 8 x 32 columns in registers
+MAX_SWEEP_LAYERS = 65535  # a batched obs_sweep puts the layers on the grid's y dimension
 MAX_SEARCH_COLS = 65535  # swap_search indexes columns in 16 bits
 
 
 def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0):
     if W1.dtype != torch.float32 or Hinv1.dtype != torch.float32:
         return f"float32 only, got {W1.dtype}/{Hinv1.dtype}"
-    if W1.shape[1] > MAX_SWEEP_COLS:
-        return f"blocks of at most {MAX_SWEEP_COLS} columns, got {W1.shape[1]}"
+    if W1.shape[-1] > MAX_SWEEP_COLS:
+        return f"blocks of at most {MAX_SWEEP_COLS} columns, got {W1.shape[-1]}"
+    if W1.dim() == 3 and W1.shape[0] > MAX_SWEEP_LAYERS:
+        return f"batches of at most {MAX_SWEEP_LAYERS} layers, got {W1.shape[0]}"
     if prune_n and not 0 < prune_n < prune_m:
         return f"N:M needs 0 < N < M, got {prune_n}:{prune_m}"
     if prune_n and 32 % prune_m:
@@ -28,7 +31,8 @@ def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int 
 
 
 def cuda_obs_sweep(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0) -> ObsSweep:
-    """CUDA `obs_sweep` (contract: `fastprune.ops.obs_sweep`)."""
+    """CUDA `obs_sweep` (contract: `fastprune.ops.obs_sweep`), one layer or a batch (one
+    launch; the layers on the grid's y dimension)."""
     ext = extension_for(W1)
     guard, stream, _ = launch_context(W1)
     with guard:
@@ -66,3 +70,4 @@ OPS = {
     "obs_sweep": (cuda_obs_sweep, cuda_obs_sweep_unsupported),
     "swap_search": (cuda_swap_search, cuda_swap_search_unsupported),
 }
+BATCHED = frozenset({"obs_sweep"})  # the ops whose kernel also takes a batch of layers

@@ -3,10 +3,12 @@
 A backend module (`fastprune.triton_kernels`, `fastprune.ops.cuda_ops`) exposes
 `OPS = {op: (fn, unsupported)}`: `fn` has the op's contract (see `fastprune.ops.<op>`), and
 `unsupported(*args, **kwargs)` returns why `fn` cannot take those inputs (dtype, block width,
-M, size), or None. A solver resolves its backend once into a `Kernels` object; each call goes
-to the first implementation of the backend's chain that takes the inputs (cuda -> triton ->
-torch, triton -> torch, torch) and is recorded, so `r.info["kernels"]` maps every op that ran
-to what ran it and `r.info["kernel_fallbacks"]` says why a named backend was passed over.
+M, size), or None; and `BATCHED`, the ops whose `fn` also takes the op's batched form (a
+leading layer dimension, `BATCH_RANK`; the torch reference takes every batched form). A
+solver resolves its backend once into a `Kernels` object; each call goes to the first
+implementation of the backend's chain that takes the inputs (cuda -> triton -> torch,
+triton -> torch, torch) and is recorded, so `r.info["kernels"]` maps every op that ran to
+what ran it and `r.info["kernel_fallbacks"]` says why a named backend was passed over.
 This is the one place where anything falls back.
 """
 
@@ -18,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..validation import BACKENDS
 from .block_prune_mask import torch_block_prune_mask
 from .column_losses import ColumnLosses, torch_column_losses
 from .obs_sweep import ObsSweep, torch_obs_sweep
@@ -25,7 +28,9 @@ from .swap_apply import torch_swap_apply
 from .swap_search import SwapSearch, torch_swap_search
 
 OPS = ("obs_sweep", "block_prune_mask", "column_losses", "swap_search", "swap_apply")
-BACKENDS = ("auto", "torch", "triton", "cuda")
+# the ops with a batched form (a batch of independent layers), and the rank of their first
+# argument in it (one more than in the one-layer form)
+BATCH_RANK = {"obs_sweep": 3, "block_prune_mask": 3}
 
 TORCH_OPS: dict[str, Callable] = {
     "obs_sweep": torch_obs_sweep,
@@ -47,13 +52,29 @@ class BackendUnavailableError(RuntimeError):
     """A backend asked for by name cannot run here (no GPU, no Triton, no compiler)."""
 
 
-def backend_ops(backend: str) -> dict[str, tuple[Callable, Callable]]:
-    """`{op: (fn, unsupported)}` of a fast backend; BackendUnavailableError if it won't import."""
+def _backend_module(backend: str):
     try:
-        mod = importlib.import_module(_FAST_MODULES[backend])
+        return importlib.import_module(_FAST_MODULES[backend])
     except ImportError as e:  # triton missing, ...
         raise BackendUnavailableError(f"backend={backend!r} is not available: {e}") from e
-    return mod.OPS
+
+
+def backend_ops(backend: str) -> dict[str, tuple[Callable, Callable]]:
+    """`{op: (fn, unsupported)}` of a fast backend; BackendUnavailableError if it won't import."""
+    return _backend_module(backend).OPS
+
+
+def backend_batched(backend: str) -> frozenset[str]:
+    """The ops whose implementation by `backend` takes their batched form (`BATCH_RANK`)."""
+    if backend == "torch":
+        return frozenset(BATCH_RANK)
+    return frozenset(getattr(_backend_module(backend), "BATCHED", ()))
+
+
+def is_batched(op: str, *args) -> bool:
+    """Whether a call of `op` with `args` is its batched form."""
+    rank = BATCH_RANK.get(op)
+    return rank is not None and bool(args) and args[0].dim() == rank
 
 
 def _device_problem(backend: str, device: torch.device) -> str | None:
@@ -131,7 +152,8 @@ class Kernels:
     """The ops of one solve, on one resolved backend, with a record of what ran.
 
     `k = Kernels("auto", W.device, ("obs_sweep",)); k("obs_sweep", W1, Hinv1, keep1)` runs the
-    first implementation in the backend's chain that takes the inputs. `k.info()` is what a
+    first implementation in the backend's chain that takes the inputs (for a batched call,
+    the first that declares the batched form and takes them). `k.info()` is what a
     result reports: `{"kernels": {op: "cuda" | "triton" | "torch" | "cuda+torch" ...}}`
     (several names, in order of first use, where different calls took different
     implementations) and `"kernel_fallbacks": {op: reason}` where a named backend was
@@ -140,12 +162,13 @@ class Kernels:
 
     def __init__(self, backend: str, device: torch.device, ops: tuple[str, ...]) -> None:
         self.backend = resolve_backend(backend, device, ops)
-        self.chains: dict[str, list[tuple[str, Callable, Callable]]] = {}
+        # per op: (backend, fn, unsupported, takes the batched form)
+        self.chains: dict[str, list[tuple[str, Callable, Callable, bool]]] = {}
         for op in ops:
             chain = []
             for name in _CHAINS[self.backend]:
                 if name == "torch":
-                    chain.append(("torch", TORCH_OPS[op], _always))
+                    chain.append(("torch", TORCH_OPS[op], _always, True))
                     continue
                 if _device_problem(name, device):
                     continue
@@ -154,15 +177,16 @@ class Kernels:
                 except BackendUnavailableError:
                     continue
                 if op in table:
-                    chain.append((name, *table[op]))
+                    chain.append((name, *table[op], op in backend_batched(name)))
             self.chains[op] = chain
         self.ran: dict[str, list[str]] = {}
         self.fallbacks: dict[str, str] = {}
 
     def __call__(self, op: str, *args, **kwargs):
-        chain = self.chains[op]
-        for name, fn, unsupported in chain:
-            why = unsupported(*args, **kwargs)
+        batched = is_batched(op, *args)
+        for name, fn, unsupported, takes_batch in self.chains[op]:
+            why = "no batched form" if batched and not takes_batch else None
+            why = why or unsupported(*args, **kwargs)
             if why is None:
                 ran = self.ran.setdefault(op, [])
                 if name not in ran:

@@ -15,6 +15,10 @@ Masks are keep-masks (True = kept), as everywhere at the op boundary.
   pruned whatever their score (`False`: llm-compressor's preserved zeros); they rank before
   every other entry (score -1; real scores are >= 0) and stay pruned, so a group prunes
   `max(prune_n, forced)` entries.
+Batched form: `W1 [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1 [E, rows, count]`
+sweep E independent layers (the experts of one MoE projection) at once, each as above with
+its own `Hinv1[e]`; every output gains the leading `E`. Which backends take it is declared
+in their `BATCHED` (see `fastprune.ops.dispatch`).
 Returns `ObsSweep(q, err, keep, loss_rows)` in float32 (float64 if an input is float64);
 `keep` is the mask used, `loss_rows = sum_i err_i^2 / 2` (the reference's OBS estimate).
 Inputs are not modified.
@@ -22,6 +26,7 @@ Inputs are not modified.
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -30,10 +35,32 @@ from ..masks import lowest_n_along_dim0
 
 
 class ObsSweep(NamedTuple):
-    q: torch.Tensor  # [rows, count] the pruned, updated block
-    err: torch.Tensor  # [rows, count] err_i per column (0 where kept)
-    keep: torch.Tensor  # [rows, count] bool, True = kept
-    loss_rows: torch.Tensor  # [rows] sum_i err_i^2 / 2
+    q: torch.Tensor  # [(E,) rows, count] the pruned, updated block
+    err: torch.Tensor  # [(E,) rows, count] err_i per column (0 where kept)
+    keep: torch.Tensor  # [(E,) rows, count] bool, True = kept
+    loss_rows: torch.Tensor  # [(E,) rows] sum_i err_i^2 / 2
+
+
+def _sub_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`out -= a ⊗ b`, per layer of a batch (`out [E, i, j]`, `a [E, i]`, `b [E, j]`); a
+    batch of one takes the one-layer product, so it equals that layer's sweep bit for bit."""
+    if out.dim() == 3 and out.shape[0] == 1:
+        out, a, b = out[0], a[0], b[0]
+    if out.dim() == 2:
+        out.addr_(a, b, alpha=-1)
+    else:
+        out.baddbmm_(a[..., None], b[:, None, :], alpha=-1)
+
+
+def sub_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """`out -= a @ b`, per layer of a batch (`out [E, i, j]`, `a [E, i, k]`, `b [E, k, j]`);
+    a batch of one takes the one-layer product (bit for bit that layer's)."""
+    if out.dim() == 3 and out.shape[0] == 1:
+        out, a, b = out[0], a[0], b[0]
+    if out.dim() == 2:
+        out.addmm_(a, b, alpha=-1)
+    else:
+        out.baddbmm_(a, b, alpha=-1)
 
 
 def torch_obs_sweep(
@@ -44,99 +71,69 @@ def torch_obs_sweep(
     prune_m: int = 0,
     inner: int = 16,
 ) -> ObsSweep:
-    """Reference `obs_sweep`: columns in sub-blocks of `inner` (a multiple of `prune_m`),
-    rank-1 updates inside a sub-block and one GEMM for the rest of the block (the reference's
-    arithmetic up to float rounding, lighter on memory), on a transposed copy."""
-    count = W1.shape[1]
+    """Reference `obs_sweep`, one layer or a batch: columns in sub-blocks of `inner` (a
+    multiple of `prune_m`), rank-1 updates inside a sub-block and one GEMM for the rest of
+    the block (the reference's arithmetic up to float rounding, lighter on memory), on a
+    transposed copy. A batch runs the same steps on every layer at once (batched products
+    in place of `addr_` / `addmm_`), so one Python loop over columns serves all E."""
+    if W1.dim() not in (2, 3) or Hinv1.shape != (*W1.shape[:-2], W1.shape[-1], W1.shape[-1]):
+        raise ValueError(
+            f"W1 must be [(E,) rows, count] and Hinv1 [(E,) count, count], got "
+            f"{tuple(W1.shape)} and {tuple(Hinv1.shape)}"
+        )
+    count, rows = W1.shape[-1], W1.shape[-2]
     dt = torch.float64 if torch.float64 in (W1.dtype, Hinv1.dtype) else torch.float32
     Hinv1 = Hinv1.to(dt)
-    WT = torch.empty(count, W1.shape[0], dtype=dt, device=W1.device)  # one column per row
-    WT.copy_(W1.t())
+    # one column per row of the state
+    WT = torch.empty(*W1.shape[:-2], count, rows, dtype=dt, device=W1.device)
+    WT.copy_(W1.transpose(-2, -1))
     QT = torch.empty_like(WT)
     ET = torch.empty_like(WT)
-    d = Hinv1.diagonal()
+    d = Hinv1.diagonal(dim1=-2, dim2=-1)
     nm = prune_n > 0
     if nm:
-        forcedT = None if keep1 is None else ~keep1.t()
+        forcedT = None if keep1 is None else ~keep1.transpose(-2, -1)
         pruneT = torch.zeros(WT.shape, dtype=torch.bool, device=WT.device)
         step = max(prune_m, (inner // prune_m) * prune_m)
     else:
         if keep1 is None:
             raise ValueError("keep1 is required for an unstructured or fixed-mask sweep")
-        pruneT = ~keep1.t()
+        pruneT = ~keep1.transpose(-2, -1)
         step = inner
     for j1 in range(0, count, step):
         j2 = min(j1 + step, count)
         for i in range(j1, j2):
             if nm and i % prune_m == 0:
-                g = WT[i : i + prune_m] ** 2 / d[i : i + prune_m, None] ** 2
-                if forcedT is None:
-                    pruneT[i : i + prune_m] = lowest_n_along_dim0(g, prune_n)
-                else:
-                    f = forcedT[i : i + prune_m]
-                    pruneT[i : i + prune_m] = lowest_n_along_dim0(g.masked_fill(f, -1), prune_n) | f
-            w = WT[i]
-            q = w.masked_fill(pruneT[i], 0)
-            err = (w - q) / d[i]
-            QT[i] = q
-            ET[i] = err
-            if i + 1 < j2:
-                WT[i + 1 : j2].addr_(Hinv1[i, i + 1 : j2], err, alpha=-1)
-        if j2 < count:
-            WT[j2:].addmm_(Hinv1[j1:j2, j2:].t(), ET[j1:j2], alpha=-1)
-    loss_rows = (ET * ET).sum(0) / 2
-    return ObsSweep(QT.t(), ET.t(), ~pruneT.t(), loss_rows)
-
-
-def torch_obs_sweep_batched(
-    W1: torch.Tensor,
-    Hinv1: torch.Tensor,
-    keep1: torch.Tensor | None,
-    prune_n: int = 0,
-    prune_m: int = 0,
-    inner: int = 16,
-) -> ObsSweep:
-    """`torch_obs_sweep` for a batch of independent layers at once (the experts of one MoE
-    projection): `W1 [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1 [E, rows, count]`;
-    every output gains the leading `E`. The same sub-blocked arithmetic, with batched
-    products in place of `addr_` / `addmm_`, so one Python loop serves all E layers."""
-    E, rows, count = W1.shape
-    dt = torch.float64 if torch.float64 in (W1.dtype, Hinv1.dtype) else torch.float32
-    Hinv1 = Hinv1.to(dt)
-    WT = W1.transpose(1, 2).to(dt, copy=True).contiguous()  # [E, count, rows]
-    QT = torch.empty_like(WT)
-    ET = torch.empty_like(WT)
-    d = Hinv1.diagonal(dim1=1, dim2=2)  # [E, count]
-    nm = prune_n > 0
-    if nm:
-        forcedT = None if keep1 is None else ~keep1.transpose(1, 2)
-        pruneT = torch.zeros(WT.shape, dtype=torch.bool, device=WT.device)
-        step = max(prune_m, (inner // prune_m) * prune_m)
-    else:
-        if keep1 is None:
-            raise ValueError("keep1 is required for an unstructured or fixed-mask sweep")
-        pruneT = ~keep1.transpose(1, 2)
-        step = inner
-    for j1 in range(0, count, step):
-        j2 = min(j1 + step, count)
-        for i in range(j1, j2):
-            if nm and i % prune_m == 0:
-                g = WT[:, i : i + prune_m] ** 2 / d[:, i : i + prune_m, None] ** 2
+                g = WT[..., i : i + prune_m, :] ** 2 / d[..., i : i + prune_m, None] ** 2
                 if forcedT is not None:
-                    f = forcedT[:, i : i + prune_m]
+                    f = forcedT[..., i : i + prune_m, :]
                     g = g.masked_fill(f, -1)
-                # [E, m, rows] -> [m, E * rows]: the groups of every layer ranked at once
-                low = lowest_n_along_dim0(g.transpose(0, 1).reshape(g.shape[1], -1), prune_n)
-                low = low.reshape(g.shape[1], E, rows).transpose(0, 1)
-                pruneT[:, i : i + prune_m] = low if forcedT is None else low | f
-            w = WT[:, i]
-            q = w.masked_fill(pruneT[:, i], 0)
-            err = (w - q) / d[:, i, None]
-            QT[:, i] = q
-            ET[:, i] = err
+                # [(E,) m, rows] -> [m, (E *) rows]: the groups of every layer ranked at once
+                gm = g.movedim(-2, 0)
+                low = lowest_n_along_dim0(gm.reshape(gm.shape[0], -1), prune_n)
+                low = low.reshape(gm.shape).movedim(0, -2)
+                pruneT[..., i : i + prune_m, :] = low if forcedT is None else low | f
+            w = WT[..., i, :]
+            q = w.masked_fill(pruneT[..., i, :], 0)
+            err = (w - q) / d[..., i, None]
+            QT[..., i, :] = q
+            ET[..., i, :] = err
             if i + 1 < j2:
-                WT[:, i + 1 : j2].baddbmm_(Hinv1[:, i, i + 1 : j2, None], err[:, None, :], alpha=-1)
+                _sub_outer(WT[..., i + 1 : j2, :], Hinv1[..., i, i + 1 : j2], err)
         if j2 < count:
-            WT[:, j2:].baddbmm_(Hinv1[:, j1:j2, j2:].transpose(1, 2), ET[:, j1:j2], alpha=-1)
-    loss_rows = (ET * ET).sum(1) / 2
-    return ObsSweep(QT.transpose(1, 2), ET.transpose(1, 2), ~pruneT.transpose(1, 2), loss_rows)
+            HT = Hinv1[..., j1:j2, j2:].transpose(-2, -1)
+            sub_matmul(WT[..., j2:, :], HT, ET[..., j1:j2, :])
+    loss_rows = (ET * ET).sum(-2) / 2
+    return ObsSweep(
+        QT.transpose(-2, -1), ET.transpose(-2, -1), ~pruneT.transpose(-2, -1), loss_rows
+    )
+
+
+def torch_obs_sweep_batched(*args, **kwargs) -> ObsSweep:
+    """Deprecated: `torch_obs_sweep` takes the batched form itself."""
+    warnings.warn(
+        "torch_obs_sweep_batched is deprecated; torch_obs_sweep takes W1 [E, rows, count]",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return torch_obs_sweep(*args, **kwargs)

@@ -1,4 +1,5 @@
-"""Layer-wise sparsity: uniform, or OWL's outlier-weighted allocation (Yin et al., 2023).
+"""Layer-wise sparsity: uniform, or OWL's outlier-weighted allocation (Yin et al., "Outlier
+Weighed Layerwise Sparsity (OWL)", ICML 2024, arXiv:2310.05175).
 
 OWL gives decoder blocks with more outliers a lower sparsity. One dense pass over the
 calibration activations (block by block, as the pruning pass) collects each linear's

@@ -13,8 +13,8 @@ import time
 from torch import nn
 
 from ..config import PruneConfig, make_config, options
-from ..methods import METHODS
-from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, SELECTORS
+from ..methods import METHODS, selectors
+from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
 from .arguments import PruneArgs, check_prune_args
 from .blockstore import BlockStore, ResidentBlocks, guarded, peak_host_memory
 from .distributed import Comm, active_world
@@ -135,7 +135,7 @@ def prune_model_doc() -> str:
         lines += _wrap(f"{name}: {meth.description}; {opts}", "    ")
     choices = ", ".join(repr(r) for r in RECONSTRUCT if r is not False)
     lines += _wrap(
-        f"A mask selector ({', '.join(SELECTORS)}) also takes refine "
+        f"A mask selector ({', '.join(selectors())}) also takes refine "
         f"({' | '.join(map(repr, REFINERS))}), refine_on ({' | '.join(map(repr, REFINE_ON))}), "
         f"max_swaps and reconstruct ({choices}): `fastprune.compose_layer` then solves each "
         "layer; sparseswaps takes reconstruct=True.",

@@ -11,8 +11,11 @@ import torch
 from ..core import wanda_score
 from ..result import PruneResult
 from ..validation import check_device, check_finite, compute_dtype
+from .registry import GRADIENT_OPTIONS, Method, Selection, register, solver_defaults
 from .selection import by_score
 from .skeleton import Problem, legacy_positional, run_solver, tensor_or_none_at
+
+NORMS = ("l1", "l2")  # how the per-sample gradients are accumulated into G
 
 
 def gblm_score(W: torch.Tensor, H: torch.Tensor, G: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -74,8 +77,7 @@ class GradientNormAccumulator:
     every gradient: l2 `sqrt(sum_s (scale*g_s)^2)` or l1 `sum_s |scale*g_s|` (scale 100)."""
 
     def __init__(self, shape, device=None, norm: str = "l2", scale: float = 100.0) -> None:
-        if norm not in ("l1", "l2"):
-            raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+        _check_norm(norm)
         self.norm, self.scale = norm, float(scale)
         self.acc = torch.zeros(shape, dtype=torch.float32, device=device)
         self.nsamples = 0
@@ -104,3 +106,37 @@ def gradient_norm(grads, norm: str = "l2", scale: float = 100.0) -> torch.Tensor
     if acc is None:
         raise ValueError("grads is empty: need at least one per-sample gradient")
     return acc.G
+
+
+def _check_norm(norm: object) -> None:
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+
+
+def _check_options(opts: dict) -> dict:
+    _check_norm(opts["norm"])
+    return opts
+
+
+def _select(W, H, sparsity, prune_n, prune_m, *, G, alpha, **_) -> PruneResult:
+    """A composition's mask: GBLM's (the selection hook)."""
+    return gblm_layer(W, H, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m, G=G, alpha=alpha)
+
+
+register(
+    Method(
+        "gblm",
+        gblm_layer,
+        "Wanda's score + alpha * |W| * gradient norm (GBLM-Pruner)",
+        {
+            **solver_defaults(gblm_layer, "alpha"),
+            **solver_defaults(gradient_norm, "norm", "scale"),
+            "gradients": None,
+        },
+        needs_gradients=True,
+        pipeline_options=GRADIENT_OPTIONS,
+        check=_check_options,
+        reads_diagonal=True,
+        select=Selection(_select, row_separable=lambda prune_n: True),  # per output row
+    )
+)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..result import PruneResult
+from .registry import Method, Selection, register
 from .selection import by_score
 from .skeleton import legacy_positional, run_solver
 
@@ -37,3 +38,20 @@ def magnitude_layer(
         by_score(lambda p: lambda r: p.W[r].abs(), per_row=False), needs_h=False,
         diagonal_h=True, inplace=inplace,
     )  # fmt: skip
+
+
+def _select(W, H, sparsity, prune_n, prune_m, **_) -> PruneResult:
+    """A composition's mask: magnitude's (the selection hook)."""
+    return magnitude_layer(W, H, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m)
+
+
+register(
+    Method(
+        "magnitude",
+        magnitude_layer,
+        "|W|; one threshold over the whole layer (no calibration)",
+        needs_hessian=False,
+        # unstructured, one threshold over the layer couples the rows; N:M is per group
+        select=Selection(_select, row_separable=lambda prune_n: prune_n > 0),
+    )
+)

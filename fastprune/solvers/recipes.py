@@ -2,16 +2,17 @@
 composed into one layer solve (`compose_layer`), and `fastprune_layer`, the composition that
 pruned the built-in model best (see docs/recipes.md).
 
-1. select: magnitude | wanda | gblm | sparsegpt | rose gives a mask and weights (SparseGPT and
-   ROSE update the kept weights; the score methods keep `W`).
+1. select: a registered mask selector (`registry.selectors()`: a method with a `Selection`
+   hook; built in: magnitude, Wanda, GBLM, SparseGPT, ROSE) gives a mask and weights
+   (SparseGPT and ROSE update the kept weights; the score methods keep `W`).
 2. refine="sparseswaps": optimal 1-swaps per row, warm-started from that mask, with the kept
    entries fixed at `refine_on`'s values: "original" (`W`: the loss of `W * mask`) or
    "reconstructed" (the selector's weights where its mask keeps, `W` where it prunes: the
    loss of the selector's own result, lowered swap by swap). The two coincide for the score
    methods.
 3. reconstruct=True: SparseGPT's OBS updates on the final mask from the original `W`
-   (`sparsegpt_layer(W, H, mask=...)`; in ROSE's column order, `rose_layer(W, H, mask=...)`,
-   when ROSE selected); "best" keeps whichever of the refined and the
+   (`sparsegpt_layer(W, H, mask=...)`, or the selector's own reconstruction hook: ROSE's runs
+   in its column order); "best" keeps whichever of the refined and the
    reconstructed weights has the lower layer loss `tr(D H D^T)`; "best_rows" chooses row by
    row by the loss `d H d^T` (both have the same mask, and the layer loss is the sum of the
    rows', so this is never above either). "lstsq" instead solves for the least-squares
@@ -19,11 +20,11 @@ pruned the built-in model best (see docs/recipes.md).
    over the kept entries, which SparseGPT's column-by-column OBS updates do not reach).
    The recipe is the selector's mask with "lstsq" (docs/recipes.md has the measurements).
 
-Every step treats each row on its own except the selection of magnitude (unstructured: one
-threshold), SparseGPT (unstructured: a threshold per block over all rows) and ROSE (its column
-order, from every row, which `rows=` takes from the whole layer): with an N:M pattern or a
-per-row selector, `compose_layer(..., rows=slice)` is exactly those rows of the whole solve,
-unless `reconstruct="best"` (chosen by the whole layer's loss).
+Every step treats each row on its own except a selection whose `row_separable` says no for
+the pattern (magnitude's and SparseGPT's unstructured thresholds over all rows, ROSE's column
+order from every row, which `rows=` takes from the whole layer): otherwise
+`compose_layer(..., rows=slice)` is exactly those rows of the whole solve, unless
+`reconstruct="best"` (chosen by the whole layer's loss).
 """
 
 from __future__ import annotations
@@ -38,35 +39,42 @@ from ..hessian import InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..result import PruneResult
 from ..validation import check_int, check_rows, check_weight
-from .gblm import gblm_layer
-from .magnitude import magnitude_layer
 from .refit import refit_masked
-from .rose import rose_layer
+from .registry import METHODS, Method, Selection, get_method, register, selectors, solver_defaults
 from .skeleton import legacy_positional, tensor_or_none_at
 from .sparsegpt import sparsegpt_layer
-from .sparseswaps import sparseswaps_layer
-from .wanda import wanda_layer
+from .sparseswaps import (
+    auto_max_swaps,
+    auto_swaps_layer_options,
+    check_max_swaps,
+    sparseswaps_layer,
+)
 
-SELECTORS = ("magnitude", "wanda", "gblm", "sparsegpt", "rose")
 REFINERS = ("sparseswaps",)
 REFINE_ON = ("original", "reconstructed")
 RECONSTRUCT = (False, True, "best", "best_rows", "lstsq")
+# the options that make a selector's method a composition (`composed`)
+COMPOSE_OPTIONS = ("refine", "refine_on", "reconstruct")
+
+
+def by_obs(reconstruct: object) -> bool:
+    """Whether `reconstruct` asks for an OBS reconstruction (all but False and "lstsq")."""
+    return bool(reconstruct) and reconstruct != "lstsq"
 
 
 def check_recipe(
     select: object, refine: object, refine_on: object, reconstruct: object
 ) -> tuple[str, str | None, str, bool | str]:
     """The composition's choices checked (errors name the argument)."""
-    if select not in SELECTORS:
-        raise ValueError(f"select must be one of {', '.join(SELECTORS)}; got {select!r}")
+    if select not in selectors():
+        raise ValueError(f"select must be one of {', '.join(selectors())}; got {select!r}")
     if refine is not None and refine not in REFINERS:
         raise ValueError(f"refine must be None or one of {', '.join(REFINERS)}; got {refine!r}")
     if refine_on not in REFINE_ON:
         raise ValueError(f"refine_on must be one of {', '.join(REFINE_ON)}; got {refine_on!r}")
     if not any(reconstruct is r or (isinstance(r, str) and reconstruct == r) for r in RECONSTRUCT):
-        raise ValueError(
-            f"reconstruct must be False, True, 'best', 'best_rows' or 'lstsq'; got {reconstruct!r}"
-        )
+        choices = ", ".join(map(repr, RECONSTRUCT))
+        raise ValueError(f"reconstruct must be one of {choices}; got {reconstruct!r}")
     return select, refine, refine_on, reconstruct
 
 
@@ -99,44 +107,45 @@ def compose_layer(
     rows: slice | None = None,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
-    (see the module docstring). `G` is GBLM's gradient norm (only for select="gblm"); `hinv`
-    an inverse of `H` from `fastprune.inverse_hessian(H, percdamp)` that the SparseGPT
-    selection and the reconstruction reuse. `rows`: solve only these rows of `W` (and `G`),
-    ROSE with the whole layer's column order. `info`: the selector's loss
-    (`loss_selected`), the refinement's counters, which weights were kept (`result`:
-    the selector's, "refined", "reconstructed" or, for "best_rows", "per row" with
+    (see the module docstring). `G`: the gradient norm, for a selector that needs gradients
+    (GBLM) and only for it; `hinv` an inverse of `H` from `fastprune.inverse_hessian(H,
+    percdamp)` that the SparseGPT selection and the reconstruction reuse. `rows`: solve only
+    these rows of `W` (and `G`), ROSE with the whole layer's column order. `info`: the
+    selector's loss (`loss_selected`), the refinement's counters, which weights were kept
+    (`result`: the selector's, "refined", "reconstructed" or, for "best_rows", "per row" with
     `rows_reconstructed`) and `recipe`."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
+    meth = get_method(select)
+    spec = meth.select
     refit_iters = check_int(refit_iters, "refit_iters", minimum=0)
     W = check_weight(W)
-    whole = W
+    whole, whole_G = W, G
     if check_rows(rows) is not None:
         W = W[rows]
         G = None if G is None else G[rows]
-    if H is None and (select != "magnitude" or refine or reconstruct):
+    if H is None and (meth.needs_hessian or refine or reconstruct):
         raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
-    if (G is not None) != (select == "gblm"):
-        raise ValueError("G is needed for select='gblm' and only for it")
+    if (G is not None) != meth.needs_gradients:
+        takes = " or ".join(repr(k) for k in selectors() if METHODS[k].needs_gradients)
+        raise ValueError(f"G is needed for select={takes or None} and only for it")
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
-    if select == "magnitude":
-        sel = magnitude_layer(W, H, **pat)
-    elif select == "wanda":
-        sel = wanda_layer(W, H, **pat)
-    elif select == "gblm":
-        sel = gblm_layer(W, H, **pat, G=G, alpha=alpha)
-    elif select == "sparsegpt":
-        sel = sparsegpt_layer(W, H, **pat, **obs, hinv=hinv)
-    else:
-        sel = rose_layer(whole, H, **pat, **obs, range_threshold=range_threshold, rows=rows)
-    info = dict(sel.info)
+    context = {**pat, **obs, "range_threshold": range_threshold, "alpha": alpha, "hinv": hinv}
+
+    def hook(fn, **extra) -> PruneResult:  # the selector's rows, or the layer and `rows`
+        if spec.takes_rows:
+            return fn(whole, H, G=whole_G, rows=rows, **context, **extra)
+        return fn(W, H, G=G, rows=None, **context, **extra)
+
+    sel = hook(spec.run)
+    info = {"kernels": {}, **sel.info}  # a selector that runs no kernel may not say so
     recipe = {"select": select, "refine": refine, "refine_on": refine_on}
     info.update(recipe=recipe | {"reconstruct": reconstruct}, loss_selected=sel.loss)
     weight, mask, loss, result = sel.weight, sel.mask, sel.loss, select
     if refine is not None:
         values = None
-        if refine_on == "reconstructed" and select in ("sparsegpt", "rose"):
+        if refine_on == "reconstructed" and spec.obs_weights:
             values = torch.where(sel.mask, sel.weight, W)
         ref = sparseswaps_layer(
             W, H, prune_n=prune_n, prune_m=prune_m, mask=sel.mask, max_swaps=max_swaps,
@@ -146,14 +155,11 @@ def compose_layer(
         for k in ("swaps", "steps", "converged", "max_swaps", "loss_before", "loss_after"):
             info[f"refine_{k}"] = ref.info[k]
         merge_kernel_info(info, ref.info)
-    # SparseGPT's and ROSE's own weights are already the OBS reconstruction on their mask;
-    # "lstsq" solves for the optimum itself (an OBS start converges no faster)
-    obs_rec = reconstruct and reconstruct != "lstsq"
-    if obs_rec and (refine is not None or select not in ("sparsegpt", "rose")):
-        if select == "rose":  # OBS updates in ROSE's column order, as the selection ran
-            rec = rose_layer(
-                whole, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask
-            )
+    # an OBS selector's own weights are already the reconstruction on its mask; "lstsq" solves
+    # for the optimum itself (an OBS start converges no faster)
+    if by_obs(reconstruct) and (refine is not None or not spec.obs_weights):
+        if spec.reconstruct is not None:  # the selector's own (ROSE: in its column order)
+            rec = hook(spec.reconstruct, mask=mask)
         else:
             rec = sparsegpt_layer(
                 W, H, mask=mask, prune_n=prune_n, prune_m=prune_m, **obs, hinv=hinv
@@ -203,7 +209,8 @@ RECIPE_MAX_SWAPS_BY_PATTERN = {"2:4": 4}
 # the recipe's composition (`method="fastprune"` in the pipeline) and `fastprune_layer`'s
 # defaults: the selector's mask (ROSE for N:M, SparseGPT unstructured) with the least-squares
 # weights on it. Swaps before the refit gained nothing on the texts the calibration never saw
-# and cost 20-75% more time (docs/recipes.md), so the recipe does not refine by default.
+# and cost time (docs/recipes.md has the measurements), so the recipe does not refine by
+# default.
 RECIPE = {
     "select": "auto",
     "refine": None,
@@ -263,3 +270,117 @@ def recipe_selector(prune_n: int) -> str:
     """The recipe's `select="auto"`: ROSE for N:M (it reorders the groups there), SparseGPT
     unstructured; docs/recipes.md has the measurements that chose them."""
     return "rose" if prune_n else "sparsegpt"
+
+
+# --------------------------------------------------------------- compositions as methods
+
+
+def _selection(select: str, prune_n: int) -> Selection:
+    """The selection hook of `select` ("auto": the recipe's selector for the pattern)."""
+    return get_method(recipe_selector(prune_n) if select == "auto" else select).select
+
+
+def _reads_inverse(spec: Selection) -> bool:
+    """Whether a composition selecting with `spec` reads the shared inverse of H: all but
+    those whose selection and reconstruction factor their own H (ROSE's permuted one)."""
+    return spec.reads_inverse or spec.reconstruct is None
+
+
+def _separable(spec: Selection, prune_n: int, opts) -> bool:
+    """A composition's `row_separable`: its selection's, unless "best" compares the layer."""
+    return spec.row_separable(prune_n) and opts.get("reconstruct") != "best"
+
+
+def _check_steps(opts: dict) -> dict:
+    opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
+    return check_max_swaps(opts)
+
+
+def composed(base: Method, options) -> Method:
+    """`base` (a mask selector: a method with a `select` hook) with a refinement and/or a
+    reconstruction (`compose_layer`), when `options` ask for one; else `base`. Named after
+    its parts, e.g. "wanda+sparseswaps+reconstruct"."""
+    if base.select is None or not any(k in options for k in COMPOSE_OPTIONS):
+        return base
+    refine, reconstruct = options.get("refine"), options.get("reconstruct", False)
+    name = base.name + (f"+{refine}" if refine else "")
+    name += "" if not reconstruct else "+reconstruct" if reconstruct is True else f"+{reconstruct}"
+    extra = {
+        **solver_defaults(compose_layer, *COMPOSE_OPTIONS),
+        "max_swaps": "auto",
+        **solver_defaults(compose_layer, "refit_iters", "percdamp", "backend"),
+    }
+    opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
+    takes = inspect.signature(compose_layer).parameters
+    stray = [k for k in base.solver_options if k not in takes]
+    if stray:
+        raise TypeError(f"{base.name}'s option {stray[0]} does not reach compose_layer's selection")
+
+    def check(o: dict) -> dict:
+        o = base.check(o) if base.check is not None else o
+        check_recipe(base.name, o["refine"], o["refine_on"], o["reconstruct"])
+        return _check_steps(o)
+
+    def solver(W, H, sparsity, prune_n, prune_m, **kw):
+        return compose_layer(W, H, sparsity, prune_n, prune_m, select=base.name, **kw)
+
+    return Method(
+        name,
+        solver,
+        f"{base.name}'s mask, refined/reconstructed (fastprune.compose_layer)",
+        opts,
+        needs_hessian=True,
+        needs_gradients=base.needs_gradients,
+        # the inverse serves an OBS selection that reads it (SparseGPT's) and the natural-order
+        # OBS reconstruction ("lstsq" solves with H, not its inverse)
+        shares_inverse=base.select.reads_inverse or by_obs(reconstruct),
+        uses_inverse=lambda n, o: _reads_inverse(base.select),
+        pipeline_options=base.pipeline_options,
+        check=check,
+        layer_options=auto_swaps_layer_options,
+        row_separable=lambda n, o: _separable(base.select, n, o),
+        takes_rows=True,
+    )
+
+
+def _check_options(opts: dict) -> dict:
+    select = recipe_selector(0) if opts["select"] == "auto" else opts["select"]
+    check_recipe(select, opts["refine"], opts["refine_on"], opts["reconstruct"])
+    if get_method(select).needs_gradients:
+        raise ValueError(
+            f"select={select!r} needs gradients: use method={select!r} with refine=/reconstruct= "
+            "instead"
+        )
+    return _check_steps(opts)
+
+
+def _layer_options(W: torch.Tensor, prune_n: int, prune_m: int, kw: dict) -> dict:
+    """fastprune's "auto": the SparseSwaps budget, capped at the recipe's step count for the
+    pattern (`recipe_max_swaps`)."""
+    if kw["max_swaps"] == "auto":
+        cap = recipe_max_swaps(prune_n, prune_m)
+        steps = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
+        kw["max_swaps"] = cap if steps is None else min(steps, cap)
+    return kw
+
+
+register(
+    Method(
+        "fastprune",
+        fastprune_layer,
+        "fastprune's recipe: SparseGPT's mask (ROSE's for N:M) with the least-squares "
+        "weights on it (see docs/recipes.md)",
+        {
+            **RECIPE_DEFAULTS,
+            **solver_defaults(
+                compose_layer, "refit_iters", "blocksize", "percdamp", "range_threshold", "backend"
+            ),
+        },
+        shares_inverse=True,
+        uses_inverse=lambda n, o: _reads_inverse(_selection(o["select"], n)),
+        check=_check_options,
+        layer_options=_layer_options,
+        row_separable=lambda n, o: _separable(_selection(o["select"], n), n, o),
+        takes_rows=True,
+    )
+)

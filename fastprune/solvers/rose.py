@@ -21,6 +21,7 @@ from ..masks import pattern_name, pruned_fraction
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
+from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,
     Problem,
@@ -199,3 +200,45 @@ def rose_layer(
         "rose", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=ROSE_OPS,
         inplace=inplace, check=check,
     )  # fmt: skip
+
+
+def _select(
+    W,
+    H,
+    sparsity,
+    prune_n,
+    prune_m,
+    *,
+    blocksize,
+    percdamp,
+    backend,
+    range_threshold,
+    rows,
+    mask=None,
+    **_,
+) -> PruneResult:
+    """A composition's mask and weights: ROSE's, `rows` in the whole layer's column order;
+    with `mask`, the OBS reconstruction on it in ROSE's column order (the hooks)."""
+    pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
+    obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
+    return rose_layer(W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask)
+
+
+register(
+    Method(
+        "rose",
+        rose_layer,
+        "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
+        solver_defaults(rose_layer, "blocksize", "percdamp", "range_threshold", "backend"),
+        takes_rows=True,
+        # N:M: per group, with the whole layer's column order (which `rows=` keeps);
+        # unstructured, SparseGPT's per-block threshold over all rows couples them
+        select=Selection(
+            _select,
+            row_separable=lambda prune_n: prune_n > 0,
+            takes_rows=True,
+            obs_weights=True,
+            reconstruct=_select,
+        ),  # fmt: skip
+    )
+)

@@ -1,12 +1,13 @@
 """The skeleton every layer solver runs in, so that each solver module holds only its algorithm.
 
-`run_solver` owns what they share: the clock, the common argument checks (W, H, sparsity,
-pattern, backend, in-place), the exact power-of-two rescaling of a layer whose W or H lies
-outside the solve's range (the algorithm runs once, on the rescaled copies; see
-`core.problem_scales`), the `Kernels` that run the ops, the result's base `info` and its
-finishing (loss and weights scaled back, dtype cast, in-place write, achieved sparsity,
-seconds). `legacy_positional` keeps calls in an older argument order working, with a
-`DeprecationWarning`.
+`run_solver` (one layer) and `run_batch_solver` (same-shaped layers solved together, the
+experts of one MoE projection) own what they share: the clock, the common argument checks
+(W, H, sparsity, pattern, backend, in-place), the exact power-of-two rescaling of a layer
+whose W or H lies outside the solve's range (the algorithm runs once, on the rescaled
+copies; see `core.problem_scales`), the `Kernels` that run the ops and record what ran, the
+result's base `info` and its finishing (loss and weights scaled back, dtype cast, in-place
+write, achieved sparsity, seconds). `legacy_positional` keeps calls in an older argument
+order working, with a `DeprecationWarning`.
 """
 
 from __future__ import annotations
@@ -121,6 +122,60 @@ def check_given_mask(
         raise ValueError(f"mask does not follow the {n}:{m} pattern given by prune_n/prune_m")
 
 
+def _checked(W, H, sparsity, prune_n, prune_m, needs_h, diagonal_h, backend, inplace, check):
+    """The common argument checks of one layer (and the method's own `check(W, H)`);
+    returns `(W, H, sparsity, n, m)` normalised."""
+    W = check_weight(W)
+    check_inplace(inplace, W)
+    if diagonal_h and isinstance(H, torch.Tensor) and H.dim() == 1:
+        H = check_hessian_diagonal(H, W.shape[1], W.device)
+    elif needs_h or H is not None:
+        H = check_hessian(H, W.shape[1], W.device)
+    s = check_sparsity(sparsity)
+    n, m = check_pattern(prune_n, prune_m, W.shape[1])
+    if backend is not None:
+        check_backend(backend)
+    if check is not None:
+        check(W, H)
+    return W, H, s, n, m
+
+
+def _problem(method, W, H, s, n, m, dtype, kernels) -> Problem:
+    """The layer as its algorithm sees it, rescaled exactly where W or H is out of range."""
+    scales = problem_scales(W, H)
+    ew, eh = scales or (0, 0)
+    Ws = W if scales is None else scale_pow2(W.to(dtype, copy=True), -ew)
+    Hs = H if scales is None or H is None else scale_pow2(H.to(dtype, copy=True), -eh)
+    info = base_info(method, W, s, n, m, kernels.backend if kernels else "torch", dtype)
+    return Problem(Ws, Hs, s, n, m, dtype, kernels, info, ew, eh)
+
+
+def _finished(W: torch.Tensor, p: Problem, out: Outcome, t0: float, inplace: bool) -> PruneResult:
+    """`out` of problem `p` as the `PruneResult` for the `W` given: what ran, then the
+    weights, loss and losses in `info` scaled back (an overflow of W's dtype is an error)."""
+    info = p.info
+    if p.kernels is not None:
+        merge_kernel_info(info, p.kernels.info())  # with what nested solves already added
+    like = W if out.rows is None else W[out.rows]  # the weights the result stands for
+    ew, eh = p.ew, p.eh
+    if ew == 0 and eh == 0:  # solved as given (`problem_scales` never asks for 2^0, 2^0)
+        return finish(like, out.weight, out.keep, out.loss, info, t0, inplace)
+    weight = scale_pow2(out.weight.to(p.dtype), ew).to(W.dtype)
+    if not torch.isfinite(weight).all():
+        raise ValueError(
+            f"W: the pruned weight overflows {W.dtype} when scaled back (the updates grew "
+            f"weights beyond its range; max|W| = {W.abs().amax().item():g})"
+        )
+    loss = None if out.loss is None else _unscale_loss(out.loss, ew, eh)
+    for key in LOSS_INFO_KEYS:
+        if info.get(key) is not None:
+            info[key] = _unscale_loss(info[key], ew, eh)
+    if "damp" in info:
+        info["damp"] = math.ldexp(info["damp"], eh)
+    info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
+    return finish(like, weight, out.keep, loss, info, t0, inplace)
+
+
 def run_solver(
     method: str,
     W: torch.Tensor,
@@ -145,46 +200,53 @@ def run_solver(
     (none when `ops` is empty). `H` is checked when `needs_h` or given; with `diagonal_h`
     (a solver that reads only diag(H)) it may be that diagonal alone, `[cols]`."""
     t0 = time.perf_counter()
-    W = check_weight(W)
-    check_inplace(inplace, W)
-    if diagonal_h and isinstance(H, torch.Tensor) and H.dim() == 1:
-        H = check_hessian_diagonal(H, W.shape[1], W.device)
-    elif needs_h or H is not None:
-        H = check_hessian(H, W.shape[1], W.device)
-    s = check_sparsity(sparsity)
-    n, m = check_pattern(prune_n, prune_m, W.shape[1])
-    if backend is not None:
-        check_backend(backend)
-    if check is not None:
-        check(W, H)
-    dtype = compute_dtype(W, H)
-    scales = problem_scales(W, H)
-    ew, eh = scales or (0, 0)
-    Ws = W if scales is None else scale_pow2(W.to(dtype, copy=True), -ew)
-    Hs = H if scales is None or H is None else scale_pow2(H.to(dtype, copy=True), -eh)
+    W, H, s, n, m = _checked(
+        W, H, sparsity, prune_n, prune_m, needs_h, diagonal_h, backend, inplace, check
+    )
     kernels = Kernels(backend or "torch", W.device, tuple(ops)) if ops else None
-    info = base_info(method, W, s, n, m, kernels.backend if kernels else "torch", dtype)
-    p = Problem(Ws, Hs, s, n, m, dtype, kernels, info, ew, eh)
-    out = algorithm(p)
-    if kernels is not None:
-        merge_kernel_info(info, kernels.info())  # with what nested solves already added
-    like = W if out.rows is None else W[out.rows]  # the weights the result stands for
-    if scales is None:
-        return finish(like, out.weight, out.keep, out.loss, info, t0, inplace)
-    weight = scale_pow2(out.weight.to(dtype), ew).to(W.dtype)
-    if not torch.isfinite(weight).all():
+    p = _problem(method, W, H, s, n, m, compute_dtype(W, H), kernels)
+    return _finished(W, p, algorithm(p), t0, inplace)
+
+
+def run_batch_solver(
+    method: str,
+    W: torch.Tensor,
+    H: Sequence[torch.Tensor],
+    sparsity: float,
+    prune_n: int,
+    prune_m: int,
+    algorithm: Callable[[list[Problem]], list[Outcome]],
+    *,
+    backend: str | None = None,
+    ops: Sequence[str] = (),
+    check: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
+) -> list[PruneResult]:
+    """`run_solver` for a batch of same-shaped layers `W [E, rows, cols]`, each with its own
+    `H[e]`: every layer checked and rescaled as `run_solver` does, one `Kernels` for all (the
+    algorithm calls the ops' batched forms), `algorithm` run once on the list of the layers'
+    `Problem`s (one compute dtype for all), and each `Outcome` finished into that layer's
+    result. Each result's `seconds` is its share of the batch's time."""
+    t0 = time.perf_counter()
+    if not isinstance(W, torch.Tensor) or W.dim() != 3 or len(H) != W.shape[0]:
+        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
         raise ValueError(
-            f"W: the pruned weight overflows {W.dtype} when scaled back (the updates grew "
-            f"weights beyond its range; max|W| = {W.abs().amax().item():g})"
+            f"W must be [E, rows, cols] and H E [cols, cols] Hessians, got {shape} and {len(H)}"
         )
-    loss = None if out.loss is None else _unscale_loss(out.loss, ew, eh)
-    for key in LOSS_INFO_KEYS:
-        if info.get(key) is not None:
-            info[key] = _unscale_loss(info[key], ew, eh)
-    if "damp" in info:
-        info["damp"] = math.ldexp(info["damp"], eh)
-    info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
-    return finish(like, weight, out.keep, loss, info, t0, inplace)
+    checked = [
+        _checked(W[e], H[e], sparsity, prune_n, prune_m, True, False, backend, False, check)
+        for e in range(W.shape[0])
+    ]
+    dtype = compute_dtype(W, *(h for _, h, *_ in checked))
+    kernels = Kernels(backend or "torch", W.device, tuple(ops)) if ops else None
+    problems = [_problem(method, *c, dtype, kernels) for c in checked]
+    outcomes = algorithm(problems) if problems else []
+    share = (time.perf_counter() - t0) / max(1, len(problems))
+    results = []
+    for (We, *_), p, out in zip(checked, problems, outcomes):
+        r = _finished(We, p, out, time.perf_counter(), False)
+        r.info["seconds"] = share
+        results.append(r)
+    return results
 
 
 def _unscale_loss(loss: float, ew: int, eh: int) -> float:

@@ -9,6 +9,7 @@ from ..hessian import InverseHessian
 from ..masks import pruned_fraction
 from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
+from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,
     Problem,
@@ -80,3 +81,40 @@ def sparsegpt_layer(
         "sparsegpt", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=OBS_OPS,
         inplace=inplace, check=check,
     )  # fmt: skip
+
+
+def _select(
+    W, H, sparsity, prune_n, prune_m, *, blocksize, percdamp, backend, hinv, **_
+) -> PruneResult:
+    """A composition's mask and weights: SparseGPT's, with the shared inverse (the hook)."""
+    pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
+    return sparsegpt_layer(
+        W, H, **pat, blocksize=blocksize, percdamp=percdamp, backend=backend, hinv=hinv
+    )
+
+
+def _experts(W, H, sparsity, prune_n, prune_m, **options) -> list[PruneResult]:
+    """The batch solver, `sparsegpt_batched.sparsegpt_experts` (imported when first called:
+    that module builds on this one)."""
+    from .sparsegpt_batched import sparsegpt_experts
+
+    return sparsegpt_experts(W, H, sparsity, prune_n, prune_m, **options)
+
+
+register(
+    Method(
+        "sparsegpt",
+        sparsegpt_layer,
+        "OBS pruning with weight updates (IST-DASLab SparseGPT)",
+        solver_defaults(sparsegpt_layer, "blocksize", "percdamp", "backend"),
+        shares_inverse=True,
+        batch_solver=_experts,
+        # unstructured, each block's threshold is over all rows; N:M is per group
+        select=Selection(
+            _select,
+            row_separable=lambda prune_n: prune_n > 0,
+            obs_weights=True,
+            reads_inverse=True,
+        ),  # fmt: skip
+    )
+)

@@ -1,18 +1,18 @@
 """SparseGPT for a batch of same-shaped layers at once (the experts of one MoE projection):
-one batched damping, Cholesky factorisation and triangular inverse, then one OBS block loop
-whose mask selection, in-block sweep and trailing GEMMs each cover every layer. Each result
-equals `sparsegpt_layer(W[e], H[e], ...)` with the torch kernels, up to float rounding.
+one batched damping, Cholesky factorisation and triangular inverse, then the one OBS block
+loop (`obs_prune`) over the batch, whose mask selection, in-block sweep and trailing GEMMs
+each cover every layer. Each result equals `sparsegpt_layer(W[e], H[e], ...)` up to float
+rounding.
 """
 
 from __future__ import annotations
 
-import time
 import weakref
 from collections.abc import Sequence
 
 import torch
 
-from ..core import base_info, check_obs_args, finish, problem_scales
+from ..core import check_obs_options
 from ..hessian import (
     H_RANGE,
     InverseHessian,
@@ -20,13 +20,9 @@ from ..hessian import (
     inverse_hessian,
     upper_triangular_inverse,
 )
-from ..masks import threshold_prune_mask
-from ..obs import block_bounds, nm_blocksize, obs_loss_info
-from ..ops import BackendUnavailableError
-from ..ops.obs_sweep import torch_obs_sweep_batched
+from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
-from ..validation import compute_dtype
-from .sparsegpt import sparsegpt_layer
+from .skeleton import Outcome, Problem, run_batch_solver, unpruned
 
 
 @torch.no_grad()
@@ -70,26 +66,6 @@ def inverse_hessians(
     return out
 
 
-def _batched_sweep(backend: str, device: torch.device):
-    """(the batched `obs_sweep` for `backend` on `device`, the name of what runs)."""
-    if backend == "cuda":
-        raise ValueError("backend='cuda' has no batched obs_sweep; use 'auto', 'triton' or 'torch'")
-    if backend == "triton" or (backend == "auto" and device.type == "cuda"):
-        try:
-            from ..triton_kernels.obs_sweep import triton_obs_sweep_batched
-        except ImportError as e:
-            if backend == "triton":
-                raise BackendUnavailableError(f"backend='triton' needs triton: {e}") from e
-        else:
-            return triton_obs_sweep_batched, "triton"
-    return torch_obs_sweep_batched, "torch"
-
-
-def _block_keep(W1: torch.Tensor, hdiag: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """`block_prune_mask` for every layer of `W1 [E, rows, count]` (each its own threshold)."""
-    return ~threshold_prune_mask(W1**2 / hdiag[:, None, :] ** 2, sparsity, start_dim=1)
-
-
 @torch.no_grad()
 def sparsegpt_experts(
     W: torch.Tensor,
@@ -105,76 +81,60 @@ def sparsegpt_experts(
 ) -> list[PruneResult]:
     """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H` (`[E, cols, cols]`, or E
     `[cols, cols]` tensors, not stacked again: the pipeline passes its accumulators'), solved
-    together on W's device: the in-block sweep of every layer in one launch of Triton's
-    `obs_sweep` (`backend` "triton", or "auto" on a GPU), else torch's batched sweep ("torch",
-    or "auto" on CPU). `hinvs`: one inverse per layer, as
-    `inverse_hessians(H, percdamp)` gives (computed here if None). A layer whose weights or
-    Hessian need the solver's exact power-of-two rescaling is solved alone by
-    `sparsegpt_layer`. Each result's `seconds` is its share of the batch's time."""
-    t0 = time.perf_counter()
+    together on W's device in the solver skeleton (`run_batch_solver`: each layer checked and
+    rescaled as alone) by the one OBS block loop (`obs_prune`) over the batch, with the ops'
+    batched forms on the backend dispatch picks (on a GPU the fused sweep launched over the
+    layers, on CPU torch's batched sweep). `hinvs`: one inverse per layer, as
+    `inverse_hessians(H, percdamp)` gives (computed here if None)."""
     Hs = list(H) if isinstance(H, torch.Tensor) and H.dim() == 3 else H
     if W.dim() != 3 or not isinstance(Hs, Sequence) or len(Hs) != W.shape[0]:
         got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
         raise ValueError(
             f"W must be [E, rows, cols] and H [E, cols, cols], got {tuple(W.shape)} and {got}"
         )
-    E = W.shape[0]
-    for e in range(E):  # every layer's weights and Hessian checked as the solver checks them
-        _, _, sparsity, n, m, blocksize, percdamp = check_obs_args(
-            W[e], Hs[e], sparsity, prune_n, prune_m, blocksize, percdamp, backend
-        )
-    sweep, kernel = _batched_sweep(backend, W.device)
-    results: list[PruneResult | None] = [None] * E
-    alone = [e for e in range(E) if problem_scales(W[e], Hs[e]) is not None]
-    for e in alone:
-        hinv = None if hinvs is None else hinvs[e]
-        results[e] = sparsegpt_layer(
-            W[e], Hs[e], sparsity, n, m, blocksize=blocksize, percdamp=percdamp,
-            backend=backend, hinv=hinv,
-        )  # fmt: skip
-    batch = [e for e in range(E) if e not in alone]
-    if batch and (n or sparsity > 0.0):
-        dtype = compute_dtype(W, *Hs)
-        idx = torch.tensor(batch, device=W.device)
+    if hinvs is not None and len(hinvs) != W.shape[0]:
+        raise ValueError(f"hinvs must hold one inverse per layer ({W.shape[0]}), got {len(hinvs)}")
+
+    def check(W1: torch.Tensor, H1: torch.Tensor | None) -> None:
+        nonlocal blocksize, percdamp
+        blocksize, percdamp = check_obs_options(blocksize, percdamp)
+
+    def solve(problems: list[Problem]) -> list[Outcome]:
+        p0 = problems[0]
+        bsz = nm_blocksize(blocksize, p0.m)
+        for p in problems:
+            p.info.update(blocksize=bsz, percdamp=percdamp, batched=len(problems))
+        if p0.n == 0 and p0.sparsity == 0.0:
+            return [unpruned(p) for p in problems]
         if hinvs is None:
-            invs = inverse_hessians([Hs[e] for e in batch], percdamp, dtype)
+            invs = inverse_hessians([p.H for p in problems], percdamp, p0.dtype)
         else:
-            invs = [hinvs[e] for e in batch]
-            for e, inv in zip(batch, invs):
-                check_inverse_of(inv, Hs[e], f"hinvs[{e}]")
-        U = torch.stack([i.hinv.to(dtype) for i in invs])
-        dead = torch.stack([i.dead for i in invs])
-        Wc = W.index_select(0, idx).to(dtype, copy=True)
+            invs = [_given_inverse(p, hinv, e) for e, (p, hinv) in enumerate(zip(problems, hinvs))]
+        U = torch.stack([inv.hinv.to(p0.dtype) for inv in invs])
+        dead = torch.stack([inv.dead for inv in invs])
+        Wc = torch.stack([p.W.to(p0.dtype) for p in problems])
         Wc.masked_fill_(dead[:, None, :], 0)
-        bsz = nm_blocksize(blocksize, m)
-        keep = torch.ones(Wc.shape, dtype=torch.bool, device=W.device)
-        losses = torch.zeros(Wc.shape[:2], dtype=dtype, device=W.device)
-        hdiag = U.diagonal(dim1=1, dim2=2)
-        for i1, i2 in block_bounds(W.shape[2], bsz):
-            W1 = Wc[:, :, i1:i2]
-            keep1 = None if n else _block_keep(W1, hdiag[:, i1:i2], sparsity)
-            Q1, Err1, keep1, loss1 = sweep(W1, U[:, i1:i2, i1:i2], keep1, n, m)
-            Wc[:, :, i1:i2] = Q1
-            keep[:, :, i1:i2] = keep1
-            losses += loss1
-            if i2 < W.shape[2]:
-                Wc[:, :, i2:].baddbmm_(Err1, U[:, i1:i2, i2:], alpha=-1)
-        share = (time.perf_counter() - t0) / len(batch)
-        for j, e in enumerate(batch):
-            info = base_info("sparsegpt", W[e], sparsity, n, m, kernel, dtype)
-            info.update(blocksize=bsz, percdamp=percdamp, batched=len(batch))
-            info.update(invs[j].as_info())
-            info["kernels"] = {"block_prune_mask": "torch", "obs_sweep": f"{kernel} (batched)"}
-            if n:
-                del info["kernels"]["block_prune_mask"]
-            loss = obs_loss_info(W[e], Wc[j], Hs[e], invs[j], losses[j], info)
-            r = finish(W[e], Wc[j], keep[j], loss, info, time.perf_counter(), False)
-            r.info["seconds"] = share
-            results[e] = r
-    for e in range(E):  # sparsity 0, nothing batched: the solver's own rule
-        if results[e] is None:
-            results[e] = sparsegpt_layer(
-                W[e], Hs[e], sparsity, n, m, blocksize=blocksize, percdamp=percdamp,
-                backend=backend,
-            )  # fmt: skip
-    return results  # type: ignore[return-value]
+        bounds = block_bounds(Wc.shape[-1], bsz)
+        Q, keep, losses = obs_prune(Wc, U, bounds, p0.sparsity, p0.n, p0.m, p0.kernels)
+        outcomes = []
+        for p, inv, q, k, loss in zip(problems, invs, Q, keep, losses):
+            p.info.update(inv.as_info())
+            outcomes.append(Outcome(q, k, obs_loss_info(p.W, q, p.H, inv, loss, p.info)))
+        return outcomes
+
+    return run_batch_solver(
+        "sparsegpt", W, Hs, sparsity, prune_n, prune_m, solve, backend=backend, ops=OBS_OPS,
+        check=check,
+    )  # fmt: skip
+
+
+def _given_inverse(p: Problem, hinv: InverseHessian, e: int) -> InverseHessian:
+    """`hinvs[e]`, the inverse of layer e's H as given, checked and on the problem's scale."""
+    inv = p.inverse(hinv)
+    if inv.hinv.shape != p.H.shape or inv.hinv.device != p.H.device:
+        raise ValueError(
+            f"hinvs[{e}] is {tuple(inv.hinv.shape)} on {inv.hinv.device}, "
+            f"H is {tuple(p.H.shape)} on {p.H.device}"
+        )
+    check_inverse_of(inv, p.H, f"hinvs[{e}]")
+    return inv

@@ -23,6 +23,7 @@ from ..validation import (
     check_int,
     check_weight,
 )
+from .registry import Method, register, solver_defaults
 from .skeleton import (
     Outcome,
     Problem,
@@ -195,3 +196,61 @@ def sparseswaps_layer(
         "sparseswaps", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=SWAP_OPS,
         check=check,
     )  # fmt: skip
+
+
+# max_swaps="auto": as many steps as fit in a budget of pair evaluations per layer (a step
+# evaluates rows x cols x cols pairs, N:M rows x cols x M), at least 1 and at most
+# MAX_AUTO_SWAPS; each budget bounds a layer's swaps to a short time at the pair rates
+# measured on CPU and GPU (benchmarks/bench_swap_search.py; docs/semantics.md has the rates
+# and the times they give). Steps also end as soon as no row improves.
+CPU_SWAP_PAIR_BUDGET = 3e8
+GPU_SWAP_PAIR_BUDGET = 5e12
+MAX_AUTO_SWAPS = 100
+
+
+def auto_max_swaps(rows: int, cols: int, prune_m: int, device: torch.device) -> int | None:
+    """The step budget of `max_swaps="auto"` for a layer on `device` (None: unbounded)."""
+    if device.type not in ("cpu", "cuda"):
+        return None
+    budget = CPU_SWAP_PAIR_BUDGET if device.type == "cpu" else GPU_SWAP_PAIR_BUDGET
+    pairs = rows * cols * (prune_m if prune_m else cols)
+    return int(min(MAX_AUTO_SWAPS, max(1, budget // pairs)))
+
+
+def check_max_swaps(opts: dict) -> dict:
+    """`opts` with `max_swaps` checked: "auto", None or an int >= 0."""
+    if opts["max_swaps"] not in ("auto", None):
+        opts["max_swaps"] = check_int(opts["max_swaps"], "max_swaps", minimum=0)
+    return opts
+
+
+def auto_swaps_layer_options(W: torch.Tensor, prune_n: int, prune_m: int, kw: dict) -> dict:
+    """A method's per-layer options with `max_swaps="auto"` resolved (`auto_max_swaps`)."""
+    if kw["max_swaps"] == "auto":
+        kw["max_swaps"] = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
+    return kw
+
+
+def _check_options(opts: dict) -> dict:
+    if opts["reconstruct"] not in (True, False):  # "best" is a composition's choice
+        raise ValueError(
+            f"reconstruct for method 'sparseswaps' is True or False, got {opts['reconstruct']!r}"
+            " (reconstruct='best' is for a mask selector with refine='sparseswaps')"
+        )
+    return check_max_swaps(opts)
+
+
+register(
+    Method(
+        "sparseswaps",
+        sparseswaps_layer,
+        "Wanda's mask refined by loss-reducing swaps, optionally OBS-reconstructed",
+        {
+            "max_swaps": "auto",
+            **solver_defaults(sparseswaps_layer, "reconstruct", "percdamp", "backend"),
+        },
+        check=_check_options,
+        layer_options=auto_swaps_layer_options,
+        row_separable=lambda n, o: True,  # Wanda's per-row warm start, per-row swaps
+    )
+)

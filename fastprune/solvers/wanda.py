@@ -6,6 +6,7 @@ import torch
 
 from ..core import wanda_score
 from ..result import PruneResult
+from .registry import Method, Selection, register
 from .selection import by_score
 from .skeleton import run_solver
 
@@ -28,3 +29,19 @@ def wanda_layer(
         by_score(lambda p: lambda r: wanda_score(p.W[r], p.H), per_row=True),
         diagonal_h=True, inplace=inplace,
     )  # fmt: skip
+
+
+def _select(W, H, sparsity, prune_n, prune_m, **_) -> PruneResult:
+    """A composition's mask: Wanda's (the selection hook)."""
+    return wanda_layer(W, H, sparsity=sparsity, prune_n=prune_n, prune_m=prune_m)
+
+
+register(
+    Method(
+        "wanda",
+        wanda_layer,
+        "|W| * sqrt(diag(H)/2), per output row",
+        reads_diagonal=True,
+        select=Selection(_select, row_separable=lambda prune_n: True),  # per output row
+    )
+)

@@ -16,7 +16,8 @@ from types import TracebackType
 
 import torch
 
-from .checkpoint import INDEX_FILE, SINGLE_FILE, open_checkpoint
+from .checkpoint import open_checkpoint
+from .shards import INDEX_FILE, SINGLE_FILE, TORCH_TO_SAFETENSORS, open_safetensors
 
 PARTIAL = "PARTIAL"
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -31,20 +32,6 @@ def tensor_digest(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-
-
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     """Write contiguous CPU `tensors` as one safetensors file, tensor by tensor from their
     own memory (the format: an 8-byte little-endian header length, a JSON header of dtypes,
@@ -53,11 +40,11 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
     for name, t in tensors.items():
-        if t.dtype not in _SAFETENSORS_DTYPES:
+        if t.dtype not in TORCH_TO_SAFETENSORS:
             raise ValueError(f"{name}: dtype {t.dtype} cannot be written to safetensors")
         size = t.numel() * t.element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "dtype": TORCH_TO_SAFETENSORS[t.dtype],
             "shape": list(t.shape),
             "data_offsets": [offset, offset + size],
         }
@@ -293,10 +280,8 @@ def verify_streamed(
             f"{out_dir}: tensors written {lost[:3]} are missing; tensors not written "
             f"{extra[:3]} are present"
         )
-    from safetensors import safe_open
-
     for shard in ckpt.shards:
-        with safe_open(str(ckpt.path / shard), framework="pt", device="cpu") as f:
+        with open_safetensors(ckpt.path / shard) as f:
             names = f.keys()
             for k in names:
                 if k in digests and tensor_digest(f.get_tensor(k)) != digests[k]:

@@ -12,7 +12,8 @@ import torch
 from conftest import backend_params
 from op_oracles import check_block_prune_mask
 
-from fastprune.ops import torch_block_prune_mask
+from fastprune.ops import Kernels, torch_block_prune_mask
+from fastprune.ops.dispatch import backend_batched
 
 BACKENDS = backend_params("block_prune_mask")
 backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -88,3 +89,25 @@ def test_radix_select_exact_with_ties_and_signs(backend, gen):
     for b, (i1, i2) in enumerate(bounds):
         k = int(29 * (i2 - i1) * 0.7)
         assert got[b].item() == torch.kthvalue(X[:, i1:i2].flatten(), k + 1).values.item()
+
+
+@backends
+@pytest.mark.parametrize("E,rows,cols", [(1, 1, 17), (3, 1, 100), (4, 37, 33), (2, 13, 128)])
+def test_block_prune_mask_batched(backend, gen, E, rows, cols):
+    """`W1 [E, rows, count]`, `hinv_diag [E, count]` through dispatch: each layer's block
+    with its own threshold (the float64 oracle per layer; a layer scaled far from the others
+    would otherwise decide a shared threshold), on the backend if it declares the batched
+    form, else on the next of its chain, which says why."""
+    W1 = torch.stack([_inputs(gen, rows, cols)[0] * 10.0**e for e in range(E)])
+    d = torch.stack([_inputs(gen, rows, cols)[1] for _ in range(E)])
+    dev = backend.device
+    k = Kernels(backend.name, dev, ("block_prune_mask",))
+    keep = k("block_prune_mask", W1.to(dev), d.to(dev), 0.5)
+    check_block_prune_mask(keep, W1, d, 0.5, what=f"{backend.name} batched")
+    for e in range(E):
+        assert torch.equal(keep[e].cpu(), torch_block_prune_mask(W1[e], d[e], 0.5))
+    ran = k.info()["kernels"]["block_prune_mask"]
+    if "block_prune_mask" in backend_batched(backend.name):
+        assert ran == backend.name
+    else:
+        assert k.info()["kernel_fallbacks"]["block_prune_mask"].endswith("no batched form")

@@ -141,7 +141,8 @@ class Limit:
     # which torch computes in their own dtype; the solvers pass float32/float64 only)
 
     def __str__(self):
-        return f"{self.backend}-{self.op}-{self.reason.split()[0]}"
+        form = "-batched" if self.make.__name__ == "batched" else ""
+        return f"{self.backend}-{self.op}-{self.reason.split()[0]}{form}"
 
 
 def _sweep_nm(gen, count, n, m):
@@ -163,12 +164,29 @@ def _dtype(op, dtype):
     return lambda gen: _args(op, gen, dtype)
 
 
+def _batch_of(make):
+    """The batched form of `make`'s inputs: two layers (the second scaled), stacked."""
+
+    def batched(gen):
+        args = make(gen)
+        return tuple(
+            torch.stack([a, a * 2 if a.is_floating_point() and i == 0 else a])
+            if isinstance(a, torch.Tensor)
+            else a
+            for i, a in enumerate(args)
+        )
+
+    return batched
+
+
 F64, BF16 = torch.float64, torch.bfloat16
 LIMITS = [
     Limit("cuda", "obs_sweep", _dtype("obs_sweep", F64), "float32 only", "triton"),
     Limit("cuda", "obs_sweep", _sweep_f32_wide, "at most 256 columns", "triton"),
     Limit("cuda", "obs_sweep", lambda g: _sweep_nm(g, 24, 1, 3), "M dividing 32", "triton"),
     Limit("cuda", "obs_sweep", lambda g: _sweep_nm(g, 36, 2, 12), "M dividing 32", "triton"),
+    Limit("cuda", "obs_sweep", _batch_of(_dtype("obs_sweep", F64)), "float32 only", "triton"),
+    Limit("cuda", "obs_sweep", _batch_of(_sweep_f32_wide), "at most 256 columns", "triton"),
     Limit("cuda", "swap_search", _dtype("swap_search", F64), "float32 only", "triton"),
     Limit("cuda", "column_losses", _dtype("column_losses", F64), "float32-only", "torch"),
     Limit("triton", "block_prune_mask", _dtype("block_prune_mask", F64), "float32-only", "torch"),
@@ -210,6 +228,37 @@ def test_limits_refuse_and_kernels_fall_back(limit, gen, monkeypatch):
         check_swap_apply(args[1], args[2], *state)
     else:
         CHECKS[limit.op](out, *state)
+
+
+def test_backends_declare_their_batched_forms():
+    """The backend names are declared once (`fastprune.validation.BACKENDS`); torch takes
+    every op's batched form; a fast backend's `BATCHED` names only ops it has that have one."""
+    from fastprune import validation
+
+    assert ops.BACKENDS is validation.BACKENDS
+    assert ops.backend_batched("torch") == set(ops.BATCH_RANK) <= set(ops.OPS)
+    for name, problem in (("triton", TRITON_PROBLEM), ("cuda", CUDA_PROBLEM)):
+        if problem is None:
+            batched = ops.backend_batched(name)
+            assert "obs_sweep" in batched
+            assert batched <= set(ops.backend_ops(name)) & set(ops.BATCH_RANK)
+
+
+@pytest.mark.skipif(TRITON_PROBLEM is not None, reason=str(TRITON_PROBLEM))
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the Triton interpreter on CPU tensors")
+def test_batched_call_passes_over_a_backend_without_the_form(gen):
+    """Triton's `block_prune_mask` takes one layer only: a batched call runs torch's,
+    recorded with the reason, and passes the oracle layer by layer; a one-layer call on the
+    same `Kernels` still runs Triton's."""
+    assert "block_prune_mask" not in ops.backend_batched("triton")
+    args = _args("block_prune_mask", gen)
+    k = Kernels("triton", CPU, ("block_prune_mask",))
+    batched = (torch.stack([args[0], args[0] * 3]), torch.stack([args[1], args[1]]), args[2])
+    CHECKS["block_prune_mask"](k("block_prune_mask", *batched), *batched)
+    assert k.info()["kernels"] == {"block_prune_mask": "torch"}
+    assert k.info()["kernel_fallbacks"] == {"block_prune_mask": "triton: no batched form"}
+    k("block_prune_mask", *args)
+    assert k.info()["kernels"] == {"block_prune_mask": "torch+triton"}
 
 
 @pytest.mark.skipif(CUDA_PROBLEM is not None, reason=str(CUDA_PROBLEM))

@@ -6,7 +6,9 @@ Each backend's own implementation is called (never a fallback). Inputs are seede
 fixed masks are used exactly as given; N:M groups choose from the updated weights, so a
 float32 backend may pick differently from the float64 oracle only at a near-tie: every group
 is checked against the scores it saw along the backend's own path (docs/semantics.md,
-Exactness), and the values against the oracle swept along that same mask.
+Exactness), and the values against the oracle swept along that same mask. The batched form
+(a leading layer dimension) runs through dispatch on each backend, each layer against the
+oracle of its own block.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from op_oracles import (
 )
 
 from fastprune.masks import check_nm_keep_mask
+from fastprune.ops import Kernels
+from fastprune.ops.dispatch import backend_batched
+from fastprune.ops.obs_sweep import torch_obs_sweep, torch_obs_sweep_batched
 
 BACKENDS = backend_params("obs_sweep")
 backends = pytest.mark.parametrize("backend", BACKENDS, indirect=True)
@@ -244,3 +249,83 @@ def test_check_obs_sweep_catches_a_wrong_group_choice(gen):
     keep[0, lo], keep[0, hi] = True, False
     with pytest.raises(AssertionError, match="row 0 group 0 .* near-tie tolerance"):
         check_obs_sweep((q, err, keep, loss), W1, Hinv1, None, 2, 4)
+
+
+# ------------------------------------------------------------------ the batched form
+
+BATCH_CASES = [
+    # E, rows, count, patterns: batches of size 1 and more, one row, a prime, a padded tile
+    (1, 1, 32, (*BASIC, "2:4 forced")),
+    (3, 1, 16, ("unstructured", "2:4", "4:8")),
+    (1, 19, 48, ("unstructured", "fixed", "4:8 forced")),
+    (3, 37, 64, (*BASIC, "2:4 forced", "4:8 forced")),
+    (4, 5, 100, ("unstructured", "fixed", "2:4", "2:4 forced")),
+    (2, 3, 17, ("unstructured", "fixed")),
+]
+
+
+def _batch(gen, E, rows, count, pattern, dead=True):
+    """A batch of E blocks of different kinds (each its own Hinv1), the keep1 the pattern
+    passes per layer, and (with `dead`) a zero column in layer 0 (a dead input channel)."""
+    kinds = ("plain", "ill", "columnar")
+    blocks = [sweep_block(gen, rows, count, kinds[e % 3]) for e in range(E)]
+    W1 = torch.stack([w for w, _ in blocks])
+    Hinv1 = torch.stack([h for _, h in blocks])
+    if dead:
+        W1[0, :, count // 2] = 0
+    keeps = [_keep1(gen, W1[e], Hinv1[e], pattern) for e in range(E)]
+    keep1 = None if keeps[0] is None else torch.stack(keeps)
+    return W1, Hinv1, keep1
+
+
+@backends
+@pytest.mark.parametrize(
+    "E,rows,count,pattern", [(E, r, c, p) for E, r, c, ps in BATCH_CASES for p in ps]
+)
+def test_obs_sweep_batched(backend, gen, E, rows, count, pattern):
+    """`W1 [E, rows, count]` through dispatch on each backend: a backend that declares the
+    batched form runs it (one call for the batch), one that does not is passed over for the
+    next of its chain, and says so; every layer equals the float64 oracle of its own block."""
+    n, m = _pattern(pattern)
+    W1, Hinv1, keep1 = _batch(gen, E, rows, count, pattern)
+    dev = backend.device
+    args = (W1.to(dev, copy=True), Hinv1.to(dev, copy=True))
+    args += (None if keep1 is None else keep1.to(dev, copy=True),)
+    k = Kernels(backend.name, dev, ("obs_sweep",))
+    out = k("obs_sweep", *args, n, m)
+    check_obs_sweep(out, W1, Hinv1, keep1, n, m, what=f"{backend.name} batched obs_sweep")
+    if n and keep1 is None:
+        assert check_nm_keep_mask(out.keep.cpu().reshape(E * rows, count), n, m)
+    ran = k.info()["kernels"]["obs_sweep"]
+    if "obs_sweep" in backend_batched(backend.name):
+        assert ran == backend.name and "kernel_fallbacks" not in k.info()
+    else:
+        assert ran != backend.name
+        assert k.info()["kernel_fallbacks"]["obs_sweep"] == f"{backend.name}: no batched form"
+    for a, b in zip(args, (W1, Hinv1, keep1)):
+        assert a is None or torch.equal(a.cpu(), b), "inputs are not modified"
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("pattern", ["fixed", "2:4", "4:8 forced"])
+def test_obs_sweep_batch_of_one_is_the_layer(backend, gen, pattern):
+    """A backend's batched form with E = 1 gives the one-layer form's output, bit for bit."""
+    if "obs_sweep" not in backend_batched(backend.name):
+        pytest.skip(f"{backend.name} declares no batched obs_sweep")
+    n, m = _pattern(pattern)
+    W1, Hinv1, keep1 = _batch(gen, 1, 23, 48, pattern)
+    dev = backend.device
+    k1 = None if keep1 is None else keep1.to(dev)
+    sweep = backend.op("obs_sweep")
+    batched = sweep(W1.to(dev), Hinv1.to(dev), k1, n, m)
+    alone = sweep(W1[0].to(dev), Hinv1[0].to(dev), None if k1 is None else k1[0], n, m)
+    for a, b in zip(batched, alone):
+        assert torch.equal(a[0], b)
+
+
+def test_torch_obs_sweep_batched_is_deprecated(gen):
+    W1, Hinv1, keep1 = _batch(gen, 2, 4, 16, "fixed")
+    with pytest.warns(DeprecationWarning, match="torch_obs_sweep takes"):
+        out = torch_obs_sweep_batched(W1, Hinv1, keep1)
+    for a, b in zip(out, torch_obs_sweep(W1, Hinv1, keep1)):
+        assert torch.equal(a, b)

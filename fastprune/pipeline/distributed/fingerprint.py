@@ -9,6 +9,8 @@ import json
 import torch
 from torch import nn
 
+from ...version import __version__
+
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
@@ -62,8 +64,6 @@ def fingerprint(model: nn.Module, calib: torch.Tensor | None, **fields) -> dict:
     """What every rank must agree on before a distributed prune: the model (class, config,
     parameter count, `weights_checksum`), the calibration tokens (shape and checksum) and
     `fields` (method, sparsity, options, ...), plus the fastprune and torch versions."""
-    from ... import __version__
-
     fp = {
         "model class": f"{type(model).__module__}.{type(model).__qualname__}",
         "model config": _config_digest(model),

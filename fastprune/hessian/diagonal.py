@@ -1,0 +1,67 @@
+"""The diagonal of `H` alone, as Wanda keeps it: its running per-channel statistic, for the
+methods that read nothing else (Wanda, GBLM), in `cols` floats instead of `cols^2`."""
+
+from __future__ import annotations
+
+import torch
+
+from ..validation import all_finite, check_finite, check_int
+from .accumulate import _check_batch
+
+
+def scaler_update(scaler: torch.Tensor, nsamples: int, sq: torch.Tensor, b: int) -> int:
+    """Wanda's running mean of each input channel's squared norm, in place and in Wanda's
+    arithmetic: `scaler *= n/(n+b)`, then `scaler += sq/(n+b)` for `b` new samples whose
+    squared norms per channel are `sq`; returns `n+b`."""
+    total = nsamples + b
+    scaler *= nsamples / total
+    scaler += sq / total
+    return total
+
+
+def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
+    """`diag(H)` of a full `H [cols, cols]`, or `H` itself when only its diagonal `[cols]` is
+    kept (`DiagonalAccumulator`)."""
+    return H if H.dim() == 1 else torch.diagonal(H)
+
+
+class DiagonalAccumulator:
+    """Streams activations (as `HessianAccumulator`) into `diag(H)` alone: `cols` floats
+    instead of `cols^2`, and no GEMM. It keeps Wanda's own statistic, `scaler_row` (the
+    running mean over samples of `||x_j||^2`, in Wanda's arithmetic, so a pipeline's Wanda
+    matches the original code bit for bit), and `H = 2 * scaler_row` (exact: a power of
+    two). For the methods that read only the diagonal (Wanda, GBLM); no layer loss
+    `tr(D H D^T)` can be computed from it."""
+
+    def __init__(self, cols: int, device: torch.device | str | None = None) -> None:
+        self.cols = check_int(cols, "cols", minimum=1)
+        self.scaler_row: torch.Tensor | None = torch.zeros(cols, device=device)
+        self.nsamples = 0
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        return None if self.scaler_row is None else 2 * self.scaler_row
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self.scaler_row = None if value is None else value / 2
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add a batch of layer inputs `[batch, tokens, cols]` (batch samples) or
+        `[tokens, cols]` (one sample); a batch without tokens adds and counts nothing."""
+        inp = _check_batch(inp, self.cols)
+        if inp.shape[0] * inp.shape[1] == 0:
+            return
+        x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device).float()
+        sq = torch.norm(x, p=2, dim=1) ** 2
+        if not all_finite(sq):  # NaN/inf inputs, or squares beyond float32
+            check_finite(x, "inp")
+            raise ValueError(
+                "inp: the squared input norms overflow float32 (diag(H)); scale the "
+                "activations down"
+            )
+        self.nsamples = scaler_update(self.scaler_row, self.nsamples, sq, inp.shape[0])
+
+
+__all__ = ["DiagonalAccumulator", "hessian_diagonal", "scaler_update"]
