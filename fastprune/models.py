@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .block_layers import check_selection as check_selection
-from .block_layers import is_prunable as is_prunable
-from .block_layers import matches, patterns
 from .layers import get_weight as get_weight  # re-exported: the one orientation helper
+from .layers import is_prunable as is_prunable
 from .layers import set_weight as set_weight
+from .validation import check_patterns as patterns
+from .validation import matches
 
 # name -> (python package that ships the file, file name inside that package)
 BUILTIN_MODELS = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 
@@ -259,3 +260,23 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def check_patterns(value, name: str) -> list[str] | None:
+    """`targets` / `ignore` as a list of glob patterns (None when not given)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{name} must be a string or a list of strings (glob patterns)")
+    if not value:
+        raise ValueError(f"{name} is empty")
+    return list(value)
+
+
+def matches(pats: list[str], rel: str) -> bool:
+    """A glob pattern matches a name relative to the block (`mlp.experts.down_proj`) or its
+    last part (`down_proj`)."""
+    leaf = rel.rsplit(".", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(leaf, p) for p in pats)

@@ -498,7 +498,7 @@ def check_obs_solve(
     Holds for every input: nothing here depends on how many near-ties a draw has. `hinv`:
     the solve's inverse when it is not `inverse_hessian(H, percdamp, method=method)` (a
     batched solve's own); `fixed`: the mask was given to the solve."""
-    from fastprune.obs import block_bounds, nm_blocksize
+    from fastprune.solvers.obs import block_bounds, nm_blocksize
 
     dtype = state_dtype(W, H)
     cols = W.shape[1]
@@ -527,9 +527,9 @@ def check_rose_solve(
     """`check_obs_solve` of a ROSE result: along the column order and sweep blocks ROSE
     derives from W and H when it reordered (from `losses`, the solve's own column and block
     losses, or else torch's), else SparseGPT's."""
-    from fastprune.core import wanda_score
-    from fastprune.obs import block_bounds
     from fastprune.ops import torch_column_losses
+    from fastprune.solvers.core import wanda_score
+    from fastprune.solvers.obs import block_bounds
     from fastprune.solvers.rose import comparable_block_losses, rose_permutation
 
     kw = dict(method=method, rtol=rtol, what=what)

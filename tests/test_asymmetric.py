@@ -6,8 +6,8 @@ import torch
 from pipeline_helpers import calib_ids, tiny_model, tiny_moe_model
 
 import fastprune as fp
-from fastprune.asymmetric import CrossAccumulator, asymmetric_target
 from fastprune.hessian import HessianAccumulator, layer_loss
+from fastprune.pipeline.asymmetric import CrossAccumulator, asymmetric_target
 
 
 @pytest.mark.parametrize("cols", [1, 7, 64])

@@ -6,8 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastprune as fp
-from fastprune.obs import OBS_OPS, block_bounds, obs_prune
 from fastprune.ops import Kernels
+from fastprune.solvers.obs import OBS_OPS, block_bounds, obs_prune
 
 
 class _CountOutsideOps(TorchDispatchMode):

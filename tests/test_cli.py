@@ -9,7 +9,7 @@ import pytest
 import torch
 from pipeline_helpers import byte_tokenizer, tiny_model
 
-from fastprune.cli import main, parse_pattern
+from fastprune.app.cli import main, parse_pattern
 from fastprune.models import find_blocks, find_linears, get_weight, resolve_model
 
 
@@ -204,7 +204,7 @@ def test_nproc_2_matches_one_process(tmp_path, capfd):
 def test_workflow_is_the_command_as_a_python_call(tmp_path, capsys):
     """`run_prune(PruneJob(...))` does what `fastprune prune` with the same flags does: the
     same pruned weights (saved) and the same report, returned as well as written."""
-    from fastprune.workflow import PruneJob, check_prune_job, run_prune
+    from fastprune.app.workflow import PruneJob, check_prune_job, run_prune
 
     d = _tiny_dir(tmp_path)
     flags = ["--method", "wanda", "--sparsity", "0.4", "--nsamples", "3", "--seqlen", "16"]

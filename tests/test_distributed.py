@@ -35,9 +35,9 @@ import torch.multiprocessing as tmp_mp
 from pipeline_helpers import MOE_FAMILIES, calib_ids, tiny_model, tiny_moe_model
 
 from fastprune import prune_model
-from fastprune.block_layers import find_block_layers
 from fastprune.layers import get_weight
 from fastprune.models import find_blocks, find_linears
+from fastprune.pipeline.block_layers import find_block_layers
 from fastprune.pipeline.distributed import (
     ROW_SPLIT_ENV,
     Part,

@@ -10,7 +10,7 @@ import torch
 from conftest import backend_params
 
 import fastprune as fp
-from fastprune.cli import main
+from fastprune.app.cli import main
 
 COLS = 16
 

@@ -1,4 +1,4 @@
-"""`fastprune.launch`: the process supervisor behind `fastprune prune --nproc N` (plain
+"""`fastprune.app.launch`: the process supervisor behind `fastprune prune --nproc N` (plain
 Python children, no torch: fast)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fastprune.launch import PEER_FAILED_EXIT, free_port, launch
+from fastprune.app.launch import PEER_FAILED_EXIT, free_port, launch
 
 
 def _script(body: str) -> list[str]:

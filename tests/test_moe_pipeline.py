@@ -10,10 +10,10 @@ import torch
 from pipeline_helpers import byte_tokenizer, calib_ids, tiny_moe_model
 
 import fastprune as fp
-from fastprune.block_layers import find_block_layers
-from fastprune.cli import main
+from fastprune.app.cli import main
 from fastprune.layers import get_weight
 from fastprune.models import find_blocks
+from fastprune.pipeline.block_layers import find_block_layers
 
 
 def test_gblm_gradient_norm_of_an_expert_is_its_slice():
@@ -63,7 +63,7 @@ def test_owl_allocates_over_every_expert():
 def test_save_and_reload_keeps_fused_experts(tmp_path, family):
     from transformers import AutoModelForCausalLM
 
-    from fastprune.saving import save_pruned, verify_saved
+    from fastprune.app.saving import save_pruned, verify_saved
 
     model = tiny_moe_model(family)
     rep = fp.prune_model(model, calib_ids(4, 32), "sparsegpt", 0.5, 2, 4, progress=False)

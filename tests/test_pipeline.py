@@ -10,12 +10,12 @@ import torch
 from pipeline_helpers import FAMILIES, VOCAB, byte_tokenizer, calib_ids, tiny_model
 
 import fastprune as fp
+from fastprune.app.saving import save_pruned, verify_saved
 from fastprune.data import builtin_text, get_calibration, sample_windows
 from fastprune.evaluate import perplexity
 from fastprune.methods import METHODS, auto_max_swaps
 from fastprune.models import find_blocks, find_linears, get_weight, set_weight
 from fastprune.pipeline import check_model_sparsity
-from fastprune.saving import save_pruned, verify_saved
 
 OPTS = {"sparseswaps": {"max_swaps": 5}, "fastprune": {"max_swaps": 5}}
 

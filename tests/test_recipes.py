@@ -385,7 +385,7 @@ def test_gblm_composed_with_swaps():
 
 
 def test_cli_reconstruct_value_error(capsys):
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["prune", "--method", "wanda", "--reconstruct", "rows"])
@@ -396,7 +396,7 @@ def test_cli_reconstruct_value_error(capsys):
 def test_cli_lstsq_reconstruction_reaches_the_pipeline(tmp_path):
     import json
 
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     d = tmp_path / "tiny"
     pipeline_helpers.tiny_model("llama").save_pretrained(d)
@@ -455,7 +455,7 @@ def test_best_rows_composition_is_named_and_separable():
     ],
 )
 def test_cli_recipe_flag_errors(argv, needle, capsys):
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     assert main(["prune", *argv]) == 2
     err = capsys.readouterr().err
@@ -465,7 +465,7 @@ def test_cli_recipe_flag_errors(argv, needle, capsys):
 def test_cli_recipe_flags_reach_the_pipeline(tmp_path, capsys):
     import json
 
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     d = tmp_path / "tiny"
     pipeline_helpers.tiny_model("llama").save_pretrained(d)

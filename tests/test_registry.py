@@ -11,7 +11,7 @@ import torch
 from pipeline_helpers import byte_tokenizer, calib_ids, tiny_model
 
 import fastprune as fp
-from fastprune.cli import build_parser, main
+from fastprune.app.cli import build_parser, main
 from fastprune.masks import selection_prune_mask
 from fastprune.methods import composed
 from fastprune.models import find_blocks, find_linears, get_weight

@@ -6,10 +6,10 @@ from conftest import assert_close, assert_weights_agree_where_masks_do
 from op_oracles import check_rose_solve
 
 import fastprune as fp
-from fastprune.core import wanda_score
-from fastprune.obs import block_bounds
 from fastprune.ops import torch_column_losses
 from fastprune.original import original_rose, original_sparsegpt
+from fastprune.solvers.core import wanda_score
+from fastprune.solvers.obs import block_bounds
 from fastprune.solvers.rose import relative_range, rose_permutation
 
 

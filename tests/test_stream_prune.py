@@ -154,7 +154,7 @@ def test_streamed_perplexity_equals_in_memory(tmp_path, family):
 
 
 def test_cli_stream_matches_in_memory(tmp_path, capsys):
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     src = _saved("llama", tmp_path)
     byte_tokenizer().save_pretrained(src)
@@ -178,7 +178,7 @@ def test_cli_stream_matches_in_memory(tmp_path, capsys):
 
 
 def test_cli_stream_needs_a_checkpoint_and_a_save_folder(tmp_path, capsys):
-    from fastprune.cli import main
+    from fastprune.app.cli import main
 
     src = _saved("llama", tmp_path)
     byte_tokenizer().save_pretrained(src)

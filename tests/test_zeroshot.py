@@ -1,4 +1,4 @@
-"""Zero-shot evaluation with lm-evaluation-harness (fastprune.zeroshot, `--lm-eval`), offline:
+"""Zero-shot evaluation with lm-evaluation-harness (fastprune.app.zeroshot, `--lm-eval`), offline:
 a local multiple-choice task (tests/data/easy_choice.jsonl: 40 obvious continuations, four
 choices each, chance 0.25) whose YAML the tests write next to a temporary include path."""
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fastprune as fp
-from fastprune.cli import main
-from fastprune.zeroshot import format_comparison, load_tasks
+from fastprune.app.cli import main
+from fastprune.app.zeroshot import format_comparison, load_tasks
 
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason="pip install 'fastprune[eval]'")

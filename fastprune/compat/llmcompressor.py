@@ -10,11 +10,11 @@ import sys
 import torch
 from torch import nn
 
-from ..core import check_obs_args
 from ..hessian import inverse_hessian
 from ..layers import get_weight, layer_kind, to_layer_layout
-from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..ops import Kernels
+from ..solvers.core import check_obs_args
+from ..solvers.obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..solvers.sparsegpt import sparsegpt_layer
 from ..validation import check_pattern, compute_dtype
 

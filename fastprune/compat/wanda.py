@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core import wanda_score
 from ..masks import pattern_name, selection_prune_mask
 from ..result import PruneResult
+from ..solvers.core import wanda_score
 from ..validation import check_pattern, check_sparsity
 from .adapter import LayerAdapter, running_scaler_update
 

@@ -24,10 +24,10 @@ def options_markdown(cls: type = PruneConfig, job: type | None = None) -> str:
         "# Options",
         "",
         "Generated from `fastprune.config` (`options_markdown()`; regenerate with",
-        '`python -c "from fastprune import config, workflow; '
+        '`python -c "from fastprune import config; from fastprune.app import workflow; '
         "config.write_options_doc('docs/options.md', workflow.PruneJob)\"`).",
         "Each option is a field of `PruneConfig`, a keyword of `prune_model` /",
-        "`prune_checkpoint`, a field of `fastprune.workflow.PruneJob` and, where it has one,",
+        "`prune_checkpoint`, a field of `fastprune.app.workflow.PruneJob` and, where it has one,",
         "a flag of `fastprune prune`. `agreed`: every rank of a distributed prune must be",
         "given the same value.",
         "",

@@ -10,14 +10,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..experts import MOE_CALIBRATIONS, check_moe_calibration
 from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS
 from ..validation import check_pattern, check_sparsity
 from .declare import Name, given, keyword, option, options
 from .method_flags import METHOD_FLAG_OF
 from .validators import (
+    MOE_CALIBRATIONS,
     check_device,
     check_method,
+    check_moe_calibration,
     flag_bool,
     integer,
     method_names,
@@ -100,8 +101,9 @@ class PruneConfig:
         False,
         "fit each layer to the dense model's outputs from the pruned model's inputs "
         "(GPTAQ-style asymmetric calibration: a weight correction W (C - H) H^-1 before the "
-        "method prunes, see fastprune.asymmetric; dense models, one process, a method with "
-        "calibration and the full H; twice the calibration forwards and activations)",
+        "method prunes, see fastprune.pipeline.asymmetric; dense models, one process, a "
+        "method with calibration and the full H; twice the calibration forwards and "
+        "activations)",
         check=flag_bool, cli={"action": "store_true"}, agreed=True,
     )  # fmt: skip
     targets: str | list[str] | None = option(

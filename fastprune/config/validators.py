@@ -7,7 +7,7 @@ import numbers
 from collections.abc import Callable
 from typing import Any
 
-from ..validation import check_int
+from ..validation import check_int, check_patterns
 
 # ------------------------------------------------------------------------------ validators
 
@@ -67,13 +67,8 @@ def text(value: Any, name: str) -> str:
     return value
 
 
-def patterns(value: Any, name: str):
-    """None, one glob pattern, or a list of them."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple) and all(isinstance(p, str) for p in value):
-        return list(value)
-    raise TypeError(f"{name} must be a glob pattern or a list of them, got {value!r}")
+# targets / ignore: None, one glob pattern or a list of them (as a list)
+patterns = check_patterns
 
 
 def check_method(value: Any, name: str) -> str:
@@ -109,3 +104,12 @@ def methods_taking(option_name: str) -> str:
     from ..methods import methods_with
 
     return "/".join(methods_with(option_name))
+
+
+MOE_CALIBRATIONS = ("routed", "all")
+
+
+def check_moe_calibration(value: object, name: str = "moe_calibration") -> str:
+    if value not in MOE_CALIBRATIONS:
+        raise ValueError(f"{name} must be one of {', '.join(MOE_CALIBRATIONS)}, got {value!r}")
+    return value  # type: ignore[return-value]

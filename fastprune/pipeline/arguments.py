@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..block_layers import BlockLayers, check_selection, find_block_layers
 from ..config import PruneConfig, check_config
 from ..layers import get_weight
 from ..methods import Method
 from ..models import find_blocks, model_device
 from ..validation import check_pattern
+from .block_layers import BlockLayers, check_selection, find_block_layers
 from .capture import block_kinds
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..block_layers import count_block_zeros
+from .block_layers import count_block_zeros
 
 if TYPE_CHECKING:
     from .arguments import PruneArgs

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..block_layers import resolve_layer
-from ..experts import ExpertProjection
 from ..layers import as_matrix, get_weight, layer_kind
 from ..models import model_device
 from ..solvers.gblm import GradientNormAccumulator
+from .block_layers import resolve_layer
+from .experts import ExpertProjection
 
 
 def compute_gradient_norms(

@@ -15,9 +15,11 @@ import math
 import torch
 from torch import nn
 
-from ..asymmetric import CrossAccumulator
-from ..block_layers import BlockLayers
-from ..experts import (
+from ..hessian import DiagonalAccumulator, HessianAccumulator, uses_fast_hessian
+from ..layers import get_weight
+from .asymmetric import CrossAccumulator
+from .block_layers import BlockLayers
+from .experts import (
     ExpertProjection,
     check_moe_calibration,
     expert_call_inputs,
@@ -25,8 +27,6 @@ from ..experts import (
     grouped_tokens,
     routed_tokens,
 )
-from ..hessian import DiagonalAccumulator, HessianAccumulator, uses_fast_hessian
-from ..layers import get_weight
 
 # at most this many bytes of zero-padded expert inputs per batched Hessian GEMM
 EXPERT_GEMM_BYTES = 1 << 28
@@ -305,7 +305,7 @@ class HessianHooks(InputHooks):
 class PairedHessianHooks(HessianHooks):
     """`HessianHooks` that also accumulate, per distinct input, the cross term
     `C = 2/n sum x_dense^T x` with the dense model's inputs of the same tokens (`cross[leader]`,
-    a `CrossAccumulator`; see `fastprune.asymmetric`). Each batch runs twice
+    a `CrossAccumulator`; see `fastprune.pipeline.asymmetric`). Each batch runs twice
     (`run_block_paired`): with `recording` set, on the dense model's inputs, whose layer inputs
     are kept; then on the pruned model's, which update `H` and `C`. Linears only."""
 

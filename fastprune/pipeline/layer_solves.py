@@ -9,12 +9,12 @@ import time
 
 import torch
 
-from ..asymmetric import asymmetric_target
-from ..experts import ExpertProjection
 from ..hessian import inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pruned_fraction
 from ..solvers.sparsegpt_batched import inverse_hessians
+from .asymmetric import asymmetric_target
+from .experts import ExpertProjection
 from .report import LayerReport, jsonable
 
 logger = logging.getLogger("fastprune")

@@ -101,7 +101,7 @@ _TAIL = """
 Targets/ignore are glob patterns on layer names inside a block (`self_attn.*`, `q_proj`,
 `mlp.experts.down_proj`): every matrix of a block is pruned, left dense by a rule (MoE
 routers, expert bias tables) or by targets/ignore; any other is an error naming it (see
-`fastprune.block_layers`). An expert that receives no calibration token is pruned with
+`fastprune.pipeline.block_layers`). An expert that receives no calibration token is pruned with
 `H = I` (by weight magnitude), with a warning.
 
 Inside an initialised torch.distributed process group of size > 1, every rank calls this

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..block_layers import layer_kind_name
+from .block_layers import layer_kind_name
 
 
 @dataclass

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..block_layers import count_block_zeros
 from ..config import PruneConfig, make_config
 from ..models import find_blocks
 from ..streaming import Checkpoint, CheckpointWriter, check_output, open_checkpoint
 from .arguments import PruneArgs
+from .block_layers import count_block_zeros
 from .blockstore import BlockStore
 from .prune import run_stages
 from .report import PruneReport

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ..block_layers import resolve_layer
 from ..layers import get_weight
 from ..masks import check_nm_keep_mask
 from ..models import find_blocks
+from .block_layers import resolve_layer
 from .report import PruneReport
 
 

@@ -8,9 +8,9 @@ import numbers
 
 import torch
 
-from ..core import wanda_score
 from ..result import PruneResult
 from ..validation import check_device, check_finite, compute_dtype
+from .core import wanda_score
 from .registry import GRADIENT_OPTIONS, Method, Selection, register, solver_defaults
 from .selection import by_score
 from .skeleton import Problem, legacy_positional, run_solver, tensor_or_none_at

@@ -34,11 +34,11 @@ import time
 
 import torch
 
-from ..core import merge_kernel_info
 from ..hessian import InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..result import PruneResult
 from ..validation import check_int, check_rows, check_weight
+from .core import merge_kernel_info
 from .refit import refit_masked
 from .registry import METHODS, Method, Selection, get_method, register, selectors, solver_defaults
 from .skeleton import legacy_positional, tensor_or_none_at

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ..core import check_obs_options, wanda_score
 from ..hessian import inverse_hessian
 from ..masks import pattern_name, pruned_fraction
-from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
+from .core import check_obs_options, wanda_score
+from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,

@@ -21,14 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core import (
-    LOSS_INFO_KEYS,
-    base_info,
-    finish,
-    merge_kernel_info,
-    problem_scales,
-    scale_inverse,
-)
 from ..hessian import InverseHessian, scale_pow2
 from ..masks import check_nm_keep_mask
 from ..ops import Kernels
@@ -43,6 +35,14 @@ from ..validation import (
     check_sparsity,
     check_weight,
     compute_dtype,
+)
+from .core import (
+    LOSS_INFO_KEYS,
+    base_info,
+    finish,
+    merge_kernel_info,
+    problem_scales,
+    scale_inverse,
 )
 
 

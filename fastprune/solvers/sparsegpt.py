@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..core import check_obs_options, resolve_inverse
 from ..hessian import InverseHessian
 from ..masks import pruned_fraction
-from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
+from .core import check_obs_options, resolve_inverse
+from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,

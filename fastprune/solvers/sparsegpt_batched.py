@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..core import check_obs_options
 from ..hessian import (
     H_RANGE,
     InverseHessian,
@@ -20,8 +19,9 @@ from ..hessian import (
     inverse_hessian,
     upper_triangular_inverse,
 )
-from ..obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from ..result import PruneResult
+from .core import check_obs_options
+from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .skeleton import Outcome, Problem, run_batch_solver, unpruned
 
 

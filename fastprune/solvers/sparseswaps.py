@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..core import merge_kernel_info, wanda_score
 from ..hessian import InverseHessian
 from ..masks import pattern_name, pruned_fraction, selection_prune_mask
 from ..ops import Kernels
@@ -23,6 +22,7 @@ from ..validation import (
     check_int,
     check_weight,
 )
+from .core import merge_kernel_info, wanda_score
 from .registry import Method, register, solver_defaults
 from .skeleton import (
     Outcome,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..core import wanda_score
 from ..result import PruneResult
+from .core import wanda_score
 from .registry import Method, Selection, register
 from .selection import by_score
 from .skeleton import run_solver

@@ -28,7 +28,7 @@ def run_checked(job: PruneJob, name: Name = field_name) -> dict:
     every rank prunes its share and rank 0 alone evaluates, saves and reports."""
     import torch.distributed as dist
 
-    from .pipeline.distributed import init_from_env
+    from ..pipeline.distributed import init_from_env
 
     created = init_from_env(job.dist_timeout, job.device)
     try:
@@ -41,7 +41,7 @@ def run_checked(job: PruneJob, name: Name = field_name) -> dict:
 def _prune_here(job: PruneJob, name: Name) -> dict:
     import torch
 
-    from .pipeline.distributed import active_world
+    from ..pipeline.distributed import active_world
 
     t_start = time.perf_counter()
     torch.manual_seed(job.seed)
@@ -80,8 +80,8 @@ def streaming_decision(job: PruneJob, say: Say = print) -> bool:
         return job.stream
     import torch
 
-    from .models import resolve_model
-    from .streaming import open_checkpoint
+    from ..models import resolve_model
+    from ..streaming import open_checkpoint
 
     src = resolve_model(job.model)
     folder = Path(src.path)
@@ -107,10 +107,10 @@ def streaming_decision(job: PruneJob, say: Say = print) -> bool:
 
 
 def _prune_in_memory(run: _Run) -> dict:
-    from .data import get_calibration, get_eval_ids
-    from .evaluate import perplexity
-    from .models import load_model
-    from .pipeline import prune_model
+    from ..data import get_calibration, get_eval_ids
+    from ..evaluate import perplexity
+    from ..models import load_model
+    from ..pipeline import prune_model
 
     job, say, lead, progress = run.job, run.say, run.lead, run.progress
     lm_tasks = load_lm_eval_tasks(job.lm_eval, run.name) if lead else None
@@ -162,10 +162,10 @@ def _prune_in_memory(run: _Run) -> dict:
 def _prune_streamed(run: _Run) -> dict:
     import torch
 
-    from .data import get_calibration, get_eval_ids
-    from .models import resolve_model
-    from .pipeline.stream import prune_checkpoint, streamed_perplexity, verify_streamed_prune
-    from .streaming import open_checkpoint
+    from ..data import get_calibration, get_eval_ids
+    from ..models import resolve_model
+    from ..pipeline.stream import prune_checkpoint, streamed_perplexity, verify_streamed_prune
+    from ..streaming import open_checkpoint
 
     job, say, lead, progress = run.job, run.say, run.lead, run.progress
     ckpt = open_checkpoint(resolve_model(job.model).path)

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .hessian import InverseHessian, _check_batch, inverse_hessian
+from ..hessian import InverseHessian, _check_batch, inverse_hessian
 
 
 class CrossAccumulator:

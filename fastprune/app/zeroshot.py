@@ -12,7 +12,7 @@ import difflib
 import logging
 from pathlib import Path
 
-from .models import evaluating_on
+from ..models import evaluating_on
 
 INSTALL_HINT = "pip install 'fastprune[eval]'"
 

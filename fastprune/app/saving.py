@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .block_layers import count_block_zeros, resolve_layer
-from .models import dtype_kwarg, find_blocks, forget_gguf_origin, get_weight, model_device
-from .pipeline import PruneReport, check_model_sparsity
+from ..models import dtype_kwarg, find_blocks, forget_gguf_origin, get_weight, model_device
+from ..pipeline import PruneReport, check_model_sparsity
+from ..pipeline.block_layers import count_block_zeros, resolve_layer
 
 
 def save_pruned(model, tokenizer, directory, report: PruneReport | None = None) -> Path:

@@ -18,9 +18,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .config import PruneConfig, flag_bool, integer, job_fields, option, optional, reuse
-from .methods import METHODS, composed
-from .models import DEFAULT_MODEL
+from ..config import PruneConfig, flag_bool, integer, job_fields, option, optional, reuse
+from ..methods import METHODS, composed
+from ..models import DEFAULT_MODEL
 from .workflow_checks import (
     FLOAT_DTYPES,
     Name,

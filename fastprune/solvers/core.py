@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from .hessian import H_RANGE as H_RANGE  # the Hessian's range, part of this module's rule
-from .hessian import (
+from ..hessian import H_RANGE as H_RANGE  # the Hessian's range, part of this module's rule
+from ..hessian import (
     InverseHessian,
     check_inverse_of,
     hessian_diagonal,
@@ -18,9 +18,9 @@ from .hessian import (
     inverse_hessian,
     scale_pow2,
 )
-from .masks import pattern_name, pruned_fraction
-from .result import PruneResult
-from .validation import (
+from ..masks import pattern_name, pruned_fraction
+from ..result import PruneResult
+from ..validation import (
     check_backend,
     check_hessian,
     check_int,

@@ -79,7 +79,7 @@ def run_eval(job: EvalJob, name: Name = field_name) -> dict:
     given)."""
     import torch
 
-    from .models import load_model
+    from ..models import load_model
     from .zeroshot import format_comparison
 
     t_start = time.perf_counter()

@@ -2,7 +2,7 @@
 for a stated reason. Nothing with two or more dimensions is skipped silently.
 
 The layers pruned are linears (and GPT-2's Conv1D) and, in MoE blocks, each expert's slice of
-a fused 3-D expert parameter (`mlp.experts.gate_up_proj[3]`, see `fastprune.experts`). Left
+a fused 3-D expert parameter (`mlp.experts.gate_up_proj[3]`, see `fastprune.pipeline.experts`). Left
 dense by rule: routers (`mlp.gate`, `mlp.router`, Qwen2-MoE's `shared_expert_gate`) and
 per-expert bias tables; left dense by the user: whatever `ignore` matches or `targets` does
 not. A matrix no rule covers is an error that names it and the `ignore` pattern that would
@@ -11,41 +11,18 @@ leave it dense.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .experts import ExpertProjection, expert_list_parent, fused_experts
-from .layers import is_conv1d
+from ..layers import ExpertProjection, is_prunable
+from ..validation import check_patterns as patterns
+from ..validation import matches
+from .experts import expert_list_parent, fused_experts
 
 _INDEXED = re.compile(r"^(.*)\.([A-Za-z_0-9]+)\[(\d+)\]$")
-
-
-def is_prunable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def patterns(value, name: str) -> list[str] | None:
-    """`targets` / `ignore` as a list of glob patterns (None when not given)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{name} must be a string or a list of strings (glob patterns)")
-    if not value:
-        raise ValueError(f"{name} is empty")
-    return list(value)
-
-
-def matches(pats: list[str], rel: str) -> bool:
-    """A glob pattern matches a name relative to the block (`mlp.experts.down_proj`) or its
-    last part (`down_proj`)."""
-    leaf = rel.rsplit(".", 1)[-1]
-    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(leaf, p) for p in pats)
 
 
 def router_reason(block: nn.Module, path: str, module: nn.Module) -> str | None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Name, PruneConfig, check_config, check_declared, given, keyword, options
-from .config import check_device as _check_device
+from ..config import Name, PruneConfig, check_config, check_declared, given, keyword, options
+from ..config import check_device as _check_device
 
 if TYPE_CHECKING:
     from .workflow import EvalJob, LmEval, PruneJob
@@ -34,7 +34,7 @@ def parse_pattern(text: str | None, name: str = "pattern") -> tuple[int, int]:
 
 def check_source(spec: str, name: str, allowed: tuple[str, ...]) -> None:
     """`spec` is one of `allowed` or a non-empty UTF-8 text file (read once to check)."""
-    from .data import read_text_file
+    from ..data import read_text_file
 
     if spec in allowed:
         return
@@ -79,14 +79,14 @@ def check_dtype(dtype: str, name: str = "dtype") -> str:
 
 
 def calib_source(spec: Any, name: str) -> Any:
-    from .data import DATASETS
+    from ..data import DATASETS
 
     check_source(spec, name, ("builtin", *DATASETS))
     return spec
 
 
 def eval_source(spec: Any, name: str) -> Any:
-    from .data import DATASETS
+    from ..data import DATASETS
 
     if spec != "none":
         check_source(spec, name, ("builtin", "none", *DATASETS))
@@ -106,7 +106,7 @@ def report_file(path: Any, name: str) -> Any:
 
 
 def timeout(seconds: Any, name: str) -> Any:
-    from .pipeline.distributed import dist_timeout
+    from ..pipeline.distributed import dist_timeout
 
     dist_timeout(seconds, name)
     return seconds
@@ -126,8 +126,8 @@ def check_method_flags(job: PruneJob, name: Name) -> None:
     """A job's method options reach every method that declares them (the command's flags):
     their values are checked whichever method runs, and refine/refine_on/reconstruct with a
     mask choice are refused for a method that cannot compose them."""
-    from .config import METHOD_FLAG_OF
-    from .methods import METHODS, composed
+    from ..config import METHOD_FLAG_OF
+    from ..methods import METHODS, composed
 
     opts = job.options
     for key, value in opts.items():
@@ -149,7 +149,8 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
     """Every argument of `job` checked before anything is loaded (the model's config is
     read to check `targets`/`ignore`); returns the N:M pattern. Errors are `ValueError`s
     naming the argument as `name` spells it."""
-    from .models import check_selection, find_blocks, model_skeleton, resolve_model
+    from ..models import find_blocks, model_skeleton, resolve_model
+    from ..pipeline.block_layers import check_selection
 
     n, m = parse_pattern(job.pattern, name("pattern"))
     check_method_flags(job, name)
@@ -175,8 +176,8 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
 def _check_streamable(job: PruneJob, src, meth, name: Name) -> None:
     """What a streamed prune needs: a local safetensors checkpoint, a save folder outside it,
     a method and allocation that do not need the whole model, no lm-eval tasks."""
-    from .streaming import check_output as check_stream_output
-    from .streaming import open_checkpoint
+    from ..streaming import check_output as check_stream_output
+    from ..streaming import open_checkpoint
 
     if src.gguf_file or not Path(src.path).is_dir():
         raise ValueError(
@@ -198,7 +199,7 @@ def _check_streamable(job: PruneJob, src, meth, name: Name) -> None:
 
 def check_eval_job(job: EvalJob, name: Name = field_name) -> None:
     """`job`'s arguments checked before anything is loaded."""
-    from .models import resolve_model
+    from ..models import resolve_model
 
     check_lm_eval(job.lm_eval, name)
     check_declared(job, name)

@@ -1,14 +1,14 @@
-"""The `fastprune` command line: a parser over `fastprune.workflow` (`PruneJob`, `EvalJob`)."""
+"""The `fastprune` command line: a parser over `fastprune.app.workflow` (`PruneJob`, `EvalJob`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from ..config import METHOD_FLAGS, add_arguments, add_method_flags, flag_of, options
+from ..methods import METHODS
+from ..validation import BACKENDS
 from . import workflow
-from .config import METHOD_FLAGS, add_arguments, add_method_flags, flag_of, options
-from .methods import METHODS
-from .validation import BACKENDS
 
 # CLI flags that carry a method option: argparse dest -> option name (`METHOD_FLAGS`). A flag
 # reaches every method in METHODS that declares the option; a flag left at None keeps the
@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, TypeError, RuntimeError, OSError) as e:
+        from ..pipeline.distributed import RankFailedError
         from .launch import PEER_FAILED_EXIT
-        from .pipeline.distributed import RankFailedError
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = f"rank {os.environ.get('RANK', '?')}: " if world > 1 else ""

@@ -23,17 +23,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-MOE_CALIBRATIONS = ("routed", "all")
+from ..config.validators import MOE_CALIBRATIONS as MOE_CALIBRATIONS
+from ..config.validators import check_moe_calibration as check_moe_calibration
+from ..layers import ExpertProjection as ExpertProjection
+
 # 3-D parameters of a fused experts module: the projections fed the block's hidden states,
 # and the one fed the experts' intermediate activations
 INPUT_PROJECTIONS = ("gate_up_proj", "gate_proj", "up_proj")
 OUTPUT_PROJECTION = "down_proj"
-
-
-def check_moe_calibration(value: object, name: str = "moe_calibration") -> str:
-    if value not in MOE_CALIBRATIONS:
-        raise ValueError(f"{name} must be one of {', '.join(MOE_CALIBRATIONS)}, got {value!r}")
-    return value  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -87,27 +84,6 @@ def fused_experts(module: nn.Module) -> FusedExperts | None:
         else:
             transposed = False
     return FusedExperts(module, int(down.shape[0]), inputs, bool(transposed))
-
-
-class ExpertProjection:
-    """One expert's matrix inside a fused 3-D parameter, as a layer: `weight` is a view of the
-    parameter's slice in its own layout; `layers.get_weight` orients it `[out, in]`."""
-
-    def __init__(self, experts: FusedExperts, proj: str, index: int):
-        self.experts = experts
-        self.proj = proj
-        self.index = index
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return getattr(self.experts.module, self.proj)[self.index]
-
-    @property
-    def transposed(self) -> bool:
-        return self.experts.transposed
-
-    def __repr__(self) -> str:
-        return f"ExpertProjection({self.proj}[{self.index}])"
 
 
 def expert_call_inputs(module: nn.Module, args: tuple, kwargs: dict):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .hessian import InverseHessian, layer_loss
-from .ops import Kernels
-from .ops.obs_sweep import sub_matmul
+from ..hessian import InverseHessian, layer_loss
+from ..ops import Kernels
+from ..ops.obs_sweep import sub_matmul
 
 OBS_OPS = ("block_prune_mask", "obs_sweep")
 
