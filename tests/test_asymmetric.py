@@ -67,8 +67,26 @@ def test_pipeline_asymmetric(method, pattern):
     n, m = pattern
     calib = calib_ids(4, 16)
     base, asym = tiny_model("llama"), tiny_model("llama")
-    plain = fp.prune_model(base, calib, method, 0.5, n, m, progress=False, hessian_kind="full")
-    rep = fp.prune_model(asym, calib, method, 0.5, n, m, progress=False, asymmetric=True)
+    plain = fp.prune_model(
+        base,
+        calib,
+        method=method,
+        sparsity=0.5,
+        prune_n=n,
+        prune_m=m,
+        progress=False,
+        hessian_kind="full",
+    )
+    rep = fp.prune_model(
+        asym,
+        calib,
+        method=method,
+        sparsity=0.5,
+        prune_n=n,
+        prune_m=m,
+        progress=False,
+        asymmetric=True,
+    )
     assert rep.options["asymmetric"] is True and rep.options["hessian_kind"] == "full"
     first = [lr for lr in rep.layers if lr.name.startswith("0.")]
     later = [lr for lr in rep.layers if not lr.name.startswith("0.")]
@@ -92,7 +110,9 @@ def test_pipeline_asymmetric_fits_the_dense_outputs_better():
     outs = {}
     for name, asym in (("plain", False), ("asym", True)):
         model = tiny_model("llama")
-        fp.prune_model(model, calib, "sparsegpt", 0.6, progress=False, asymmetric=asym)
+        fp.prune_model(
+            model, calib, method="sparsegpt", sparsity=0.6, progress=False, asymmetric=asym
+        )
         outs[name] = model(calib).logits
     with torch.no_grad():
         ref = dense(calib).logits
@@ -103,15 +123,19 @@ def test_pipeline_asymmetric_fits_the_dense_outputs_better():
 def test_pipeline_asymmetric_refusals():
     calib = calib_ids(2, 16)
     with pytest.raises(TypeError, match="asymmetric must be True or False"):
-        fp.prune_model(tiny_model("llama"), calib, "sparsegpt", asymmetric="yes", progress=False)
+        fp.prune_model(
+            tiny_model("llama"), calib, method="sparsegpt", asymmetric="yes", progress=False
+        )
     with pytest.raises(ValueError, match="asymmetric=True needs calibration"):
-        fp.prune_model(tiny_model("llama"), None, "magnitude", asymmetric=True, progress=False)
+        fp.prune_model(
+            tiny_model("llama"), None, method="magnitude", asymmetric=True, progress=False
+        )
     with pytest.raises(ValueError, match="needs the full H"):
         fp.prune_model(
-            tiny_model("llama"), calib, "wanda", asymmetric=True, hessian_kind="diagonal",
+            tiny_model("llama"), calib, method="wanda", asymmetric=True, hessian_kind="diagonal",
             progress=False,
         )  # fmt: skip
     with pytest.raises(ValueError, match="routed experts"):
         fp.prune_model(
-            tiny_moe_model("qwen3_moe"), calib, "sparsegpt", asymmetric=True, progress=False
+            tiny_moe_model("qwen3_moe"), calib, method="sparsegpt", asymmetric=True, progress=False
         )

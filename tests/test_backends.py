@@ -319,8 +319,10 @@ def test_prune_model_on_cuda_backend(solver_backend, shadow, method):
     opts = {"max_swaps": 3} if method == "sparseswaps" else {}
     calib = calib_ids(4, 24)
     ref, got = tiny_model("llama"), tiny_model("llama").to(b.device)
-    fp.prune_model(ref, calib, method, progress=False, backend="torch", **opts)
-    rep = fp.prune_model(got, calib.to(b.device), method, progress=False, backend="cuda", **opts)
+    fp.prune_model(ref, calib, method=method, progress=False, backend="torch", **opts)
+    rep = fp.prune_model(
+        got, calib.to(b.device), method=method, progress=False, backend="cuda", **opts
+    )
     assert rep.achieved_sparsity == pytest.approx(0.5, abs=0.02)
     cuda_op = "swap_search" if method == "sparseswaps" else "obs_sweep"
     assert all(lr.info["kernels"][cuda_op] == "cuda" for lr in rep.layers)

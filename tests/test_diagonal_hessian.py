@@ -145,8 +145,10 @@ def test_pipeline_kind_auto_is_diagonal(gen, method):
     model = tiny_model("llama")
     calib = _calib(model, gen)
     full = tiny_model("llama")
-    auto = fp.prune_model(model, calib, method, 0.5, progress=False)
-    kept = fp.prune_model(full, calib, method, 0.5, progress=False, hessian_kind="full")
+    auto = fp.prune_model(model, calib, method=method, sparsity=0.5, progress=False)
+    kept = fp.prune_model(
+        full, calib, method=method, sparsity=0.5, progress=False, hessian_kind="full"
+    )
     assert auto.options["hessian_kind"] == "diagonal" and kept.options["hessian_kind"] == "full"
     assert all(lr.loss is None for lr in auto.layers)
     assert all(lr.loss is not None and lr.loss >= 0 for lr in kept.layers)
@@ -159,8 +161,8 @@ def test_pipeline_kind_checked(gen):
     model = tiny_model("llama")
     calib = _calib(model, gen)
     with pytest.raises(ValueError, match="hessian_kind='diagonal' does not fit 'sparsegpt'"):
-        fp.prune_model(model, calib, "sparsegpt", hessian_kind="diagonal", progress=False)
+        fp.prune_model(model, calib, method="sparsegpt", hessian_kind="diagonal", progress=False)
     with pytest.raises(ValueError, match="hessian_kind must be one of"):
-        fp.prune_model(model, calib, "wanda", hessian_kind="diag", progress=False)
-    rep = fp.prune_model(model, calib, "sparsegpt", 0.5, progress=False)
+        fp.prune_model(model, calib, method="wanda", hessian_kind="diag", progress=False)
+    rep = fp.prune_model(model, calib, method="sparsegpt", sparsity=0.5, progress=False)
     assert rep.options["hessian_kind"] == "full"

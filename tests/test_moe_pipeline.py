@@ -48,7 +48,9 @@ def test_owl_allocates_over_every_expert():
     (attention and every expert) meet that block's allocated sparsity, and the total stays
     the target within each layer's rounding."""
     model = tiny_moe_model("mixtral")
-    rep = fp.prune_model(model, calib_ids(4, 32), "wanda", 0.5, allocation="owl", progress=False)
+    rep = fp.prune_model(
+        model, calib_ids(4, 32), method="wanda", sparsity=0.5, allocation="owl", progress=False
+    )
     alloc = rep.totals["allocation"]["block_sparsity"]
     assert len(alloc) == 2 and alloc[0] != alloc[1]
     for b, target in enumerate(alloc):
@@ -66,7 +68,15 @@ def test_save_and_reload_keeps_fused_experts(tmp_path, family):
     from fastprune.app.saving import save_pruned, verify_saved
 
     model = tiny_moe_model(family)
-    rep = fp.prune_model(model, calib_ids(4, 32), "sparsegpt", 0.5, 2, 4, progress=False)
+    rep = fp.prune_model(
+        model,
+        calib_ids(4, 32),
+        method="sparsegpt",
+        sparsity=0.5,
+        prune_n=2,
+        prune_m=4,
+        progress=False,
+    )
     out = save_pruned(model, byte_tokenizer(), tmp_path / "pruned", rep)
     checked = verify_saved(model, out, rep, calib_ids(1, 16)[0])
     assert checked["block_sparsity"] == pytest.approx(rep.block_sparsity)
@@ -152,7 +162,7 @@ def test_llama4_experts_grouped_by_the_caller():
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
     calib = calib_ids(4, 32)
-    rep = fp.prune_model(copy.deepcopy(model), calib, "wanda", 0.5, progress=False)
+    rep = fp.prune_model(copy.deepcopy(model), calib, method="wanda", sparsity=0.5, progress=False)
     for b in range(2):
         tokens = [
             lr.info["tokens"] for lr in rep.layers if lr.block == b and "gate_up_proj[" in lr.name
@@ -160,7 +170,9 @@ def test_llama4_experts_grouped_by_the_caller():
         assert len(tokens) == 4 and sum(tokens) == calib.numel()  # top-1: every token once
     assert {d["reason"] for d in rep.dense} == {"router"}
     with pytest.raises(ValueError, match="moe_calibration='all'"):
-        fp.prune_model(model, calib, "wanda", 0.5, moe_calibration="all", progress=False)
+        fp.prune_model(
+            model, calib, method="wanda", sparsity=0.5, moe_calibration="all", progress=False
+        )
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
@@ -172,7 +184,9 @@ def test_any_experts_implementation_prunes_alike(family):
         model = tiny_moe_model(family)
         for block in model.model.layers:
             block.mlp.experts.config._experts_implementation = impl
-        rep = fp.prune_model(model, calib_ids(4, 32), "sparsegpt", 0.5, progress=False)
+        rep = fp.prune_model(
+            model, calib_ids(4, 32), method="sparsegpt", sparsity=0.5, progress=False
+        )
         assert rep.block_sparsity > 0.49
         got[impl] = [b.mlp.experts.down_proj.detach().clone() for b in model.model.layers]
     for impl in ("batched_mm", "grouped_mm"):

@@ -156,7 +156,9 @@ def test_messages_name_what_is_registered(toy):
     try:
         assert methods_where("reads_diagonal")[-1] == "toydiag"
         with pytest.raises(ValueError, match="only wanda, gblm, toydiag read diag"):
-            fp.prune_model(tiny_model("llama"), calib_ids(2, 16), "rose", hessian_kind="diagonal")
+            fp.prune_model(
+                tiny_model("llama"), calib_ids(2, 16), method="rose", hessian_kind="diagonal"
+            )
     finally:
         unregister(diag.name)
     with pytest.raises(ValueError, match="method must be one of .*, toy;"):

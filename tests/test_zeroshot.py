@@ -150,7 +150,7 @@ def test_pruned_moe_model(task_dir):
     from pipeline_helpers import byte_tokenizer, calib_ids, tiny_moe_model
 
     model = tiny_moe_model("qwen3_moe")
-    fp.prune_model(model, calib_ids(4, 32), "wanda", 0.5, progress=False)
+    fp.prune_model(model, calib_ids(4, 32), method="wanda", sparsity=0.5, progress=False)
     res = fp.lm_eval_tasks(model, byte_tokenizer(), [TASK], include=task_dir, limit=8)
     assert res[TASK]["samples"] == 8 and 0 <= res[TASK]["acc"] <= 1
 

@@ -48,8 +48,8 @@ def _keep_kernel(
 
 
 SORT_IS_FASTER_ON_GPU = (
-    "on a GPU torch's sort selects faster than this radix selection (H100, 4096x128 block: "
-    "0.10 vs 0.27 ms), so solves take torch's; call triton_block_prune_mask to run it"
+    "on a GPU torch's sort selects faster than this radix selection "
+    "(benchmarks/results/h100/), so solves take torch's; call triton_block_prune_mask to run it"
 )
 
 

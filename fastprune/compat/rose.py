@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hessian import running_hessian_update
+from ..hessian import DEFAULT_PERCDAMP, running_hessian_update
 from ..result import PruneResult
+from ..solvers.obs import DEFAULT_BLOCKSIZE
 from ..solvers.rose import rose_layer
 from ..validation import check_scaler, check_weight
 from .adapter import LayerAdapter, running_scaler_update
@@ -19,8 +20,8 @@ def rose_with_scaler(
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
     range_threshold: float = 0.5,
     backend: str = "auto",
     *,
@@ -88,7 +89,9 @@ class ROSE(LayerAdapter):
         self.nsamples = running_hessian_update(self.H, self.nsamples, x, b)
 
     @torch.no_grad()
-    def fasterprune(self, sparsity, prune_n=0, prune_m=0, blocksize=128, percdamp=0.01):
+    def fasterprune(
+        self, sparsity, prune_n=0, prune_m=0, blocksize=DEFAULT_BLOCKSIZE, percdamp=DEFAULT_PERCDAMP
+    ):
         """Prune the layer in place; returns the `PruneResult` (`info` has the relative range
         and whether it reordered)."""
         W = self._weight().float()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..hessian import running_hessian_update
+from ..hessian import DEFAULT_PERCDAMP, running_hessian_update
+from ..solvers.obs import DEFAULT_BLOCKSIZE
 from ..solvers.sparsegpt import sparsegpt_layer
 from .adapter import LayerAdapter
 
@@ -50,8 +51,8 @@ class SparseGPT(LayerAdapter):
         sparsity,
         prunen=0,
         prunem=0,
-        blocksize=128,
-        percdamp=0.01,
+        blocksize=DEFAULT_BLOCKSIZE,
+        percdamp=DEFAULT_PERCDAMP,
         *,
         prune_n=None,
         prune_m=None,

@@ -85,9 +85,10 @@ class PruneConfig:
     )  # fmt: skip
     hessian_kind: str = option(
         "auto",
-        "what is accumulated per layer input: the full H, or its diagonal alone (all Wanda "
-        "and GBLM read: no GEMM, cols floats; their layers then report no loss); auto: the "
-        "diagonal for those methods, the full H otherwise",
+        "what is accumulated per layer input: the full H, or its diagonal alone (for a "
+        "method that reads nothing else, its Method's reads_diagonal: no GEMM, cols floats; "
+        "its layers then report no loss); auto: the diagonal where the method reads no more, "
+        "the full H otherwise",
         check=one_of(HESSIAN_KINDS), cli={"choices": HESSIAN_KINDS}, agreed=True,
     )  # fmt: skip
     moe_calibration: str = option(

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..hessian import InverseHessian, _check_batch, inverse_hessian
+from ..hessian import DEFAULT_PERCDAMP, InverseHessian, _check_batch, inverse_hessian
 
 
 class CrossAccumulator:
@@ -60,7 +60,7 @@ def asymmetric_target(
     W: torch.Tensor,
     H: torch.Tensor,
     C: torch.Tensor,
-    percdamp: float = 0.01,
+    percdamp: float = DEFAULT_PERCDAMP,
     hinv: InverseHessian | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """The weights `W' = W + W (C - H) H^-1` to prune under `H` (see the module docstring),

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ..hessian import inverse_hessian
+from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..layers import get_weight, set_weight
 from ..masks import pruned_fraction
 from ..solvers.sparsegpt_batched import inverse_hessians
@@ -30,7 +30,7 @@ class LayerSolves:
         """The inverse of the H of input group `lead`, one per distinct H (SparseGPT)."""
         if lead not in inverses:
             t0 = time.perf_counter()
-            percdamp = self.args.opts.get("percdamp", 0.01)
+            percdamp = self.args.opts.get("percdamp", DEFAULT_PERCDAMP)
             inverses[lead] = inverse_hessian(hooks.acc[lead].H, percdamp)
             self.clock("inverse_seconds", t0)
         return inverses[lead]

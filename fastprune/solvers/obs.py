@@ -13,6 +13,8 @@ from ..ops import Kernels
 from ..ops.obs_sweep import sub_matmul
 
 OBS_OPS = ("block_prune_mask", "obs_sweep")
+# SparseGPT's column block: unstructured masks are chosen per block of this many columns
+DEFAULT_BLOCKSIZE = 128
 
 
 def block_bounds(cols: int, blocksize: int) -> list[tuple[int, int]]:

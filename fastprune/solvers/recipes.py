@@ -34,11 +34,12 @@ import time
 
 import torch
 
-from ..hessian import InverseHessian, layer_loss, row_losses
+from ..hessian import DEFAULT_PERCDAMP, InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..result import PruneResult
 from ..validation import check_int, check_rows, check_weight
 from .core import merge_kernel_info
+from .obs import DEFAULT_BLOCKSIZE
 from .refit import refit_masked
 from .registry import METHODS, Method, Selection, get_method, register, selectors, solver_defaults
 from .skeleton import legacy_positional, tensor_or_none_at
@@ -98,8 +99,8 @@ def compose_layer(
     reconstruct: bool | str = False,
     max_swaps: int | None = None,
     refit_iters: int = 32,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
     range_threshold: float = 0.5,
     alpha: float = 1.0,
     backend: str = "auto",

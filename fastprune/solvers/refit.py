@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hessian import row_losses
+from ..hessian import DEFAULT_PERCDAMP, row_losses
 from ..validation import check_int, check_percdamp
 
 
@@ -40,7 +40,7 @@ def refit_masked(
     mask: torch.Tensor,
     start: torch.Tensor | None = None,
     *,
-    percdamp: float = 0.01,
+    percdamp: float = DEFAULT_PERCDAMP,
     iters: int = 32,
     tol: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:

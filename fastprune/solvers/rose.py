@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from ..hessian import inverse_hessian
+from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..masks import pattern_name, pruned_fraction
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
 from .core import check_obs_options, wanda_score
-from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .obs import DEFAULT_BLOCKSIZE, OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,
@@ -94,8 +94,8 @@ def rose_layer(
     prune_n: int = 0,
     prune_m: int = 0,
     *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
     range_threshold: float = 0.5,
     backend: str = "auto",
     scaler: torch.Tensor | None = None,

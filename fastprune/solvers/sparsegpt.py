@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..hessian import InverseHessian
+from ..hessian import DEFAULT_PERCDAMP, InverseHessian
 from ..masks import pruned_fraction
 from ..result import PruneResult
 from .core import check_obs_options, resolve_inverse
-from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .obs import DEFAULT_BLOCKSIZE, OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,
@@ -34,8 +34,8 @@ def sparsegpt_layer(
     prune_n: int = 0,
     prune_m: int = 0,
     *,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
     mask: torch.Tensor | None = None,
     backend: str = "auto",
     hinv: InverseHessian | None = None,

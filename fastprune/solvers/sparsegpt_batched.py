@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..hessian import (
+    DEFAULT_PERCDAMP,
     H_RANGE,
     InverseHessian,
     check_inverse_of,
@@ -21,14 +22,14 @@ from ..hessian import (
 )
 from ..result import PruneResult
 from .core import check_obs_options
-from .obs import OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .obs import DEFAULT_BLOCKSIZE, OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
 from .skeleton import Outcome, Problem, run_batch_solver, unpruned
 
 
 @torch.no_grad()
 def inverse_hessians(
     H: torch.Tensor | Sequence[torch.Tensor],
-    percdamp: float = 0.01,
+    percdamp: float = DEFAULT_PERCDAMP,
     dtype: torch.dtype | None = None,
 ) -> list[InverseHessian]:
     """`inverse_hessian` for every `H[e]` of `H` (`[E, cols, cols]`, or E `[cols, cols]`
@@ -73,8 +74,8 @@ def sparsegpt_experts(
     sparsity: float = 0.5,
     prune_n: int = 0,
     prune_m: int = 0,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
+    blocksize: int = DEFAULT_BLOCKSIZE,
+    percdamp: float = DEFAULT_PERCDAMP,
     backend: str = "auto",
     *,
     hinvs: list[InverseHessian] | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from ..hessian import InverseHessian
+from ..hessian import DEFAULT_PERCDAMP, InverseHessian
 from ..masks import pattern_name, pruned_fraction, selection_prune_mask
 from ..ops import Kernels
 from ..result import PruneResult
@@ -117,7 +117,7 @@ def sparseswaps_layer(
     max_swaps: int | None = None,
     backend: str = "auto",
     reconstruct: bool = False,
-    percdamp: float = 0.01,
+    percdamp: float = DEFAULT_PERCDAMP,
     progress: bool = False,
     values: torch.Tensor | None = None,
     hinv: InverseHessian | None = None,
