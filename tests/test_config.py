@@ -13,7 +13,8 @@ import torch
 from pipeline_helpers import calib_ids, tiny_model
 
 import fastprune as fp
-from fastprune import cli, config, workflow
+from fastprune import config
+from fastprune.app import cli, workflow
 from fastprune.config import PruneConfig, check_config, extend, number_in, option, options
 from fastprune.methods import METHODS
 from fastprune.models import find_blocks, find_linears, get_weight

@@ -11,7 +11,7 @@ from pipeline_helpers import calib_ids, tiny_model
 
 import fastprune as fp
 import fastprune.pipeline
-from fastprune import cli
+from fastprune.app import cli
 from fastprune.hessian import InverseHessian
 from fastprune.methods import GRADIENT_OPTIONS, METHODS, Method, composed, get_method, selectors
 from fastprune.models import find_blocks, find_linears, get_weight

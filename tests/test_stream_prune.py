@@ -195,7 +195,7 @@ def test_cli_stream_needs_a_checkpoint_and_a_save_folder(tmp_path, capsys):
 
 
 def test_auto_streams_when_the_model_does_not_fit(tmp_path, monkeypatch):
-    from fastprune import workflow
+    from fastprune.app import workflow
     from fastprune.streaming import checkpoint as checkpoint_mod
 
     src = _saved("llama", tmp_path)
