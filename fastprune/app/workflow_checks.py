@@ -94,8 +94,13 @@ def eval_source(spec: Any, name: str) -> Any:
 
 
 def save_folder(path: Any, name: str) -> Any:
+    """A folder the pruned model can be written to: new, or an empty folder (on every path:
+    writing beside files already there would mix two models)."""
     if path:
         check_output(path, name, directory=True)
+        p = Path(path).expanduser()
+        if p.is_dir() and any(p.iterdir()):
+            raise ValueError(f"{name} {path!r} exists and is not empty; give a new folder")
     return path
 
 

@@ -48,9 +48,25 @@ def _prune_here(job: PruneJob, name: Name) -> dict:
     # under torchrun every rank prunes; only rank 0 talks, evaluates and writes files
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
     run = _Run(job, name, lead, sayer(job.quiet, lead), job.progress and lead)
+    if job.save and lead:
+        _mention_stale_partials(job.save, run.say)
     streamed = streaming_decision(job, run.say)
     out = _prune_streamed(run) if streamed else _prune_in_memory(run)
     return _finish(run, out, time.perf_counter() - t_start)
+
+
+def _mention_stale_partials(save: str, say: Say) -> None:
+    """Say which folders earlier, unfinished writes of `save` left beside it, and how to
+    remove them (they are never removed without being asked)."""
+    from ..streaming.writer import stale_partials
+
+    stale = stale_partials(save)
+    if stale:
+        names = " ".join(repr(str(p)) for p in stale)
+        say(
+            f"note: {len(stale)} unfinished folder(s) from earlier writes of {save!r} lie "
+            f"beside it (each has a PARTIAL file saying why); remove them with: rm -r {names}"
+        )
 
 
 @dataclass

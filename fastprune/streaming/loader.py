@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..validation import all_finite, non_finite_error
 from .layout import Source, match_model, resolve_source
 from .shards import TensorInfo, open_safetensors
 
@@ -122,7 +123,10 @@ class BlockLoader:
         for shard, keys in by_shard.items():
             with open_safetensors(self.path / shard) as f:
                 for k in keys:
-                    read[k] = f.get_tensor(k)
+                    t = f.get_tensor(k)
+                    if not all_finite(t):  # named here, before it can reach a block or the output
+                        raise non_finite_error(t, f"checkpoint tensor {k!r} (in {shard})")
+                    read[k] = t
                     nbytes += self.tensors[k].nbytes
         for name, src, owners in todo.values():
             m0, attr0, kind = owners[0]

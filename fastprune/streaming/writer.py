@@ -4,6 +4,7 @@ into place: an interrupted run never leaves a folder that looks like a finished 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,6 +76,26 @@ def check_output(out_dir: str | Path, source_dir: str | Path | None = None) -> P
     return out
 
 
+def _save_pretrained(obj, folder: Path, what: str) -> None:
+    """`obj.save_pretrained(folder)`; a failure of any kind (tokenizers raise plain
+    `Exception`s, e.g. on a full disk) becomes an `OSError` naming what was being saved."""
+    try:
+        obj.save_pretrained(str(folder))
+    except (OSError, ValueError):
+        raise
+    except Exception as e:
+        raise OSError(f"saving the {what} failed: {type(e).__name__}: {e}") from e
+
+
+def stale_partials(out_dir: str | Path) -> list[Path]:
+    """Folders that earlier writes of `out_dir` left beside it, abandoned or interrupted
+    (`.<name>.partial-*`, each with its `PARTIAL` marker)."""
+    out = Path(out_dir).expanduser().resolve()
+    if not out.parent.is_dir():
+        return []
+    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+
+
 def _usual_permissions(folder: Path) -> None:
     """The folder and its files get the modes `mkdir` / `open` would give under the umask
     (the temporary folder and safetensors' files are created private)."""
@@ -119,7 +140,13 @@ class CheckpointWriter:
         self._buffered = 0
         self._shards: list[tuple[str, list[str], int]] = []  # (temporary file, names, bytes)
         self._finished = False
-        self._mark("writing")
+        try:
+            self._mark("writing")
+        except BaseException as e:  # not even the marker fits (or an interrupt): leave nothing
+            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OSError(f"cannot write beside {str(self.out_dir)!r}: {e}") from e
+            raise
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -154,13 +181,21 @@ class CheckpointWriter:
             "tensors_buffered_not_written": list(self._buffer),
             "bytes_written": self.written_bytes,
         }
-        (self.tmp_dir / PARTIAL).write_text(json.dumps(info, indent=1))
+        # a temporary file renamed over the marker: the marker on disk always holds a whole
+        # status and reason, the last one that could be written (a full disk, an interrupt)
+        tmp = self.tmp_dir / f".{PARTIAL}.{os.getpid()}.tmp"
+        try:
+            tmp.write_text(json.dumps(info, indent=1))
+            os.replace(tmp, self.tmp_dir / PARTIAL)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _abandon(self, reason: str) -> None:
         self._buffer.clear()
         self._buffered = 0
         if self.tmp_dir.is_dir():
-            self._mark("abandoned", reason)
+            with contextlib.suppress(OSError):  # the last marker written stays whole
+                self._mark("abandoned", reason)
 
     # ---------------------------------------------------------------------- writing
 
@@ -231,11 +266,13 @@ class CheckpointWriter:
             if n > 1:
                 index = {"metadata": {"total_size": self.written_bytes}, "weight_map": weight_map}
                 (self.tmp_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-            config.save_pretrained(str(self.tmp_dir))
-            if generation_config is not None:
-                generation_config.save_pretrained(str(self.tmp_dir))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(self.tmp_dir))
+            for what, obj in (
+                ("config", config),
+                ("generation config", generation_config),
+                ("tokenizer", tokenizer),
+            ):
+                if obj is not None:
+                    _save_pretrained(obj, self.tmp_dir, what)
             for fname, text in extra.items():
                 if (self.tmp_dir / fname).exists():
                     raise ValueError(f"extra_files: {fname!r} would overwrite a file written")
@@ -248,7 +285,8 @@ class CheckpointWriter:
             self.tmp_dir.rename(self.out_dir)
         except BaseException as e:
             if self.tmp_dir.is_dir():
-                self._mark("abandoned", f"finish() failed: {type(e).__name__}: {e}")
+                with contextlib.suppress(OSError):
+                    self._mark("abandoned", f"finish() failed: {type(e).__name__}: {e}")
             raise
         self._finished = True
         return self.out_dir
