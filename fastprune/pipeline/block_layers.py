@@ -32,12 +32,62 @@ def router_reason(block: nn.Module, path: str, module: nn.Module) -> str | None:
     parent_path, _, leaf = path.rpartition(".")
     if leaf == "shared_expert_gate":
         return "shared-expert gate (a router)"
-    if "router" in type(module).__name__.lower():
-        return "router"
+    # the module, or a module it sits in (JetMoE's `router.layer` inside its top-k gating),
+    # is a router by its class or its name
+    parts = path.split(".")
+    for i in range(len(parts), 0, -1):
+        owner = block.get_submodule(".".join(parts[:i]))
+        kind = type(owner).__name__.lower()
+        if "router" in kind or "gating" in kind or parts[i - 1] in ("router", "router_gate"):
+            return "router"
     if leaf in ("gate", "router"):
         parent = block.get_submodule(parent_path) if parent_path else block
         if hasattr(parent, "experts"):
             return "router"
+    return None
+
+
+# Parameters of a block that are not GEMM weights, left dense by these rules (in this order);
+# each reason is a kind the report counts. A parameter none of them covers, that is no linear,
+# expert projection nor router, is an error naming it.
+CONV_KERNEL = "convolution kernel (conv/SSM mixer, not a GEMM)"
+SSM_STATE = "SSM state parameters (A_log, D, dt)"
+NORM_SCALE = "norm or clip scales"
+TABLE = "embedding or position-bias table"
+VECTOR = "per-channel vector stored with singleton dimensions"
+MIXING = "small mixing matrix (hyper-connections, gates): at most 32 rows"
+UNREAD_EXPERTS = "expert weights in a layout fastprune does not read"
+_SSM_NAMES = ("A_log", "A", "D", "dt_bias", "dt")
+MIXING_MAX_ROWS = 32
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def non_gemm_reason(owner: nn.Module | None, leaf: str, p: torch.Tensor) -> str | None:
+    """Why parameter `leaf` of module `owner` (None: not found) is no GEMM weight, or None:
+    convolution kernels (depthwise or with a receptive field), SSM state, norm scales,
+    embedding/bias tables, vectors stored as 2-D+, small mixing matrices and expert stacks in
+    a layout no rule reads."""
+    if isinstance(owner, nn.modules.conv._ConvNd) and leaf == "weight":
+        if owner.groups > 1 or any(k > 1 for k in owner.kernel_size):
+            return CONV_KERNEL
+        return None  # a pointwise convolution is a GEMM: no rule leaves it dense
+    if leaf in _SSM_NAMES:
+        return SSM_STATE
+    if (owner is not None and _is_norm(owner)) or leaf in ("scale", "scales"):
+        return NORM_SCALE
+    if isinstance(owner, nn.Embedding | nn.EmbeddingBag) or (
+        "bias" in leaf.lower() and not isinstance(owner, nn.Linear)
+    ):
+        return TABLE
+    if p.numel() == max(p.shape):  # every dimension but one is 1
+        return VECTOR
+    if p.dim() == 2 and min(p.shape) <= MIXING_MAX_ROWS:
+        return MIXING
+    if p.dim() >= 3:
+        return UNREAD_EXPERTS
     return None
 
 
@@ -98,6 +148,15 @@ def _survey(block: nn.Module):
             cands.append(_Candidate(path, (f"{path}.weight",), {path: mod}))
     # a router's own parameters are not also a linear candidate
     cands = [c for c in cands if not any(p in ruled for p in c.params)]
+    covered = {q for c in cands for q in c.params} | set(ruled)
+    params = dict(block.named_parameters())
+    for name in matrices:
+        if name not in covered:
+            owner_path, _, leaf = name.rpartition(".")
+            owner = block.get_submodule(owner_path) if owner_path else block
+            why = non_gemm_reason(owner, leaf, params[name])
+            if why is not None:
+                ruled[name] = why
     return cands, ruled, matrices
 
 
