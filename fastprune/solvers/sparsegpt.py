@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hessian import DEFAULT_PERCDAMP, InverseHessian
+from ..hessian import DEFAULT_PERCDAMP, InverseHessian, layer_loss
 from ..masks import pruned_fraction
 from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
@@ -134,14 +134,36 @@ def obs_solve(
     return Outcome(Q, keep, loss, quant=qw)
 
 
-def _select(
-    W, H, sparsity, prune_n, prune_m, *, blocksize, percdamp, backend, hinv, **_
+def quantize_on_mask(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    spec: QuantSpec,
+    prune_n: int = 0,
+    prune_m: int = 0,
+    **options,
 ) -> PruneResult:
-    """A composition's mask and weights: SparseGPT's, with the shared inverse (the hook)."""
+    """Round `weight` (W pruned to `mask` and reconstructed) to the grids of `spec` by an OBS
+    sweep on that mask: the rounding errors spread over the kept weights to their right
+    (GPTQ of the sparse layer). For least-squares weights on the mask, the loss of the result
+    against `W` is that of `weight` plus that of the rounding; `r.loss` is against `W`."""
+    r = sparsegpt_layer(
+        weight.to(W.dtype), H, prune_n=prune_n, prune_m=prune_m, mask=mask, quant=spec,
+        **options,
+    )  # fmt: skip
+    r.loss = layer_loss(W, r.weight, H)
+    return r
+
+
+def _select(
+    W, H, sparsity, prune_n, prune_m, *, blocksize, percdamp, backend, hinv, quant=None, **_
+) -> PruneResult:
+    """A composition's mask and weights: SparseGPT's, with the shared inverse (the hook);
+    `quant`: rounded in the same sweep."""
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
-    return sparsegpt_layer(
-        W, H, **pat, blocksize=blocksize, percdamp=percdamp, backend=backend, hinv=hinv
-    )
+    obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
+    return sparsegpt_layer(W, H, **pat, **obs, hinv=hinv, quant=quant)
 
 
 def _experts(W, H, sparsity, prune_n, prune_m, **options) -> list[PruneResult]:
