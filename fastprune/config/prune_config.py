@@ -164,7 +164,7 @@ class PruneConfig:
     sym: bool | None = option(
         None, "quant: a symmetric (--sym) or asymmetric (--asym) integer grid (default: the "
         "preset's, symmetric)",
-        check=optional(flag_bool), flag="--sym/--asym", argument=False, agreed=True,
+        check=optional(flag_bool), flag="--sym", argument=False, agreed=True,
     )  # fmt: skip
     actorder: bool = option(
         False, "quant: sweep the columns by decreasing diag(H) (GPTQ's act-order)",

@@ -82,8 +82,9 @@ def quant_spec(values: Mapping[str, Any], meth, name: Name) -> Any:
                     f"{given(name, 'quant', quant)} (float8 e4m3, per-channel scales)"
                 )
         if tuned.get("sym") is False:
+            asym = "--asym" if name("sym").startswith("-") else given(name, "sym", False)
             raise ValueError(
-                f"{name('sym')}: an asymmetric grid does not apply to "
-                f"{given(name, 'quant', quant)} (no zero point)"
+                f"{asym}: an asymmetric grid does not apply to {given(name, 'quant', quant)} "
+                "(no zero point)"
             )
     return dataclasses.replace(base, **tuned) if tuned else base
