@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MIN_VERSION = "0.9"  # compressed-tensors with the classmethod compressors and pack_to_int32
+MIN_VERSION = "0.20"  # the compressed-tensors this layout is tested with
 PACKED, FLOAT = "pack-quantized", "float-quantized"
 
 
