@@ -189,7 +189,9 @@ def test_saved_checkpoint_loads_back_equal(rtn, tmp_path, case):
     )
     assert w["group_size"] == spec.group_size
     assert w["strategy"] == ("channel" if spec.group_size is None else "group")
-    assert qc["sparsity_config"]["global_sparsity"] == report.achieved_sparsity == 0.5
+    sparsity = qc["sparsity_config"]
+    assert sparsity["global_sparsity"] == report.achieved_sparsity == 0.5
+    assert sparsity["sparsity_structure"] == "unstructured" and sparsity["format"] == "dense"
     # the package's default load leaves an asymmetric grid's packed zero points unloadable (it
     # expects them unpacked, then unpacks them); its dequantize-on-load path reads them
     loaded = _load(out, dequantize=not spec.sym)

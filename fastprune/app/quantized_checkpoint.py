@@ -121,18 +121,19 @@ def quantization_config(model: nn.Module, quantized: dict):
     )
 
 
-def sparsity_config(report, quantized: dict) -> dict:
-    """What the prune did, in the package's sparsity config schema (format dense: the zeros
-    are stored as codes of 0, not as a sparse format)."""
+def sparsity_config(report) -> dict:
+    """What the prune did, in the package's sparsity config schema: the fraction pruned and
+    its structure, recorded only (format dense: the zeros are stored as codes like any other
+    weight; no targets, so no runtime reads it as a sparse format to decompress or a 2:4
+    kernel to run)."""
     from compressed_tensors.config import DenseSparsityConfig
 
-    pattern = report.pattern if report.pattern != "unstructured" else "unstructured"
     cfg = DenseSparsityConfig(
         format="dense",
-        targets=sorted(quantized) if report.achieved_sparsity > 0 else [],
+        targets=[],
         ignore=[],
         global_sparsity=float(report.achieved_sparsity),
-        sparsity_structure=pattern,
+        sparsity_structure=report.pattern,
     )
     return cfg.model_dump(exclude={"registry_requires_subclass"})
 
@@ -171,7 +172,7 @@ def write_quantized(model: nn.Module, out: Path, report) -> dict:
         "version": compressed_tensors.__version__,
         **qcfg.model_dump(exclude=["quant_method"]),
         "quant_method": "compressed-tensors",
-        "sparsity_config": sparsity_config(report, quantized),
+        "sparsity_config": sparsity_config(report),
     }
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
     return {"format": qcfg.format, "layers": len(quantized)}
