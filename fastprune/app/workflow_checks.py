@@ -223,6 +223,12 @@ def _check_quant_save(job: PruneJob, spec, name: Name) -> None:
     gs = spec.group_size
     if spec.fp8 or gs is None:
         return
+    if spec.actorder:
+        raise ValueError(
+            f"{name('actorder')} with groups ({name('group_size')} {gs}) and {name('save')}: "
+            "act-order groups are not contiguous columns, which the compressed-tensors format "
+            "no longer loads; use act-order per channel, or no act-order, to save"
+        )
     path, blocks = find_blocks(model_skeleton(job.model), job.blocks)
     for i, block in enumerate(blocks):
         layout = find_block_layers(block, job.targets, job.ignore, f"{path}.{i}")
