@@ -206,6 +206,27 @@ def test_saved_checkpoint_loads_back_equal(rtn, tmp_path, case):
     assert checked["sparsity"] >= 0.5 and checked["max_logit_diff"] <= 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_is_saved_as_it_is_in_memory(rtn, tmp_path, dtype):
+    """Scales stored in the model's dtype: the layers in memory are what a runtime computes
+    from them, so the reloaded model equals it bit for bit."""
+    wide_llama().save_pretrained(tmp_path / "src")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=dtype)
+    report = fp.prune_model(model, method=rtn, sparsity=0.5, quant="w4a16", progress=False)
+    out = save_pruned(model, None, tmp_path / "q", report)
+    x = calib_ids(1, 32, seed=2)[0]
+    checked = verify_saved(model, out, report, x)  # every weight equal, logits within 1e-5
+    assert checked["max_logit_diff"] == 0.0
+    scale = next(t for k, t in _tensors(out).items() if k.endswith("weight_scale"))
+    assert scale.dtype == dtype
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
 def test_saved_tensors_are_the_codes(rtn, tmp_path):
     """The tensors written: packed codes, scales, zero points, shape; the package's own
     decompressor gives back fastprune's dequantized weights."""

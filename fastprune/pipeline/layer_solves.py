@@ -62,7 +62,9 @@ class LayerSolves:
             self.clock("asymmetric_seconds", t0)
         sparsity = self.block_sparsity[i]
         r = a.meth.solve(target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant)
-        if rows is None:
+        if r.quant is not None and rows is None:
+            set_weight(mod, as_stored(r.quant, W.dtype))
+        elif rows is None:
             set_weight(mod, r.weight)
         else:
             with torch.no_grad():
@@ -141,6 +143,18 @@ def identity_for_unrouted(hooks, block: str) -> list[str]:
             block, len(out), ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
         )  # fmt: skip
     return out
+
+
+def as_stored(q, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized layer's weight as a runtime computes it from a checkpoint that stores its
+    scales in the model's `dtype`: `(codes - zero) * scale` in that dtype (the solver's float32
+    dequantization cast to `dtype`, up to the rounding of the scales), so the model in memory
+    is the model saved."""
+    g = q.groups()
+    scale = q.scale.to(dtype)[:, g]
+    if q.zero is None:  # fp8: the float8 values times their row's scale
+        return q.codes.to(dtype) * scale
+    return (q.codes.to(torch.int16) - q.zero.to(torch.int16)[:, g]).to(dtype) * scale
 
 
 def quantized_on_cpu(q):
