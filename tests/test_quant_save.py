@@ -360,6 +360,18 @@ def test_bad_quant_flags_are_refused_before_loading(rtn, tmp_path, capsys, argv,
     assert not (tmp_path / "out").exists()
 
 
+def test_save_without_the_package_is_refused_before_loading(rtn, tmp_path, capsys, monkeypatch):
+    import fastprune.app.quantized_checkpoint as qc
+
+    monkeypatch.setattr(qc, "missing_package", lambda: "needs the compressed-tensors package")
+    d = _model_dir(tmp_path, wide_llama())
+    argv = ["prune", "--model", str(d), "--method", rtn, "--quant", "w4a16", "--no-progress"]
+    assert main([*argv, "--save", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "--save with --quant: needs the compressed-tensors package" in err
+    assert not (tmp_path / "out").exists()
+
+
 def _cli_quantized(tmp_path, method: str, *extra: str) -> dict:
     d = _model_dir(tmp_path, wide_llama())
     out, rep = tmp_path / "out", tmp_path / "report.json"
