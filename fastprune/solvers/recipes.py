@@ -129,8 +129,8 @@ def compose_layer(
     if check_rows(rows) is not None:
         W = W[rows]
         G = None if G is None else G[rows]
-    if H is None and (meth.needs_hessian or refine or reconstruct):
-        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
+    if H is None and (meth.needs_hessian or refine or reconstruct or quant is not None):
+        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct/quant")
     if (G is not None) != meth.needs_gradients:
         takes = " or ".join(repr(k) for k in selectors() if METHODS[k].needs_gradients)
         raise ValueError(f"G is needed for select={takes or None} and only for it")
@@ -138,8 +138,6 @@ def compose_layer(
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
     context = {**pat, **obs, "range_threshold": range_threshold, "alpha": alpha, "hinv": hinv}
     qspec = as_spec(quant)
-    if qspec is not None and H is None:
-        raise ValueError("H is needed for quant (the OBS sweep that rounds the weights)")
     # the selector's own sweep rounds the weights where they are the result
     joint = qspec is not None and spec.obs_weights and refine is None and reconstruct != "lstsq"
     if joint:
