@@ -50,7 +50,7 @@ def test_agreed_options_are_the_declared_ones():
     assert set(config.agreed(PruneConfig())) == {
         "method", "sparsity", "prune_n", "prune_m", "seed", "batch_size", "hessian_precision",
         "hessian_kind", "moe_calibration", "asymmetric", "targets", "ignore", "allocation",
-        "owl_threshold", "owl_lambda",
+        "owl_threshold", "owl_lambda", "quant", "bits", "group_size", "sym", "actorder",
     }  # fmt: skip
 
 

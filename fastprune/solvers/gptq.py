@@ -96,5 +96,6 @@ register(
         "quantization alone: the OBS sweep rounding each weight to its grid (GPTQ)",
         solver_defaults(gptq_solver, "blocksize", "percdamp", "backend"),
         shares_inverse=True,
+        takes_quant=True,
     )
 )

@@ -356,6 +356,7 @@ def composed(base: Method, options) -> Method:
         layer_options=auto_swaps_layer_options,
         row_separable=lambda n, o: _separable(base.select, n, o),
         takes_rows=True,
+        takes_quant=True,  # compose_layer(quant=): the OBS sweep on the final mask rounds
     )
 
 
@@ -398,5 +399,6 @@ register(
         layer_options=_layer_options,
         row_separable=lambda n, o: _separable(_selection(o["select"], n), n, o),
         takes_rows=True,
+        takes_quant=True,
     )
 )

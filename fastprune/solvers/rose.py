@@ -276,6 +276,7 @@ register(
         "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
         solver_defaults(rose_layer, "blocksize", "percdamp", "range_threshold", "backend"),
         takes_rows=True,
+        takes_quant=True,
         # N:M: per group, with the whole layer's column order (which `rows=` keeps);
         # unstructured, SparseGPT's per-block threshold over all rows couples them
         select=Selection(

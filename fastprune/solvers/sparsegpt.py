@@ -181,6 +181,7 @@ register(
         "OBS pruning with weight updates (IST-DASLab SparseGPT)",
         solver_defaults(sparsegpt_layer, "blocksize", "percdamp", "backend"),
         shares_inverse=True,
+        takes_quant=True,
         batch_solver=_experts,
         # unstructured, each block's threshold is over all rows; N:M is per group
         select=Selection(
