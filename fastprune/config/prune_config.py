@@ -234,6 +234,12 @@ def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
     meth, opts = check_method_options(values["method"], values["options"], name)
     n, m = check_pattern(values["prune_n"], values["prune_m"], values["prune_m"] or 1)
     method = values["method"]
+    if not meth.prunes and (values["sparsity"] or n):
+        what = name("prune_n") if n else name("sparsity")
+        raise ValueError(
+            f"{given(name, 'method', method)} quantizes without pruning: {what} must be 0 "
+            "(to prune and quantize in one sweep, use an OBS method with quant)"
+        )
     allocation = values["allocation"]
     if allocation == "owl" and n:
         logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)

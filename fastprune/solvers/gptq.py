@@ -97,5 +97,6 @@ register(
         solver_defaults(gptq_solver, "blocksize", "percdamp", "backend"),
         shares_inverse=True,
         takes_quant=True,
+        prunes=False,
     )
 )

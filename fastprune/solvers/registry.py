@@ -96,6 +96,8 @@ class Method:
     batch_solver: Callable[..., list[PruneResult]] | None = None
     select: Selection | None = None
     takes_quant: bool = False
+    # prunes weights (False: quantizes only, e.g. GPTQ: sparsity must be 0, no pattern)
+    prunes: bool = True
 
     def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
         """Whether this method's layers may be solved in row slices (see `row_separable`)."""
