@@ -6,7 +6,7 @@ sparseswaps, the composed recipes (`compose_layer`, `fastprune_layer`), and gptq
 
 # isort: off
 # the order of registration is the order `METHODS` lists the methods (and the CLI offers them)
-from . import magnitude, wanda, sparsegpt, rose, gblm, sparseswaps, recipes, gptq  # noqa: F401
+from . import magnitude, wanda, sparsegpt, rose, gblm, sparseswaps, recipes, compositions, gptq  # noqa: F401
 
 # isort: on
 from .gblm import GradientNormAccumulator, gblm_layer, gblm_score, gradient_norm
