@@ -375,3 +375,4 @@ triton_obs_sweep_batched = triton_obs_sweep  # the former name of the batched la
 
 OPS = {"obs_sweep": (triton_obs_sweep, triton_obs_sweep_unsupported)}
 BATCHED = frozenset({"obs_sweep"})  # takes W1 [E, rows, count] (grid: row tiles x layers)
+QUANT = frozenset({"obs_sweep"})  # takes quant= (every format and grid)

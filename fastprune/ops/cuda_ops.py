@@ -77,3 +77,4 @@ OPS = {
     "swap_search": (cuda_swap_search, cuda_swap_search_unsupported),
 }
 BATCHED = frozenset({"obs_sweep"})  # the ops whose kernel also takes a batch of layers
+QUANT = frozenset({"obs_sweep"})  # the ops whose kernel also takes quant= (float32, as without)
