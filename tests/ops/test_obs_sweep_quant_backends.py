@@ -231,8 +231,15 @@ def test_quant_batch_of_one_is_the_layer(backend, gen, grid, pattern):
         alone = _sweep(backend, W1[e], Hinv1[e], keep1[e], n, m, qe)
         for x, y in zip((*batch, batch.scale, batch.zero), (*alone, alone.scale, alone.zero)):
             assert torch.equal(x[e], y), f"layer {e}"
-    one = _sweep(backend, W1[:1], Hinv1[:1], keep1[:1], n, m, qb._replace(
-        scale=qb.scale[:1], zero=qb.zero[:1]))
+    one = _sweep(
+        backend,
+        W1[:1],
+        Hinv1[:1],
+        keep1[:1],
+        n,
+        m,
+        qb._replace(scale=qb.scale[:1], zero=qb.zero[:1]),
+    )
     assert all(torch.equal(x[0], y[0]) for x, y in zip(one, batch))
 
 
