@@ -54,7 +54,8 @@ class PruneResult:
         if i.get("quant"):
             q = i["quant"]
             extra.append(
-                f"quant={q['format']}{q['bits']} g={q['group_size']} "
+                f"quant={'fp8' if q['format'] == 'fp8' else 'int' + str(q['bits'])} "
+                f"g={q['group_size']} "
                 f"grid_error={q.get('grid_error', float('nan')):.3g}"
             )
         if i.get("kernels"):

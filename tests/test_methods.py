@@ -27,7 +27,9 @@ def _params(fn) -> dict[str, inspect.Parameter]:
     return dict(inspect.signature(fn).parameters)
 
 
-BUILT_IN = ["magnitude", "wanda", "sparsegpt", "rose", "gblm", "sparseswaps", "fastprune"]
+BUILT_IN = [
+    "magnitude", "wanda", "sparsegpt", "rose", "gblm", "sparseswaps", "fastprune", "gptq"
+]  # fmt: skip
 
 
 def test_one_registry_everywhere():

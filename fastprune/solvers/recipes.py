@@ -36,6 +36,7 @@ import torch
 
 from ..hessian import DEFAULT_PERCDAMP, InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
+from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
 from ..validation import check_int, check_rows, check_weight
 from .core import merge_kernel_info
@@ -43,7 +44,7 @@ from .obs import DEFAULT_BLOCKSIZE
 from .refit import refit_masked
 from .registry import METHODS, Method, Selection, get_method, register, selectors, solver_defaults
 from .skeleton import legacy_positional, tensor_or_none_at
-from .sparsegpt import sparsegpt_layer
+from .sparsegpt import quantize_on_mask, sparsegpt_layer
 from .sparseswaps import (
     auto_max_swaps,
     auto_swaps_layer_options,
@@ -106,15 +107,18 @@ def compose_layer(
     backend: str = "auto",
     hinv: InverseHessian | None = None,
     rows: slice | None = None,
+    quant: QuantSpec | str | None = None,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
-    (see the module docstring). `G`: the gradient norm, for a selector that needs gradients
-    (GBLM) and only for it; `hinv` an inverse of `H` from `fastprune.inverse_hessian(H,
-    percdamp)` that the SparseGPT selection and the reconstruction reuse. `rows`: solve only
-    these rows of `W` (and `G`), ROSE with the whole layer's column order. `info`: the
-    selector's loss (`loss_selected`), the refinement's counters, which weights were kept
-    (`result`: the selector's, "refined", "reconstructed" or, for "best_rows", "per row" with
-    `rows_reconstructed`) and `recipe`."""
+    (see the module docstring). `quant` (a `QuantSpec` or a preset name): the kept weights
+    rounded in the selector's own sweep where its OBS weights are the result, else by an
+    OBS sweep on the final mask from the final weights (`sparsegpt.quantize_on_mask`).
+    `G`: the gradient norm, for a selector that needs gradients (GBLM) and only for it;
+    `hinv` an inverse of `H` (`fastprune.inverse_hessian(H, percdamp)`) that the SparseGPT
+    selection and the reconstruction reuse. `rows`: solve only these rows of `W` (and `G`),
+    ROSE with the whole layer's column order. `info`: the selector's loss (`loss_selected`),
+    the refinement's counters, which weights were kept (`result`: the selector's, "refined",
+    "reconstructed" or, for "best_rows", "per row" with `rows_reconstructed`) and `recipe`."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     meth = get_method(select)
@@ -125,14 +129,19 @@ def compose_layer(
     if check_rows(rows) is not None:
         W = W[rows]
         G = None if G is None else G[rows]
-    if H is None and (meth.needs_hessian or refine or reconstruct):
-        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
+    if H is None and (meth.needs_hessian or refine or reconstruct or quant is not None):
+        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct/quant")
     if (G is not None) != meth.needs_gradients:
         takes = " or ".join(repr(k) for k in selectors() if METHODS[k].needs_gradients)
         raise ValueError(f"G is needed for select={takes or None} and only for it")
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
     context = {**pat, **obs, "range_threshold": range_threshold, "alpha": alpha, "hinv": hinv}
+    qspec = as_spec(quant)
+    # the selector's own sweep rounds the weights where they are the result
+    joint = qspec is not None and spec.obs_weights and refine is None and reconstruct != "lstsq"
+    if joint:
+        context["quant"] = qspec
 
     def hook(fn, **extra) -> PruneResult:  # the selector's rows, or the layer and `rows`
         if spec.takes_rows:
@@ -177,10 +186,16 @@ def compose_layer(
         weight, refit = refit_masked(W, H, mask, weight, percdamp=percdamp, iters=refit_iters)
         info.update(refit, loss_before_refit=loss)
         loss, result = layer_loss(W, weight, H), "refit"
+    qw = sel.quant if joint else None
+    if qspec is not None and not joint:  # round the final weights on the final mask
+        final = quantize_on_mask(W, H, weight, mask, qspec, prune_n, prune_m, hinv=hinv, **obs)
+        merge_kernel_info(info, final.info)
+        info.update(loss_before_quant=loss, quant=final.info["quant"])
+        weight, qw, loss = final.weight, final.quant, final.loss
     info.update(method="compose", result=result)
     info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
-    return PruneResult(weight.to(W.dtype), mask, loss, info)
+    return PruneResult(weight.to(W.dtype), mask, loss, info, qw)
 
 
 def _best_rows(

@@ -84,7 +84,8 @@ CASES = [
     (1, 32, None, False, ("unstructured", "2:4", "fixed")),  # one row, per channel
     (37, 64, 16, True, ("unstructured", "2:4", "4:8", "fixed")),  # found in the sweep
     (37, 64, 32, False, ("unstructured", "4:8")),  # static groups
-    (5, 100, 32, True, ("unstructured", "2:4")),  # a last partial group (100 = 3*32 + 4)
+    (5, 100, 32, True, ("unstructured",)),  # a last partial group (100 = 3*32 + 4)
+    (6, 100, 20, True, ("unstructured", "2:4")),  # groups across the torch sub-blocks
     (3, 17, 8, True, ("fixed",)),  # a prime count
     (16, 128, 128, True, ("unstructured", "2:4")),  # the block is one group
     (130, 48, None, False, ("2:4",)),  # many rows
