@@ -97,7 +97,39 @@ COMBOS = {
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
     "rose+asym": {"method": "rose", "asymmetric": True},
 }  # fmt: skip
-GROUPS = {"peers": PEERS, "combos": COMBOS}
+# quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian, against GPTQ), else
+# prune and quantize in one sweep (the joint mode; the recipe rounds in an OBS sweep on its
+# final mask, starting from its least-squares weights)
+QUANT = {
+    "rtn-w4a16": {"method": "magnitude", "rtn": "w4a16"},
+    "gptq-w4a16": {"method": "gptq", "quant": "w4a16"},
+    "sparsegpt+w4a16": {"method": "sparsegpt", "quant": "w4a16"},
+    "rose+w4a16": {"method": "rose", "quant": "w4a16"},
+    "fastprune+w4a16": {"method": "fastprune", "quant": "w4a16"},
+    "sparsegpt+fp8": {"method": "sparsegpt", "quant": "fp8"},
+    "fastprune+fp8": {"method": "fastprune", "quant": "fp8"},
+}
+GROUPS = {"peers": PEERS, "combos": COMBOS, "quant": QUANT}
+
+
+class _Rounded:
+    """What `round_blocks_to_nearest` reports in place of a `PruneReport`."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.totals, self.achieved_sparsity = seconds, {}, 0.0
+
+
+def round_blocks_to_nearest(model, spec) -> _Rounded:
+    """Every linear of the decoder blocks rounded to `spec`'s grid, no Hessian (the RTN
+    baseline that GPTQ is measured against)."""
+    from fastprune.models import find_blocks, find_linears, get_weight, set_weight
+
+    t0 = time.perf_counter()
+    for block in find_blocks(model)[1]:
+        for mod in find_linears(block).values():
+            W = get_weight(mod)
+            set_weight(mod, fp.round_to_nearest(W.float(), spec).dequantize().to(W.dtype))
+    return _Rounded(time.perf_counter() - t0)
 
 
 def pattern_args(p: str) -> dict:
@@ -133,10 +165,10 @@ def pick_configs(spec: str) -> dict[str, dict]:
     for name in spec.split(","):
         if name in GROUPS:
             configs.update(GROUPS[name])
-        elif name in PEERS or name in COMBOS:
-            configs[name] = {**PEERS, **COMBOS}[name]
+        elif name in PEERS or name in COMBOS or name in QUANT:
+            configs[name] = {**PEERS, **COMBOS, **QUANT}[name]
         else:
-            known = ", ".join([*GROUPS, *PEERS, *COMBOS])
+            known = ", ".join([*GROUPS, *PEERS, *COMBOS, *QUANT])
             raise SystemExit(f"unknown config {name!r}; known: {known}")
     return configs
 
@@ -192,10 +224,13 @@ def run(args) -> None:
             model.load_state_dict(dense)
             kw = dict(configs[config])
             t0 = time.perf_counter()
-            rep = fp.prune_model(
-                model, calib[seed], **pattern_args(pat), seed=seed,
-                progress=not args.no_progress, **kw,
-            )  # fmt: skip
+            if "rtn" in kw:
+                rep = round_blocks_to_nearest(model, fp.QuantSpec.preset(kw["rtn"]))
+            else:
+                rep = fp.prune_model(
+                    model, calib[seed], **pattern_args(pat), seed=seed,
+                    progress=not args.no_progress, **kw,
+                )  # fmt: skip
             wall = time.perf_counter() - t0
             row = {
                 "config": config,

@@ -68,8 +68,8 @@ def _is_norm(module: nn.Module) -> bool:
 def non_gemm_reason(owner: nn.Module | None, leaf: str, p: torch.Tensor) -> str | None:
     """Why parameter `leaf` of module `owner` (None: not found) is no GEMM weight, or None:
     convolution kernels (depthwise or with a receptive field), SSM state, norm scales,
-    embedding/bias tables, vectors stored as 2-D+, small mixing matrices and expert stacks in
-    a layout no rule reads."""
+    embedding/bias tables, vectors stored as 2-D+, small mixing matrices and the stacks of an
+    experts module in a layout no rule reads (any other unknown stack is an error)."""
     if isinstance(owner, nn.modules.conv._ConvNd) and leaf == "weight":
         if owner.groups > 1 or any(k > 1 for k in owner.kernel_size):
             return CONV_KERNEL
@@ -86,8 +86,8 @@ def non_gemm_reason(owner: nn.Module | None, leaf: str, p: torch.Tensor) -> str 
         return VECTOR
     if p.dim() == 2 and min(p.shape) <= MIXING_MAX_ROWS:
         return MIXING
-    if p.dim() >= 3:
-        return UNREAD_EXPERTS
+    if p.dim() >= 3 and owner is not None and "expert" in type(owner).__name__.lower():
+        return UNREAD_EXPERTS  # an experts module's stack (JetMoE's ParallelExperts)
     return None
 
 
