@@ -23,6 +23,7 @@ from .experts import (
     ExpertProjection,
     check_moe_calibration,
     expert_call_inputs,
+    expert_call_problem,
     expert_intermediate,
     grouped_tokens,
     routed_tokens,
@@ -164,6 +165,9 @@ class InputHooks:
         @torch.no_grad()
         def hook(mod, args, kwargs):
             hidden, top_k = expert_call_inputs(mod, args, kwargs)
+            why = expert_call_problem(fx, hidden, top_k)
+            if why is not None:
+                raise ValueError(f"{type(mod).__name__} is called in a way not understood: {why}")
             x = hidden.reshape(-1, hidden.shape[-1])
             every = self.moe_calibration == "all"
             if top_k is None:  # inputs grouped by expert, scaled by the router (Llama-4)
