@@ -383,3 +383,113 @@ def test_a_refusal_says_nothing_was_changed():
     with pytest.raises(ValueError) as info:
         fp.prune_model(Twice(), _ids(), method="sparsegpt", sparsity=0.5)
     assert info.value.pruned_blocks == []
+
+
+# ------------------------------------------------------------------ transformers families
+
+
+def _family(name, **kw):
+    transformers = pytest.importorskip("transformers")
+    if name not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {name}")
+    base = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                max_position_embeddings=64, pad_token_id=0)  # fmt: skip
+    cfg = transformers.CONFIG_MAPPING[name](**(base | kw))
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+def _hf_ids(n=4, t=16):
+    return torch.randint(1, 256, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def _hf_refused(model, match, **kw):
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        fp.prune_model(model, _hf_ids(), method="sparsegpt", sparsity=0.5, progress=False, **kw)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_jamba_dt_proj_used_through_its_weight_is_refused():
+    model = _family("jamba", num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
+    _hf_refused(model, r"model\.layers\.0\.mamba\.dt_proj: its weight is used directly")
+
+
+def test_hy_v4_topk_indices_passed_between_blocks_are_refused():
+    model = _family("hy_v4")
+    _hf_refused(model, r"its argument prev_topk_indices depends on the outputs of earlier blocks")
+
+
+def test_gemma3n_stacked_hidden_states_are_refused():
+    model = _family(
+        "gemma3n_text", num_kv_shared_layers=2, vocab_size_per_layer_input=256,
+        hidden_size_per_layer_input=8, laurel_rank=4, altup_num_inputs=2, sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )  # fmt: skip
+    _hf_refused(model, r"model\.layers\.0 takes hidden states \[2, 1, 16, 32\]")
+
+
+def test_gemma4_per_layer_inputs_replay_the_real_forward_block_by_block():
+    model = _family(
+        "gemma4_text", vocab_size_per_layer_input=256, hidden_size_per_layer_input=8,
+        sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2,
+    )  # fmt: skip
+    ids = _hf_ids()
+    path, blocks = find_blocks(model)
+    layouts = [fp.pipeline.block_layers.find_block_layers(b) for b in blocks]
+    kinds = block_kinds(model, len(blocks))
+    verdict = preflight(model, blocks, layouts, kinds, path, ids[:1])
+    assert verdict.own_arguments == [2, 3]  # per-layer inputs differ from their kind's first
+    kinds = own_kinds(kinds, verdict)
+    real = []
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: real.append(out))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    acts = capture_inputs(model, blocks, kinds, ids, 2, torch.device("cpu"), None)
+    for i, block in enumerate(blocks):
+        run_block(block, acts, 2, "cpu", acts.arg_sets, kinds[i])
+        acts.swap()
+    want = real[0][0] if isinstance(real[0], tuple) else real[0]
+    torch.testing.assert_close(acts.inps, want, rtol=1e-4, atol=1e-5)
+    report = fp.prune_model(model, ids, method="sparsegpt", sparsity=0.5, progress=False)
+    assert report.totals["preflight"]["own_arguments"] == [2, 3]
+
+
+def _ernie_text_model():
+    transformers = pytest.importorskip("transformers")
+    try:
+        from transformers.models.ernie4_5_vl_moe import modeling_ernie4_5_vl_moe as m
+    except ImportError:
+        pytest.skip("this transformers has no ernie4_5_vl_moe")
+    cfg = transformers.CONFIG_MAPPING["ernie4_5_vl_moe_text"](
+        vocab_size=256, hidden_size=128, intermediate_size=64, moe_intermediate_size=[16, 16],
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, moe_k=2,
+        max_position_embeddings=64, moe_num_experts=4, pad_token_id=0,
+        rope_parameters={"rope_theta": 1e4, "rope_type": "default", "mrope_section": [12, 12, 8]},
+    )  # fmt: skip
+    torch.manual_seed(0)
+
+    class TextLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = m.Ernie4_5_VLMoeTextModel(cfg).float().eval()
+            self.config = cfg
+
+        def forward(self, input_ids, use_cache=False, **kw):
+            return self.model(input_ids=input_ids, use_cache=False)
+
+    return TextLM()
+
+
+def test_ernie_vl_vision_experts_without_text_tokens_are_refused_then_ignored():
+    model = _ernie_text_model()
+    _hf_refused(model, r"model\.layers\.1\.mlp\.vision_moe\.experts: it is never called.*"
+                       r"ignore=\['mlp\.vision_moe\.experts\.\*'\]")  # fmt: skip
+    report = fp.prune_model(model, _hf_ids(), method="sparsegpt", sparsity=0.5, progress=False,
+                            ignore=["mlp.vision_moe.experts.*"])  # fmt: skip
+    names = {lr.name for lr in report.layers}
+    assert any("text_moe.experts" in n for n in names)
+    assert not any("vision_moe" in n for n in names)

@@ -11,7 +11,6 @@ import torch
 
 from ..models import model_device
 
-
 # the kind of a block replayed with the arguments the model passes it alone (`block:3`)
 PER_BLOCK = "block:"
 

@@ -136,6 +136,7 @@ class _BlockProbe:
                     layer.register_forward_pre_hook(self._in(name)),
                     layer.register_forward_hook(self._out(name)),
                 ]
+        self.fused = set(fused)
         for path, fx in fused.items():
             self.calls[path] = 0
             self.handles.append(
@@ -193,12 +194,20 @@ class _BlockProbe:
 
         return hook
 
-    def check(self, where: str) -> None:
-        """Refuse (`ValueError`) a layer not reached as planned in this block's forward."""
+    def check(self, where: str, batch: int) -> None:
+        """Refuse (`ValueError`) a block not called once on batch-first hidden states of the
+        shape it returns, or a layer not reached as planned in its forward."""
         if len(self.inputs) != 1:
             raise ValueError(
                 f"{where} ran {len(self.inputs)} times in one forward of the model; the "
                 "pipeline replays each block once per batch"
+            )
+        shape, out = list(self.hidden.shape), list(self.outputs[0].shape)
+        if shape[0] != batch or out != shape:
+            raise ValueError(
+                f"{where} takes hidden states {shape} and returns {out} for a batch of "
+                f"{batch}: the pipeline carries batch-first hidden states of one shape from "
+                "block to block"
             )
         for name, why in self.problems.items():
             raise ValueError(f"{where}.{name} is called in a way fastprune does not read: {why}")
@@ -219,7 +228,8 @@ class _BlockProbe:
                     f"it is called {n} times in one forward of the block, and one Hessian of "
                     "one input per call is all its hooks keep"
                 )
-            raise ValueError(f"{where}.{name}: {why}; leave it dense with ignore=['{name}']")
+            pattern = f"{name}.*" if name in self.fused else name
+            raise ValueError(f"{where}.{name}: {why}; leave it dense with ignore=['{pattern}']")
 
 
 @dataclass
@@ -293,7 +303,7 @@ def check_block(i, block, bl, where, x, rest, kwargs) -> list[str]:
             block(x, *rest, **kwargs)
     finally:
         probe.remove()
-    probe.check(where)
+    probe.check(where, x.shape[0])
     return drop_routers(0, bl, mode.routers)
 
 
@@ -311,7 +321,9 @@ def _tolerance(dtype: torch.dtype) -> float:
 def _replay(block, hidden, rest, kw, ref) -> tuple[float, str | None]:
     dev = hidden.device
     try:
-        y = _block_output(block(hidden, *to_device(rest, dev), **to_device(_sanitize_kwargs(kw), dev)))
+        y = _block_output(
+            block(hidden, *to_device(rest, dev), **to_device(_sanitize_kwargs(kw), dev))
+        )
     except Exception as e:  # a replay that fails differs from the real forward
         return float("inf"), f"{type(e).__name__}: {e}"
     return _rel_error(y, ref), None
@@ -345,7 +357,7 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
             p.remove()
         model.train(was_training)
     for i, p in enumerate(probes):
-        p.check(f"{blocks_path}.{i}")
+        p.check(f"{blocks_path}.{i}", sample.shape[0])
     verdict = Verdict()
     for i, bl in enumerate(layouts):
         names = drop_routers(i, bl, mode.routers)
