@@ -493,3 +493,58 @@ def test_ernie_vl_vision_experts_without_text_tokens_are_refused_then_ignored():
     names = {lr.name for lr in report.layers}
     assert any("text_moe.experts" in n for n in names)
     assert not any("vision_moe" in n for n in names)
+
+
+# ------------------------------------------------------------------ several ranks and streaming
+
+
+def _dist_worker(rank: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        model = Score()
+        report = fp.prune_model(model, _ids(), method="sparsegpt", sparsity=0.5, progress=False)
+        try:
+            fp.prune_model(Twice(), _ids(), method="sparsegpt", sparsity=0.5, progress=False)
+            refused = None
+        except Exception as e:  # recorded for the parent's checks
+            refused = (type(e).__name__, str(e))
+        res = (model.state_dict(), report.totals["preflight"], refused)
+        torch.save(res, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_reaches_the_same_verdict(tmp_path):
+    """Under torch.distributed (gloo, 2 ranks) every rank runs the pre-flight on the same
+    sample: the same routers left dense, the same pruned model, the same refusal."""
+    from torch import multiprocessing as tmp_mp
+
+    out = tmp_path / "out"
+    tmp_mp.start_processes(_dist_worker, args=(f"file://{tmp_path / 'rdv'}", str(out)),
+                           nprocs=2, start_method="spawn")  # fmt: skip
+    (w0, v0, r0), (w1, v1, r1) = (torch.load(f"{out}.{r}", weights_only=False) for r in (0, 1))
+    assert v0 == v1 and v0["routers"] == {str(i): ["moe.score"] for i in range(LAYERS)}
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert r0 is not None and r1 is not None
+    assert "layers.0.proj: it is called 2 times" in r0[1] + r1[1]
+
+
+def test_the_streamed_check_of_one_block():
+    """The streamed path's check of one block (`check_block`): a linear used through its
+    weight is refused naming it; a router found by structure is moved to the dense ones."""
+    from fastprune.pipeline.block_layers import find_block_layers
+    from fastprune.pipeline.preflight import check_block
+
+    x = torch.randn(2, 8, D)
+    block = WeightMatmulBlock()
+    with pytest.raises(ValueError, match=r"layers\.4\.proj: its weight is used directly"):
+        check_block(4, block, find_block_layers(block), "layers.4", x, (), {})
+    block = ScoreBlock()
+    bl = find_block_layers(block)
+    assert "moe.score" in bl.layers
+    assert check_block(0, block, bl, "layers.0", x, (), {}) == ["moe.score"]
+    assert "moe.score" not in bl.layers
+    assert [d.reason for d in bl.dense if d.name == "moe.score.weight"] == [ROUTER]
