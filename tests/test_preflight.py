@@ -548,3 +548,18 @@ def test_the_streamed_check_of_one_block():
     assert check_block(0, block, bl, "layers.0", x, (), {}) == ["moe.score"]
     assert "moe.score" not in bl.layers
     assert [d.reason for d in bl.dense if d.name == "moe.score.weight"] == [ROUTER]
+
+
+def test_the_hessian_hooks_name_a_linear_called_twice():
+    """Past the pre-flight too, a linear called twice in one forward is named as such, not
+    taken for a change between batches."""
+    from fastprune.pipeline.block_layers import find_block_layers
+    from fastprune.pipeline.hessian_hooks import HessianHooks
+
+    block = TwiceBlock()
+    hooks = HessianHooks(block, find_block_layers(block), "cpu")
+    try:
+        with pytest.raises(ValueError, match="proj is called twice in one forward of its block"):
+            block(torch.randn(2, 8, D))
+    finally:
+        hooks.remove()

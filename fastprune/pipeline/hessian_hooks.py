@@ -59,6 +59,7 @@ class InputHooks:
         self.moe_calibration = check_moe_calibration(moe_calibration)
         self.leader: dict[str, str] = {}
         self.seen: dict[str, torch.Tensor] = {}  # leader -> its input in the current batch
+        self.called: set[str] = set()  # linears called in the current batch
         self.batch = 1
         self.tokens: dict[str, int] = {}
         self.handles = []
@@ -97,6 +98,7 @@ class InputHooks:
 
     def end_batch(self) -> None:
         self.seen.clear()
+        self.called.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -124,6 +126,12 @@ class InputHooks:
                 self.tokens[name] += x.shape[0]
                 self.observe(name, x, True)
                 return
+            if name in self.called:
+                raise ValueError(
+                    f"{name} is called twice in one forward of its block; its hooks keep one "
+                    f"input per forward (leave it dense with ignore=['{name}'])"
+                )
+            self.called.add(name)
             if self._group(name, x) != name:
                 return
             xb = x

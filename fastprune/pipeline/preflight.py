@@ -77,7 +77,7 @@ class _Provenance(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = result = func(*args, **kwargs)
         tags, made_by = set(), None
         for t in _tensors((args, kwargs)):
             own = self.owners.get(id(t))
@@ -89,6 +89,8 @@ class _Provenance(TorchFunctionMode):
                 tags |= self.tags.get(t, frozenset())
         if made_by is not None:
             tags = {x for x in tags if x[0] == "block"} | {("mat", *made_by)}
+        if out is None and args and isinstance(args[0], torch.Tensor):
+            out = args[0]  # written in place (`x[idx] = y`): x carries y's tags too
         if func in _ROUTING and self.block in self.moe:
             self._route(_ROUTING[func], args, kwargs, tags)
         if self.block is not None:
@@ -97,7 +99,7 @@ class _Provenance(TorchFunctionMode):
             frozen = frozenset(tags)
             for t in _tensors(out if isinstance(out, tuple | list) else [out]):
                 self.tags[t] = frozen
-        return out
+        return result
 
     def _route(self, pos, args, kwargs, tags) -> None:
         x = args[0] if args else kwargs.get("input")
@@ -160,12 +162,12 @@ class _BlockProbe:
             }
             if found:
                 self.depends[name] = found
-        self.hidden = hidden.detach().clone()
+        self.hidden = hidden.detach().to("cpu", copy=True)  # one sample per block, on the host
         self.mode.tags[hidden] = frozenset()
         self.mode.block = self.i
 
     def _leave(self, _mod, _args, out):
-        self.outputs.append(_block_output(out).detach().clone())
+        self.outputs.append(_block_output(out).detach().to("cpu", copy=True))
         self.mode.block = None
 
     def _in(self, name):
@@ -319,14 +321,15 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _replay(block, hidden, rest, kw, ref) -> tuple[float, str | None]:
-    dev = hidden.device
+    dev = next(block.parameters()).device
+    hidden = hidden.to(dev)
     try:
         y = _block_output(
             block(hidden, *to_device(rest, dev), **to_device(_sanitize_kwargs(kw), dev))
         )
     except Exception as e:  # a replay that fails differs from the real forward
         return float("inf"), f"{type(e).__name__}: {e}"
-    return _rel_error(y, ref), None
+    return _rel_error(y.cpu(), ref), None
 
 
 def _differing(own, first) -> list[str]:
