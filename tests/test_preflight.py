@@ -563,3 +563,17 @@ def test_the_hessian_hooks_name_a_linear_called_twice():
             block(torch.randn(2, 8, D))
     finally:
         hooks.remove()
+
+
+class WeightMatmulExperts(Score):
+    """An expert MLP whose `up` is used through its weight."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        for b in self.layers:
+            for expert in b.moe.experts:
+                expert.mlp = lambda x, e=expert: e.down(F.gelu(x @ e.up.weight.t() + e.up.bias))
+
+
+def test_an_expert_linear_used_through_its_weight_is_refused():
+    _refused(WeightMatmulExperts(), r"layers\.0\.moe\.experts\.0\.up: its weight is used directly")

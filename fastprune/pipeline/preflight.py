@@ -132,13 +132,14 @@ class _BlockProbe:
         for name, layer in bl.layers.items():
             if isinstance(layer, ExpertProjection):
                 fused[name.rpartition("[")[0].rpartition(".")[0]] = layer.experts
-            elif name not in bl.expert_lists:
+            else:
                 self.calls[name] = 0
                 self.handles += [
                     layer.register_forward_pre_hook(self._in(name)),
                     layer.register_forward_hook(self._out(name)),
                 ]
         self.fused = set(fused)
+        self.routed = set(bl.expert_lists)  # expert MLPs' linears: called for routed tokens
         for path, fx in fused.items():
             self.calls[path] = 0
             self.handles.append(
@@ -214,10 +215,12 @@ class _BlockProbe:
         for name, why in self.problems.items():
             raise ValueError(f"{where}.{name} is called in a way fastprune does not read: {why}")
         for name, n in self.calls.items():
-            if n == 1:
-                continue
+            use = self.mode.outside.get((self.i, name))
+            if n == 1 or n > 1 and name in self.fused | self.routed:
+                continue  # experts take every call's tokens
+            if n == 0 and name in self.routed and not use:
+                continue  # an expert no token was routed to (pruned with H = I)
             if n == 0:
-                use = self.mode.outside.get((self.i, name))
                 why = (
                     f"its weight is used directly ({use}) instead of calling the module, so "
                     "its inputs cannot be hooked"
@@ -227,8 +230,8 @@ class _BlockProbe:
                 )
             else:
                 why = (
-                    f"it is called {n} times in one forward of the block, and one Hessian of "
-                    "one input per call is all its hooks keep"
+                    f"it is called {n} times in one forward of the block, and its hooks take "
+                    "one input per block forward"
                 )
             pattern = f"{name}.*" if name in self.fused else name
             raise ValueError(f"{where}.{name}: {why}; leave it dense with ignore=['{pattern}']")
