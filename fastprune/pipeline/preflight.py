@@ -1,11 +1,11 @@
 """Pre-flight: before any weight changes, one forward of one calibration sample through the real
-model with hooks on every decoder block and every planned layer. What the pipeline would not
-calibrate right is refused (`ValueError` naming the block, the layer or argument and the
-reason; the model unchanged): a linear never called (used through its `.weight`) or called
-twice in one forward, an experts module called in a way not understood, a block whose replay
-on the pipeline's arguments does not reproduce the real forward for a reason no per-block
-argument fixes. Linears whose output feeds the expert selection are found by structure and
-left dense as routers; blocks that get arguments of their own are replayed with them."""
+model with every decoder block and planned layer hooked. What would not calibrate right is
+refused (`ValueError` naming the block, layer or argument and why; the model unchanged): a
+linear never called (used through its `.weight`) or called twice in one forward, an experts
+module called in a way not understood, a block whose replay on the pipeline's arguments does
+not reproduce the real forward for a reason no per-block argument fixes. Linears feeding the
+expert selection are found by structure and left dense as routers; blocks that get arguments
+of their own are replayed with them."""
 
 from __future__ import annotations
 
@@ -247,22 +247,18 @@ class Verdict:
     replay_error: float = 0.0
 
     def summary(self) -> dict:
-        return {
-            "routers": {str(i): r for i, r in self.routers.items()},
-            "own_arguments": self.own_arguments,
-            "replay_error": self.replay_error,
-        }
-
-
-def _has_experts(block: nn.Module, bl: BlockLayers) -> bool:
-    return bool(bl.expert_lists) or any(
-        isinstance(x, ExpertProjection) for x in bl.layers.values()
-    ) or any("expert" in p.rpartition(".")[2] for p, _ in block.named_modules())  # fmt: skip
+        routers = {str(i): r for i, r in self.routers.items()}
+        return {"routers": routers, "own_arguments": self.own_arguments,
+                "replay_error": self.replay_error}  # fmt: skip
 
 
 def has_experts(blocks, layouts) -> bool:
     """Whether any block holds experts (its routers matter even without calibration)."""
-    return any(_has_experts(b, bl) for b, bl in zip(blocks, layouts))
+    return any(
+        bl.expert_lists or any(isinstance(x, ExpertProjection) for x in bl.layers.values())
+        or any("expert" in p.rpartition(".")[2] for p, _ in b.named_modules())
+        for b, bl in zip(blocks, layouts)
+    )  # fmt: skip
 
 
 def own_kinds(kinds: list[str], verdict: Verdict) -> list[str]:
@@ -282,7 +278,7 @@ def _mode_for(blocks, layouts) -> _Provenance:
         for name, layer in bl.layers.items():
             if not bl.is_expert(name):
                 widths[(i, name)] = get_weight(layer).shape[0]
-        if _has_experts(block, bl):
+        if has_experts([block], [bl]):
             moe.add(i)
     return _Provenance(owners, widths, moe)
 
@@ -301,7 +297,6 @@ def check_block(i, block, bl, where, x, rest, kwargs) -> list[str]:
     """The streamed path's per-block pre-flight: one forward of block `i` on `x` with its
     arguments, its layers checked as planned; routers found moved to the dense matrices."""
     mode = _mode_for([block], [bl])
-    mode.block = None
     probe = _BlockProbe(0, block, bl, mode)
     try:
         with torch.no_grad(), mode:
@@ -317,10 +312,6 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     if y.shape != ref.shape:
         return float("inf")
     return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
 
 
 def _replay(block, hidden, rest, kw, ref) -> tuple[float, str | None]:
@@ -371,11 +362,10 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
             verdict.routers[i] = names
     if not replay:
         return verdict
-    first: dict[str, int] = {}
-    for i, k in enumerate(kinds):
-        first.setdefault(k, i)
+    first = {k: kinds.index(k) for k in set(kinds)}
     for i, (block, p) in enumerate(zip(blocks, probes)):
-        where, ref, tol = f"{blocks_path}.{i}", p.outputs[0], _tolerance(p.outputs[0].dtype)
+        where, ref = f"{blocks_path}.{i}", p.outputs[0]
+        tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2  # float rounding
         f = probes[first[kinds[i]]].inputs[0]
         err, failed = _replay(block, p.hidden, *f, ref)
         if err <= tol:
@@ -389,11 +379,11 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
                     f"({', '.join(map(str, sorted(p.depends[name])))}), so no fixed argument "
                     "replays the block as the model runs it; fastprune cannot prune this model"
                 )
-        seen = f"({failed})" if failed else f"by {err:.3g} (relative)"
         if not diff:
             raise ValueError(
-                f"{where}: replayed on its own arguments, the block's output differs from "
-                f"the real forward's {seen}: it reads state that is not among its arguments"
+                f"{where}: replayed on its own arguments, the block's output differs from the "
+                f"real forward's ({failed or f'by {err:.3g}'}): it reads state that is not "
+                "among its arguments"
             )
         err2, failed2 = _replay(block, p.hidden, *p.inputs[0], ref)
         if err2 > tol:
