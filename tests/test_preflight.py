@@ -415,6 +415,12 @@ def _hf_refused(model, match, **kw):
 def test_jamba_dt_proj_used_through_its_weight_is_refused():
     model = _family("jamba", num_hidden_layers=2, num_experts=4, num_experts_per_tok=2)
     _hf_refused(model, r"model\.layers\.0\.mamba\.dt_proj: its weight is used directly")
+    report = fp.prune_model(model, _hf_ids(), method="sparsegpt", sparsity=0.5, progress=False,
+                            ignore=["mamba.dt_proj"])  # fmt: skip
+    assert {"name": "0.mamba.dt_proj.weight", "shape": [64, 2], "reason": "ignored (ignore=)"} in (
+        report.dense
+    )
+    assert report.totals["preflight"]["replay_error"] < 1e-4
 
 
 def test_hy_v4_topk_indices_passed_between_blocks_are_refused():

@@ -157,7 +157,8 @@ class PruneRun(LayerSolves):
             e.add_note(msg)
         except (AttributeError, TypeError):
             pass
-        logger.error(msg)
+        if done or partial:
+            logger.error(msg)
 
     def gradients(self) -> None:
         """GBLM: the per-weight gradient norms over the calibration samples (or the
