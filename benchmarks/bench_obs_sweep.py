@@ -11,7 +11,10 @@ Rows (per shape and pattern, all measured in the same run):
     solver's `backend=`, labelled by the obs_sweep implementation that ran (all of
     `r.info["kernels"]` in `kernels`); `speedup_vs_original`, `x_floor`;
   * `obs_sweep`: the op alone on the first block (rows x blocksize) for each backend that
-    has its own (`fastprune.ops.get_op`), with GFLOP/s of its rank-1 updates.
+    has its own (`fastprune.ops.get_op`), with GFLOP/s of its rank-1 updates; and with its
+    `quant` option (column `quant`): int4 symmetric with groups of min(128, blocksize) whose
+    grids the sweep finds (GPTQ's w4a16), and fp8 per channel, on the backends that declare
+    it (`fastprune.ops.backend_quant`).
 
     python -m benchmarks.bench_obs_sweep                     # LLaMA-7B shapes on the GPU
     python -m benchmarks.bench_obs_sweep --quick             # small CPU smoke run
@@ -27,6 +30,7 @@ from benchmarks.harness import (
     arg_parser,
     bench,
     bench_as,
+    implementations,
     kernels_label,
     note,
     pattern,
@@ -36,8 +40,10 @@ from benchmarks.harness import (
     sig,
     time_op,
 )
-from fastprune.ops import torch_block_prune_mask
+from fastprune.ops import QuantBlock, torch_block_prune_mask
+from fastprune.ops.dispatch import backend_quant
 from fastprune.original import original_rose, original_sparsegpt
+from fastprune.quant import has_fp8
 from fastprune.solvers.obs import block_bounds
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -161,6 +167,63 @@ def sweep_rows(W, H, device, backends, patterns, blocksize):
     return out
 
 
+def quant_blocks(W1: torch.Tensor) -> dict[str, QuantBlock]:
+    """The quantized sweeps timed: int4 sym in groups whose grids the sweep finds (the given
+    grids are placeholders it overwrites) and fp8 per channel (a static grid from W1)."""
+    rows, count = W1.shape
+    gs = min(128, count)
+    G = -(-count // gs)
+    ones = torch.ones(rows, G, device=W1.device)
+    int4 = QuantBlock(15, True, False, gs, ones, ones * 8, True)
+    amax = W1.abs().amax(1, keepdim=True).float()
+    fp8_scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    fp8 = QuantBlock(255, True, True, count, fp8_scale, torch.zeros_like(fp8_scale), False)
+    return {f"int4 g{gs} sweep": int4, **({"fp8 channel": fp8} if has_fp8() else {})}
+
+
+def quant_rows(W, H, device, backends, patterns, blocksize):
+    """Rows of the obs_sweep op with its quant option on the first block, per backend that
+    has its own kernel and declares the option."""
+    out = []
+    hinv = fp.inverse_hessian(H, 0.01).hinv
+    count = min(blocksize, W.shape[1])
+    W1, Hinv1 = W[:, :count], hinv[:count, :count].contiguous()
+    flops = W1.shape[0] * count * (count - 1)
+    impls = implementations("obs_sweep", device, backends)
+    for qname, qb in quant_blocks(W1).items():
+        for pname in patterns:
+            n, m = pattern(pname)
+            keep1 = None if n else torch_block_prune_mask(W1, Hinv1.diagonal(), 0.5)
+            args = (W1, Hinv1, keep1, n, m)
+            base = None
+            for be, fn, unsupported in impls:
+                if be != "torch" and "obs_sweep" not in backend_quant(be):
+                    note(f"skipping obs_sweep {qname} on {be}: no quant option")
+                    continue
+                why = unsupported(*args, quant=qb)
+                if why:
+                    note(f"skipping obs_sweep {qname} {pname} on {be}: {why}")
+                    continue
+                fn(*args, quant=qb)  # warm-up (builds or compiles the kernel)
+                t = bench_as(be, lambda fn=fn: fn(*args, quant=qb), device)
+                base = base or (t if be == "torch" else None)
+                out.append(
+                    row(
+                        "obs_sweep",
+                        be,
+                        tuple(W1.shape),
+                        W1.dtype,
+                        device,
+                        t,
+                        pattern=pname,
+                        quant=qname,
+                        gflops=sig(flops / (t.p50_ms * 1e-3) / 1e9),
+                        speedup_vs_torch=ratio(base, t) if base and be != "torch" else None,
+                    )
+                )
+    return out
+
+
 def main(argv=None) -> None:
     def rows_of(W, H, a):
         floor = bench(floor_fn(W, H, a.blocksize), a.device)
@@ -176,7 +239,8 @@ def main(argv=None) -> None:
             original=not a.skip_original,
             floor=floor,
         )
-        return out + sweep_rows(W, H, a.device, a.backends, a.patterns, a.blocksize)
+        out += sweep_rows(W, H, a.device, a.backends, a.patterns, a.blocksize)
+        return out + quant_rows(W, H, a.device, a.backends, a.patterns, a.blocksize)
 
     run_layers(parser(), argv, rows_of)
 

@@ -29,10 +29,16 @@ void check_ok(cudaError_t err, const char* what) {
 }
 
 // One block W1 [rows, count] with Hinv1 [count, count], or a batch of layers W1 [E, rows,
-// count] with Hinv1 [E, count, count] (outputs gain the leading E).
-std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep(
-    const torch::Tensor& W1, const torch::Tensor& Hinv1, const c10::optional<torch::Tensor>& keep1,
-    int64_t prune_n, int64_t prune_m, int64_t stream) {
+// count] with Hinv1 [E, count, count] (outputs gain the leading E). With scale and zero
+// ([(E,) rows, groups] float32) each kept weight is rounded to its group's grid, and the
+// grids used (copies, the found ones written in) are returned after Q, Err, keep, loss
+// (undefined without quantization).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+           torch::Tensor>
+obs_sweep(const torch::Tensor& W1, const torch::Tensor& Hinv1,
+          const c10::optional<torch::Tensor>& keep1, int64_t prune_n, int64_t prune_m,
+          const c10::optional<torch::Tensor>& scale, const c10::optional<torch::Tensor>& zero,
+          int64_t group_size, int64_t maxq, bool sym, bool fp8, bool find, int64_t stream) {
   check_cuda(W1, "W1", torch::kFloat32);
   check_cuda(Hinv1, "Hinv1", torch::kFloat32);
   const bool batched = W1.dim() == 3;
@@ -64,21 +70,55 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> obs_sweep
     skm = k.stride(-2);
     skn = k.stride(-1);
   }
+  TORCH_CHECK(scale.has_value() == zero.has_value(), "scale and zero go together");
+  const bool quant = scale.has_value();
+  torch::Tensor S, Z;
+  fastprune::ObsSweepQuant qz;
+  if (quant) {
+    TORCH_CHECK(group_size >= 1, "group_size must be >= 1, got ", group_size);
+    TORCH_CHECK(fp8 || (maxq >= 1 && maxq <= 255), "maxq must be in [1, 255], got ", maxq);
+    const int64_t groups = (count + group_size - 1) / group_size;
+    auto want = W1.sizes().vec();
+    want.back() = groups;
+    for (const auto* t : {&*scale, &*zero}) {
+      check_cuda(*t, "scale/zero", torch::kFloat32);
+      TORCH_CHECK(t->sizes() == torch::IntArrayRef(want), "scale and zero must be [(E,) rows, ",
+                  groups, "] (", count, " columns in groups of ", group_size, "), got ",
+                  t->sizes());
+      TORCH_CHECK(t->device() == W1.device(), "scale and zero must be on W1's device");
+    }
+    S = scale->clone(at::MemoryFormat::Contiguous);  // the kernel writes the grids it finds
+    Z = zero->clone(at::MemoryFormat::Contiguous);
+    qz.scale = S.data_ptr<float>();
+    qz.zero = Z.data_ptr<float>();
+    qz.groups = static_cast<int>(groups);
+    qz.group_size = static_cast<int>(std::min<int64_t>(group_size, count));
+    qz.maxq = static_cast<int>(maxq);
+    qz.sym = sym;
+    qz.fp8 = fp8;
+    qz.find = find;
+  }
   auto Q = torch::empty(W1.sizes(), W1.options());
   auto E = torch::empty(W1.sizes(), W1.options());
   auto K = torch::empty(W1.sizes(), W1.options().dtype(torch::kBool));
   auto L = torch::empty(W1.sizes().slice(0, W1.dim() - 1), W1.options());
-  if (rows == 0 || layers == 0) return {Q, E, K, L};
-  check_ok(fastprune::obs_sweep_batched_f32(
-               static_cast<int>(layers), W1.data_ptr<float>(), batched ? W1.stride(0) : 0,
-               W1.stride(-2), W1.stride(-1), Hinv1.data_ptr<float>(),
-               batched ? Hinv1.stride(0) : 0, Hinv1.stride(-2), Hinv1.stride(-1), kin, skb, skm,
-               skn, Q.data_ptr<float>(), E.data_ptr<float>(),
-               reinterpret_cast<uint8_t*>(K.data_ptr<bool>()), L.data_ptr<float>(),
-               static_cast<int>(rows), static_cast<int>(count), static_cast<int>(prune_n),
-               static_cast<int>(prune_m), reinterpret_cast<cudaStream_t>(stream)),
+  if (rows == 0 || layers == 0) return {Q, E, K, L, S, Z};
+  const auto ok = [&](auto launch) {
+    return launch(static_cast<int>(layers), W1.data_ptr<float>(), batched ? W1.stride(0) : 0,
+                  W1.stride(-2), W1.stride(-1), Hinv1.data_ptr<float>(),
+                  batched ? Hinv1.stride(0) : 0, Hinv1.stride(-2), Hinv1.stride(-1), kin, skb,
+                  skm, skn, Q.data_ptr<float>(), E.data_ptr<float>(),
+                  reinterpret_cast<uint8_t*>(K.data_ptr<bool>()), L.data_ptr<float>(),
+                  static_cast<int>(rows), static_cast<int>(count), static_cast<int>(prune_n),
+                  static_cast<int>(prune_m));
+  };
+  const auto st = reinterpret_cast<cudaStream_t>(stream);
+  check_ok(ok([&](auto... a) {
+             return quant ? fastprune::obs_sweep_quant_batched_f32(a..., qz, st)
+                          : fastprune::obs_sweep_batched_f32(a..., st);
+           }),
            "obs_sweep");
-  return {Q, E, K, L};
+  return {Q, E, K, L, S, Z};
 }
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> swap_search(

@@ -19,6 +19,23 @@ cudaError_t obs_sweep_f32(const float* W, int64_t stride_wm, int64_t stride_wn,
                           const uint8_t* keep_in, int64_t stride_km, int64_t stride_kn,
                           float* Q, float* Err, uint8_t* keep_out, float* loss, int rows,
                           int count, int prune_n, int prune_m, cudaStream_t stream);
+// The grids of a quantized sweep (contract: the op's QuantBlock). scale and zero are
+// [layers, rows, groups] row-major, groups = ceil(count / group_size); column i uses group
+// i / group_size: q = scale * (clamp(rint(w / scale) + zero, 0, maxq) - zero), or (fp8)
+// float8_e4m3(w / scale) * scale, of w * keep; its error is (w - q) / Hinv[i,i]. With find,
+// a group's grid is found from its updated columns when the sweep reaches its first column
+// (GPTQ's find_params) and written over scale/zero; else scale/zero are only read.
+struct ObsSweepQuant {
+  float* scale = nullptr;
+  float* zero = nullptr;
+  int groups = 0;
+  int group_size = 1;
+  int maxq = 1;  // 2^bits - 1 (ignored by fp8)
+  bool sym = false;
+  bool fp8 = false;
+  bool find = false;
+};
+
 // The same for `layers` blocks at once (1 <= layers <= 65535), each with its own Hinv block:
 // inputs of layer b start at b * stride_?b; outputs are [layers, rows, count] (loss
 // [layers, rows]) contiguous.
@@ -29,6 +46,15 @@ cudaError_t obs_sweep_batched_f32(int layers, const float* W, int64_t stride_wb,
                                   int64_t stride_kn, float* Q, float* Err, uint8_t* keep_out,
                                   float* loss, int rows, int count, int prune_n, int prune_m,
                                   cudaStream_t stream);
+// The batched sweep with each kept weight rounded to its group's grid (ObsSweepQuant).
+cudaError_t obs_sweep_quant_batched_f32(int layers, const float* W, int64_t stride_wb,
+                                        int64_t stride_wm, int64_t stride_wn, const float* Hinv,
+                                        int64_t stride_hb, int64_t stride_hm, int64_t stride_hn,
+                                        const uint8_t* keep_in, int64_t stride_kb,
+                                        int64_t stride_km, int64_t stride_kn, float* Q,
+                                        float* Err, uint8_t* keep_out, float* loss, int rows,
+                                        int count, int prune_n, int prune_m,
+                                        const ObsSweepQuant& quant, cudaStream_t stream);
 
 // SparseSwaps best 1-swap per row (contract: fastprune/ops/swap_search.py):
 // minimise over kept u / pruned p (N:M: same group) of

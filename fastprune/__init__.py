@@ -1,4 +1,5 @@
-"""fastprune: fast, exact one-shot LLM pruning (SparseGPT, ROSE, Wanda, GBLM, SparseSwaps).
+"""fastprune: fast, exact one-shot LLM pruning (SparseGPT, ROSE, Wanda, GBLM, SparseSwaps)
+and quantization in the same OBS sweep (GPTQ: `gptq_layer`, `quant=` on the OBS solvers).
 
 Layer-level solvers take a weight `W [rows, cols]` and a calibration Hessian
 `H = 2/n sum_t x_t x_t^T [cols, cols]` and return a `PruneResult`
@@ -22,6 +23,7 @@ from .methods import METHODS
 from .models import load_model
 from .ops import BackendUnavailableError
 from .pipeline import PruneReport, compute_gradient_norms, prune_checkpoint, prune_model
+from .quant import QuantizedWeight, QuantSpec, round_to_nearest
 from .result import PruneResult
 from .solvers import (
     RECIPE,
@@ -29,6 +31,7 @@ from .solvers import (
     compose_layer,
     fastprune_layer,
     gblm_layer,
+    gptq_layer,
     gradient_norm,
     magnitude_layer,
     rose_layer,
@@ -50,6 +53,8 @@ __all__ = [
     "PruneConfig",
     "PruneReport",
     "PruneResult",
+    "QuantSpec",
+    "QuantizedWeight",
     "RECIPE",
     "accumulate_hessian",
     "check_nm_keep_mask",
@@ -57,6 +62,7 @@ __all__ = [
     "compute_gradient_norms",
     "fastprune_layer",
     "gblm_layer",
+    "gptq_layer",
     "gradient_norm",
     "inverse_hessian",
     "layer_loss",
@@ -67,6 +73,7 @@ __all__ = [
     "prune_checkpoint",
     "prune_model",
     "rose_layer",
+    "round_to_nearest",
     "sparsegpt_layer",
     "sparseswaps_layer",
     "testing",

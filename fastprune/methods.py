@@ -6,7 +6,8 @@ registered with `register` is accepted by `prune_model` and offered by the CLI, 
 selector (a method with a `Selection` hook) by `compose_layer(select=...)` as well.
 """
 
-from .solvers.recipes import COMPOSE_OPTIONS, composed
+from .solvers.compositions import composed
+from .solvers.recipes import COMPOSE_OPTIONS
 from .solvers.registry import (
     BATCH_MAX_ENTRIES,
     GRADIENT_OPTIONS,

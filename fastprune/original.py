@@ -1,9 +1,9 @@
 """Plain re-statements of the research code's loops, used as oracles by tests and benchmarks.
 
-These follow the published SparseGPT (`fasterprune`), ROSE and Wanda scripts step for step,
-one small tensor op per column as they do, so that fastprune's solvers can be checked for
-the same result and timed against the original cost. They are deliberately not optimised.
-Masks returned here are True = pruned, as in those scripts.
+These follow the published SparseGPT (`fasterprune`), GPTQ (`fasterquant`), ROSE and Wanda
+scripts step for step, one small tensor op per column as they do, so that fastprune's
+solvers can be checked for the same result and timed against the original cost. They are
+deliberately not optimised. Masks returned here are True = pruned, as in those scripts.
 """
 
 from __future__ import annotations
@@ -20,14 +20,20 @@ def original_sparsegpt(
     blocksize: int = 128,
     percdamp: float = 0.01,
     widths: list[int] | None = None,
+    wbits: int = 16,
+    dtype: torch.dtype = torch.float32,
 ):
-    """The IST-DASLab `SparseGPT.fasterprune` loop (no quantizer). Returns (W, pruned).
+    """The IST-DASLab `SparseGPT.fasterprune` loop. Returns (W, pruned).
 
     `widths`: the block widths in sweep order instead of `blocksize` each (not in the
     original; an oracle for sweeps whose blocks differ in size, as a reordered ROSE layer's).
+    `wbits` < 16: its joint quantization (`--wbits`): one asymmetric grid per row found from
+    W before the sweep, every weight rounded to it after pruning (a pruned one to exactly 0).
+    `dtype`: the arithmetic (the original's is float32; float64 makes an exact oracle).
     """
-    W = W.clone().float()
-    H = H.clone().float()
+    W = W.clone().to(dtype)
+    grid = original_find_params(W, wbits, sym=False) if wbits < 16 else None
+    H = H.clone().to(dtype)
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -66,6 +72,8 @@ def original_sparsegpt(
                 mask1.scatter_(1, i + torch.topk(tmp, prunen, dim=1, largest=False)[1], True)
             q = w.clone()
             q[mask1[:, i]] = 0
+            if grid is not None:
+                q = original_quantize(q.unsqueeze(1), *grid, 2**wbits - 1).flatten()
             Q1[:, i] = q
             err1 = (w - q) / d
             W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
@@ -74,6 +82,102 @@ def original_sparsegpt(
         pruned[:, i1:i2] = mask1
         W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
     return W, pruned
+
+
+def original_find_params(x: torch.Tensor, bits: int, sym: bool):
+    """GPTQ's `Quantizer.find_params(x, weight=True)` (per channel, no MSE search): each
+    row's `(scale, zero)` as `[rows, 1]` columns."""
+    maxq = torch.tensor(2**bits - 1)
+    tmp = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    xmin = torch.minimum(x.min(1)[0], tmp)
+    xmax = torch.maximum(x.max(1)[0], tmp)
+    if sym:
+        xmax = torch.maximum(torch.abs(xmin), xmax)
+        tmp = xmin < 0
+        if torch.any(tmp):
+            xmin[tmp] = -xmax[tmp]
+    tmp = (xmin == 0) & (xmax == 0)
+    xmin[tmp] = -1
+    xmax[tmp] = +1
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale.reshape(-1, 1), zero.reshape(-1, 1)
+
+
+def original_quantize(x, scale, zero, maxq):
+    """GPTQ's `quantize`: round to the grid."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def original_gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    groupsize: int = -1,
+    sym: bool = True,
+    actorder: bool = False,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+):
+    """The IST-DASLab `GPTQ.fasterquant` loop (static_groups=False, no MSE grid search).
+    Returns (Q, scale, zero, g_idx): the grids `[rows, n_groups]` in the order the sweep
+    found them, and each column's group (as the GPTQ-for-LLaMa packers record it).
+
+    A group's grid comes from `W` when the sweep reaches its first column: the block's own
+    updates of earlier columns are not in `W` yet (they are only in its working copy).
+    `dtype`: the arithmetic (the original's is float32; float64 makes an exact oracle).
+    """
+    W = W.clone().to(dtype)
+    rows, cols = W.shape
+    maxq = 2**bits - 1
+    grid = original_find_params(W, bits, sym)  # the per-channel grid (replaced by groups)
+    grids = [grid] if groupsize == -1 else []
+    H = H.clone().to(dtype)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    perm = torch.arange(cols, device=W.device)
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    damp = percdamp * torch.mean(torch.diag(H))
+    idx = torch.arange(cols, device=W.device)
+    H[idx, idx] += damp
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            if groupsize != -1 and (i1 + i) % groupsize == 0:
+                grid = original_find_params(W[:, (i1 + i) : (i1 + i + groupsize)], bits, sym)
+                grids.append(grid)
+            q = original_quantize(w.unsqueeze(1), *grid, maxq).flatten()
+            Q1[:, i] = q
+            err1 = (w - q) / d
+            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+            Err1[:, i] = err1
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+    invperm = torch.argsort(perm)
+    g = torch.arange(cols, device=W.device) // (groupsize if groupsize != -1 else cols)
+    scale = torch.cat([s for s, _ in grids], 1)
+    zero = torch.cat([z for _, z in grids], 1)
+    return Q[:, invperm], scale, zero, g[invperm]
 
 
 def _rose_block_losses(score, cols, blocksize, sparsity):

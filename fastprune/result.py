@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .masks import pruned_fraction
+from .quant import QuantizedWeight
 
 
 @dataclass
@@ -22,13 +23,17 @@ class PruneResult:
     info:   what was done: method, sparsity, pattern, seconds, device, backend, `kernels`
             ({op: "torch" | "triton" | "cuda"}: the implementation that ran each op, with
             `kernel_fallbacks` saying why a backend was passed over) and the method's own
-            figures (damping used, ROSE's relative range, swaps done, ...).
+            figures (damping used, ROSE's relative range, swaps done, ...); `info["quant"]`
+            the grid of a quantized layer and its relative rounding error.
+    quant:  the quantized layer (codes, scales, zero points) where the solve quantized the
+            kept weights (`quant=`); `weight` is then its dequantized weight in W's dtype.
     """
 
     weight: torch.Tensor
     mask: torch.Tensor
     loss: float | None
     info: dict[str, Any] = field(default_factory=dict)
+    quant: QuantizedWeight | None = None
 
     @property
     def sparsity(self) -> float:
@@ -46,6 +51,13 @@ class PruneResult:
             extra.append(f"swaps={i['swaps']} loss_before={i['loss_before']:.6g}")
         if i.get("damp_retries"):
             extra.append(f"damp={i['damp']:.3g} (retried {i['damp_retries']}x)")
+        if i.get("quant"):
+            q = i["quant"]
+            extra.append(
+                f"quant={'fp8' if q['format'] == 'fp8' else 'int' + str(q['bits'])} "
+                f"g={q['group_size']} "
+                f"grid_error={q.get('grid_error', float('nan')):.3g}"
+            )
         if i.get("kernels"):
             extra.append("kernels=" + ",".join(f"{k}:{v}" for k, v in i["kernels"].items()))
         tail = (" " + " ".join(extra)) if extra else ""

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: a virtualenv in .venv with torch 2.13.0, triton (its interpreter
-# runs the kernels on CPU), fastprune (editable) with the model pipeline's dependencies,
+# runs the kernels on CPU), fastprune (editable) with the model pipeline's dependencies
+# (compressed-tensors too, for quantized checkpoints),
 # lm-evaluation-harness (the eval extra), the built-in default model and the test tools, with
 # the newest transformers that installs beside them. Which build of torch that is (CPU or
 # CUDA) is up to the package index pip is configured with: where it serves the CPU wheel,

@@ -24,7 +24,8 @@ from conftest import (
 )
 
 from fastprune.hessian import inverse_hessian
-from fastprune.masks import nm_prune_mask
+from fastprune.masks import check_nm_keep_mask, nm_prune_mask
+from fastprune.ops.obs_sweep import ObsSweep
 from fastprune.testing import random_layer
 
 NEAR_TIE_NOTE = (
@@ -95,14 +96,22 @@ def _lowest_n_stable(s: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros_like(s, dtype=torch.bool).scatter_(1, idx, True)
 
 
-def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
+def oracle_obs_sweep(
+    W1, Hinv1, keep1, n=0, m=0, follow=None, quant=None, follow_grid=None, tol=0.0
+) -> SweepOracle:
     """The research loop in float64: column by column, one rank-1 update of the rest.
 
     N:M groups choose from the updated weights when the sweep reaches them (`keep1`'s False
     entries forced: score -1, before every real score, always pruned). With `follow` (a
     keep-mask) the groups take `follow`'s choice instead, so the scores every group of a
     backend's sweep saw can be
-    recorded along that backend's own path."""
+    recorded along that backend's own path.
+
+    `quant` (a `QuantBlock`): each kept weight rounded to its group's grid (`oracle_grid`,
+    `oracle_round`), found at the group's first column from the updated weights with `find`.
+    With `follow_grid` (a backend's `(q, scale, zero)`) the oracle takes the backend's grid
+    and rounding wherever its own differ only by a near-tie (within `tol` of the magnitude
+    the backend computed from); a difference that is no near-tie raises."""
     W = W1.detach().double().cpu().clone()
     H = Hinv1.detach().double().cpu()
     rows, count = W.shape
@@ -116,6 +125,12 @@ def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
     else:
         prune = ~keep1.cpu()
     Q, E = torch.zeros_like(W), torch.zeros_like(W)
+    if quant is not None:
+        gs = quant.group_size
+        scale = quant.scale.detach().double().cpu().clone()
+        zero = quant.zero.detach().double().cpu().clone()
+        ties = 0
+        err_mag = torch.zeros_like(W)
     for i in range(count):
         if n and i % m == 0:
             g = slice(i, i + m)
@@ -128,11 +143,105 @@ def oracle_obs_sweep(W1, Hinv1, keep1, n=0, m=0, follow=None) -> SweepOracle:
                 prune[:, g] = ~follow[:, g].cpu()
         w = W[:, i]
         q = w.masked_fill(prune[:, i], 0)
+        if quant is not None:
+            err_mag[:, i] = mag[:, i] / d[i]
+            g = i // gs
+            if quant.find and i % gs == 0:
+                cols = slice(i, i + gs)
+                scale[:, g], zero[:, g] = oracle_grid(W[:, cols], quant)
+                if follow_grid is not None:
+                    _follow_found_grid(scale, zero, follow_grid, g, W[:, cols], mag[:, cols], tol)
+            x = q / scale[:, g]
+            level = oracle_round(x, zero[:, g], quant)
+            if follow_grid is not None:
+                fq, fs = follow_grid[0][:, i].double().cpu(), follow_grid[1][:, g].double().cpu()
+                theirs = fq / fs
+                if quant.fp8:
+                    theirs = theirs.to(torch.float8_e4m3fn).double()
+                else:
+                    theirs = theirs.round()
+                differ = theirs != level
+                if differ.any():  # a near-tie: both levels (about) equally near x
+                    slack = tol * (mag[:, i] / scale[:, g] + x.abs() + 1) + 1e-12
+                    gap = (x - theirs).abs() - (x - level).abs()
+                    far = differ & (gap > slack)
+                    assert not far.any(), (
+                        f"column {i}: rows {far.nonzero().flatten()[:5].tolist()} round "
+                        f"{x[far][:5].tolist()} to {theirs[far][:5].tolist()}, the nearest "
+                        f"level is {level[far][:5].tolist()}; {NEAR_TIE_NOTE}"
+                    )
+                    ties += int(differ.sum())
+                    level = torch.where(differ, theirs, level)
+            q = level * scale[:, g]
         err = (w - q) / d[i]
         Q[:, i], E[:, i] = q, err
         W[:, i + 1 :] -= err[:, None] * H[i, i + 1 :]
         mag[:, i + 1 :] += err.abs()[:, None] * H[i, i + 1 :].abs()
-    return SweepOracle(Q, E, ~prune, (E * E).sum(1) / 2, score, score_mag)
+    out = SweepOracle(Q, E, ~prune, (E * E).sum(1) / 2, score, score_mag)
+    if quant is not None:
+        return QuantOracle(*out, scale, zero, ties, err_mag)
+    return out
+
+
+class QuantOracle(NamedTuple):
+    q: torch.Tensor
+    err: torch.Tensor
+    keep: torch.Tensor
+    loss_rows: torch.Tensor
+    score: torch.Tensor
+    score_mag: torch.Tensor
+    scale: torch.Tensor  # [rows, G] the grids used
+    zero: torch.Tensor
+    ties: int  # rounding near-ties where the oracle took the followed backend's level
+    err_mag: torch.Tensor  # the magnitude each err was computed from: (|w| + sum |updates|) / d
+
+
+def oracle_grid(W, quant):
+    """GPTQ's `find_params(weight=True)` per row of `W [rows, g]`, written out in float64;
+    fp8: `max|w| / 448` (1 for a zero row), zero 0."""
+    W = W.double()
+    if quant.fp8:
+        amax = W.abs().amax(1)
+        return torch.where(amax > 0, amax / 448, 1.0), torch.zeros_like(amax)
+    xmin = W.amin(1).clamp(max=0)
+    xmax = W.amax(1).clamp(min=0)
+    if quant.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+    scale = (xmax - xmin) / quant.maxq
+    if quant.sym:
+        return scale, torch.full_like(scale, (quant.maxq + 1) / 2)
+    return scale, torch.round(-xmin / scale)
+
+
+def oracle_round(x, zero, quant):
+    """The level `x = w / scale` rounds to, in units of scale: `clamp(round(x) + zero, 0,
+    maxq) - zero`; fp8: x as float8 e4m3 (saturating at 448)."""
+    if quant.fp8:
+        return x.clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    return torch.clamp(torch.round(x) + zero, 0, quant.maxq) - zero
+
+
+def _follow_found_grid(scale, zero, follow_grid, g, Wg, magg, tol):
+    """Take a backend's grid found in the sweep: its scale within `tol` of the magnitude it
+    was found from, its asymmetric zero point the oracle's or a near-tie of it."""
+    fs, fz = (t[:, g].double().cpu() for t in follow_grid[1:])
+    top = magg.amax(1).clamp_min(1e-300)
+    bad = (fs - scale[:, g]).abs() > 4 * tol * top + 1e-300
+    assert not bad.any(), (
+        f"group {g}: the grid found in the sweep has scale {fs[bad][:3].tolist()}, the "
+        f"oracle {scale[bad, g][:3].tolist()}"
+    )
+    differ = fz != zero[:, g]
+    if differ.any():
+        x = -Wg.amin(1).clamp(max=0) / scale[:, g]
+        frac = (x - x.floor() - 0.5).abs()
+        near = frac <= tol * (top / scale[:, g] + 1)
+        far = differ & (((fz - zero[:, g]).abs() > 1) | ~near)
+        assert not far.any(), f"group {g}: zero points {fz[far][:3].tolist()} are no near-tie"
+    scale[:, g], zero[:, g] = fs, fz
 
 
 def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what="keep"):
@@ -165,7 +274,7 @@ def assert_groups_near_optimal(keep, oracle: SweepOracle, keep1, n, m, tol, what
         )
 
 
-def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep"):
+def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep", quant=None):
     """One obs_sweep output against the float64 oracle on the same inputs.
 
     Unstructured/fixed: the mask is keep1 exactly. N:M: every group's choice is the
@@ -183,8 +292,16 @@ def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep
         for e in range(W1.shape[0]):
             k1 = None if keep1 is None else keep1[e]
             layer_out = tuple(t[e] for t in out)
-            check_obs_sweep(layer_out, W1[e], Hinv1[e], k1, n, m, what=f"{what} layer {e}")
+            qe = None
+            if quant is not None:
+                layer_out = ObsSweep(*layer_out, out.scale[e], out.zero[e])
+                qe = quant._replace(scale=quant.scale[e], zero=quant.zero[e])
+            check_obs_sweep(
+                layer_out, W1[e], Hinv1[e], k1, n, m, what=f"{what} layer {e}", quant=qe
+            )
         return
+    if quant is not None:
+        return _check_quant_sweep(out, W1, Hinv1, keep1, n, m, what, quant)
     q, err, keep, loss = out
     state = state_dtype(W1, Hinv1)
     assert q.dtype == err.dtype == loss.dtype == state, (
@@ -203,6 +320,49 @@ def check_obs_sweep(out, W1, Hinv1, keep1, prune_n=0, prune_m=0, what="obs_sweep
     assert_close_to_scale(q, ref.q, rtol, f"{what} q")
     assert_close_to_scale(err, ref.err, rtol, f"{what} err")
     assert_close_to_scale(loss, ref.loss_rows, rtol, f"{what} loss_rows")
+
+
+def _check_quant_sweep(out, W1, Hinv1, keep1, n, m, what, quant):
+    """A quantized sweep against the oracle swept along the backend's mask, grid and
+    rounding (each taken only at a near-tie): the mask as without quant, the grids used
+    (`out.scale`, `out.zero`: the given ones, or found within rounding), every kept weight
+    on its grid and every pruned one exactly 0, the values within OP_RTOL."""
+    q, err, keep, loss = out
+    state = state_dtype(W1, Hinv1)
+    assert out.scale is not None and out.zero is not None, f"{what}: no grids returned"
+    G = quant.scale.shape[-1]
+    assert out.scale.shape == out.zero.shape == (W1.shape[0], G), f"{what}: grid shape"
+    assert q.dtype == err.dtype == loss.dtype == state, f"{what}: outputs {q.dtype}"
+    keep = keep.cpu()
+    if n:  # with forced entries a group prunes max(n, forced): assert_groups_near_optimal
+        assert keep1 is not None or check_nm_keep_mask(keep, n, m), f"{what}: not {n}:{m}"
+        if keep1 is not None:
+            assert not (keep & ~keep1.cpu()).any(), f"{what}: a forced entry is kept"
+    else:
+        assert torch.equal(keep, keep1.cpu()), f"{what}: the mask must be keep1 as given"
+    if not quant.find:
+        assert torch.equal(out.scale.cpu().to(state), quant.scale.cpu().to(state)), (
+            f"{what}: a static grid must be used as given"
+        )
+        assert torch.equal(out.zero.cpu().to(state), quant.zero.cpu().to(state))
+    assert (q.cpu()[~keep] == 0).all(), f"{what}: a pruned weight must be exactly 0"
+    tol = NEAR_TIE_RTOL[state]
+    grid = (q, out.scale, out.zero)
+    ref = oracle_obs_sweep(W1, Hinv1, keep1, n, m, keep, quant, grid, tol)
+    if n:
+        assert_groups_near_optimal(keep, ref, keep1, n, m, tol, what)
+    rtol = OP_RTOL[state]
+    assert_close_to_scale(out.scale, ref.scale, rtol, f"{what} scale")
+    assert_close_to_scale(q, ref.q, rtol, f"{what} q")
+    # every kept weight leaves an error (w - q) / d, small beside the w / d it came from:
+    # within rtol of that magnitude, as a pruned weight's error is
+    atol = rtol * (ref.err_mag + ref.err.abs().max())
+    assert_close(err, ref.err, rtol, atol, f"{what} err")
+    loss_mag = (ref.err_mag * ref.err_mag).sum(1) / 2
+    assert_close(
+        loss, ref.loss_rows, rtol, 4 * rtol * (loss_mag + ref.loss_rows.max()), f"{what} loss_rows"
+    )
+    return ref
 
 
 # ------------------------------------------------------------------ block_prune_mask

@@ -50,7 +50,7 @@ def test_agreed_options_are_the_declared_ones():
     assert set(config.agreed(PruneConfig())) == {
         "method", "sparsity", "prune_n", "prune_m", "seed", "batch_size", "hessian_precision",
         "hessian_kind", "moe_calibration", "asymmetric", "targets", "ignore", "allocation",
-        "owl_threshold", "owl_lambda",
+        "owl_threshold", "owl_lambda", "quant", "bits", "group_size", "sym", "actorder",
     }  # fmt: skip
 
 
@@ -202,3 +202,13 @@ def test_cli_literals_are_the_declared_ones():
         assert config.reconstruct_arg(value) == value
     args = parser.parse_args(["prune", "--reconstruct"])
     assert args.reconstruct is True
+
+
+def test_a_method_that_only_quantizes_refuses_sparsity_before_any_work():
+    from fastprune.config import PruneConfig, check_config
+
+    with pytest.raises(ValueError, match="method='gptq' quantizes without pruning: sparsity"):
+        check_config(PruneConfig(method="gptq"))
+    with pytest.raises(ValueError, match="prune_n must be 0"):
+        check_config(PruneConfig(method="gptq", sparsity=0.0, prune_n=2, prune_m=4))
+    check_config(PruneConfig(method="gptq", sparsity=0.0))  # its own default grid (w4a16)

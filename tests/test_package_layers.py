@@ -19,7 +19,9 @@ REPO = ROOT.parent
 # below its own (and from itself); the root's __init__/__main__ sit above all of them
 FLOORS = (
     {"version", "masks", "timing"},
-    {"validation", "result"},
+    {"validation"},
+    {"quant"},
+    {"result"},
     {"layers", "hessian"},
     {"models", "data", "original", "testing", "moved"},
     {"evaluate", "ops"},

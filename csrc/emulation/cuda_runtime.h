@@ -386,6 +386,15 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   }));
 }
 
+// bit casts, and a product rounded on its own (the emulated build has -ffp-contract=off)
+inline unsigned __float_as_uint(float f) {
+  return fastprune_emu::from_bits<unsigned>(fastprune_emu::to_bits(f));
+}
+inline float __uint_as_float(unsigned u) {
+  return fastprune_emu::from_bits<float>(fastprune_emu::to_bits(u));
+}
+inline float __fmul_rn(float a, float b) { return a * b; }
+
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }
 inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -67,6 +67,7 @@ def prune_job(args: argparse.Namespace, job: type | None = None) -> workflow.Pru
         options={k: v for k, v in options_given.items() if v is not None},
         lm_eval=_lm_eval(args),
         stream=args.stream,
+        sym=args.sym,
     )
 
 
@@ -164,6 +165,18 @@ def build_parser(job: type | None = None) -> argparse.ArgumentParser:
         const=False,
         help="load the whole model even when it looks too big for the free host memory",
     )
+    q.add_argument(
+        "--sym",
+        dest="sym",
+        action="store_const",
+        const=True,
+        default=None,
+        help="--quant: a symmetric integer grid (the presets' default)",
+    )
+    q.add_argument(
+        "--asym", dest="sym", action="store_const", const=False,
+        help="--quant: an asymmetric integer grid (a zero point per group)",
+    )  # fmt: skip
     _add_lm_eval_flags(q)
     q.set_defaults(func=_prune)
 

@@ -4,6 +4,7 @@ pattern, and compare the reloaded model's logits with the in-memory model's."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -11,24 +12,58 @@ import torch
 from ..models import dtype_kwarg, find_blocks, forget_gguf_origin, get_weight, model_device
 from ..pipeline import PruneReport, check_model_sparsity
 from ..pipeline.block_layers import count_block_zeros, resolve_layer
+from ..streaming import PARTIAL
 
 
 def save_pruned(model, tokenizer, directory, report: PruneReport | None = None) -> Path:
     """`save_pretrained` (safetensors) of the model and, if given, its tokenizer; the report
-    (if given) goes beside them as `fastprune_report.json`."""
+    (if given) goes beside them as `fastprune_report.json`. A quantized prune (the report's
+    `quantized` layers) is written in the compressed-tensors format (see
+    `quantized_checkpoint`). Until everything is written the folder holds a `PARTIAL` marker,
+    which says why when the save fails. The report's totals get the bytes of the weights
+    saved (`checkpoint_bytes`)."""
     import json
 
     out = Path(directory).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"save directory {str(directory)!r} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    forget_gguf_origin(model)
-    model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if report is not None:
-        (out / "fastprune_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    marker = out / PARTIAL
+    _mark(marker, "writing")
+    try:
+        forget_gguf_origin(model)
+        if report is not None and report.quantized:
+            from .quantized_checkpoint import write_quantized
+
+            report.totals["checkpoint"] = write_quantized(model, out, report)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        if report is not None:
+            report.totals["checkpoint_bytes"] = weight_bytes(out)
+            (out / "fastprune_report.json").write_text(json.dumps(report.to_dict(), indent=1))
+    except BaseException as e:
+        _mark(marker, "abandoned", f"{type(e).__name__}: {e}")
+        raise
+    marker.unlink()
     return out
+
+
+def _mark(marker: Path, status: str, reason: str | None = None) -> None:
+    """The folder's `PARTIAL` marker, as the streamed writer leaves one."""
+    import json
+    import os
+    import time
+
+    info = {"partial": True, "status": status, "reason": reason, "pid": os.getpid()}
+    info["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    marker.write_text(json.dumps(info, indent=1))
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the safetensors files in `folder` (the saved weights)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 @torch.no_grad()
@@ -37,11 +72,21 @@ def verify_saved(
 ) -> dict:
     """Reload `directory` and check it against the in-memory `model`: every pruned weight
     equal bit for bit, the sparsity / N:M pattern of `report` present in the reloaded
-    weights, and logits on `sample_ids` equal. Raises `ValueError` on any mismatch."""
+    weights, and logits on `sample_ids` equal. A quantized checkpoint is dequantized by the
+    compressed-tensors package as it loads, to the weights the prune left in memory. Raises
+    `ValueError` on any mismatch."""
     from transformers import AutoModelForCausalLM
 
     dtype = next(model.parameters()).dtype
-    loaded = AutoModelForCausalLM.from_pretrained(str(directory), **{dtype_kwarg(): dtype})
+    kw = {dtype_kwarg(): dtype}
+    quantized = getattr(report, "quantized", None) or {}
+    if quantized:
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+    with warnings.catch_warnings():  # "the quantization_config from the model will be used"
+        warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
+        loaded = AutoModelForCausalLM.from_pretrained(str(directory), **kw)
     loaded.eval()
     loaded.to(model_device(model))
     path = report.totals.get("blocks_path")

@@ -169,10 +169,17 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
         )
     if job.asymmetric and job.nproc > 1:
         raise ValueError(f"{name('asymmetric')} runs in one process, not with {name('nproc')} > 1")
+    if checked.quant is not None and job.nproc > 1:
+        raise ValueError(
+            f"{name('quant')} is not supported with {name('nproc')} > 1 (torch.distributed) "
+            "yet: quantize in one process"
+        )
     check_lm_eval(job.lm_eval, name)
     src = resolve_model(job.model)  # unknown model: fail before the slow part
     if job.stream:
         _check_streamable(job, src, meth, name)
+    if checked.quant is not None and job.save:
+        _check_quant_save(job, checked.quant, name)
     if job.targets or job.ignore:  # patterns that match nothing: fail before the load too
         check_selection(find_blocks(model_skeleton(job.model))[1], job.targets, job.ignore)
     return n, m
@@ -194,12 +201,49 @@ def _check_streamable(job: PruneJob, src, meth, name: Name) -> None:
             f"{name('stream')} writes the pruned model as it goes: give {name('save')}"
         )
     check_stream_output(job.save, ckpt.path)
+    if job.quant is not None:
+        raise ValueError(
+            f"{name('stream')}: {name('quant')} is not supported when streaming a checkpoint "
+            "yet; quantize in memory"
+        )
     if meth.needs_gradients:
         raise ValueError(f"{name('stream')}: method {job.method} needs the whole model (gradients)")
     if job.allocation != "uniform":
         raise ValueError(f"{name('stream')}: {name('allocation')} {job.allocation} is not streamed")
     if job.lm_eval is not None:
         raise ValueError(f"{name('stream')}: {name('lm_eval')} needs the whole model in memory")
+
+
+def _check_quant_save(job: PruneJob, spec, name: Name) -> None:
+    """A quantized save, before the prune: the compressed-tensors package is installed, and
+    the group size divides every layer that will be quantized (read from the model's config)."""
+    from ..layers import get_weight
+    from ..models import find_blocks, model_skeleton
+    from ..pipeline.block_layers import find_block_layers
+    from .quantized_checkpoint import group_error, missing_package
+
+    reason = missing_package()
+    if reason:
+        raise ValueError(f"{name('save')} with {name('quant')}: {reason}")
+    gs = spec.group_size
+    if spec.fp8 or gs is None:
+        return
+    if spec.actorder:
+        raise ValueError(
+            f"{name('actorder')} with groups ({name('group_size')} {gs}) and {name('save')}: "
+            "act-order groups are not contiguous columns, which the compressed-tensors format "
+            "no longer loads; use act-order per channel, or no act-order, to save"
+        )
+    path, blocks = find_blocks(model_skeleton(job.model), job.blocks)
+    for i, block in enumerate(blocks):
+        layout = find_block_layers(block, job.targets, job.ignore, f"{path}.{i}")
+        for key, layer in layout.layers.items():
+            cols = get_weight(layer).shape[-1]
+            if cols % gs:
+                raise ValueError(
+                    f"{name('group_size')} {gs} with {name('save')}: "
+                    + group_error(f"{path}.{i}.{key}", cols, gs)
+                )
 
 
 def check_eval_job(job: EvalJob, name: Name = field_name) -> None:

@@ -94,6 +94,8 @@ def streaming_decision(job: PruneJob, say: Say = print) -> bool:
     that is free (loaded in `job.dtype`)."""
     if job.stream is not None:
         return job.stream
+    if job.quant is not None:  # not streamed yet: loaded whole (transformers says if it fails)
+        return False
     import torch
 
     from ..models import resolve_model
@@ -165,9 +167,14 @@ def _prune_in_memory(run: _Run) -> dict:
         out = save_pruned(model, tok, job.save, report)
         sample = eval_ids[: job.seqlen] if eval_ids is not None else calib[0]
         saved = verify_saved(model, out, report, sample)
+        saved["bytes"] = report.totals["checkpoint_bytes"]
+        kind = "safetensors"
+        if report.quantized:
+            kind = "compressed-tensors " + report.totals["checkpoint"]["format"]
         say(
-            f"saved to {out} (safetensors + tokenizer); reloaded: sparsity "
-            f"{saved['sparsity']:.4f}, max logit difference {saved['max_logit_diff']:g}"
+            f"saved to {out} ({kind} + tokenizer, {saved['bytes'] / 2**20:.1f} MiB of "
+            f"weights); reloaded: sparsity {saved['sparsity']:.4f}, max logit difference "
+            f"{saved['max_logit_diff']:g}"
         )
     return {
         "report": report, "dense": dense, "pruned": pruned, "zs": (zs_dense, zs_pruned),
@@ -279,6 +286,7 @@ def _finish(run: _Run, out: dict, seconds: float) -> dict:
         "ppl_pruned": None if pruned is None else pruned["ppl"],
         "achieved_sparsity": report.achieved_sparsity,
         "block_sparsity": report.block_sparsity,
+        "quant": report.totals.get("quant"),
         "saved": out["saved"],
         "lm_eval": lm_eval_report(job.lm_eval, out["lm_tasks"], zs_dense, zs_pruned),
         **{k: v for k, v in report.to_dict().items() if k in ("options", "layers", "dense")},

@@ -14,6 +14,7 @@ from ..hessian import HESSIAN_KINDS, HESSIAN_PRECISIONS
 from ..validation import check_pattern, check_sparsity
 from .declare import Name, given, keyword, option, options
 from .method_flags import METHOD_FLAG_OF
+from .quant_options import QUANT_PRESETS, check_quant, integer_in, quant_spec
 from .validators import (
     MOE_CALIBRATIONS,
     check_device,
@@ -31,6 +32,8 @@ from .validators import (
 
 if TYPE_CHECKING:
     import torch
+
+    from ..quant import QuantSpec
 
 logger = logging.getLogger("fastprune")
 
@@ -141,6 +144,32 @@ class PruneConfig:
         OWL_LAMBDA, f"owl: block sparsities within sparsity +- this (default {OWL_LAMBDA})",
         check=number_in(0.0, 0.5), agreed=True,
     )  # fmt: skip
+    quant: str | QuantSpec | None = option(
+        None,
+        "round the kept weights to a grid in the same OBS sweep that prunes them (GPTQ's "
+        "step; sparsity 0 quantizes alone): w4a16 (int4, groups of 128, symmetric), w8a16 "
+        "(int8 per output channel, symmetric) or fp8 (float8 e4m3 per output channel); "
+        "--bits/--group-size/--sym/--asym/--actorder change the preset; only methods whose "
+        "Method takes quant (from Python also a fastprune.quant.QuantSpec)",
+        check=optional(check_quant), cli={"choices": QUANT_PRESETS}, agreed=True,
+    )  # fmt: skip
+    bits: int | None = option(
+        None, "quant: bits of the integer grid, 2..8 (default: the preset's)",
+        check=optional(integer_in(2, 8)), cli={"type": int}, agreed=True,
+    )  # fmt: skip
+    group_size: int | None = option(
+        None, "quant: input columns per grid, a positive int (default: the preset's)",
+        check=optional(integer(1)), cli={"type": int}, agreed=True,
+    )  # fmt: skip
+    sym: bool | None = option(
+        None, "quant: a symmetric (--sym) or asymmetric (--asym) integer grid (default: the "
+        "preset's, symmetric)",
+        check=optional(flag_bool), flag="--sym", argument=False, agreed=True,
+    )  # fmt: skip
+    actorder: bool = option(
+        False, "quant: sweep the columns by decreasing diag(H) (GPTQ's act-order)",
+        check=flag_bool, cli={"action": "store_true"}, agreed=True,
+    )  # fmt: skip
     progress: bool = option(
         True,
         "show progress bars",
@@ -171,11 +200,13 @@ def flag_of(name: str, *classes: type) -> str:
 class Checked:
     """A configuration checked and resolved: `config` (values normalised, `hessian_kind`
     and `allocation` resolved for the method and pattern), the `Method` that runs (composed
-    with refine/reconstruct where asked) and its full options."""
+    with refine/reconstruct where asked), its full options, and `quant`: the grid the
+    `quant` options make (a `fastprune.quant.QuantSpec`), or None."""
 
     config: PruneConfig
     method: Any
     options: dict
+    quant: QuantSpec | None = None
 
 
 def check_method_options(method: str, options: Mapping[str, Any], name: Name = keyword):
@@ -194,8 +225,8 @@ def check_method_options(method: str, options: Mapping[str, Any], name: Name = k
 
 def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
     """Every option of `config` checked once, errors naming it as `name` spells it; the
-    relations between options (pattern, allocation, asymmetric, hessian_kind vs. method)
-    checked and resolved."""
+    relations between options (pattern, allocation, asymmetric, hessian_kind, quant vs.
+    method) checked and resolved; `Checked.quant` the grid (a `QuantSpec`) or None."""
     values = {}
     for key, opt in options(type(config)).items():
         value = getattr(config, key)
@@ -203,6 +234,12 @@ def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
     meth, opts = check_method_options(values["method"], values["options"], name)
     n, m = check_pattern(values["prune_n"], values["prune_m"], values["prune_m"] or 1)
     method = values["method"]
+    if not meth.prunes and (values["sparsity"] or n):
+        what = name("prune_n") if n else name("sparsity")
+        raise ValueError(
+            f"{given(name, 'method', method)} quantizes without pruning: {what} must be 0 "
+            "(to prune and quantize in one sweep, use an OBS method with quant)"
+        )
     allocation = values["allocation"]
     if allocation == "owl" and n:
         logger.info("allocation='owl' keeps N:M patterns uniform (every layer %d:%d)", n, m)
@@ -236,7 +273,8 @@ def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
             "alone)"
         )
     values.update(prune_n=n, prune_m=m, allocation=allocation, hessian_kind=kind)
-    return Checked(dataclasses.replace(config, **values), meth, opts)
+    spec = quant_spec(values, meth, name)
+    return Checked(dataclasses.replace(config, **values), meth, opts, spec)
 
 
 def agreed(config: PruneConfig) -> dict[str, Any]:

@@ -16,7 +16,7 @@ MAX_SWEEP_LAYERS = 65535  # a batched obs_sweep puts the layers on the grid's y 
 MAX_SEARCH_COLS = 65535  # swap_search indexes columns in 16 bits
 
 
-def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0):
+def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0, quant=None):
     if W1.dtype != torch.float32 or Hinv1.dtype != torch.float32:
         return f"float32 only, got {W1.dtype}/{Hinv1.dtype}"
     if W1.shape[-1] > MAX_SWEEP_COLS:
@@ -30,13 +30,19 @@ def cuda_obs_sweep_unsupported(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int 
     return None
 
 
-def cuda_obs_sweep(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0) -> ObsSweep:
+def cuda_obs_sweep(W1, Hinv1, keep1, prune_n: int = 0, prune_m: int = 0, quant=None) -> ObsSweep:
     """CUDA `obs_sweep` (contract: `fastprune.ops.obs_sweep`), one layer or a batch (one
-    launch; the layers on the grid's y dimension)."""
+    launch; the layers on the grid's y dimension); `quant` rounds to each group's grid."""
     ext = extension_for(W1)
     guard, stream, _ = launch_context(W1)
+    if quant is None:
+        grid = (None, None, 1, 1, False, False, False)
+    else:
+        scale, zero = (t.to(torch.float32) for t in (quant.scale, quant.zero))
+        grid = (scale, zero, quant.group_size, quant.maxq, quant.sym, quant.fp8, quant.find)
     with guard:
-        return ObsSweep(*ext.obs_sweep(W1, Hinv1, keep1, prune_n, prune_m, stream))
+        out = ext.obs_sweep(W1, Hinv1, keep1, prune_n, prune_m, *grid, stream)
+    return ObsSweep(*out) if quant is not None else ObsSweep(*out[:4])
 
 
 def cuda_swap_search_unsupported(w, keep, c, H, prune_n: int = 0, prune_m: int = 0, rows=None):
@@ -71,3 +77,4 @@ OPS = {
     "swap_search": (cuda_swap_search, cuda_swap_search_unsupported),
 }
 BATCHED = frozenset({"obs_sweep"})  # the ops whose kernel also takes a batch of layers
+QUANT = frozenset({"obs_sweep"})  # the ops whose kernel also takes quant= (float32, as without)

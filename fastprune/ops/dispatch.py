@@ -4,7 +4,9 @@ A backend module (`fastprune.triton_kernels`, `fastprune.ops.cuda_ops`) exposes
 `OPS = {op: (fn, unsupported)}`: `fn` has the op's contract (see `fastprune.ops.<op>`), and
 `unsupported(*args, **kwargs)` returns why `fn` cannot take those inputs (dtype, block width,
 M, size), or None; and `BATCHED`, the ops whose `fn` also takes the op's batched form (a
-leading layer dimension, `BATCH_RANK`; the torch reference takes every batched form). A
+leading layer dimension, `BATCH_RANK`; the torch reference takes every batched form); and
+`QUANT`, the ops whose `fn` also takes the op's `quant=` option (`QUANT_OPS`; a call with
+`quant` goes past a backend that does not declare it). A
 solver resolves its backend once into a `Kernels` object; each call goes to the first
 implementation of the backend's chain that takes the inputs (cuda -> triton -> torch,
 triton -> torch, torch) and is recorded, so `r.info["kernels"]` maps every op that ran to
@@ -31,6 +33,8 @@ OPS = ("obs_sweep", "block_prune_mask", "column_losses", "swap_search", "swap_ap
 # the ops with a batched form (a batch of independent layers), and the rank of their first
 # argument in it (one more than in the one-layer form)
 BATCH_RANK = {"obs_sweep": 3, "block_prune_mask": 3}
+# the ops with a `quant=` option (kept weights rounded to a grid in the sweep)
+QUANT_OPS = frozenset({"obs_sweep"})
 
 TORCH_OPS: dict[str, Callable] = {
     "obs_sweep": torch_obs_sweep,
@@ -69,6 +73,13 @@ def backend_batched(backend: str) -> frozenset[str]:
     if backend == "torch":
         return frozenset(BATCH_RANK)
     return frozenset(getattr(_backend_module(backend), "BATCHED", ()))
+
+
+def backend_quant(backend: str) -> frozenset[str]:
+    """The ops whose implementation by `backend` takes their `quant=` option (`QUANT_OPS`)."""
+    if backend == "torch":
+        return QUANT_OPS
+    return frozenset(getattr(_backend_module(backend), "QUANT", ()))
 
 
 def is_batched(op: str, *args) -> bool:
@@ -153,7 +164,8 @@ class Kernels:
 
     `k = Kernels("auto", W.device, ("obs_sweep",)); k("obs_sweep", W1, Hinv1, keep1)` runs the
     first implementation in the backend's chain that takes the inputs (for a batched call,
-    the first that declares the batched form and takes them). `k.info()` is what a
+    the first that declares the batched form and takes them; for a call with `quant=`, the
+    first that declares the option). `k.info()` is what a
     result reports: `{"kernels": {op: "cuda" | "triton" | "torch" | "cuda+torch" ...}}`
     (several names, in order of first use, where different calls took different
     implementations) and `"kernel_fallbacks": {op: reason}` where a named backend was
@@ -162,13 +174,13 @@ class Kernels:
 
     def __init__(self, backend: str, device: torch.device, ops: tuple[str, ...]) -> None:
         self.backend = resolve_backend(backend, device, ops)
-        # per op: (backend, fn, unsupported, takes the batched form)
-        self.chains: dict[str, list[tuple[str, Callable, Callable, bool]]] = {}
+        # per op: (backend, fn, unsupported, takes the batched form, takes quant=)
+        self.chains: dict[str, list[tuple[str, Callable, Callable, bool, bool]]] = {}
         for op in ops:
             chain = []
             for name in _CHAINS[self.backend]:
                 if name == "torch":
-                    chain.append(("torch", TORCH_OPS[op], _always, True))
+                    chain.append(("torch", TORCH_OPS[op], _always, True, True))
                     continue
                 if _device_problem(name, device):
                     continue
@@ -177,15 +189,20 @@ class Kernels:
                 except BackendUnavailableError:
                     continue
                 if op in table:
-                    chain.append((name, *table[op], op in backend_batched(name)))
+                    takes = (op in backend_batched(name), op in backend_quant(name))
+                    chain.append((name, *table[op], *takes))
             self.chains[op] = chain
         self.ran: dict[str, list[str]] = {}
         self.fallbacks: dict[str, str] = {}
 
     def __call__(self, op: str, *args, **kwargs):
         batched = is_batched(op, *args)
-        for name, fn, unsupported, takes_batch in self.chains[op]:
+        quant = kwargs.get("quant") is not None
+        if not quant:
+            kwargs.pop("quant", None)  # backends without the option never see it
+        for name, fn, unsupported, takes_batch, takes_quant in self.chains[op]:
             why = "no batched form" if batched and not takes_batch else None
+            why = why or ("no quant option" if quant and not takes_quant else None)
             why = why or unsupported(*args, **kwargs)
             if why is None:
                 ran = self.ran.setdefault(op, [])

@@ -19,9 +19,13 @@ Batched form: `W1 [E, rows, count]`, `Hinv1 [E, count, count]`, `keep1 [E, rows,
 sweep E independent layers (the experts of one MoE projection) at once, each as above with
 its own `Hinv1[e]`; every output gains the leading `E`. Which backends take it is declared
 in their `BATCHED` (see `fastprune.ops.dispatch`).
-Returns `ObsSweep(q, err, keep, loss_rows)` in float32 (float64 if an input is float64);
-`keep` is the mask used, `loss_rows = sum_i err_i^2 / 2` (the reference's OBS estimate).
-Inputs are not modified.
+Quantization (`quant`, a `QuantBlock`): each kept weight is also rounded to its group's grid
+before its error is spread, `q_i = quantize(w_i * keep_i, scale[:, g], zero[:, g])` with
+`g = i // group_size` (`fastprune.quant`); with `find` the op finds group g's grid from its
+updated columns when the sweep reaches the group's first column (after any N:M choice there).
+Returns `ObsSweep(q, err, keep, loss_rows, scale, zero)` in float32 (float64 if an input is
+float64); `keep` is the mask used, `loss_rows = sum_i err_i^2 / 2` (the reference's OBS
+estimate), `scale`/`zero` the grids used (None without `quant`). Inputs are not modified.
 """
 
 from __future__ import annotations
@@ -32,13 +36,46 @@ from typing import NamedTuple
 import torch
 
 from ..masks import lowest_n_along_dim0
+from ..quant import QuantSpec, find_params, quantize
 
 
-class ObsSweep(NamedTuple):
+class QuantBlock(NamedTuple):
+    """The grid of a block's kept weights: `maxq` (2**bits - 1), `sym`, `fp8`, `group_size`
+    columns per group inside the block (the block is whole groups, its last maybe partial,
+    or one group's part), each group's `scale`/`zero` `[(E,) rows, G]`, and `find`: the op
+    finds each group's grid from its updated columns (overwriting `scale`/`zero[:, g]`)."""
+
+    maxq: int
+    sym: bool
+    fp8: bool
+    group_size: int
+    scale: torch.Tensor
+    zero: torch.Tensor
+    find: bool
+
+    def spec(self) -> QuantSpec:
+        """The grid as a `QuantSpec` (for `fastprune.quant`'s functions)."""
+        if self.fp8:
+            return QuantSpec(format="fp8", group_size=None)
+        return QuantSpec(bits=(self.maxq + 1).bit_length() - 1, sym=self.sym, group_size=None)
+
+
+class _Sweep(NamedTuple):
     q: torch.Tensor  # [(E,) rows, count] the pruned, updated block
     err: torch.Tensor  # [(E,) rows, count] err_i per column (0 where kept)
     keep: torch.Tensor  # [(E,) rows, count] bool, True = kept
     loss_rows: torch.Tensor  # [(E,) rows] sum_i err_i^2 / 2
+
+
+class ObsSweep(_Sweep):
+    """`(q, err, keep, loss_rows)`, and the grids used, `scale` and `zero` `[(E,) rows, G]`
+    (None without quant): attributes beside the four, so every caller's
+    `q, err, keep, loss = sweep` reads as before."""
+
+    def __new__(cls, q, err, keep, loss_rows, scale=None, zero=None):
+        self = super().__new__(cls, q, err, keep, loss_rows)
+        self.scale, self.zero = scale, zero
+        return self
 
 
 def _sub_outer(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -70,12 +107,15 @@ def torch_obs_sweep(
     prune_n: int = 0,
     prune_m: int = 0,
     inner: int = 16,
+    quant: QuantBlock | None = None,
 ) -> ObsSweep:
     """Reference `obs_sweep`, one layer or a batch: columns in sub-blocks of `inner` (a
     multiple of `prune_m`), rank-1 updates inside a sub-block and one GEMM for the rest of
     the block (the reference's arithmetic up to float rounding, lighter on memory), on a
     transposed copy. A batch runs the same steps on every layer at once (batched products
-    in place of `addr_` / `addmm_`), so one Python loop over columns serves all E."""
+    in place of `addr_` / `addmm_`), so one Python loop over columns serves all E. With
+    `find`, a sub-block also starts at each group's first column, so the group's columns
+    hold every earlier update when its grid is found."""
     if W1.dim() not in (2, 3) or Hinv1.shape != (*W1.shape[:-2], W1.shape[-1], W1.shape[-1]):
         raise ValueError(
             f"W1 must be [(E,) rows, count] and Hinv1 [(E,) count, count], got "
@@ -100,8 +140,23 @@ def torch_obs_sweep(
             raise ValueError("keep1 is required for an unstructured or fixed-mask sweep")
         pruneT = ~keep1.transpose(-2, -1)
         step = inner
-    for j1 in range(0, count, step):
-        j2 = min(j1 + step, count)
+    starts = set(range(0, count, step))
+    if quant is not None:
+        spec, gs = quant.spec(), quant.group_size
+        G = -(-count // gs)
+        if quant.scale.shape != (*W1.shape[:-1], G) or quant.zero.shape != quant.scale.shape:
+            raise ValueError(
+                f"quant.scale and quant.zero must be [(E,) rows, {G}] for {count} columns in "
+                f"groups of {gs}, got {tuple(quant.scale.shape)}, {tuple(quant.zero.shape)}"
+            )
+        if quant.find and nm and gs % prune_m:
+            raise ValueError(f"quant.group_size={gs} must be a multiple of prune_m={prune_m}")
+        scaleT = quant.scale.transpose(-2, -1).to(dt, copy=True)  # [(E,) G, rows]
+        zeroT = quant.zero.transpose(-2, -1).to(dt, copy=True)
+        if quant.find:
+            starts |= set(range(0, count, gs))
+    bounds = sorted(starts) + [count]
+    for j1, j2 in zip(bounds[:-1], bounds[1:]):
         for i in range(j1, j2):
             if nm and i % prune_m == 0:
                 g = WT[..., i : i + prune_m, :] ** 2 / d[..., i : i + prune_m, None] ** 2
@@ -115,6 +170,12 @@ def torch_obs_sweep(
                 pruneT[..., i : i + prune_m, :] = low if forcedT is None else low | f
             w = WT[..., i, :]
             q = w.masked_fill(pruneT[..., i, :], 0)
+            if quant is not None:
+                g = i // gs
+                if quant.find and i % gs == 0:
+                    s, z = find_params(WT[..., i : i + gs, :].transpose(-2, -1), spec)
+                    scaleT[..., g, :], zeroT[..., g, :] = s, z
+                q = quantize(q, scaleT[..., g, :], zeroT[..., g, :], spec)
             err = (w - q) / d[..., i, None]
             QT[..., i, :] = q
             ET[..., i, :] = err
@@ -124,8 +185,11 @@ def torch_obs_sweep(
             HT = Hinv1[..., j1:j2, j2:].transpose(-2, -1)
             sub_matmul(WT[..., j2:, :], HT, ET[..., j1:j2, :])
     loss_rows = (ET * ET).sum(-2) / 2
+    grids = (None, None)
+    if quant is not None:
+        grids = (scaleT.transpose(-2, -1), zeroT.transpose(-2, -1))
     return ObsSweep(
-        QT.transpose(-2, -1), ET.transpose(-2, -1), ~pruneT.transpose(-2, -1), loss_rows
+        QT.transpose(-2, -1), ET.transpose(-2, -1), ~pruneT.transpose(-2, -1), loss_rows, *grids
     )
 
 

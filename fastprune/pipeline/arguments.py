@@ -39,6 +39,7 @@ class PruneArgs:
     kinds: list
     layouts: list[BlockLayers]
     calib: torch.Tensor | None
+    quant: Any = None  # the grid kept weights are rounded to (a QuantSpec), or None
 
     def __getattr__(self, name: str) -> Any:
         if name == "config":  # not set yet (copying, unpickling)
@@ -81,6 +82,8 @@ def check_prune_args(
     ]
     if not any(bl.layers for bl in layouts):
         raise ValueError("targets/ignore leave no layer to prune")
+    if checked.quant is not None:
+        check_quantizable(layouts, blocks_path)
     if cfg.asymmetric:
         expert = next((k for bl in layouts for k in bl.layers if bl.is_expert(k)), None)
         if expert is not None:
@@ -108,5 +111,24 @@ def check_prune_args(
             raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
     return PruneArgs(
         model, cfg, meth, checked.options, n, m, dev, blocks_path, block_list, kinds, layouts,
-        calib,
+        calib, checked.quant,
     )  # fmt: skip
+
+
+def check_quantizable(layouts: list[BlockLayers], blocks_path: str) -> None:
+    """What `quant` does not cover yet, refused before any work: several processes
+    (torch.distributed) and MoE experts (one grid per expert)."""
+    from .distributed import active_world
+
+    if active_world() > 1:
+        raise ValueError(
+            "quant is not supported under torch.distributed yet: quantize in one process"
+        )
+    for i, bl in enumerate(layouts):
+        expert = next((k for k in bl.layers if bl.is_expert(k)), None)
+        if expert is not None:
+            raise ValueError(
+                f"quant is not supported for MoE experts yet (one grid per expert): "
+                f"{blocks_path}.{i}.{expert}; leave the experts out with ignore, or prune "
+                "without quant"
+            )

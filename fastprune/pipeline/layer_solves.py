@@ -1,6 +1,6 @@
 """The layer solves of one decoder block: each linear on its own (`LayerSolves._solve_layer`),
 the experts of one projection as batches (`_solve_experts`), one shared inverse per distinct
-H, and the report of each layer."""
+H, and the report of each layer (with its quantized weights, where the solve quantized)."""
 
 from __future__ import annotations
 
@@ -60,13 +60,19 @@ class LayerSolves:
             t0 = time.perf_counter()
             target, extra = asymmetric_target(W, H, hooks.cross[lead].C, hinv=inv)
             self.clock("asymmetric_seconds", t0)
-        r = a.meth.solve(target, H, g, self.block_sparsity[i], a.n, a.m, a.opts, hinv, rows)
-        if rows is None:
+        sparsity = self.block_sparsity[i]
+        r = a.meth.solve(target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant)
+        if r.quant is not None and rows is None:
+            set_weight(mod, as_stored(r.quant, W.dtype))
+        elif rows is None:
             set_weight(mod, r.weight)
         else:
             with torch.no_grad():
                 W[rows].copy_(r.weight)
         lr = _layer_report(i, name, W if rows is None else W[rows], a.method, r, lead)
+        if r.quant is not None:  # kept beside the model (on CPU) for a quantized checkpoint
+            self.report.quantized[full] = quantized_on_cpu(r.quant)
+            lr.info.setdefault("quant", {})["bytes"] = r.quant.nbytes()
         lr.info.update(extra)
         if tokens is not None:
             lr.info["tokens"] = int(tokens)
@@ -137,6 +143,30 @@ def identity_for_unrouted(hooks, block: str) -> list[str]:
             block, len(out), ", ".join(out[:3]), ", ..." if len(out) > 3 else "",
         )  # fmt: skip
     return out
+
+
+def as_stored(q, dtype: torch.dtype) -> torch.Tensor:
+    """A quantized layer's weight as a runtime computes it from a checkpoint that stores its
+    scales in the model's `dtype`: `(codes - zero) * scale` in that dtype (the solver's float32
+    dequantization cast to `dtype`, up to the rounding of the scales), so the model in memory
+    is the model saved."""
+    g = q.groups()
+    scale = q.scale.to(dtype)[:, g]
+    if q.zero is None:  # fp8: the float8 values times their row's scale
+        return q.codes.to(dtype) * scale
+    return (q.codes.to(torch.int16) - q.zero.to(torch.int16)[:, g]).to(dtype) * scale
+
+
+def quantized_on_cpu(q):
+    """A `QuantizedWeight` with its tensors on the CPU (the model's memory stays the model's)."""
+    import dataclasses
+
+    moved = {
+        f.name: getattr(q, f.name).cpu()
+        for f in dataclasses.fields(q)
+        if isinstance(getattr(q, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(q, **moved)
 
 
 def _layer_report(i: int, name: str, W: torch.Tensor, method: str, r, lead) -> LayerReport:

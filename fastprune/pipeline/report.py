@@ -42,6 +42,11 @@ class PruneReport:
     totals: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # {full layer name: QuantizedWeight (on CPU)} of the quantized layers, for a quantized
+        # checkpoint; not a field, so neither `asdict` nor `to_dict` copies its tensors
+        self.quantized: dict[str, Any] = {}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["layers"] = [dict(asdict(lr), shape=list(lr.shape)) for lr in self.layers]
@@ -94,6 +99,7 @@ class PruneReport:
             + ")"
         )
         lines.extend(self._recipe_lines())
+        lines.extend(self._quant_lines())
         lines.extend(self._dense_lines())
         lines.extend(self._expert_lines())
         if t.get("hessian_seconds"):
@@ -144,6 +150,20 @@ class PruneReport:
             )
         return [line]
 
+    def _quant_lines(self) -> list[str]:
+        """For a quantized prune: the grid, its rounding error and the bytes on disk."""
+        q = self.totals.get("quant")
+        if not q:
+            return []
+        group = "per channel" if q["group_size"] is None else f"groups of {q['group_size']}"
+        grid = "fp8 e4m3" if q["format"] == "fp8" else f"int{q['bits']}"
+        return [
+            f"quant: {grid} {group}{'' if q['sym'] else ' asymmetric'}"
+            f"{' act-order' if q['actorder'] else ''} on {q['layers']} layers; grid error "
+            f"{q['grid_error']:.3g} (mean relative); {q['bytes'] / 2**20:.2f} MiB packed on "
+            f"disk ({q['bytes'] / max(1, q['bf16_bytes']):.3f}x their bf16 bytes)"
+        ]
+
     def _dense_lines(self) -> list[str]:
         """What stayed dense, grouped by matrix kind and reason."""
         groups: dict[tuple[str, str], list] = {}
@@ -183,6 +203,24 @@ class PruneReport:
                 names = seen.setdefault(op, [])
                 names.extend(n for n in impl.split("+") if n not in names)
         return {op: "+".join(names) for op, names in seen.items()}
+
+
+def quant_totals(layers: list[LayerReport]) -> dict | None:
+    """The quantized layers' grid (of the first; a prune has one), their mean grid error, the
+    bytes they take packed on disk and as bf16; None when no layer was quantized."""
+    qs = [(lr, lr.info["quant"]) for lr in layers if isinstance(lr.info.get("quant"), dict)]
+    if not qs:
+        return None
+    first = qs[0][1]
+    errors = [q["grid_error"] for _, q in qs if isinstance(q.get("grid_error"), float)]
+    out = {k: first.get(k) for k in ("format", "bits", "group_size", "sym", "actorder", "params")}
+    out.update(
+        layers=len(qs),
+        grid_error=sum(errors) / len(errors) if errors else float("nan"),
+        bytes=sum(int(q.get("bytes", 0)) for _, q in qs),
+        bf16_bytes=sum(2 * lr.shape[0] * lr.shape[1] for lr, _ in qs),
+    )
+    return out
 
 
 def _kind(name: str) -> str:

@@ -22,7 +22,7 @@ from .gradients import compute_gradient_norms
 from .hessian_hooks import HessianHooks, PairedHessianHooks
 from .layer_solves import LayerSolves, expert_groups, identity_for_unrouted
 from .preflight import check_block, has_experts, own_kinds, preflight
-from .report import PruneReport, jsonable
+from .report import PruneReport, jsonable, quant_totals
 
 logger = logging.getLogger("fastprune")
 _UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
@@ -58,6 +58,7 @@ class PruneRun(LayerSolves):
                 )
                 | ({"allocation": a.allocation} if a.meth.needs_calibration else {})
                 | ({"asymmetric": True} if a.asymmetric else {})
+                | ({"quant": a.quant.as_info()} if a.quant is not None else {})
             ),
         )
         # where the time goes (forward_seconds = capture + hessian forwards + propagation)
@@ -361,6 +362,9 @@ class PruneRun(LayerSolves):
         totals["peak_host_memory_bytes"] = peak_host_memory()
         if losses:
             totals["loss"] = float(sum(losses))
+        quant = quant_totals(report.layers)
+        if quant is not None:
+            totals["quant"] = quant
         if self.comm is not None:
             own = totals["forward_seconds"] + totals.get("gradient_seconds", 0.0)
             totals.update(self.comm.gather_stats(own))

@@ -120,6 +120,11 @@ def prune_checkpoint(
     `path="streamed"`, the peak host memory and the bytes read; `save` gets
     `fastprune_report.json` too."""
     config = make_config(config, (), overrides, "prune_checkpoint")
+    if config.quant is not None:  # refused before anything is written
+        raise ValueError(
+            "quant is not supported when streaming a checkpoint (prune_checkpoint) yet: "
+            "quantize in memory (prune_model, or fastprune prune --no-stream)"
+        )
     if config.device is None:
         config = dataclasses.replace(config, device="cpu")  # the skeleton has no device
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)

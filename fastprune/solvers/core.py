@@ -19,6 +19,7 @@ from ..hessian import (
     scale_pow2,
 )
 from ..masks import pattern_name, pruned_fraction
+from ..quant import QuantSpec
 from ..result import PruneResult
 from ..validation import (
     check_backend,
@@ -109,6 +110,15 @@ def check_obs_options(
 ) -> tuple[int, float]:
     """The OBS solvers' own options checked: a block width >= 1 and a damping fraction."""
     return check_int(blocksize, blocksize_name, minimum=1), check_percdamp(percdamp)
+
+
+def check_quant_pattern(spec: QuantSpec | None, prune_n: object, prune_m: object) -> None:
+    """A grid's groups hold whole N:M groups (the sweep chooses both at a group's start)."""
+    gs = None if spec is None else spec.group_size
+    if gs and prune_n and isinstance(prune_m, int) and prune_m and gs % prune_m:
+        raise ValueError(
+            f"quant.group_size={gs} must be a multiple of prune_m={prune_m} (whole N:M groups)"
+        )
 
 
 def base_info(

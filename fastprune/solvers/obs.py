@@ -6,11 +6,14 @@ each with its own inverse) runs the same loop with the ops' batched forms."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..hessian import InverseHessian, layer_loss
 from ..ops import Kernels
-from ..ops.obs_sweep import sub_matmul
+from ..ops.obs_sweep import QuantBlock, sub_matmul
+from ..quant import QuantizedWeight, QuantSpec, find_params, packed
 
 OBS_OPS = ("block_prune_mask", "obs_sweep")
 # SparseGPT's column block: unstructured masks are chosen per block of this many columns
@@ -29,6 +32,103 @@ def nm_blocksize(blocksize: int, prune_m: int) -> int:
     return max(prune_m, (blocksize // prune_m) * prune_m)
 
 
+def quant_blocksize(blocksize: int, spec: QuantSpec | None) -> int:
+    """The sweep's block cut at group boundaries: a multiple of `group_size`, or the group
+    itself where it is wider than the block (per channel: `blocksize` as it is)."""
+    if spec is None or spec.group_size is None:
+        return blocksize
+    gs = spec.group_size
+    return gs if gs >= blocksize else (blocksize // gs) * gs
+
+
+def actorder_perm(H: torch.Tensor) -> torch.Tensor:
+    """GPTQ's act-order: columns by decreasing diag(H) (stable: equal ones keep their order)."""
+    return torch.sort(H.diagonal(), descending=True, stable=True).indices
+
+
+@dataclass
+class QuantPlan:
+    """The grids of one OBS solve. Each sweep block is cut into groups of `group_size`
+    columns from its first column (per channel: one group for the layer); `group[j]` is the
+    group of the sweep's column j. Static grids (params="static", or per channel, as GPTQ
+    and SparseGPT find those before the loop) are found from the weights given to `plan_quant`;
+    the others by the sweep, which fills `scale`/`zero` `[(E,) rows, n_groups]`. `num`/`den`
+    sum `|w - q|^2` and `|w|^2` over kept weights (the grid error)."""
+
+    spec: QuantSpec
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group: torch.Tensor
+    starts: list[int]  # the first group of each block
+    find: bool
+    num: float = 0.0
+    den: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def block(self, b: int, i1: int, i2: int) -> QuantBlock:
+        s = self.spec
+        g0 = self.starts[b]
+        if s.group_size is None:
+            sl, gs = slice(0, 1), i2 - i1
+        else:
+            gs = s.group_size
+            sl = slice(g0, g0 + -(-(i2 - i1) // gs))
+        return QuantBlock(
+            s.maxq, s.sym, s.fp8, gs, self.scale[..., sl], self.zero[..., sl], self.find
+        )
+
+    def store(self, b: int, out, Q1, Err1, keep1, d1) -> None:
+        """A block's grids and its share of the grid error."""
+        if self.find:
+            G = out.scale.shape[-1]
+            self.scale[..., self.starts[b] : self.starts[b] + G] = out.scale
+            self.zero[..., self.starts[b] : self.starts[b] + G] = out.zero
+        r = (Err1 * d1).masked_fill(~keep1, 0)
+        self.num += (r * r).sum(dtype=torch.float64).item()
+        w = (Q1 + r).masked_fill(~keep1, 0)
+        self.den += (w * w).sum(dtype=torch.float64).item()
+
+    def result(self, Q: torch.Tensor, perm: torch.Tensor | None = None) -> QuantizedWeight:
+        """The `QuantizedWeight` of one layer's rounded weights `Q` (the layer's column
+        order; `perm`: the sweep's order, `Q_sweep = Q[:, perm]`), and `info`."""
+        group = self.group if perm is None else self.group[torch.argsort(perm)]
+        gs = self.spec.group_size
+        plain = torch.arange(Q.shape[-1], device=Q.device) // (gs or Q.shape[-1])
+        g_idx = None if torch.equal(group, plain) else group.to(torch.int32)
+        self.info = {
+            **self.spec.as_info(),
+            "grid_error": self.num / self.den if self.den > 0 else 0.0,
+        }
+        return packed(self.spec, Q, self.scale, self.zero, g_idx)
+
+
+def plan_quant(spec: QuantSpec, W: torch.Tensor, bounds: list[tuple[int, int]]) -> QuantPlan:
+    """The grids of a solve over `bounds` of `W [(E,) rows, cols]` (the sweep's column order,
+    before dead columns are zeroed), static ones found here from `W`."""
+    gs = spec.group_size
+    cols = W.shape[-1]
+    group = torch.empty(cols, dtype=torch.long, device=W.device)
+    starts, G = [], 0
+    for i1, i2 in bounds:
+        starts.append(G if gs else 0)
+        if gs:
+            j = torch.arange(i2 - i1, device=W.device)
+            group[i1:i2] = G + j // gs
+            G += -(-(i2 - i1) // gs)
+    if not gs:
+        group.zero_()
+        G = 1
+    find = gs is not None and spec.params == "sweep"
+    shape = (*W.shape[:-1], G)
+    scale = torch.zeros(shape, dtype=W.dtype, device=W.device)
+    zero = torch.zeros(shape, dtype=W.dtype, device=W.device)
+    if not find:
+        for g in range(G):
+            cols_g = (group == g).nonzero().flatten()
+            scale[..., g], zero[..., g] = find_params(W[..., cols_g], spec)
+    return QuantPlan(spec, scale, zero, group, starts, find)
+
+
 @torch.no_grad()
 def obs_prune(
     W: torch.Tensor,
@@ -41,6 +141,7 @@ def obs_prune(
     *,
     fixed_keep: torch.Tensor | None = None,
     preserve: torch.Tensor | None = None,
+    quant: QuantPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The SparseGPT block loop over `bounds` on a float32/64 working copy `W` (modified):
     one layer (`W [rows, cols]`, `hinv [cols, cols]`) or a batch (`W [E, rows, cols]`, `hinv
@@ -52,7 +153,9 @@ def obs_prune(
     zeros, which are zero in `W`) keeps those entries pruned: an unstructured block already at
     its target keeps its mask, one below extends it by the usual threshold; an N:M group
     prunes its preserved entries plus its lowest others up to `prune_n`; trailing updates
-    never revive them. Returns `(W, keep, obs_loss_rows)` (`[(E,) rows]` losses).
+    never revive them. `quant` (from `plan_quant` over the same `bounds`): each kept weight
+    is rounded to its group's grid in the sweep; the plan keeps the grids used. Returns
+    `(W, keep, obs_loss_rows)` (`[(E,) rows]` losses).
     """
     if preserve is not None and W.dim() != 2:
         raise ValueError("preserve is for one layer, W [rows, cols]")
@@ -60,7 +163,7 @@ def obs_prune(
     keep = torch.ones(W.shape, dtype=torch.bool, device=W.device)
     losses = torch.zeros(W.shape[:-1], dtype=W.dtype, device=W.device)
     hdiag = hinv.diagonal(dim1=-2, dim2=-1)
-    for i1, i2 in bounds:
+    for b, (i1, i2) in enumerate(bounds):
         W1 = W[..., i1:i2]
         Hinv1 = hinv[..., i1:i2, i1:i2]
         n, m = prune_n, prune_m
@@ -78,7 +181,12 @@ def obs_prune(
             keep1 = kernels("block_prune_mask", W1, hdiag[..., i1:i2], sparsity)
         else:
             keep1 = None
-        Q1, Err1, keep1, loss1 = kernels("obs_sweep", W1, Hinv1, keep1, n, m)
+        qb = None if quant is None else quant.block(b, i1, i2)
+        out = kernels("obs_sweep", W1, Hinv1, keep1, n, m, quant=qb)
+        Q1, Err1, keep1, loss1 = out
+        if quant is not None:
+            d1 = hdiag[..., i1:i2].unsqueeze(-2)
+            quant.store(b, out, Q1, Err1, keep1, d1)
         W[..., i1:i2] = Q1
         keep[..., i1:i2] = keep1
         losses += loss1

@@ -36,18 +36,16 @@ import torch
 
 from ..hessian import DEFAULT_PERCDAMP, InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
+from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
 from ..validation import check_int, check_rows, check_weight
 from .core import merge_kernel_info
 from .obs import DEFAULT_BLOCKSIZE
 from .refit import refit_masked
-from .registry import METHODS, Method, Selection, get_method, register, selectors, solver_defaults
+from .registry import METHODS, get_method, selectors
 from .skeleton import legacy_positional, tensor_or_none_at
-from .sparsegpt import sparsegpt_layer
+from .sparsegpt import quantize_on_mask, sparsegpt_layer
 from .sparseswaps import (
-    auto_max_swaps,
-    auto_swaps_layer_options,
-    check_max_swaps,
     sparseswaps_layer,
 )
 
@@ -106,15 +104,18 @@ def compose_layer(
     backend: str = "auto",
     hinv: InverseHessian | None = None,
     rows: slice | None = None,
+    quant: QuantSpec | str | None = None,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
-    (see the module docstring). `G`: the gradient norm, for a selector that needs gradients
-    (GBLM) and only for it; `hinv` an inverse of `H` from `fastprune.inverse_hessian(H,
-    percdamp)` that the SparseGPT selection and the reconstruction reuse. `rows`: solve only
-    these rows of `W` (and `G`), ROSE with the whole layer's column order. `info`: the
-    selector's loss (`loss_selected`), the refinement's counters, which weights were kept
-    (`result`: the selector's, "refined", "reconstructed" or, for "best_rows", "per row" with
-    `rows_reconstructed`) and `recipe`."""
+    (see the module docstring). `quant` (a `QuantSpec` or a preset name): the kept weights
+    rounded in the selector's own sweep where its OBS weights are the result, else by an
+    OBS sweep on the final mask from the final weights (`sparsegpt.quantize_on_mask`).
+    `G`: the gradient norm, for a selector that needs gradients (GBLM) and only for it;
+    `hinv` an inverse of `H` (`fastprune.inverse_hessian(H, percdamp)`) that the SparseGPT
+    selection and the reconstruction reuse. `rows`: solve only these rows of `W` (and `G`),
+    ROSE with the whole layer's column order. `info`: the selector's loss (`loss_selected`),
+    the refinement's counters, which weights were kept (`result`: the selector's, "refined",
+    "reconstructed" or, for "best_rows", "per row" with `rows_reconstructed`) and `recipe`."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     meth = get_method(select)
@@ -125,14 +126,19 @@ def compose_layer(
     if check_rows(rows) is not None:
         W = W[rows]
         G = None if G is None else G[rows]
-    if H is None and (meth.needs_hessian or refine or reconstruct):
-        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct")
+    if H is None and (meth.needs_hessian or refine or reconstruct or quant is not None):
+        raise ValueError(f"H is needed for select={select!r} with refine/reconstruct/quant")
     if (G is not None) != meth.needs_gradients:
         takes = " or ".join(repr(k) for k in selectors() if METHODS[k].needs_gradients)
         raise ValueError(f"G is needed for select={takes or None} and only for it")
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
     context = {**pat, **obs, "range_threshold": range_threshold, "alpha": alpha, "hinv": hinv}
+    qspec = as_spec(quant)
+    # the selector's own sweep rounds the weights where they are the result
+    joint = qspec is not None and spec.obs_weights and refine is None and reconstruct != "lstsq"
+    if joint:
+        context["quant"] = qspec
 
     def hook(fn, **extra) -> PruneResult:  # the selector's rows, or the layer and `rows`
         if spec.takes_rows:
@@ -177,10 +183,16 @@ def compose_layer(
         weight, refit = refit_masked(W, H, mask, weight, percdamp=percdamp, iters=refit_iters)
         info.update(refit, loss_before_refit=loss)
         loss, result = layer_loss(W, weight, H), "refit"
+    qw = sel.quant if joint else None
+    if qspec is not None and not joint:  # round the final weights on the final mask
+        final = quantize_on_mask(W, H, weight, mask, qspec, prune_n, prune_m, hinv=hinv, **obs)
+        merge_kernel_info(info, final.info)
+        info.update(loss_before_quant=loss, quant=final.info["quant"])
+        weight, qw, loss = final.weight, final.quant, final.loss
     info.update(method="compose", result=result)
     info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
-    return PruneResult(weight.to(W.dtype), mask, loss, info)
+    return PruneResult(weight.to(W.dtype), mask, loss, info, qw)
 
 
 def _best_rows(
@@ -271,117 +283,3 @@ def recipe_selector(prune_n: int) -> str:
     """The recipe's `select="auto"`: ROSE for N:M (it reorders the groups there), SparseGPT
     unstructured; docs/recipes.md has the measurements that chose them."""
     return "rose" if prune_n else "sparsegpt"
-
-
-# --------------------------------------------------------------- compositions as methods
-
-
-def _selection(select: str, prune_n: int) -> Selection:
-    """The selection hook of `select` ("auto": the recipe's selector for the pattern)."""
-    return get_method(recipe_selector(prune_n) if select == "auto" else select).select
-
-
-def _reads_inverse(spec: Selection) -> bool:
-    """Whether a composition selecting with `spec` reads the shared inverse of H: all but
-    those whose selection and reconstruction factor their own H (ROSE's permuted one)."""
-    return spec.reads_inverse or spec.reconstruct is None
-
-
-def _separable(spec: Selection, prune_n: int, opts) -> bool:
-    """A composition's `row_separable`: its selection's, unless "best" compares the layer."""
-    return spec.row_separable(prune_n) and opts.get("reconstruct") != "best"
-
-
-def _check_steps(opts: dict) -> dict:
-    opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
-    return check_max_swaps(opts)
-
-
-def composed(base: Method, options) -> Method:
-    """`base` (a mask selector: a method with a `select` hook) with a refinement and/or a
-    reconstruction (`compose_layer`), when `options` ask for one; else `base`. Named after
-    its parts, e.g. "wanda+sparseswaps+reconstruct"."""
-    if base.select is None or not any(k in options for k in COMPOSE_OPTIONS):
-        return base
-    refine, reconstruct = options.get("refine"), options.get("reconstruct", False)
-    name = base.name + (f"+{refine}" if refine else "")
-    name += "" if not reconstruct else "+reconstruct" if reconstruct is True else f"+{reconstruct}"
-    extra = {
-        **solver_defaults(compose_layer, *COMPOSE_OPTIONS),
-        "max_swaps": "auto",
-        **solver_defaults(compose_layer, "refit_iters", "percdamp", "backend"),
-    }
-    opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
-    takes = inspect.signature(compose_layer).parameters
-    stray = [k for k in base.solver_options if k not in takes]
-    if stray:
-        raise TypeError(f"{base.name}'s option {stray[0]} does not reach compose_layer's selection")
-
-    def check(o: dict) -> dict:
-        o = base.check(o) if base.check is not None else o
-        check_recipe(base.name, o["refine"], o["refine_on"], o["reconstruct"])
-        return _check_steps(o)
-
-    def solver(W, H, sparsity, prune_n, prune_m, **kw):
-        return compose_layer(W, H, sparsity, prune_n, prune_m, select=base.name, **kw)
-
-    return Method(
-        name,
-        solver,
-        f"{base.name}'s mask, refined/reconstructed (fastprune.compose_layer)",
-        opts,
-        needs_hessian=True,
-        needs_gradients=base.needs_gradients,
-        # the inverse serves an OBS selection that reads it (SparseGPT's) and the natural-order
-        # OBS reconstruction ("lstsq" solves with H, not its inverse)
-        shares_inverse=base.select.reads_inverse or by_obs(reconstruct),
-        uses_inverse=lambda n, o: _reads_inverse(base.select),
-        pipeline_options=base.pipeline_options,
-        check=check,
-        layer_options=auto_swaps_layer_options,
-        row_separable=lambda n, o: _separable(base.select, n, o),
-        takes_rows=True,
-    )
-
-
-def _check_options(opts: dict) -> dict:
-    select = recipe_selector(0) if opts["select"] == "auto" else opts["select"]
-    check_recipe(select, opts["refine"], opts["refine_on"], opts["reconstruct"])
-    if get_method(select).needs_gradients:
-        raise ValueError(
-            f"select={select!r} needs gradients: use method={select!r} with refine=/reconstruct= "
-            "instead"
-        )
-    return _check_steps(opts)
-
-
-def _layer_options(W: torch.Tensor, prune_n: int, prune_m: int, kw: dict) -> dict:
-    """fastprune's "auto": the SparseSwaps budget, capped at the recipe's step count for the
-    pattern (`recipe_max_swaps`)."""
-    if kw["max_swaps"] == "auto":
-        cap = recipe_max_swaps(prune_n, prune_m)
-        steps = auto_max_swaps(W.shape[0], W.shape[1], prune_m, W.device)
-        kw["max_swaps"] = cap if steps is None else min(steps, cap)
-    return kw
-
-
-register(
-    Method(
-        "fastprune",
-        fastprune_layer,
-        "fastprune's recipe: SparseGPT's mask (ROSE's for N:M) with the least-squares "
-        "weights on it (see docs/recipes.md)",
-        {
-            **RECIPE_DEFAULTS,
-            **solver_defaults(
-                compose_layer, "refit_iters", "blocksize", "percdamp", "range_threshold", "backend"
-            ),
-        },
-        shares_inverse=True,
-        uses_inverse=lambda n, o: _reads_inverse(_selection(o["select"], n)),
-        check=_check_options,
-        layer_options=_layer_options,
-        row_separable=lambda n, o: _separable(_selection(o["select"], n), n, o),
-        takes_rows=True,
-    )
-)

@@ -69,6 +69,9 @@ class Method:
     rows of the whole layer's solve, so a distributed prune may split a layer's rows across
     ranks (None: never; a selector's own defaults to its `select.row_separable`).
     `select`: the selection hook that makes the method a mask selector for compositions.
+    `takes_quant`: the solver also rounds the kept weights to a grid (`quant=` a
+    `fastprune.quant.QuantSpec`, its result's `quant` the quantized layer), so the pipeline's
+    `quant` option applies to it.
     """
 
     name: str
@@ -92,6 +95,9 @@ class Method:
     # H [E, c, c], sparsity, prune_n, prune_m, **solver options, hinvs=)` -> [PruneResult]
     batch_solver: Callable[..., list[PruneResult]] | None = None
     select: Selection | None = None
+    takes_quant: bool = False
+    # prunes weights (False: quantizes only, e.g. GPTQ: sparsity must be 0, no pattern)
+    prunes: bool = True
 
     def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
         """Whether this method's layers may be solved in row slices (see `row_separable`)."""
@@ -148,12 +154,18 @@ class Method:
         options: Mapping[str, Any],
         hinv=None,
         rows: slice | None = None,
+        quant=None,
     ) -> PruneResult:
         """One layer: `options` as returned by `check_options`; `hinv` the shared inverse
         (only for `shares_inverse` methods, None to let the solver compute it). `rows`: solve
         only these rows of `W` (and `G`), for a `separable` method; per-layer options (the
-        swap budget) are still those of the whole layer."""
+        swap budget) are still those of the whole layer. `quant`: the grid the kept weights
+        are rounded to (a `takes_quant` method only; None: no rounding)."""
         kw = {k: options[k] for k in self.solver_options}
+        if quant is not None:
+            if not self.takes_quant:
+                raise ValueError(f"method {self.name!r} does not quantize (quant={quant!r})")
+            kw["quant"] = quant
         if self.layer_options is not None:
             kw = self.layer_options(W, prune_n, prune_m, kw)
         if rows is not None:

@@ -17,10 +17,20 @@ import torch
 
 from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..masks import pattern_name, pruned_fraction
+from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
-from .core import check_obs_options, wanda_score
-from .obs import DEFAULT_BLOCKSIZE, OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .core import check_obs_options, check_quant_pattern, wanda_score
+from .obs import (
+    DEFAULT_BLOCKSIZE,
+    OBS_OPS,
+    block_bounds,
+    nm_blocksize,
+    obs_loss_info,
+    obs_prune,
+    plan_quant,
+    quant_blocksize,
+)
 from .registry import Method, Selection, register, solver_defaults
 from .skeleton import (
     Outcome,
@@ -104,6 +114,7 @@ def rose_layer(
     range_rule: str = "per_column",
     rows: slice | None = None,
     mask: torch.Tensor | None = None,
+    quant: QuantSpec | str | None = None,
 ) -> PruneResult:
     """Prune one layer with ROSE; `info` reports `relative_range` and `reordered`.
 
@@ -120,6 +131,10 @@ def rose_layer(
     `mask` (True = kept; the pruned rows' mask with `rows`) prunes exactly that pattern with
     the OBS updates run in ROSE's column order (the order still comes from `sparsity` and the
     scores), as `sparsegpt_layer(mask=...)` does in the natural order.
+    `quant` (a `QuantSpec` or a preset name): each kept weight also rounded to its grid in
+    the same sweep, as `sparsegpt_layer(quant=)` does, in ROSE's column order (groups of
+    `group_size` columns from each sweep block's start; act-order is refused: ROSE orders
+    the columns itself).
     """
 
     def check(W: torch.Tensor, H: torch.Tensor | None) -> None:
@@ -134,12 +149,18 @@ def rose_layer(
             scaler = check_scaler(scaler, W.shape[1], W.device, "scaler")
         if mask is not None:
             check_given_mask(mask, W if rows is None else W[rows], prune_n, prune_m)
+        check_quant_pattern(spec, prune_n, prune_m)
+        if spec is not None and spec.actorder:
+            raise ValueError(
+                "quant.actorder is not taken by rose_layer: ROSE orders the columns itself "
+                "(act-order: sparsegpt_layer or gptq_layer)"
+            )
 
     def solve(p: Problem) -> Outcome:
         W, H, sparsity, n, m, dtype = p.W, p.H, p.sparsity, p.n, p.m, p.dtype
         cols = W.shape[1]
         info = p.info
-        sweep_bs = nm_blocksize(blocksize, m)
+        sweep_bs = quant_blocksize(nm_blocksize(blocksize, m), spec)
         info.update(
             blocksize=sweep_bs,
             percdamp=percdamp,
@@ -147,13 +168,19 @@ def rose_layer(
             range_rule=range_rule,
         )
         Wr = W if rows is None else W[rows]  # the rows pruned (the order comes from all of W)
-        if n == 0 and sparsity == 0.0 and mask is None:
+        keep_all = n == 0 and sparsity == 0.0 and mask is None
+        if keep_all and spec is None:
             info.update(relative_range=0.0, reordered=False)
             return unpruned(p, rows)
+        if keep_all:  # quantization alone: SparseGPT's sweep keeping every weight
+            info.update(relative_range=0.0, reordered=False)
+            keep = torch.ones(Wr.shape, dtype=torch.bool, device=W.device)
+            Wc = Wr.to(dtype, copy=True)
+            return _sweep(p, Wc, H, None, keep, block_bounds(cols, sweep_bs), info)
 
         # a given scaler stands for diag(H)/2, so it scales as H
         S = wanda_score(W, H, scaler=p.like_h(scaler), dtype=dtype)
-        rose_bounds = block_bounds(cols, m if n else blocksize)
+        rose_bounds = block_bounds(cols, m if n else sweep_bs if spec else blocksize)
         col_loss, block_loss = p.kernels("column_losses", S, rose_bounds, sparsity, n, m)
         block_loss = comparable_block_losses(block_loss, rose_bounds, range_rule)
         rel = relative_range(block_loss)
@@ -176,25 +203,39 @@ def rose_layer(
             fixed = mask
             bounds = block_bounds(cols, sweep_bs)
 
+        info["pattern"] = pattern_name(n, m) if mask is None else "fixed mask"
+        if mask is not None:
+            info["sparsity"] = pruned_fraction(mask)
+        return _sweep(p, Wc, Hp, perm, fixed, bounds, info)
+
+    def _sweep(p: Problem, Wc, Hp, perm, fixed, bounds, info) -> Outcome:
+        """SparseGPT's sweep of `Wc` (a copy of the rows solved, in the sweep's column order
+        `perm`; modified)."""
         # One inverse per layer: the permutation depends on this layer's W (through its
         # scores), so layers sharing H (q/k/v, gate/up) get different `H[perm][:, perm]`,
         # whose factors are not permutations of each other (the Cholesky factor depends on
         # the column order). Only an unreordered layer could share the pipeline's inverse of
         # H; it is not worth a second code path, as each layer's reordering is only known here.
-        inv = inverse_hessian(Hp, percdamp, dtype=dtype, method=inverse_method)
+        inv = inverse_hessian(Hp, percdamp, dtype=p.dtype, method=inverse_method)
         info.update(inv.as_info())
+        plan = None if spec is None else plan_quant(spec, Wc, bounds)
         Wc[:, inv.dead] = 0
         Q, keep, losses = obs_prune(
-            Wc, inv.hinv, bounds, sparsity, n, m, p.kernels, fixed_keep=fixed
+            Wc, inv.hinv, bounds, p.sparsity, p.n, p.m, p.kernels, fixed_keep=fixed, quant=plan
         )
         dead = inv.dead
         if perm is not None:
             inv_perm = torch.argsort(perm)
             Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
-        info["pattern"] = pattern_name(n, m) if mask is None else "fixed mask"
-        if mask is not None:
-            info["sparsity"] = pruned_fraction(mask)
-        return Outcome(Q, keep, obs_loss_info(Wr, Q, H, inv, losses, info, dead), rows)
+        qw = None
+        if plan is not None:
+            qw = plan.result(Q, perm)
+            info["quant"] = plan.info
+        Wr = p.W if rows is None else p.W[rows]
+        loss = obs_loss_info(Wr, Q, p.H, inv, losses, info, dead)
+        return Outcome(Q, keep, loss, rows, quant=qw)
+
+    spec = as_spec(quant)
 
     return run_solver(
         "rose", W, H, sparsity, prune_n, prune_m, solve, backend=backend, ops=ROSE_OPS,
@@ -215,13 +256,17 @@ def _select(
     range_threshold,
     rows,
     mask=None,
+    quant=None,
     **_,
 ) -> PruneResult:
     """A composition's mask and weights: ROSE's, `rows` in the whole layer's column order;
-    with `mask`, the OBS reconstruction on it in ROSE's column order (the hooks)."""
+    with `mask`, the OBS reconstruction on it in ROSE's column order (the hooks); `quant`:
+    rounded in the same sweep."""
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
-    return rose_layer(W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask)
+    return rose_layer(
+        W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask, quant=quant
+    )
 
 
 register(
@@ -231,6 +276,7 @@ register(
         "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
         solver_defaults(rose_layer, "blocksize", "percdamp", "range_threshold", "backend"),
         takes_rows=True,
+        takes_quant=True,
         # N:M: per group, with the whole layer's column order (which `rows=` keeps);
         # unstructured, SparseGPT's per-block threshold over all rows couples them
         select=Selection(

@@ -24,6 +24,7 @@ import torch
 from ..hessian import InverseHessian, scale_pow2
 from ..masks import check_nm_keep_mask
 from ..ops import Kernels
+from ..quant import QuantizedWeight
 from ..result import PruneResult
 from ..validation import (
     check_backend,
@@ -92,12 +93,15 @@ class Problem:
 @dataclass
 class Outcome:
     """What an algorithm returns: the pruned weights and keep-mask of the problem's W (or of
-    its `rows`, a slice, when only those were solved), and the layer loss (None without H)."""
+    its `rows`, a slice, when only those were solved), the layer loss (None without H), and
+    the quantized layer where the kept weights were rounded to a grid (`weight` is then its
+    dequantized weight, on the problem's scale like everything else)."""
 
     weight: torch.Tensor
     keep: torch.Tensor
     loss: float | None
     rows: slice | None = None
+    quant: QuantizedWeight | None = None
 
 
 def unpruned(p: Problem, rows: slice | None = None) -> Outcome:
@@ -159,7 +163,7 @@ def _finished(W: torch.Tensor, p: Problem, out: Outcome, t0: float, inplace: boo
     like = W if out.rows is None else W[out.rows]  # the weights the result stands for
     ew, eh = p.ew, p.eh
     if ew == 0 and eh == 0:  # solved as given (`problem_scales` never asks for 2^0, 2^0)
-        return finish(like, out.weight, out.keep, out.loss, info, t0, inplace)
+        return _with_quant(finish(like, out.weight, out.keep, out.loss, info, t0, inplace), out)
     weight = scale_pow2(out.weight.to(p.dtype), ew).to(W.dtype)
     if not torch.isfinite(weight).all():
         raise ValueError(
@@ -173,7 +177,16 @@ def _finished(W: torch.Tensor, p: Problem, out: Outcome, t0: float, inplace: boo
     if "damp" in info:
         info["damp"] = math.ldexp(info["damp"], eh)
     info["rescaled"] = {"W": math.ldexp(1.0, ew), "H": math.ldexp(1.0, eh)}
-    return finish(like, weight, out.keep, loss, info, t0, inplace)
+    if out.quant is not None:  # the grid scales as W: the same codes, scales times 2^ew
+        q = out.quant
+        scale = scale_pow2(q.scale.to(torch.float64), ew).float()
+        out.quant = QuantizedWeight(q.spec, q.codes, scale, q.zero, q.g_idx)
+    return _with_quant(finish(like, weight, out.keep, loss, info, t0, inplace), out)
+
+
+def _with_quant(r: PruneResult, out: Outcome) -> PruneResult:
+    r.quant = out.quant
+    return r
 
 
 def run_solver(
