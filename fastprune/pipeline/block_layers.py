@@ -28,7 +28,8 @@ _INDEXED = re.compile(r"^(.*)\.([A-Za-z_0-9]+)\[(\d+)\]$")
 def router_reason(block: nn.Module, path: str, module: nn.Module) -> str | None:
     """Why `module` (at `path` in `block`) is an MoE router, never pruned by default; None if
     it is not one: a `shared_expert_gate`, a module whose class is a router, or a `gate` /
-    `router` beside an `experts` module."""
+    `router` beside an `experts` module. Routers under other names are found by structure
+    before any weight changes (`fastprune.pipeline.preflight`: linears feeding the top-k)."""
     parent_path, _, leaf = path.rpartition(".")
     if leaf == "shared_expert_gate":
         return "shared-expert gate (a router)"

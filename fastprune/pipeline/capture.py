@@ -11,6 +11,9 @@ import torch
 
 from ..models import model_device
 
+# the kind of a block replayed with the arguments the model passes it alone (`block:3`)
+PER_BLOCK = "block:"
+
 
 class _StopForward(Exception):
     """Raised by the capture hook once the first block's inputs are recorded."""
@@ -178,7 +181,8 @@ def capture_inputs(model, blocks, kinds, calib, batch_size, device, offload) -> 
     passed it. For models whose blocks come in kinds (`block_kinds`), the arguments of the
     first block of each other kind are taken from one forward per batch size (they depend on
     the batch's shape only, since no padding mask is passed); only blocks before that one
-    run, on that one batch."""
+    run, on that one batch. Blocks of a kind of their own (`PER_BLOCK`: arguments that
+    depend on the tokens, like per-layer inputs) have theirs taken from every batch."""
     home = model_device(model)
     first_of: dict[str, int] = {}
     for i, k in enumerate(kinds):
@@ -197,9 +201,12 @@ def capture_inputs(model, blocks, kinds, calib, batch_size, device, offload) -> 
         acts.inps[s : s + hidden.shape[0]] = hidden.to(acts.inps.device)
         acts.add_args(kinds[0], to_device(rest, "cpu"), to_device(_sanitize_kwargs(kwargs), "cpu"))
         if others:
-            if ids.shape[0] not in by_size:
-                by_size[ids.shape[0]] = _forward_until(model, blocks, ids, others)
-            got = by_size[ids.shape[0]]
+            if any(kinds[i].startswith(PER_BLOCK) for i in others):
+                got = _forward_until(model, blocks, ids, others)
+            elif ids.shape[0] not in by_size:
+                got = by_size[ids.shape[0]] = _forward_until(model, blocks, ids, others)
+            else:
+                got = by_size[ids.shape[0]]
             for i in others:
                 _, rest, kwargs = _split_hidden(*got[i])
                 acts.add_args(

@@ -101,6 +101,34 @@ def expert_call_inputs(module: nn.Module, args: tuple, kwargs: dict):
     return hidden, index
 
 
+def expert_call_problem(fx: FusedExperts, hidden, index) -> str | None:
+    """Why a call `experts(hidden, index, ...)` is not one this module understands, or None:
+    the hidden states must be a float tensor as wide as the experts' inputs, and the routed
+    choices an integer tensor with one row per token (None: inputs grouped by expert, one
+    group per expert)."""
+    proj = getattr(fx.module, fx.inputs[0])
+    width = proj.shape[1] if fx.transposed else proj.shape[2]
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        return f"its first argument is {type(hidden).__name__}, not float hidden states"
+    if hidden.shape[-1] != width:
+        return f"its hidden states are {hidden.shape[-1]} wide, its experts read {width}"
+    tokens = hidden.reshape(-1, width).shape[0]
+    if index is None:
+        if tokens % fx.num_experts:
+            return f"it gets no routed indices and {tokens} rows, not one group per expert"
+        return None
+    if not isinstance(index, torch.Tensor):
+        return f"its second argument is {type(index).__name__}, not routed expert indices"
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        return (
+            f"its second argument holds {index.dtype} values, not integer expert indices "
+            "(a module called with its tokens' weights is no routed experts module)"
+        )
+    if index.dim() == 0 or index.reshape(index.shape[0], -1).shape[0] != tokens:
+        return f"its routed indices {list(index.shape)} do not give one row per token ({tokens})"
+    return None
+
+
 def grouped_tokens(hidden: torch.Tensor, num_experts: int) -> list[torch.Tensor]:
     """Each expert's rows of inputs grouped by expert (`[E * T, H]`, Llama-4) that carry a
     token: the rows that are not all zero (a token the router did not send is scaled to 0)."""
@@ -173,6 +201,7 @@ __all__ = [
     "MOE_CALIBRATIONS",
     "check_moe_calibration",
     "expert_call_inputs",
+    "expert_call_problem",
     "expert_intermediate",
     "expert_list_parent",
     "fused_experts",

@@ -23,6 +23,7 @@ from .experts import (
     ExpertProjection,
     check_moe_calibration,
     expert_call_inputs,
+    expert_call_problem,
     expert_intermediate,
     grouped_tokens,
     routed_tokens,
@@ -58,6 +59,7 @@ class InputHooks:
         self.moe_calibration = check_moe_calibration(moe_calibration)
         self.leader: dict[str, str] = {}
         self.seen: dict[str, torch.Tensor] = {}  # leader -> its input in the current batch
+        self.called: set[str] = set()  # linears called in the current batch
         self.batch = 1
         self.tokens: dict[str, int] = {}
         self.handles = []
@@ -96,6 +98,7 @@ class InputHooks:
 
     def end_batch(self) -> None:
         self.seen.clear()
+        self.called.clear()
 
     def remove(self) -> None:
         for h in self.handles:
@@ -123,6 +126,12 @@ class InputHooks:
                 self.tokens[name] += x.shape[0]
                 self.observe(name, x, True)
                 return
+            if name in self.called:
+                raise ValueError(
+                    f"{name} is called twice in one forward of its block; its hooks keep one "
+                    f"input per forward (leave it dense with ignore=['{name}'])"
+                )
+            self.called.add(name)
             if self._group(name, x) != name:
                 return
             xb = x
@@ -164,6 +173,9 @@ class InputHooks:
         @torch.no_grad()
         def hook(mod, args, kwargs):
             hidden, top_k = expert_call_inputs(mod, args, kwargs)
+            why = expert_call_problem(fx, hidden, top_k)
+            if why is not None:
+                raise ValueError(f"{type(mod).__name__} is called in a way not understood: {why}")
             x = hidden.reshape(-1, hidden.shape[-1])
             every = self.moe_calibration == "all"
             if top_k is None:  # inputs grouped by expert, scaled by the router (Llama-4)

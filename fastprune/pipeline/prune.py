@@ -62,10 +62,11 @@ def run_stages(
         store.check(args)
     run = PruneRun(args, comm, t_start, store)
     run.agree()
-    run.gradients()
     was_training = model.training
-    model.eval()
     try:
+        run.preflight()  # before any weight changes: refuses what would not calibrate right
+        run.gradients()
+        model.eval()
         run.allocate()
         run.capture()
         store.captured(args)
@@ -74,6 +75,9 @@ def run_stages(
             run.solve_block(i, hooks)
             del hooks  # the block's Hessians, freed before the propagation
             run.propagate_block(i)
+    except BaseException as e:
+        run.interrupted(e)
+        raise
     finally:
         run.close()
         model.train(was_training)

@@ -4,6 +4,7 @@ allocate, capture, and per block calibrate, solve, propagate; finish)."""
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import torch
@@ -20,8 +21,10 @@ from .distributed import Comm, fingerprint
 from .gradients import compute_gradient_norms
 from .hessian_hooks import HessianHooks, PairedHessianHooks
 from .layer_solves import LayerSolves, expert_groups, identity_for_unrouted
+from .preflight import check_block, has_experts, own_kinds, preflight
 from .report import PruneReport, jsonable, quant_totals
 
+logger = logging.getLogger("fastprune")
 _UNREPORTED = {"gradients"}  # precomputed {name: G}: not an option worth a report line
 
 
@@ -73,6 +76,7 @@ class PruneRun(LayerSolves):
         self.dense_acts = None  # asymmetric: the dense model's activations
         self.untouched: list[str] = []  # expert Hessians without a token (pruned with H = I)
         self.bar = None
+        self.blocks_done = 0  # blocks pruned and propagated so far
 
     def guard(self, what: str):
         return guarded(self.comm, what)
@@ -106,6 +110,56 @@ class PruneRun(LayerSolves):
                 **{"device type": a.dev.type, "row split": self.comm.row_split},
             )
         )
+
+    def preflight(self) -> None:
+        """Before any weight changes (in memory): one forward of the first calibration sample
+        with every block and planned layer hooked (`fastprune.pipeline.preflight`): what would
+        not calibrate right is refused, routers found by structure are left dense, blocks
+        whose replay needs their own arguments get them. Every rank runs it on the same
+        sample, so all reach the same verdict. The streamed path checks block by block."""
+        a = self.args
+        if self.store.streamed:
+            return
+        from ..models import model_device
+
+        if a.calib is not None:
+            sample = a.calib[:1]
+        elif has_experts(a.block_list, a.layouts):  # routers matter to magnitude too
+            vocab = getattr(getattr(a.model, "config", None), "vocab_size", None) or 2
+            sample = (torch.arange(16) % vocab).unsqueeze(0)
+        else:
+            return
+        with self.guard("the pre-flight forward"):
+            verdict = preflight(
+                a.model, a.block_list, a.layouts, a.kinds, a.blocks_path,
+                sample.to(model_device(a.model)), replay=a.calib is not None,
+            )  # fmt: skip
+        a.kinds = own_kinds(a.kinds, verdict)
+        self.totals["preflight"] = verdict.summary()
+
+    def interrupted(self, e: BaseException) -> None:
+        """An error in the middle of the run: say (a note on `e`, `e.pruned_blocks`, the log)
+        which blocks were pruned; the model holds those pruned and the rest dense."""
+        a, done = self.args, self.blocks_done
+        partial = [lr.name for lr in self.report.layers if lr.block == done]
+        if done == 0 and not partial:
+            msg = "fastprune: stopped before any weight changed; the model is unchanged"
+        else:
+            msg = (
+                f"fastprune: stopped in block {done} of {len(a.block_list)}: blocks 0..{done - 1}"
+                f" of {a.blocks_path} are pruned, the rest dense"
+                if done
+                else f"fastprune: stopped in block 0 of {a.blocks_path}"
+            )
+            if partial:
+                msg += f" (block {done}: {len(partial)} layers pruned before the stop)"
+        try:
+            e.pruned_blocks = list(range(done))
+            e.add_note(msg)
+        except (AttributeError, TypeError):
+            pass
+        if done or partial:
+            logger.error(msg)
 
     def gradients(self) -> None:
         """GBLM: the per-weight gradient norms over the calibration samples (or the
@@ -188,6 +242,8 @@ class PruneRun(LayerSolves):
             self.store.enter(i, block, f"{a.blocks_path}.{i}", a.dev)
             if self.acts is None:
                 return None
+            if self.store.streamed:
+                self._check_streamed_block(i, block)
             kind = PairedHessianHooks if a.asymmetric else HessianHooks
             hooks = kind(
                 block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind
@@ -207,6 +263,17 @@ class PruneRun(LayerSolves):
                 hooks.remove()
             self.clock("hessian_seconds", t0)
         return hooks
+
+    def _check_streamed_block(self, i: int, block) -> None:
+        """The streamed path's pre-flight of block `i`: its forward on the first batch, its
+        layers checked as planned, routers found by structure left dense."""
+        a = self.args
+        args, kwargs = self.arg_sets[self.acts.batch_args[a.kinds[i]][0]]
+        x = self.acts.inps[: a.batch_size].to(a.dev)
+        where = f"{a.blocks_path}.{i}"
+        routers = check_block(i, block, a.layouts[i], where, x, args, kwargs)
+        if routers:
+            self.totals.setdefault("preflight", {"routers": {}})["routers"][str(i)] = routers
 
     def solve_block(self, i: int, hooks: HessianHooks | None) -> None:
         """Every layer of block `i` pruned in place (experts of one projection as batches
@@ -263,6 +330,7 @@ class PruneRun(LayerSolves):
                     self.dense_acts.swap()
                 self.clock("propagate_seconds", t0)
             self.store.leave(i, block, f"{a.blocks_path}.{i}")
+        self.blocks_done = i + 1
         if self.bar is not None:
             self.bar.set_postfix(block=i)
 
