@@ -26,9 +26,6 @@ from .obs import (
     OBS_OPS,
     block_bounds,
     nm_blocksize,
-    obs_loss_info,
-    obs_prune,
-    plan_quant,
     quant_blocksize,
 )
 from .registry import Method, Selection, register, solver_defaults
@@ -41,6 +38,7 @@ from .skeleton import (
     run_solver,
     unpruned,
 )
+from .sparsegpt import swept
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
@@ -218,22 +216,8 @@ def rose_layer(
         # H; it is not worth a second code path, as each layer's reordering is only known here.
         inv = inverse_hessian(Hp, percdamp, dtype=p.dtype, method=inverse_method)
         info.update(inv.as_info())
-        plan = None if spec is None else plan_quant(spec, Wc, bounds)
-        Wc[:, inv.dead] = 0
-        Q, keep, losses = obs_prune(
-            Wc, inv.hinv, bounds, p.sparsity, p.n, p.m, p.kernels, fixed_keep=fixed, quant=plan
-        )
-        dead = inv.dead
-        if perm is not None:
-            inv_perm = torch.argsort(perm)
-            Q, keep, dead = Q[:, inv_perm], keep[:, inv_perm], dead[inv_perm]
-        qw = None
-        if plan is not None:
-            qw = plan.result(Q, perm)
-            info["quant"] = plan.info
         Wr = p.W if rows is None else p.W[rows]
-        loss = obs_loss_info(Wr, Q, p.H, inv, losses, info, dead)
-        return Outcome(Q, keep, loss, rows, quant=qw)
+        return swept(p, Wc, inv, bounds, fixed, spec, perm, Wr, info, rows)
 
     spec = as_spec(quant)
 

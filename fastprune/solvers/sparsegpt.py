@@ -117,6 +117,13 @@ def obs_solve(
     info.update(inv.as_info())
     Wc = W.to(p.dtype, copy=True)
     bounds = block_bounds(W.shape[1], info["blocksize"])
+    return swept(p, Wc, inv, bounds, fixed, spec, perm, p.W, info)
+
+
+def swept(p: Problem, Wc, inv, bounds, fixed, spec, perm, Wr, info, rows=None) -> Outcome:
+    """The OBS sweep of `Wc` (the rows solved, a working copy in the sweep's column order
+    `perm`; modified) with inverse `inv`, quantized with `spec`, un-permuted, its loss
+    measured against the original rows `Wr`: the end SparseGPT and ROSE share."""
     plan = None if spec is None else plan_quant(spec, Wc, bounds)
     Wc[:, inv.dead] = 0
     Q, keep, losses = obs_prune(
@@ -130,8 +137,8 @@ def obs_solve(
     if plan is not None:
         qw = plan.result(Q, perm)
         info["quant"] = plan.info
-    loss = obs_loss_info(p.W, Q, p.H, inv, losses, info, dead)
-    return Outcome(Q, keep, loss, quant=qw)
+    loss = obs_loss_info(Wr, Q, p.H, inv, losses, info, dead)
+    return Outcome(Q, keep, loss, rows, quant=qw)
 
 
 def quantize_on_mask(
