@@ -1,7 +1,7 @@
 """Quantized prunes end to end: the quant options and their errors, the report of the grid and
 its bytes, compressed-tensors checkpoints loaded back by transformers (with the
 compressed-tensors package) equal to fastprune's in-memory dequantized model, their size, the
-command line, and what quant refuses (streaming, MoE experts, several processes)."""
+command line, and what quant refuses (streaming, several processes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from pipeline_helpers import VOCAB, byte_tokenizer, calib_ids, tiny_model, tiny_moe_model
+from pipeline_helpers import VOCAB, byte_tokenizer, calib_ids, tiny_model
 
 import fastprune as fp
 from fastprune.app.cli import main
@@ -303,12 +303,6 @@ def test_streaming_refuses_quant_before_writing(rtn, tmp_path):
     with pytest.raises(ValueError, match="quant is not supported when streaming"):
         fp.prune_checkpoint(src, tmp_path / "out", method=rtn, quant="w4a16", progress=False)
     assert not (tmp_path / "out").exists()
-
-
-def test_moe_experts_refuse_quant(rtn):
-    model = tiny_moe_model("mixtral")
-    with pytest.raises(ValueError, match="not supported for MoE experts yet"):
-        fp.prune_model(model, method=rtn, quant="w4a16", group_size=32, progress=False)
 
 
 def test_several_processes_refuse_quant(rtn, monkeypatch):

@@ -141,17 +141,20 @@ def sparsity_config(report) -> dict:
 def write_quantized(model: nn.Module, out: Path, report) -> dict:
     """`model` with its quantized linears (`report.quantized`, by module name) replaced by
     their compressed tensors, saved with `save_pretrained` into `out`; config.json gets the
-    `quantization_config`. Returns what was written: format, layers, bytes."""
+    `quantization_config`. Fused MoE experts are written as the checkpoint's linears
+    (`quantized_experts`). Returns what was written: format, layers, bytes."""
     reason = missing_package()
     if reason:
         raise ValueError(reason)
     import compressed_tensors
     from compressed_tensors.base import QUANTIZATION_CONFIG_NAME
 
+    from .quantized_experts import expert_params, expert_state, split_expert
+
     quantized = report.quantized
     modules = dict(model.named_modules())
     for name, q in quantized.items():
-        if not isinstance(modules.get(name), nn.Linear):
+        if split_expert(name) is None and not isinstance(modules.get(name), nn.Linear):
             kind = type(modules.get(name)).__name__
             raise ValueError(
                 f"{name} ({kind}) is not an nn.Linear, which the compressed-tensors format "
@@ -160,12 +163,23 @@ def write_quantized(model: nn.Module, out: Path, report) -> dict:
         check_layout(q, name)
     dtype = next(model.parameters()).dtype
     state = model.state_dict()
-    for name, q in quantized.items():
+    linears = {n: q for n, q in quantized.items() if split_expert(n) is None}
+    for name, q in linears.items():
         del state[f"{name}.weight"]
         for key, t in compressed_tensors_of(q, dtype).items():
             state[f"{name}.{key}"] = t
-    qcfg = quantization_config(model, quantized)
-    model.save_pretrained(out, state_dict=state, safe_serialization=True)
+    kw = {}
+    if expert_params(model):  # written in the checkpoint's layout here, as transformers would
+        from transformers.core_model_loading import revert_weight_conversion
+
+        tensors, experts = expert_state(
+            model, quantized, state, lambda q: compressed_tensors_of(q, dtype)
+        )
+        state = {**revert_weight_conversion(model, state), **tensors}
+        linears.update(experts)
+        kw["save_original_format"] = False
+    qcfg = quantization_config(model, linears)
+    model.save_pretrained(out, state_dict=state, safe_serialization=True, **kw)
     config_file = out / "config.json"
     data = json.loads(config_file.read_text())
     data[QUANTIZATION_CONFIG_NAME] = {

@@ -215,16 +215,31 @@ def _check_streamable(job: PruneJob, src, meth, name: Name) -> None:
 
 
 def _check_quant_save(job: PruneJob, spec, name: Name) -> None:
-    """A quantized save, before the prune: the compressed-tensors package is installed, and
-    the group size divides every layer that will be quantized (read from the model's config)."""
-    from ..layers import get_weight
+    """A quantized save, before the prune: the compressed-tensors package is installed, every
+    MoE expert to quantize can be saved, and the group size divides every layer that will be
+    quantized (read from the model's config)."""
+    from ..layers import ExpertProjection, get_weight
     from ..models import find_blocks, model_skeleton
     from ..pipeline.block_layers import find_block_layers
     from .quantized_checkpoint import group_error, missing_package
+    from .quantized_experts import dense_error, dense_experts, savable_problem
 
     reason = missing_package()
     if reason:
         raise ValueError(f"{name('save')} with {name('quant')}: {reason}")
+    path, blocks = find_blocks(model_skeleton(job.model), job.blocks)
+    layouts = [
+        (f"{path}.{i}", find_block_layers(block, job.targets, job.ignore, f"{path}.{i}"))
+        for i, block in enumerate(blocks)
+    ]
+    for (where, layout), block in zip(layouts, blocks):
+        problems = [dense_error(p) for p in dense_experts(block, layout.layers, where)]
+        for key, layer in layout.layers.items():
+            if isinstance(layer, ExpertProjection):
+                problems.append(savable_problem(spec, layer.transposed, f"{where}.{key}"))
+        problem = next((p for p in problems if p), None)
+        if problem:
+            raise ValueError(f"{name('save')} with {name('quant')}: {problem}")
     gs = spec.group_size
     if spec.fp8 or gs is None:
         return
@@ -234,15 +249,13 @@ def _check_quant_save(job: PruneJob, spec, name: Name) -> None:
             "act-order groups are not contiguous columns, which the compressed-tensors format "
             "no longer loads; use act-order per channel, or no act-order, to save"
         )
-    path, blocks = find_blocks(model_skeleton(job.model), job.blocks)
-    for i, block in enumerate(blocks):
-        layout = find_block_layers(block, job.targets, job.ignore, f"{path}.{i}")
+    for where, layout in layouts:
         for key, layer in layout.layers.items():
             cols = get_weight(layer).shape[-1]
             if cols % gs:
                 raise ValueError(
                     f"{name('group_size')} {gs} with {name('save')}: "
-                    + group_error(f"{path}.{i}.{key}", cols, gs)
+                    + group_error(f"{where}.{key}", cols, gs)
                 )
 
 

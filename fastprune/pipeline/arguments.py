@@ -117,18 +117,10 @@ def check_prune_args(
 
 def check_quantizable(layouts: list[BlockLayers], blocks_path: str) -> None:
     """What `quant` does not cover yet, refused before any work: several processes
-    (torch.distributed) and MoE experts (one grid per expert)."""
+    (torch.distributed)."""
     from .distributed import active_world
 
     if active_world() > 1:
         raise ValueError(
             "quant is not supported under torch.distributed yet: quantize in one process"
         )
-    for i, bl in enumerate(layouts):
-        expert = next((k for k in bl.layers if bl.is_expert(k)), None)
-        if expert is not None:
-            raise ValueError(
-                f"quant is not supported for MoE experts yet (one grid per expert): "
-                f"{blocks_path}.{i}.{expert}; leave the experts out with ignore, or prune "
-                "without quant"
-            )

@@ -70,9 +70,7 @@ class LayerSolves:
             with torch.no_grad():
                 W[rows].copy_(r.weight)
         lr = _layer_report(i, name, W if rows is None else W[rows], a.method, r, lead)
-        if r.quant is not None:  # kept beside the model (on CPU) for a quantized checkpoint
-            self.report.quantized[full] = quantized_on_cpu(r.quant)
-            lr.info.setdefault("quant", {})["bytes"] = r.quant.nbytes()
+        self._keep_quant(full, lr, r)
         lr.info.update(extra)
         if tokens is not None:
             lr.info["tokens"] = int(tokens)
@@ -106,13 +104,22 @@ class LayerSolves:
                 hinvs = [self._shared_inverse(hooks, inverses, ld) for ld in part_leads]
             Ws = torch.stack([get_weight(layer).detach() for _, layer in part])
             Hs = [hooks.acc[ld].H for ld in part_leads]  # the accumulators' own, not a copy
-            results = meth.solve_batch(Ws, Hs, self.block_sparsity[i], a.n, a.m, opts, hinvs)
-            for (name, layer), ld, r in zip(part, part_leads, results):
-                set_weight(layer, r.weight)
+            sparsity = self.block_sparsity[i]
+            results = meth.solve_batch(Ws, Hs, sparsity, a.n, a.m, opts, hinvs, quant=a.quant)
+            for (name, layer), ld, W, r in zip(part, part_leads, Ws, results):
+                set_weight(layer, r.weight if r.quant is None else as_stored(r.quant, W.dtype))
                 lr = _layer_report(i, name, get_weight(layer), a.method, r, ld)
+                self._keep_quant(f"{a.blocks_path}.{i}.{name}", lr, r)
                 lr.info["tokens"] = int(hooks.acc[ld].nsamples)
                 out[name] = lr
         return out
+
+    def _keep_quant(self, full: str, lr: LayerReport, r) -> None:
+        """A quantized layer's codes and grids kept beside the model (on CPU) for a quantized
+        checkpoint, its bytes in its report."""
+        if r.quant is not None:
+            self.report.quantized[full] = quantized_on_cpu(r.quant)
+            lr.info.setdefault("quant", {})["bytes"] = r.quant.nbytes()
 
 
 def expert_groups(lins: dict) -> list[list[tuple[str, ExpertProjection]]]:

@@ -6,7 +6,7 @@ each with its own inverse) runs the same loop with the ops' batched forms."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -53,7 +53,8 @@ class QuantPlan:
     group of the sweep's column j. Static grids (params="static", or per channel, as GPTQ
     and SparseGPT find those before the loop) are found from the weights given to `plan_quant`;
     the others by the sweep, which fills `scale`/`zero` `[(E,) rows, n_groups]`. `num`/`den`
-    sum `|w - q|^2` and `|w|^2` over kept weights (the grid error)."""
+    sum `|w - q|^2` and `|w|^2` over kept weights (the grid error; of a batch, `[E]` tensors,
+    one sum per layer)."""
 
     spec: QuantSpec
     scale: torch.Tensor
@@ -84,9 +85,24 @@ class QuantPlan:
             self.scale[..., self.starts[b] : self.starts[b] + G] = out.scale
             self.zero[..., self.starts[b] : self.starts[b] + G] = out.zero
         r = (Err1 * d1).masked_fill(~keep1, 0)
-        self.num += (r * r).sum(dtype=torch.float64).item()
         w = (Q1 + r).masked_fill(~keep1, 0)
+        if Err1.dim() == 3:  # a batch: each layer's own sums
+            self.num = self.num + (r * r).sum((1, 2), dtype=torch.float64)
+            self.den = self.den + (w * w).sum((1, 2), dtype=torch.float64)
+            return
+        self.num += (r * r).sum(dtype=torch.float64).item()
         self.den += (w * w).sum(dtype=torch.float64).item()
+
+    def layers(self) -> list[QuantPlan]:
+        """A batch's plan as one plan per layer: its grids and its grid error sums."""
+        E = self.scale.shape[0]
+        num, den = (torch.zeros(E, dtype=torch.float64) + torch.as_tensor(t).cpu()
+                    for t in (self.num, self.den))  # fmt: skip
+        return [
+            replace(self, scale=self.scale[e], zero=self.zero[e], num=num[e].item(),
+                    den=den[e].item(), info={})
+            for e in range(E)
+        ]  # fmt: skip
 
     def result(self, Q: torch.Tensor, perm: torch.Tensor | None = None) -> QuantizedWeight:
         """The `QuantizedWeight` of one layer's rounded weights `Q` (the layer's column

@@ -203,10 +203,15 @@ class Method:
             return _runs_torch(backend, device) and shape[0] * shape[1] <= BATCH_MAX_ENTRIES
         return True
 
-    def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None):
+    def solve_batch(self, W, H, sparsity, prune_n, prune_m, options, hinvs=None, quant=None):
         """Layers `W [E, rows, cols]` with Hessians `H` (`[E, cols, cols]` or E `[cols, cols]`
-        tensors) and their inverses `hinvs`, solved together: one `PruneResult` per layer."""
+        tensors) and their inverses `hinvs`, solved together: one `PruneResult` per layer.
+        `quant`: each layer's kept weights rounded to its own grids (`takes_quant` only)."""
         kw = {k: options[k] for k in self.solver_options}
+        if quant is not None:
+            if not self.takes_quant:
+                raise ValueError(f"method {self.name!r} does not quantize (quant={quant!r})")
+            kw["quant"] = quant
         return self.batch_solver(W, H, sparsity, prune_n, prune_m, **kw, hinvs=hinvs)
 
 

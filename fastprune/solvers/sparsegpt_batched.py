@@ -20,9 +20,20 @@ from ..hessian import (
     inverse_hessian,
     upper_triangular_inverse,
 )
+from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
-from .core import check_obs_options
-from .obs import DEFAULT_BLOCKSIZE, OBS_OPS, block_bounds, nm_blocksize, obs_loss_info, obs_prune
+from .core import check_obs_options, check_quant_pattern
+from .obs import (
+    DEFAULT_BLOCKSIZE,
+    OBS_OPS,
+    actorder_perm,
+    block_bounds,
+    nm_blocksize,
+    obs_loss_info,
+    obs_prune,
+    plan_quant,
+    quant_blocksize,
+)
 from .skeleton import Outcome, Problem, run_batch_solver, unpruned
 
 
@@ -79,6 +90,7 @@ def sparsegpt_experts(
     backend: str = "auto",
     *,
     hinvs: list[InverseHessian] | None = None,
+    quant: QuantSpec | str | None = None,
 ) -> list[PruneResult]:
     """`sparsegpt_layer` on each of `W [E, rows, cols]` with `H` (`[E, cols, cols]`, or E
     `[cols, cols]` tensors, not stacked again: the pipeline passes its accumulators'), solved
@@ -86,7 +98,9 @@ def sparsegpt_experts(
     rescaled as alone) by the one OBS block loop (`obs_prune`) over the batch, with the ops'
     batched forms on the backend dispatch picks (on a GPU the fused sweep launched over the
     layers, on CPU torch's batched sweep). `hinvs`: one inverse per layer, as
-    `inverse_hessians(H, percdamp)` gives (computed here if None)."""
+    `inverse_hessians(H, percdamp)` gives (computed here if None). `quant`: each layer's kept
+    weights rounded to its own grids in the same sweep, as `sparsegpt_layer(quant=)` (with
+    act-order, each layer in its own column order, its inverse that of its permuted H)."""
     Hs = list(H) if isinstance(H, torch.Tensor) and H.dim() == 3 else H
     if W.dim() != 3 or not isinstance(Hs, Sequence) or len(Hs) != W.shape[0]:
         got = tuple(H.shape) if isinstance(H, torch.Tensor) else type(H).__name__
@@ -99,30 +113,54 @@ def sparsegpt_experts(
     def check(W1: torch.Tensor, H1: torch.Tensor | None) -> None:
         nonlocal blocksize, percdamp
         blocksize, percdamp = check_obs_options(blocksize, percdamp)
+        check_quant_pattern(spec, prune_n, prune_m)
 
     def solve(problems: list[Problem]) -> list[Outcome]:
         p0 = problems[0]
-        bsz = nm_blocksize(blocksize, p0.m)
+        bsz = quant_blocksize(nm_blocksize(blocksize, p0.m), spec)
         for p in problems:
             p.info.update(blocksize=bsz, percdamp=percdamp, batched=len(problems))
-        if p0.n == 0 and p0.sparsity == 0.0:
+        keep_all = p0.n == 0 and p0.sparsity == 0.0
+        if keep_all and spec is None:
             return [unpruned(p) for p in problems]
-        if hinvs is None:
+        perms = [actorder_perm(p.H) for p in problems] if spec and spec.actorder else None
+        if perms is not None:  # each layer's own column order and inverse of its permuted H
+            Hp = [p.H[pm][:, pm] for p, pm in zip(problems, perms)]
+            invs = inverse_hessians(Hp, percdamp, p0.dtype)
+        elif hinvs is None:
             invs = inverse_hessians([p.H for p in problems], percdamp, p0.dtype)
         else:
             invs = [_given_inverse(p, hinv, e) for e, (p, hinv) in enumerate(zip(problems, hinvs))]
         U = torch.stack([inv.hinv.to(p0.dtype) for inv in invs])
         dead = torch.stack([inv.dead for inv in invs])
-        Wc = torch.stack([p.W.to(p0.dtype) for p in problems])
-        Wc.masked_fill_(dead[:, None, :], 0)
+        Ws = [p.W for p in problems] if perms is None else [
+            p.W[:, pm] for p, pm in zip(problems, perms)
+        ]  # fmt: skip
+        Wc = torch.stack([w.to(p0.dtype) for w in Ws])
         bounds = block_bounds(Wc.shape[-1], bsz)
-        Q, keep, losses = obs_prune(Wc, U, bounds, p0.sparsity, p0.n, p0.m, p0.kernels)
+        plan = None if spec is None else plan_quant(spec, Wc, bounds)
+        Wc.masked_fill_(dead[:, None, :], 0)
+        fixed = torch.ones(Wc.shape, dtype=torch.bool, device=Wc.device) if keep_all else None
+        Q, keep, losses = obs_prune(
+            Wc, U, bounds, p0.sparsity, p0.n, p0.m, p0.kernels, fixed_keep=fixed, quant=plan
+        )
+        plans = [None] * len(problems) if plan is None else plan.layers()
         outcomes = []
-        for p, inv, q, k, loss in zip(problems, invs, Q, keep, losses):
+        for e, (p, inv, q, k, loss) in enumerate(zip(problems, invs, Q, keep, losses)):
             p.info.update(inv.as_info())
-            outcomes.append(Outcome(q, k, obs_loss_info(p.W, q, p.H, inv, loss, p.info)))
+            perm, d = None if perms is None else perms[e], inv.dead
+            if perm is not None:
+                back = torch.argsort(perm)
+                q, k, d = q[:, back], k[:, back], d[back]
+            qw = None
+            if plans[e] is not None:
+                qw = plans[e].result(q, perm)
+                p.info["quant"] = plans[e].info
+            p_loss = obs_loss_info(p.W, q, p.H, inv, loss, p.info, d)
+            outcomes.append(Outcome(q, k, p_loss, quant=qw))
         return outcomes
 
+    spec = as_spec(quant)
     return run_batch_solver(
         "sparsegpt", W, Hs, sparsity, prune_n, prune_m, solve, backend=backend, ops=OBS_OPS,
         check=check,
