@@ -1,7 +1,7 @@
 """Quantized prunes end to end: the quant options and their errors, the report of the grid and
 its bytes, compressed-tensors checkpoints loaded back by transformers (with the
 compressed-tensors package) equal to fastprune's in-memory dequantized model, their size, the
-command line, and what quant refuses (streaming, several processes)."""
+command line, and what quant refuses (several processes)."""
 
 from __future__ import annotations
 
@@ -297,14 +297,6 @@ def test_actorder_groups_that_are_not_contiguous_are_refused(tmp_path):
 # ------------------------------------------------------------------------------ refused
 
 
-def test_streaming_refuses_quant_before_writing(rtn, tmp_path):
-    src = tmp_path / "src"
-    tiny_model("llama").save_pretrained(src)
-    with pytest.raises(ValueError, match="quant is not supported when streaming"):
-        fp.prune_checkpoint(src, tmp_path / "out", method=rtn, quant="w4a16", progress=False)
-    assert not (tmp_path / "out").exists()
-
-
 def test_several_processes_refuse_quant(rtn, monkeypatch):
     import fastprune.pipeline.distributed as dist
 
@@ -336,7 +328,6 @@ def _model_dir(tmp_path, model):
         (["--quant", "fp8", "--asym"], "--asym: an asymmetric grid does not apply"),
         (["--quant", "fp8", "--bits", "4"], "--bits 4 does not apply to --quant fp8"),
         (["--quant", "w4a16", "--nproc", "2"], "--nproc"),
-        (["--quant", "w4a16", "--stream"], "--stream"),
         (["--quant", "w4a16", "--group-size", "48", "--save", "OUT"], "--group-size 48"),
         (["--quant", "w4a16", "--actorder", "--save", "OUT"], "--actorder with groups"),
     ],
@@ -346,8 +337,6 @@ def test_bad_quant_flags_are_refused_before_loading(rtn, tmp_path, capsys, argv,
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in argv]
     if "--method" not in argv:
         argv = ["--method", rtn, *argv]
-    if "--stream" in argv:
-        argv += ["--save", str(tmp_path / "streamed")]
     assert main(["prune", "--model", str(d), "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert "fastprune: error:" in err and needle in err, err

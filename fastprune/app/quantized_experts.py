@@ -10,15 +10,19 @@ every grid whole). Experts stored transposed (`[E, in, out]`, gpt-oss) have no s
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..pipeline.experts import dense_experts as dense_experts  # noqa: F401
 from ..pipeline.experts import fused_experts
-
-_EXPERT = re.compile(r"^(?P<module>.+)\.(?P<proj>\w+)\[(?P<index>\d+)\]$")
+from ..streaming.compressed import (  # noqa: F401  (importable from here too)
+    dense_error,
+    rows_of,
+    savable_problem,
+    split_expert,
+)
 
 
 @dataclass(frozen=True)
@@ -44,32 +48,6 @@ def expert_params(model: nn.Module) -> list[ExpertParam]:
         if fx is not None:
             out.extend(ExpertParam(name, p, fx.num_experts, fx.transposed) for p in fx.projections)
     return out
-
-
-def split_expert(name: str) -> tuple[str, int] | None:
-    """`("model.layers.1.mlp.experts.gate_up_proj", 3)` of an expert layer's name
-    `model.layers.1.mlp.experts.gate_up_proj[3]`; None for any other name."""
-    m = _EXPERT.match(name)
-    return None if m is None else (f"{m['module']}.{m['proj']}", int(m["index"]))
-
-
-def savable_problem(spec, transposed: bool, name: str) -> str | None:
-    """Why an expert quantized with `spec` cannot be saved (None: it can): experts stored
-    transposed have no linears in the checkpoint, and transformers reads no zero points of
-    quantized experts (an asymmetric integer grid would load wrong)."""
-    if transposed:
-        return (
-            f"{name}: its experts are stored transposed in one 3-D parameter ([experts, in, "
-            "out]), which the compressed-tensors format cannot hold as linears; leave the "
-            "experts out with ignore to save the quantized model, or quantize without saving"
-        )
-    if spec is not None and not spec.fp8 and not spec.sym:
-        return (
-            f"{name}: an asymmetric grid on MoE experts is not saved: transformers loads "
-            "quantized experts without their zero points; quantize them symmetric (--sym), "
-            "or leave the experts out with ignore"
-        )
-    return None
 
 
 def checkpoint_rows(model: nn.Module, p: ExpertParam, rows: int) -> list[list[tuple[str, slice]]]:
@@ -100,36 +78,6 @@ def checkpoint_rows(model: nn.Module, p: ExpertParam, rows: int) -> list[list[tu
         out[e].append((key[: -len(".weight")], slice(r0, r0 + len(t))))
     if any(not parts for parts in out):
         raise ValueError(f"{p.key}: transformers saves no linear for some of its experts")
-    return out
-
-
-def rows_of(q, rows: slice):
-    """The quantized rows `rows` of a layer: their codes, scales and zero points."""
-    zero = None if q.zero is None else q.zero[rows]
-    return replace(q, codes=q.codes[rows], scale=q.scale[rows], zero=zero)
-
-
-def dense_error(name: str) -> str:
-    return (
-        f"{name}: MoE experts left dense in a quantized checkpoint do not load (transformers "
-        "reads a quantized checkpoint's experts only quantized); quantize every expert (drop "
-        "them from ignore/targets), or save without quant"
-    )
-
-
-def dense_experts(block: nn.Module, layers, where: str) -> list[str]:
-    """The experts of `block`'s fused parameters (stored `[E, out, in]`) that are not among
-    `layers` (the names of the layers to prune and quantize), as `where.mlp.experts.down_proj`
-    names; experts stored transposed stay fused in the checkpoint and are not listed."""
-    out = []
-    for rel, module in block.named_modules():
-        fx = fused_experts(module)
-        if fx is None or fx.transposed:
-            continue
-        for proj in fx.projections:
-            name = f"{rel}.{proj}" if rel else proj
-            if any(f"{name}[{e}]" not in layers for e in range(fx.num_experts)):
-                out.append(f"{where}.{name}")
     return out
 
 

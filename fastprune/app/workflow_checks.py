@@ -201,11 +201,6 @@ def _check_streamable(job: PruneJob, src, meth, name: Name) -> None:
             f"{name('stream')} writes the pruned model as it goes: give {name('save')}"
         )
     check_stream_output(job.save, ckpt.path)
-    if job.quant is not None:
-        raise ValueError(
-            f"{name('stream')}: {name('quant')} is not supported when streaming a checkpoint "
-            "yet; quantize in memory"
-        )
     if meth.needs_gradients:
         raise ValueError(f"{name('stream')}: method {job.method} needs the whole model (gradients)")
     if job.allocation != "uniform":

@@ -94,8 +94,6 @@ def streaming_decision(job: PruneJob, say: Say = print) -> bool:
     that is free (loaded in `job.dtype`)."""
     if job.stream is not None:
         return job.stream
-    if job.quant is not None:  # not streamed yet: loaded whole (transformers says if it fails)
-        return False
     import torch
 
     from ..models import resolve_model

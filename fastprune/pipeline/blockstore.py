@@ -34,6 +34,9 @@ class BlockStore:
     def check(self, args: PruneArgs) -> None:
         """Refuse (`ValueError`) what this store cannot run, before any work."""
 
+    def started(self, report) -> None:
+        """The run's report, before any block (where a store writes what the solves keep)."""
+
     def captured(self, args: PruneArgs) -> None:
         """The first block's inputs are captured: what lies outside the blocks has done its
         part."""

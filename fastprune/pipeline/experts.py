@@ -194,12 +194,29 @@ def expert_list_parent(path: str) -> str | None:
     return None
 
 
+def dense_experts(block: nn.Module, layers, where: str) -> list[str]:
+    """The experts of `block`'s fused parameters (stored `[E, out, in]`) that are not among
+    `layers` (the names of the layers to prune and quantize), as `where.mlp.experts.down_proj`
+    names; experts stored transposed stay fused in the checkpoint and are not listed."""
+    out = []
+    for rel, module in block.named_modules():
+        fx = fused_experts(module)
+        if fx is None or fx.transposed:
+            continue
+        for proj in fx.projections:
+            name = f"{rel}.{proj}" if rel else proj
+            if any(f"{name}[{e}]" not in layers for e in range(fx.num_experts)):
+                out.append(f"{where}.{name}")
+    return out
+
+
 __all__ = [
     "ExpertProjection",
     "grouped_tokens",
     "FusedExperts",
     "MOE_CALIBRATIONS",
     "check_moe_calibration",
+    "dense_experts",
     "expert_call_inputs",
     "expert_call_problem",
     "expert_intermediate",

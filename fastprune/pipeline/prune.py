@@ -61,6 +61,7 @@ def run_stages(
             raise ValueError("asymmetric=True runs in one process, not under torch.distributed")
         store.check(args)
     run = PruneRun(args, comm, t_start, store)
+    store.started(run.report)
     run.agree()
     was_training = model.training
     try:

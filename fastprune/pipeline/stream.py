@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import PruneConfig, make_config
+from ..config import PruneConfig, check_config, make_config
 from ..models import find_blocks
 from ..streaming import Checkpoint, CheckpointWriter, check_output, open_checkpoint
 from .arguments import PruneArgs
@@ -31,6 +31,7 @@ from .block_layers import count_block_zeros
 from .blockstore import BlockStore
 from .prune import run_stages
 from .report import PruneReport
+from .stream_quant import CompressedBlocks, check_quant_stream
 
 REPORT_FILE = "fastprune_report.json"
 
@@ -52,10 +53,21 @@ class StreamedBlocks(BlockStore):
 
     streamed = True
 
-    def __init__(self, ckpt: Checkpoint, writer: CheckpointWriter | None, dtype: torch.dtype):
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        writer: CheckpointWriter | None,
+        dtype: torch.dtype,
+        compressed: CompressedBlocks | None = None,
+    ):
         self.ckpt, self.writer, self.dtype = ckpt, writer, dtype
+        self.compressed = compressed  # a quantized prune: blocks written as compressed tensors
+        self.report: PruneReport | None = None
         self.zeros = self.entries = 0
         self.bytes_read = 0
+
+    def started(self, report: PruneReport) -> None:
+        self.report = report
 
     def check(self, args: PruneArgs) -> None:
         if args.meth.needs_gradients:
@@ -86,10 +98,17 @@ class StreamedBlocks(BlockStore):
         z, e = count_block_zeros([block])
         self.zeros += z
         self.entries += e
+        quantized = {} if self.report is None else self.report.quantized
         if self.writer is not None:
-            for key, t in self.ckpt.module_tensors(block, prefix):
+            if self.compressed is not None:
+                tensors = self.compressed.tensors(block, prefix, quantized)
+            else:
+                tensors = self.ckpt.module_tensors(block, prefix)
+            for key, t in tensors:
                 self.writer.add(key, t, copy=False)  # written before the block is freed
             self.writer.flush()  # one block in host memory at a time
+        for name in [k for k in quantized if k.startswith(prefix + ".")]:
+            del quantized[name]  # its codes are on disk (or the writer's rank's to write)
         self.ckpt.release(block)
 
     def block_zeros(self, blocks: nn.ModuleList) -> tuple[int, int]:
@@ -118,20 +137,22 @@ def prune_checkpoint(
     model and are refused. `dtype`: the dtype blocks are pruned in and written (default: the
     checkpoint's). `tokenizer` is saved beside the weights. The report says
     `path="streamed"`, the peak host memory and the bytes read; `save` gets
-    `fastprune_report.json` too."""
+    `fastprune_report.json` too. A quantized prune (`quant`) writes the compressed-tensors
+    checkpoint the in-memory save writes (`save_pruned`), block by block; its report keeps no
+    codes (`report.quantized` is empty: they are on disk)."""
     config = make_config(config, (), overrides, "prune_checkpoint")
-    if config.quant is not None:  # refused before anything is written
-        raise ValueError(
-            "quant is not supported when streaming a checkpoint (prune_checkpoint) yet: "
-            "quantize in memory (prune_model, or fastprune prune --no-stream)"
-        )
+    spec = check_config(config).quant
     if config.device is None:
         config = dataclasses.replace(config, device="cpu")  # the skeleton has no device
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
     out = check_output(save, ckpt.path)
     model = ckpt.skeleton(dtype)
     dtype = next(model.parameters()).dtype
-    blocks_path, _ = find_blocks(model, config.blocks)
+    blocks_path, blocks = find_blocks(model, config.blocks)
+    compressed = None
+    if spec is not None:  # refused before anything is written
+        check_quant_stream(model, blocks_path, blocks, config, spec)
+        compressed = CompressedBlocks(ckpt, dtype)
     ckpt.load(model, "", device="cpu", skip=[blocks_path])  # embeddings, final norm, head
     from .distributed import active_world
 
@@ -142,15 +163,22 @@ def prune_checkpoint(
             for key, t in ckpt.module_tensors(model, "", skip=[blocks_path]):
                 writer.add(key, t, copy=False)
             writer.flush()
-        store = StreamedBlocks(ckpt, writer, dtype)
+        store = StreamedBlocks(ckpt, writer, dtype, compressed)
         report = run_stages(model, calibration, config, store, tokenizer)
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
+        entries = None
+        if compressed is not None:
+            entries = compressed.config(model, report)
+            fmt = entries["quantization_config"]["format"]
+            layers = report.totals.get("quant", {}).get("layers", 0)
+            report.totals["compressed"] = {"format": fmt, "layers": layers}
         if writer is not None:
             writer.finish(
                 model.config,
                 tokenizer=tokenizer,
                 generation_config=getattr(model, "generation_config", None),
                 extra_files={REPORT_FILE: json.dumps(report.to_dict(), indent=1)},
+                config_entries=entries,
             )
             report.totals["saved"] = str(out)
             report.totals["digests"] = writer.digests

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .compressed import scheme_args
 from .layout import Source, match_model, resolve_source
 from .loader import BlockLoader
 from .memory import available_host_memory, params_on_meta
@@ -38,7 +39,7 @@ class Checkpoint(BlockLoader):
     loaded and released one at a time (`BlockLoader`). Use `open_checkpoint` to make one."""
 
     def __init__(self, path: Path, config_dict: dict, tensors: dict[str, TensorInfo]):
-        super().__init__(path, tensors)
+        super().__init__(path, tensors, scheme_args(config_dict))
         self.config_dict = config_dict
 
     def __repr__(self) -> str:

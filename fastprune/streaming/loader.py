@@ -20,9 +20,10 @@ class BlockLoader:
     `tensors`, it matches a skeleton (`check_model`) and then loads and releases one of its
     modules at a time."""
 
-    def __init__(self, path: Path, tensors: dict[str, TensorInfo]):
+    def __init__(self, path: Path, tensors: dict[str, TensorInfo], quant: dict | None = None):
         self.path = path
         self.tensors = tensors
+        self.quant = quant  # a compressed-tensors checkpoint's grid: its linears dequantized
         self._plan: dict[str, Source] = {}
         self._ties: dict[str, tuple[str, ...]] = {}
         self._root: weakref.ref | None = None
@@ -33,7 +34,7 @@ class BlockLoader:
         absent); every checkpoint tensor feeds a parameter or persistent buffer. Raises
         `ValueError` naming the first mismatch. Remembers the match for `load` and the
         model's tied weights."""
-        self._plan, self._ties = match_model(model, self.tensors, self.path)
+        self._plan, self._ties = match_model(model, self.tensors, self.path, self.quant)
         self._root = weakref.ref(model)
 
     def _model(self) -> nn.Module | None:
@@ -44,7 +45,7 @@ class BlockLoader:
         """Where model tensor `name` (full name) comes from in the checkpoint."""
         src = self._plan.get(name)
         if src is None and shape is not None:
-            src = resolve_source(self.tensors, name, tuple(shape))
+            src = resolve_source(self.tensors, name, tuple(shape), self.quant)
         if src is None:
             raise ValueError(f"checkpoint {self.path} has no tensor for {name!r}")
         return src
@@ -164,16 +165,13 @@ class BlockLoader:
                         om._parameters[oattr] = done[id(p)]
                 m._parameters[attr] = done[id(p)]
 
-    def module_tensors(
+    def module_params(
         self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """`module`'s loaded parameters and the persistent buffers the checkpoint holds, as
-        the checkpoint stores them: (checkpoint key, tensor) pairs, per expert where it keeps
-        experts apart, each key once (a tied weight is written where it is stored). Names
-        under a prefix in `skip` are left out. For writing a pruned module in place of its
-        source tensors."""
+        """`module`'s loaded parameters and the persistent buffers the checkpoint holds:
+        (full name, tensor) pairs, every slot (a tied weight under each of its names). Names
+        under a prefix in `skip` are left out."""
         skip = tuple(s.rstrip(".") + "." for s in skip)
-        seen: set[str] = set()
         for name, m, attr, kind in self._slots(module, prefix):
             if skip and any(name.startswith(s) for s in skip):
                 continue
@@ -182,6 +180,18 @@ class BlockLoader:
             t = getattr(m, attr)
             if t.device.type == "meta":
                 raise ValueError(f"{name} is not loaded (on the meta device): nothing to write")
+            yield name, t
+
+    def module_tensors(
+        self, module: nn.Module, prefix: str = "", skip: Iterable[str] = ()
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """`module`'s loaded parameters and the persistent buffers the checkpoint holds, as
+        the checkpoint stores them: (checkpoint key, tensor) pairs, per expert where it keeps
+        experts apart, each key once (a tied weight is written where it is stored). Names
+        under a prefix in `skip` are left out. For writing a pruned module in place of its
+        source tensors."""
+        seen: set[str] = set()
+        for name, t in self.module_params(module, prefix, skip):
             for key, part in self.source_tensors(name, t):
                 if key not in seen:
                     seen.add(key)

@@ -38,10 +38,13 @@ SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype | None, float]] = {
 FLOAT_NAMES = tuple(
     name for name, (dt, _) in SAFETENSORS_DTYPES.items() if dt is not None and dt.is_floating_point
 )
-# torch dtype -> safetensors dtype name, for the ones torch has
+# torch dtype -> safetensors dtype name, for the ones torch has (float8 e4m3: the codes of
+# an FP8-quantized checkpoint, written but never a model's own dtype)
 TORCH_TO_SAFETENSORS: dict[torch.dtype, str] = {
     dt: name for name, (dt, _) in SAFETENSORS_DTYPES.items() if dt is not None
 }
+if hasattr(torch, "float8_e4m3fn"):
+    TORCH_TO_SAFETENSORS[torch.float8_e4m3fn] = "F8_E4M3"
 
 
 @dataclass(frozen=True)

@@ -242,11 +242,13 @@ class CheckpointWriter:
         tokenizer=None,
         generation_config=None,
         extra_files: Mapping[str, str] | None = None,
+        config_entries: Mapping[str, object] | None = None,
     ) -> Path:
         """Write the last shard, name the shards `model-0000K-of-0000N.safetensors` (one:
         `model.safetensors`) with the index, save `config` / `generation_config` / `tokenizer`
-        (`save_pretrained`) and `extra_files` ({file name: text}), remove the marker and rename
-        the folder to `out_dir`. Returns `out_dir`."""
+        (`save_pretrained`; `config_entries` added to config.json: a quantized checkpoint's
+        `quantization_config`) and `extra_files` ({file name: text}), remove the marker and
+        rename the folder to `out_dir`. Returns `out_dir`."""
         if self._finished:
             raise ValueError("finish(): the writer has already finished")
         extra = dict(extra_files or {})
@@ -273,6 +275,11 @@ class CheckpointWriter:
             ):
                 if obj is not None:
                     _save_pretrained(obj, self.tmp_dir, what)
+            if config_entries:
+                config_file = self.tmp_dir / "config.json"
+                data = json.loads(config_file.read_text())
+                data.update(config_entries)
+                config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
             for fname, text in extra.items():
                 if (self.tmp_dir / fname).exists():
                     raise ValueError(f"extra_files: {fname!r} would overwrite a file written")
