@@ -1,7 +1,7 @@
 """Quantized prunes end to end: the quant options and their errors, the report of the grid and
 its bytes, compressed-tensors checkpoints loaded back by transformers (with the
 compressed-tensors package) equal to fastprune's in-memory dequantized model, their size, the
-command line, and what quant refuses (several processes)."""
+command line, and the quant options refused before loading."""
 
 from __future__ import annotations
 
@@ -294,17 +294,6 @@ def test_actorder_groups_that_are_not_contiguous_are_refused(tmp_path):
         check_layout(q, "layer")
 
 
-# ------------------------------------------------------------------------------ refused
-
-
-def test_several_processes_refuse_quant(rtn, monkeypatch):
-    import fastprune.pipeline.distributed as dist
-
-    monkeypatch.setattr(dist, "active_world", lambda: 2)
-    with pytest.raises(ValueError, match="not supported under torch.distributed"):
-        fp.prune_model(tiny_model("llama"), method=rtn, quant="w4a16", progress=False)
-
-
 # ------------------------------------------------------------------------------ command line
 
 
@@ -327,7 +316,6 @@ def _model_dir(tmp_path, model):
         (["--bits", "4"], "give --quant"),
         (["--quant", "fp8", "--asym"], "--asym: an asymmetric grid does not apply"),
         (["--quant", "fp8", "--bits", "4"], "--bits 4 does not apply to --quant fp8"),
-        (["--quant", "w4a16", "--nproc", "2"], "--nproc"),
         (["--quant", "w4a16", "--group-size", "48", "--save", "OUT"], "--group-size 48"),
         (["--quant", "w4a16", "--actorder", "--save", "OUT"], "--actorder with groups"),
     ],

@@ -169,11 +169,6 @@ def check_prune_job(job: PruneJob, name: Name = field_name) -> tuple[int, int]:
         )
     if job.asymmetric and job.nproc > 1:
         raise ValueError(f"{name('asymmetric')} runs in one process, not with {name('nproc')} > 1")
-    if checked.quant is not None and job.nproc > 1:
-        raise ValueError(
-            f"{name('quant')} is not supported with {name('nproc')} > 1 (torch.distributed) "
-            "yet: quantize in one process"
-        )
     check_lm_eval(job.lm_eval, name)
     src = resolve_model(job.model)  # unknown model: fail before the slow part
     if job.stream:

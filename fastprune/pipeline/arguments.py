@@ -82,8 +82,6 @@ def check_prune_args(
     ]
     if not any(bl.layers for bl in layouts):
         raise ValueError("targets/ignore leave no layer to prune")
-    if checked.quant is not None:
-        check_quantizable(layouts, blocks_path)
     if cfg.asymmetric:
         expert = next((k for bl in layouts for k in bl.layers if bl.is_expert(k)), None)
         if expert is not None:
@@ -113,14 +111,3 @@ def check_prune_args(
         model, cfg, meth, checked.options, n, m, dev, blocks_path, block_list, kinds, layouts,
         calib, checked.quant,
     )  # fmt: skip
-
-
-def check_quantizable(layouts: list[BlockLayers], blocks_path: str) -> None:
-    """What `quant` does not cover yet, refused before any work: several processes
-    (torch.distributed)."""
-    from .distributed import active_world
-
-    if active_world() > 1:
-        raise ValueError(
-            "quant is not supported under torch.distributed yet: quantize in one process"
-        )

@@ -303,7 +303,9 @@ class PruneRun(LayerSolves):
         else:
             comm = self.comm
             lead_of = {} if hooks is None else hooks.leader
-            separable = a.meth.separable(a.n, a.opts)
+            # a quantized layer is solved whole on its owner: its grids and grid error are
+            # the layer's (row parts would each report their own)
+            separable = a.meth.separable(a.n, a.opts) and a.quant is None
             parts_of = comm.plan(lins, lead_of, a.meth.shares_inverse, separable)
             if hooks is not None:
                 comm.reduce_hessians(hooks, parts_of)
@@ -312,6 +314,8 @@ class PruneRun(LayerSolves):
                 full = {f"{block_name}.{k}": ps for k, ps in parts_of.items()}
                 comm.reduce_gradients(self.G, full, a.opts["norm"])
             done = comm.solve_block(lins, parts_of, solve, f"block {i}: its layer solves")
+            if a.quant is not None:  # every rank keeps every layer's codes, as one process
+                comm.share_quantized(self.report.quantized, [f"{block_name}.{k}" for k in lins])
         for lr in done:
             self.totals["solve_seconds"] += lr.seconds
         self.report.layers.extend(done)

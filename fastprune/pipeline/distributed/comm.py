@@ -222,6 +222,47 @@ class Comm:
         return done
 
     @torch.no_grad()
+    def share_quantized(self, quantized: dict, names: list[str]) -> None:
+        """A block's quantized layers (`names`, each in `quantized` on the rank that solved
+        it) given to every rank, in the order of `names`: every rank's report then holds the
+        codes and grids one process would (rank 0 saves them). Each layer's grid and tensor
+        shapes are exchanged, then its tensors broadcast from its owner."""
+        import dataclasses
+
+        def described(q):
+            fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q)}
+            return {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+                    for k, v in fields.items()}  # fmt: skip
+
+        mine = {n: described(quantized[n]) for n in names if n in quantized}
+        got = self._gather(mine, "the exchange of the quantized layers' grids")
+        owner = {n: (r, desc) for r, part in enumerate(got) for n, desc in part.items()}
+        with self._talk("the broadcast of the quantized layers"):
+            for n in names:
+                if n not in owner:
+                    continue
+                r, desc = owner[n]
+                ours = quantized.pop(n, None)
+                fields = {}
+                for k, v in desc.items():
+                    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
+                        t = getattr(ours, k) if r == self.rank else torch.empty(*v[:1], dtype=v[1])
+                        fields[k] = self._broadcast_tensor(t, r)
+                    else:
+                        fields[k] = v
+                quantized[n] = type(ours)(**fields) if ours is not None else _quantized(fields)
+
+    def _broadcast_tensor(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        """`t` from rank `src` (float8 as its bytes: not every backend moves it), on the CPU."""
+        raw = t.contiguous()
+        if raw.dtype.is_floating_point and raw.element_size() == 1:
+            raw = raw.view(torch.uint8)
+        buf = raw.to(self.device)
+        dist.broadcast(buf, src)
+        self.broadcast_bytes += buf.numel() * buf.element_size()
+        return buf.cpu().view(t.dtype)
+
+    @torch.no_grad()
     def _broadcast_rows(self, mod: nn.Module, part: Part) -> None:
         """Rows `part.start:part.stop` of a layer's `[rows, cols]` weight, from `part.rank`."""
         w = get_weight(mod).detach()
@@ -255,3 +296,10 @@ class Comm:
             "broadcast_bytes": broadcast,
             "communicated_bytes": reduced + broadcast,
         }
+
+
+def _quantized(fields: dict):
+    """A `QuantizedWeight` received from another rank."""
+    from ...quant import QuantizedWeight
+
+    return QuantizedWeight(**fields)
