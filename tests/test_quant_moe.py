@@ -46,6 +46,43 @@ def _same_rows(got, want):
     return same & (got.quant.codes.float() == want.quant.codes.float()).all(1)
 
 
+def _check_expert(got, want, spec, e):
+    """One expert of a batch against its own solve: the same grids and codes on every row
+    whose masks and codes agree (at least 90% of them), codes elsewhere one step apart."""
+    got, want = _cpu(got), _cpu(want)
+    g, w = got.quant, want.quant
+    assert g.spec == w.spec == spec and g.codes.dtype == w.codes.dtype
+    assert g.codes.shape == w.codes.shape and g.scale.shape == w.scale.shape
+    assert (g.g_idx is None) == (w.g_idx is None)
+    if g.g_idx is not None:  # act-order: the expert's own column order
+        assert torch.equal(g.g_idx, w.g_idx)
+    rows = _same_rows(got, want)
+    assert rows.float().mean() >= 0.9, f"expert {e}: {int((~rows).sum())} rows differ"
+    torch.testing.assert_close(g.scale[rows], w.scale[rows], rtol=1e-5, atol=0)
+    if g.zero is not None:
+        assert torch.equal(g.zero[rows], w.zero[rows])
+    if not spec.fp8:
+        assert (g.codes.int() - w.codes.int()).abs().max() <= 1
+    assert relative_error(got.weight[rows], want.weight[rows]) <= LAYER_RTOL
+    assert torch.equal(got.weight, g.dequantize())
+    q1, q2 = got.info["quant"], want.info["quant"]
+    assert {k: v for k, v in q1.items() if k != "grid_error"} == {
+        k: v for k, v in q2.items() if k != "grid_error"
+    }
+    assert q1["grid_error"] == pytest.approx(q2["grid_error"], rel=1e-2)
+
+
+def _cpu(r):
+    """A result with its weights, mask and quantized tensors on the CPU."""
+    import dataclasses
+
+    q = r.quant
+    moved = {f.name: getattr(q, f.name) for f in dataclasses.fields(q)}
+    moved = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in moved.items()}
+    return dataclasses.replace(r, weight=r.weight.cpu(), mask=r.mask.cpu(),
+                               quant=dataclasses.replace(q, **moved))  # fmt: skip
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("sparsity,n,m", PATTERNS)
 def test_each_quantized_expert_equals_its_own_solve(gen, spec, sparsity, n, m):
@@ -57,26 +94,22 @@ def test_each_quantized_expert_equals_its_own_solve(gen, spec, sparsity, n, m):
     got = sparsegpt_experts(W, H, sparsity, n, m, blocksize=32, quant=spec)
     for e in range(W.shape[0]):
         want = fp.sparsegpt_layer(W[e], H[e], sparsity, n, m, blocksize=32, quant=spec)
-        g, w = got[e].quant, want.quant
-        assert g.spec == w.spec == spec and g.codes.dtype == w.codes.dtype
-        assert g.codes.shape == w.codes.shape and g.scale.shape == w.scale.shape
-        assert (g.g_idx is None) == (w.g_idx is None)
-        if g.g_idx is not None:  # act-order: the expert's own column order
-            assert torch.equal(g.g_idx, w.g_idx)
-        rows = _same_rows(got[e], want)
-        assert rows.float().mean() >= 0.9, f"expert {e}: {int((~rows).sum())} rows differ"
-        torch.testing.assert_close(g.scale[rows], w.scale[rows], rtol=1e-5, atol=0)
-        if g.zero is not None:
-            assert torch.equal(g.zero[rows], w.zero[rows])
-        if not spec.fp8:
-            assert (g.codes.int() - w.codes.int()).abs().max() <= 1
-        assert relative_error(got[e].weight[rows], want.weight[rows]) <= LAYER_RTOL
-        assert torch.equal(got[e].weight, g.dequantize())
-        q1, q2 = got[e].info["quant"], want.info["quant"]
-        assert {k: v for k, v in q1.items() if k != "grid_error"} == {
-            k: v for k, v in q2.items() if k != "grid_error"
-        }
-        assert q1["grid_error"] == pytest.approx(q2["grid_error"], rel=1e-2)
+        _check_expert(got[e], want, spec, e)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("spec", ["int4-g32", "int4-g32-asym-actorder", "fp8"])
+@pytest.mark.parametrize("sparsity,n,m", [(0.5, 0, 0), (0.5, 2, 4)])
+def test_each_quantized_expert_equals_its_own_solve_on_cuda(gen, spec, sparsity, n, m):
+    """The same on a GPU: the batched sweep (the fast backends' batched form) against each
+    expert's own solve on the GPU."""
+    spec = SPECS[spec]
+    W, H = (t.cuda() for t in _experts(gen, 4, 37, 128))
+    got = sparsegpt_experts(W, H, sparsity, n, m, blocksize=32, quant=spec)
+    for e in range(W.shape[0]):
+        want = fp.sparsegpt_layer(W[e], H[e], sparsity, n, m, blocksize=32, quant=spec)
+        _check_expert(got[e], want, spec, e)
 
 
 @pytest.mark.parametrize("spec", ["int4-g32", "int8-channel", "fp8"])

@@ -23,7 +23,9 @@ differs (`check_consistent`). GBLM's gradient norms are accumulated per rank ove
    block the whole layers cannot balance has layers cut into row ranges on several ranks
    (`plan_block`, `FASTPRUNE_ROW_SPLIT`); each such rank gets the layer's full `H`, solves
    its rows (computing its own inverse) and broadcasts them, and the parts' reports are
-   merged (`merge_part_reports`: losses summed);
+   merged (`merge_part_reports`: losses summed). A quantized layer (`quant`) is solved
+   whole (its grids and grid error are the layer's) and its codes and grids are broadcast
+   too (`Comm.share_quantized`), so every rank's report holds every layer's;
 4. every rank propagates its shard through the pruned block.
 
 Faults: every local phase (setup, capture, gradients, a block's forward, solves,
