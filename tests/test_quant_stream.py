@@ -165,3 +165,16 @@ def test_cli_streams_a_quantized_prune(tmp_path, capsys):
     got, want = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "memory")
     assert got.keys() == want.keys() and all(_same(got[k], want[k]) for k in want)
     assert "quant: int4 groups of 32" in capsys.readouterr().out
+
+
+def test_a_compressed_format_not_read_block_by_block_is_refused():
+    from fastprune.streaming.compressed import scheme_args
+
+    group = {"weights": {"num_bits": 8, "type": "int", "symmetric": True}}
+    qc = {"quant_method": "compressed-tensors", "format": "int-quantized"}
+    with pytest.raises(ValueError, match="'int-quantized' format is not read block by block"):
+        scheme_args({"quantization_config": {**qc, "config_groups": {"group_0": group}}})
+    assert scheme_args({"model_type": "llama"}) is None
+    qc["format"] = "pack-quantized"
+    got = scheme_args({"quantization_config": {**qc, "config_groups": {"group_0": group}}})
+    assert got == {"num_bits": 8, "type": "int", "symmetric": True}

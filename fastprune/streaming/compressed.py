@@ -184,6 +184,12 @@ def scheme_args(config_dict: dict) -> dict | None:
             "a compressed-tensors checkpoint of several grids is not read block by block; "
             "load it with transformers"
         )
+    fmt = groups[0].get("format") or qc.get("format")
+    if fmt not in (PACKED, FLOAT):
+        raise ValueError(
+            f"a compressed-tensors checkpoint in the {fmt!r} format is not read block by block "
+            f"(only {PACKED!r} and {FLOAT!r}); load it with transformers"
+        )
     w = groups[0]["weights"]
     return {"num_bits": int(w["num_bits"]), "type": w["type"], "symmetric": bool(w["symmetric"])}
 
