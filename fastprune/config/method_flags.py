@@ -10,7 +10,7 @@ from typing import Any
 
 from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
 from ..validation import BACKENDS, check_int
-from .validators import integer, methods_taking, one_of, optional
+from .validators import flag_bool, integer, methods_taking, one_of, optional
 
 GRADIENT_NORMS = ("l1", "l2")  # GBLM's norm of the accumulated gradients
 
@@ -108,6 +108,16 @@ METHOD_FLAGS = (
         ),
         optional(one_of(REFINE_ON)),
         cli={"choices": REFINE_ON},
+    ),
+    MethodFlag(
+        "keep_zeros",
+        lambda: (
+            f"{methods_taking('keep_zeros')}: weights already zero stay zero, so quantizing "
+            "a pruned model keeps its sparsity (default: every weight absorbs rounding errors, "
+            "as GPTQ as published)"
+        ),
+        flag_bool,
+        cli={"action": "store_const", "const": True},
     ),
     MethodFlag(
         "norm",
