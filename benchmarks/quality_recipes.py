@@ -97,17 +97,27 @@ COMBOS = {
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
     "rose+asym": {"method": "rose", "asymmetric": True},
 }  # fmt: skip
-# quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian, against GPTQ), else
-# prune and quantize in one sweep (the joint mode; the recipe rounds in an OBS sweep on its
-# final mask, starting from its least-squares weights)
+# quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian; GPTQ; the restated
+# IST-DASLab GPTQ loop), else prune and quantize: in one sweep (the joint mode: SparseGPT's
+# `--wbits`, ROSE's sweep rounding as it prunes), the recipe (its mask, the least-squares
+# refit, then GPTQ on the fixed mask from the refitted weights), or in two passes ("then":
+# a second prune_model run on the pruned model, GPTQ keeping its zeros, with Hessians of the
+# pruned model: what llm-compressor users run, with the sparsity kept)
+GPTQ_PASS = {"method": "gptq", "sparsity": 0.0, "keep_zeros": True}
 QUANT = {
     "rtn-w4a16": {"method": "magnitude", "rtn": "w4a16"},
     "gptq-w4a16": {"method": "gptq", "quant": "w4a16"},
+    "gptq-reference-w4a16": {"method": "gptq-reference", "quant": "w4a16"},
     "sparsegpt+w4a16": {"method": "sparsegpt", "quant": "w4a16"},
     "rose+w4a16": {"method": "rose", "quant": "w4a16"},
     "fastprune+w4a16": {"method": "fastprune", "quant": "w4a16"},
+    "sparsegpt,gptq-w4a16": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "w4a16"}},
+    "fastprune,gptq-w4a16": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "w4a16"}},
     "sparsegpt+fp8": {"method": "sparsegpt", "quant": "fp8"},
+    "rose+fp8": {"method": "rose", "quant": "fp8"},
     "fastprune+fp8": {"method": "fastprune", "quant": "fp8"},
+    "sparsegpt,gptq-fp8": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "fp8"}},
+    "fastprune,gptq-fp8": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "fp8"}},
 }
 GROUPS = {"peers": PEERS, "combos": COMBOS, "quant": QUANT}
 
@@ -130,6 +140,45 @@ def round_blocks_to_nearest(model, spec) -> _Rounded:
             W = get_weight(mod)
             set_weight(mod, fp.round_to_nearest(W.float(), spec).dequantize().to(W.dtype))
     return _Rounded(time.perf_counter() - t0)
+
+
+def reference_gptq(W, H, sparsity=0.0, prune_n=0, prune_m=0, *, quant="w4a16", **_):
+    """The restated IST-DASLab GPTQ loop (`fastprune.original.original_gptq`, float32,
+    blocks of 128 columns) as a layer solver, its grids and codes as a `QuantizedWeight`."""
+    from fastprune.hessian import layer_loss
+    from fastprune.original import original_gptq
+    from fastprune.quant import QuantizedWeight, as_spec
+
+    spec = as_spec(quant)
+    Q, scale, zero, g = original_gptq(
+        W.float(), H.float(), spec.bits, spec.group_size or -1, spec.sym, spec.actorder
+    )
+    g = g.long()
+    codes = (torch.round(Q / scale[:, g]) + zero[:, g]).clamp(0, 2**spec.bits - 1)
+    qw = QuantizedWeight(
+        spec, codes.to(torch.uint8), scale.float(), zero.to(torch.int32),
+        g.to(torch.int32) if spec.actorder and spec.group_size else None,
+    )  # fmt: skip
+    weight = qw.dequantize()
+    mask = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    info = {"method": "gptq-reference", "quant": {"grid_error": 0.0}}
+    return fp.PruneResult(weight.to(W.dtype), mask, layer_loss(W, weight, H), info, qw)
+
+
+def register_reference() -> None:
+    """Method "gptq-reference" (the restated reference loop), once."""
+    from fastprune.solvers.registry import Method, register
+
+    if "gptq-reference" not in fp.METHODS:
+        register(
+            Method(
+                "gptq-reference",
+                reference_gptq,
+                "the restated IST-DASLab GPTQ loop",
+                takes_quant=True,
+                prunes=False,
+            )  # fmt: skip
+        )
 
 
 def pattern_args(p: str) -> dict:
@@ -189,6 +238,7 @@ def run(args) -> None:
     if not todo and ("dense", "-", "-") in done:
         print("nothing to do")
         return
+    register_reference()
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -223,6 +273,7 @@ def run(args) -> None:
                 calib[seed] = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed)
             model.load_state_dict(dense)
             kw = dict(configs[config])
+            then = kw.pop("then", None)
             t0 = time.perf_counter()
             if "rtn" in kw:
                 rep = round_blocks_to_nearest(model, fp.QuantSpec.preset(kw["rtn"]))
@@ -231,6 +282,13 @@ def run(args) -> None:
                     model, calib[seed], **pattern_args(pat), seed=seed,
                     progress=not args.no_progress, **kw,
                 )  # fmt: skip
+            if then is not None:  # the second pass on the pruned model
+                second = fp.prune_model(
+                    model, calib[seed], seed=seed, progress=not args.no_progress, **then
+                )
+                rep.seconds += second.seconds
+                rep.totals = {**rep.totals, "loss_second_pass": second.totals.get("loss")}
+                kw["then"] = then
             wall = time.perf_counter() - t0
             row = {
                 "config": config,
