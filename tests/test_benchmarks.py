@@ -96,7 +96,9 @@ def test_swap_quality_benchmark(tmp_path):
 def test_cpu_reference_benchmark(tmp_path):
     rows = run("bench_cpu_reference", ["--shapes", "8x64", "--patterns", "unstructured"], tmp_path)
     assert {(r["kernel"], r["backend"]) for r in rows} == {
-        (s, b) for s in ("sparsegpt_layer", "rose_layer") for b in ("original", "torch")
+        (s, b)
+        for s in ("sparsegpt_layer", "rose_layer", "gptq_layer")
+        for b in ("original", "torch")
     }
     assert all(r["threads"] == torch.get_num_threads() for r in rows)
 
