@@ -111,13 +111,13 @@ QUANT = {
     "sparsegpt+w4a16": {"method": "sparsegpt", "quant": "w4a16"},
     "rose+w4a16": {"method": "rose", "quant": "w4a16"},
     "fastprune+w4a16": {"method": "fastprune", "quant": "w4a16"},
-    "sparsegpt,gptq-w4a16": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "w4a16"}},
-    "fastprune,gptq-w4a16": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "w4a16"}},
+    "sparsegpt>gptq-w4a16": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "w4a16"}},
+    "fastprune>gptq-w4a16": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "w4a16"}},
     "sparsegpt+fp8": {"method": "sparsegpt", "quant": "fp8"},
     "rose+fp8": {"method": "rose", "quant": "fp8"},
     "fastprune+fp8": {"method": "fastprune", "quant": "fp8"},
-    "sparsegpt,gptq-fp8": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "fp8"}},
-    "fastprune,gptq-fp8": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "fp8"}},
+    "sparsegpt>gptq-fp8": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "fp8"}},
+    "fastprune>gptq-fp8": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "fp8"}},
 }
 GROUPS = {"peers": PEERS, "combos": COMBOS, "quant": QUANT}
 
