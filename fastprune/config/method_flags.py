@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
+from ..solvers.rose import ROSE_SCALERS
 from ..validation import BACKENDS, check_int
 from .validators import flag_bool, integer, methods_taking, one_of, optional
 
@@ -118,6 +119,17 @@ METHOD_FLAGS = (
         ),
         flag_bool,
         cli={"action": "store_const", "const": True},
+    ),
+    MethodFlag(
+        "score_scaler",
+        lambda: (
+            f"{methods_taking('score_scaler')}: the pre-pruning score's scaler: hessian = "
+            "diag(H)/2 (default); running = the ROSE repository's own, which weights "
+            "calibration sample k by 1/k (one sample per batch), with its block-sum range "
+            "rule (as fastprune.compat.ROSE)"
+        ),
+        one_of(ROSE_SCALERS),
+        cli={"choices": ROSE_SCALERS},
     ),
     MethodFlag(
         "norm",
