@@ -7,13 +7,15 @@ import math
 
 import pytest
 import torch
-from pipeline_helpers import calib_ids, tiny_model
+from pipeline_helpers import calib_ids, tiny_model, tiny_moe_model, transformers
 
 import fastprune as fp
 from fastprune.app import cli
 from fastprune.compat import ROSE
 from fastprune.hessian import RunningScaler
 from fastprune.models import find_blocks, find_linears, get_weight
+from fastprune.pipeline.hessian_hooks import HessianHooks
+from fastprune.pipeline.stream import prune_checkpoint
 
 # small blocks (a short last one: 64 = 24 + 24 + 16, so the range rule matters too) and every
 # nonzero range reordered, so the scaler decides the column order
@@ -72,6 +74,48 @@ def test_pipeline_running_scaler_is_the_compat_adapters(n, m):
         if not torch.equal(get_weight(a) == 0, get_weight(b) == 0)
     ]
     assert differ, "the running scaler changed no mask"
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_experts_get_their_own_running_scaler(family, monkeypatch):
+    """Every input, experts' included (each token a sample, fused or a ModuleList), has its
+    running scaler from the same samples as its H: calibrated in one batch, every sample
+    counts `1/N`, so the scaler is `diag(H)/N` exactly (up to rounding)."""
+    seen = []
+    release = HessianHooks.release
+
+    def record(self, lead):
+        acc, sc = self.acc[lead], self.scalers[lead]
+        seen.append((lead, acc.nsamples, sc.nsamples, torch.diagonal(acc.H).clone(), sc.scaler_row))
+        release(self, lead)
+
+    monkeypatch.setattr(HessianHooks, "release", record)
+    calib = calib_ids(4, 16)
+    rep = fp.prune_model(
+        tiny_moe_model(family), calib, method="rose", score_scaler="running", batch_size=4,
+        progress=False, **OPTS,
+    )  # fmt: skip
+    experts = [lr for lr in rep.layers if "tokens" in lr.info]
+    assert experts and all(lr.info["range_rule"] == "block_sum" for lr in rep.layers)
+    assert len(seen) == len({lr.hessian for lr in rep.layers})
+    for lead, n_h, n_s, diag, scaler in seen:
+        assert n_h == n_s, lead
+        if n_h:  # an expert no token reached is pruned with H = I
+            torch.testing.assert_close(scaler, diag / n_h, rtol=1e-5, atol=0, msg=lead)
+
+
+def test_streamed_running_scaler_equals_in_memory(tmp_path):
+    """`prune_checkpoint` calibrates with the same hooks: the same weights bit for bit."""
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src, max_shard_size="60KB")
+    calib, kw = calib_ids(4, 16), dict(method="rose", score_scaler="running", **OPTS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    fp.prune_model(model, calib, progress=False, **kw)
+    rep = prune_checkpoint(src, tmp_path / "out", calib, progress=False, **kw)
+    assert rep.totals["path"] == "streamed" and rep.options["score_scaler"] == "running"
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = model.state_dict()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
 
 
 def test_running_scaler_weights_sample_k_by_one_over_its_count():
