@@ -5,8 +5,9 @@
 - `WrappedGPT(layer)`: Wanda's activation-statistics wrapper (`add_batch`, `scaler_row`),
   plus `prune()` for Wanda's per-layer selection.
 - `sparsify_weight(...)`: llm-compressor's SparseGPT `sparsify_weight` contract, and
+  llm-compressor's GPTQ `quantize_weight` (0.14) on fastprune's static-grid sweep, and
   `patch_llmcompressor()` / `unpatch_llmcompressor()` to make an installed llm-compressor's
-  `SparseGPTModifier` call it.
+  `SparseGPTModifier` and `GPTQModifier` call them.
 
 Every adapter solves with `backend="auto"` (the fastest backend for the layer's device) unless
 given another backend. `nn.Linear`, `transformers.Conv1D` (weight stored transposed) and
@@ -16,6 +17,7 @@ can only exist once transformers is imported, and llm-compressor is imported by 
 """
 
 from .adapter import input_columns
+from .llmc_gptq import quantize_weight
 from .llmcompressor import (
     patch_llmcompressor,
     sparsify_preserving,
@@ -32,6 +34,7 @@ __all__ = [
     "WrappedGPT",
     "input_columns",
     "patch_llmcompressor",
+    "quantize_weight",
     "rose_with_scaler",
     "sparsify_preserving",
     "sparsify_weight",
