@@ -21,7 +21,13 @@ from torch import nn
 
 import fastprune as fp
 from fastprune import compat
-from fastprune.original import _rose_block_losses, original_rose, original_sparsegpt, original_wanda
+from fastprune.original import (
+    _rose_block_losses,
+    original_find_params,
+    original_rose,
+    original_sparsegpt,
+    original_wanda,
+)
 from fastprune.testing import random_layer
 
 MASK_AGREE = 0.999
@@ -86,6 +92,36 @@ class RefSparseGPT:
         del self.H
         W, _ = original_sparsegpt(W, H, sparsity, prunen, prunem, blocksize, percdamp)
         ref_write(self.layer, W)
+
+
+class RefQuantizer(nn.Module):
+    """The IST-DASLab `Quantizer`'s state as `fasterprune` reads it (`configure`, `ready`)."""
+
+    def __init__(self, shape=1):
+        super().__init__()
+        self.register_buffer("maxq", torch.tensor(0))
+        self.register_buffer("scale", torch.zeros(shape))
+        self.register_buffer("zero", torch.zeros(shape))
+
+    def configure(self, bits, perchannel=False, sym=True, mse=False, norm=2.4, grid=100,
+                  maxshrink=0.8, grouprows=1):  # fmt: skip
+        self.maxq = torch.tensor(2**bits - 1)
+        self.perchannel, self.sym, self.mse = perchannel, sym, mse
+        self.norm, self.grid, self.maxshrink, self.grouprows = norm, grid, maxshrink, grouprows
+
+    def ready(self):
+        return torch.all(self.scale != 0)
+
+
+def original_sparsegpt_wbits(W, H, sparsity, n, m, blocksize, bits, sym, monkeypatch):
+    """`original_sparsegpt(wbits=bits)`, SparseGPT's `--wbits` loop, with the quantizer's
+    `sym` setting (the original script configures sym=False; its Quantizer takes either)."""
+    import fastprune.original as original
+
+    real = original.original_find_params
+    with monkeypatch.context() as mp:
+        mp.setattr(original, "original_find_params", lambda x, b, **_: real(x, b, sym))
+        return original.original_sparsegpt(W, H, sparsity, n, m, blocksize, wbits=bits)
 
 
 class RefROSE:
@@ -285,6 +321,42 @@ def test_sparsegpt_half_precision_layer_writes_back_its_dtype(gen):
     assert relative_error(layer.weight.data.float(), ref_layer.weight.data.float()) < 1e-2
 
 
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("pattern", [(0.5, 0, 0), (0.5, 2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_quantizer_matches_wbits_reference(gen, monkeypatch, pattern, sym):
+    """A quantizer attached as SparseGPT's `--wbits` does (4 bits, per channel): the same
+    mask and quantized weights as the original loop, up to counted float near-ties, the
+    grid left on the quantizer as `find_params` leaves it, codes in `result.quant`."""
+    sparsity, n, m = pattern
+    layer, batches = linear_with_inputs(gen, 32, 192)
+    W0 = layer.weight.data.clone()
+    ad = compat.SparseGPT(layer)
+    ad.quantizer = RefQuantizer()
+    ad.quantizer.configure(4, perchannel=True, sym=sym, mse=False)
+    feed([ad], batches)
+    H = ad.H.clone()
+    r = ad.fasterprune(sparsity, n, m, blocksize=64)
+    ref_W, pruned = original_sparsegpt_wbits(W0, H, sparsity, n, m, 64, 4, sym, monkeypatch)
+    Wq = layer.weight.data
+    assert_masks_agree(~r.mask, pruned, MASK_AGREE, what="joint mask")
+    assert torch.equal(Wq == 0, ~r.mask | (Wq == 0))  # pruned weights are exactly 0
+    scale, zero = original_find_params(W0, 4, sym)
+    assert torch.equal(ad.quantizer.scale, scale) and torch.equal(ad.quantizer.zero, zero)
+    # every weight on its row's grid; the references' codes equal except near-ties
+    codes, ref_codes = torch.round(Wq / scale) + zero, torch.round(ref_W / scale) + zero
+    assert torch.allclose(scale * (codes - zero), Wq, rtol=0, atol=1e-6)
+    assert torch.equal(r.quant.codes.float(), codes)
+    differ = (codes != ref_codes).sum().item()
+    assert differ <= 1e-3 * codes.numel(), f"{differ} codes differ"
+    assert relative_error(Wq, ref_W) < 1e-2
+    assert r.info["quant"]["params"] == "static" and r.quant.spec.sym == sym
+    if n:
+        assert fp.check_nm_keep_mask(r.mask, n, m)
+    own = fp.sparsegpt_layer(W0, H, sparsity, n, m, blocksize=64, inverse_method="reference",
+                             quant=fp.QuantSpec(4, None, sym, params="static"))  # fmt: skip
+    assert torch.equal(Wq, own.weight) and torch.equal(r.mask, own.mask)
+
+
 def test_conv2d_patches_reproduce_the_convolution(gen):
     """The unfolded inputs are what the flattened kernel multiplies, for int, 'same' and
     reflect padding (so H is the Hessian of this layer's outputs)."""
@@ -368,8 +440,22 @@ def test_adapter_errors(gen):
     with pytest.raises(ValueError, match="input features"):
         ad.add_batch(torch.randn(2, 3, 7), None)
     ad.add_batch(torch.randn(2, 3, 8, generator=gen), None)
-    ad.quantizer = object()
-    with pytest.raises(NotImplementedError, match="quantiz"):
+    ad.quantizer = RefQuantizer()  # never configured
+    with pytest.raises(ValueError, match="configure"):
+        ad.fasterprune(0.5)
+    for kw, what in [({"mse": True}, "mse=True"), ({"perchannel": False}, "perchannel=False"),
+                     ({"grouprows": 2}, "grouprows=2")]:  # fmt: skip
+        ad.quantizer = RefQuantizer()
+        ad.quantizer.configure(4, **{"perchannel": True, "sym": False, **kw})
+        with pytest.raises(NotImplementedError, match=what):
+            ad.fasterprune(0.5)
+    ad.quantizer.configure(4, perchannel=True, sym=False)
+    ad.quantizer.scale = torch.ones(4, 1)  # a grid set beforehand
+    with pytest.raises(NotImplementedError, match="ready"):
+        ad.fasterprune(0.5)
+    ad.quantizer = RefQuantizer()
+    ad.quantizer.configure(1, perchannel=True)
+    with pytest.raises(NotImplementedError, match="maxq=1"):
         ad.fasterprune(0.5)
     del ad.quantizer
     with pytest.raises(TypeError, match="prune_n"):
@@ -666,7 +752,9 @@ def test_patch_llmcompressor_without_it(monkeypatch):
         compat.patch_llmcompressor()
 
 
-def _tiny_llama_oneshot(tmp_path, patched: bool):
+def _tiny_llama_oneshot(tmp_path, patched: bool, recipe=None, width=(64, 96)):
+    """A 2-layer Llama through llm-compressor's oneshot with `recipe` (default: SparseGPT
+    at 0.5), patched to fastprune or not; returns the projections' parameters."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from tokenizers import Tokenizer
@@ -676,8 +764,8 @@ def _tiny_llama_oneshot(tmp_path, patched: bool):
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=width[0],
+        intermediate_size=width[1],
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -693,9 +781,10 @@ def _tiny_llama_oneshot(tmp_path, patched: bool):
     data = [{"input_ids": torch.randint(0, 96, (1, 24), generator=g),
              "attention_mask": torch.ones(1, 24, dtype=torch.long)} for _ in range(6)]  # fmt: skip
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    recipe = SparseGPTModifier(
-        sparsity=0.5, block_size=32, targets=["Linear"], ignore=["re:.*lm_head"]
-    )
+    if recipe is None:
+        recipe = SparseGPTModifier(
+            sparsity=0.5, block_size=32, targets=["Linear"], ignore=["re:.*lm_head"]
+        )
     if patched:
         compat.patch_llmcompressor()
     try:
@@ -734,3 +823,65 @@ def test_llmcompressor_oneshot_same_weights_with_patch(tmp_path, monkeypatch):
     assert base.sparsify_weight is compat.sparsify_weight
     compat.unpatch_llmcompressor()
     assert base.sparsify_weight is original
+
+
+def _llmc_codes(params, name):
+    """The integer codes of a quantized projection: `round(w / scale) + zero_point` over
+    its groups (compressed-tensors' signed codes), and the scales."""
+    W, scale = params[name + ".weight"], params[name + ".weight_scale"]
+    zp = params[name + ".weight_zero_point"]
+    gs = W.shape[1] // scale.shape[1]
+    s = scale.repeat_interleave(gs, 1)
+    z = zp.float().repeat_interleave(gs, 1)
+    return torch.round(W / s) + z, scale
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_group", "int4_channel_asym"])
+def test_llmcompressor_gptq_oneshot_same_codes_with_patch(tmp_path, monkeypatch, scheme):
+    """llm-compressor's GPTQModifier through oneshot, patched to fastprune or not: the same
+    integer codes and scales (W4A16: groups of 128, llm-compressor's default act-order
+    "static"; 4-bit per channel, asymmetric, no act-order), and fastprune ran each layer."""
+    pytest.importorskip("llmcompressor")
+    import llmcompressor.modifiers.gptq.base as base
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    def recipe():
+        kw = dict(targets=["Linear"], ignore=["lm_head"], block_size=64)
+        if scheme == "w4a16_group":
+            return GPTQModifier(scheme="W4A16", **kw)
+        weights = dict(num_bits=4, type="int", symmetric=False, strategy="channel")
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+        return GPTQModifier(config_groups=groups, actorder=None, **kw)
+
+    original = base.quantize_weight
+    calls = []
+    real = compat.llmc_gptq.gptq_quantize_one
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(compat.llmc_gptq, "gptq_quantize_one", counting)
+    ref = _tiny_llama_oneshot(tmp_path / "a", False, recipe(), width=(128, 256))
+    assert not calls
+    ours = _tiny_llama_oneshot(tmp_path / "b", True, recipe(), width=(128, 256))
+    assert len(calls) == 14  # 7 linears x 2 decoder layers went through fastprune
+    assert base.quantize_weight is original  # unpatched again
+    assert ref.keys() == ours.keys()
+    names = sorted({k.rsplit(".", 1)[0] for k in ref if k.endswith(".weight_scale")})
+    assert len(names) == 14
+    differ = total = 0
+    for name in names:
+        c_ref, s_ref = _llmc_codes(ref, name)
+        c_ours, s_ours = _llmc_codes(ours, name)
+        assert torch.equal(s_ours, s_ref), name  # the observer's grids, from W
+        assert ((c_ref >= -8) & (c_ref <= 7)).all() and torch.equal(c_ref, c_ref.round())
+        if scheme == "w4a16_group":
+            assert s_ref.shape[1] == c_ref.shape[1] // 128
+        else:
+            assert s_ref.shape[1] == 1 and ref[name + ".weight_zero_point"].any()
+        differ += (c_ours != c_ref).sum().item()
+        total += c_ref.numel()
+        # a code differs only at a float near-tie: one level apart
+        assert (c_ours - c_ref).abs().max() <= 1, name
+    assert differ <= 1e-4 * total, f"{differ} of {total} codes differ"
