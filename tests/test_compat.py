@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -885,3 +886,192 @@ def test_llmcompressor_gptq_oneshot_same_codes_with_patch(tmp_path, monkeypatch,
         # a code differs only at a float near-tie: one level apart
         assert (c_ours - c_ref).abs().max() <= 1, name
     assert differ <= 1e-4 * total, f"{differ} of {total} codes differ"
+
+
+def minmax_qparams(W, bits, sym, strategy, group_size=None):
+    """compressed-tensors' min-max `calculate_qparams` of a weight: `(scale, zero_point)`
+    `[rows, groups]` (tensor: `[1]`), the zero point signed int8 (0 when symmetric)."""
+    rows, cols = W.shape
+    if strategy == "group":
+        Wg = W.reshape(rows, cols // group_size, group_size)
+    elif strategy == "channel":
+        Wg = W.reshape(rows, 1, cols)
+    else:
+        Wg = W.reshape(1, -1)
+    mn = torch.clamp(Wg.amin(-1), max=0)
+    mx = torch.clamp(Wg.amax(-1), min=0)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if sym:
+        scale = torch.maximum(mn.abs(), mx) / ((qmax - qmin) / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (mx - mn) / (qmax - qmin)
+        zp = torch.clamp(qmin - mn / scale, qmin, qmax)
+    return scale, torch.round(zp).to(torch.int8)
+
+
+def ref_llmc_quantize_weight(W, H, scale, zp, bits, strategy, gs, sym, actorder, bs, percdamp):
+    """llm-compressor 0.14's `quantize_weight` (its eager block update) on one layer: the
+    observer's grids given; act-order "weight" sweeps the columns by decreasing diag(H),
+    each on its original group's grid. Returns `(Q, loss)`."""
+    W, H = W.clone().float(), H.clone().float()
+    rows, cols = W.shape
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    g_idx = torch.arange(cols) // gs if strategy == "group" else torch.zeros(cols, dtype=int)
+    g_idx = g_idx if perm is None else g_idx[perm]
+    if strategy == "tensor":
+        scale, zp = scale.reshape(1, 1).expand(rows, 1), zp.reshape(1, 1).expand(rows, 1)
+    eff, zpe = scale[:, g_idx], zp[:, g_idx].float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    idx = torch.arange(cols)
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    loss = 0.0
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, s, z = W1[:, i], eff[:, i1 + i], zpe[:, i1 + i]
+            x = w / s if sym else w / s + z
+            q = torch.round(torch.clamp(x, qmin, qmax))
+            q = q * s if sym else (q - z) * s
+            err = (w - q) / Hinv1[i, i]
+            Q1[:, i], Err1[:, i] = q, err
+            loss += (err * err).sum().item() / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return (W if perm is None else W[:, torch.argsort(perm)]), loss
+
+
+def quant_args(**kw):
+    """llm-compressor's weight `QuantizationArgs` as the patched function reads them."""
+    base = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32,
+                actorder=None)  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "strategy,sym,actorder",
+    [("group", True, None), ("group", False, "weight"), ("group", True, "static"),
+     ("channel", False, None), ("channel", True, "weight"), ("tensor", False, None)],
+    ids=str,
+)  # fmt: skip
+def test_llmcompressor_quantize_weight_contract(gen, strategy, sym, actorder):
+    """`compat.quantize_weight` against llm-compressor 0.14's loop restated, on its own
+    grids: the same quantized weights (codes equal up to counted near-ties) and loss, the
+    result in the stacked weights' shape and dtype, one layer of a batch at a time."""
+    W, H, _ = random_layer(24, 192, dead=2, columnar=True, blocksize=16, generator=gen)
+    W2, H2, _ = random_layer(24, 192, generator=gen)
+    qa = quant_args(strategy=strategy, symmetric=sym, actorder=actorder)
+    grids = [minmax_qparams(w, 4, sym, strategy, 32) for w in (W, W2)]
+    scale = torch.stack([s for s, _ in grids])
+    zp = torch.stack([z for _, z in grids])
+    weights, hessians = torch.stack([W, W2]), torch.stack([H, H2])
+    Q, losses, rtn = compat.quantize_weight(weights, hessians.clone(), scale, zp, None, qa, 64)
+    assert Q.shape == weights.shape and Q.dtype == weights.dtype
+    assert losses.shape == (2,) and rtn.dtype == torch.bool and not rtn.any()
+    for b, (w, h) in enumerate([(W, H), (W2, H2)]):
+        ref_Q, ref_loss = ref_llmc_quantize_weight(
+            w, h, scale[b], zp[b], 4, strategy, 32, sym, actorder, 64, 0.01
+        )
+        g = torch.arange(192) // 32 if strategy == "group" else torch.zeros(192, dtype=int)
+        s = scale[b].reshape(-1, 1)[:, :1] if strategy != "group" else scale[b][:, g]
+        s = s.expand(24, 192)
+        codes, ref_codes = torch.round(Q[b] / s), torch.round(ref_Q / s)
+        assert torch.allclose(codes * s, Q[b], rtol=0, atol=1e-6)  # on the grid
+        differ = (codes != ref_codes).sum().item()
+        assert differ <= 1e-3 * codes.numel(), f"{differ} codes differ"
+        assert relative_error(Q[b], ref_Q) < 1e-2
+        assert losses[b].item() == pytest.approx(ref_loss, rel=1e-3)
+
+
+def test_llmcompressor_quantize_weight_refuses_what_it_does_not_offer(gen):
+    W, H, _ = random_layer(8, 64, generator=gen)
+    scale, zp = minmax_qparams(W, 4, True, "group", 32)
+    args = (W[None], H[None], scale[None], zp[None])
+    refused = [
+        ({"type": "float"}, "type='float'"),
+        ({"strategy": "block"}, "block"),
+        ({"strategy": "tensor_group"}, "tensor_group"),
+        ({"actorder": "group"}, "actorder='group'"),
+        ({"num_bits": 16}, "num_bits"),
+    ]
+    for kw, what in refused:
+        with pytest.raises(NotImplementedError, match=what):
+            compat.quantize_weight(*args, None, quant_args(**kw))
+    with pytest.raises(NotImplementedError, match="global scale"):
+        compat.quantize_weight(*args, torch.ones(1), quant_args())
+    with pytest.raises(ValueError, match="batch"):
+        compat.quantize_weight(W, H, scale, zp, None, quant_args())
+
+
+def _fake_llmc(monkeypatch, quantize_weight):
+    """Stand-in llm-compressor modules holding `sparsify_weight` and `quantize_weight`."""
+    import types
+
+    def sparsify_weight(*a):
+        raise AssertionError("not called")
+
+    mods = {}
+    gptq = ["llmcompressor.modifiers.gptq.base", "llmcompressor.modifiers.gptq.gptq_quantize"]
+    for name in ["llmcompressor", "llmcompressor.modifiers.pruning.sparsegpt.base", *gptq]:
+        mods[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mods[name])
+    mods["llmcompressor"].__version__ = "0.0-test"
+    mods["llmcompressor.modifiers.pruning.sparsegpt.base"].sparsify_weight = sparsify_weight
+    for name in gptq:
+        mods[name].quantize_weight = quantize_weight
+    for name in ["llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify",
+                 "llmcompressor.modifiers.obcq.base", "llmcompressor.modifiers.obcq.sgpt_sparsify",
+                 "llmcompressor.modifiers.quantization.gptq.base",
+                 "llmcompressor.modifiers.quantization.gptq.gptq_quantize"]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, None)  # absent
+    return mods, sparsify_weight
+
+
+def test_patch_llmcompressor_gptq_signatures(monkeypatch):
+    """The GPTQ patch: idempotent and restorable as the SparseGPT one; a `quantize_weight`
+    of another signature (an older llm-compressor's) is refused by name, nothing patched."""
+
+    def known(weights, hessians, scale, zero_point, global_scale, quant_args, blocksize=128,
+              percdamp=0.01):  # fmt: skip
+        raise AssertionError("not called")
+
+    def older(module, quant_args, hessians_dict, blocksize=128, percdamp=0.01):
+        raise AssertionError("not called")
+
+    mods, sparsify = _fake_llmc(monkeypatch, known)
+    base, qmod = (
+        mods["llmcompressor.modifiers.gptq.base"],
+        mods["llmcompressor.modifiers.gptq.gptq_quantize"],
+    )
+    sgpt = mods["llmcompressor.modifiers.pruning.sparsegpt.base"]
+    try:
+        patched = compat.patch_llmcompressor()
+        assert patched == compat.patch_llmcompressor()  # idempotent
+        assert len(patched) == 3
+        assert base.quantize_weight is qmod.quantize_weight is compat.quantize_weight
+        assert sgpt.sparsify_weight is compat.sparsify_weight
+    finally:
+        assert len(compat.unpatch_llmcompressor()) == 3
+    assert base.quantize_weight is known and sgpt.sparsify_weight is sparsify
+    assert compat.patch_llmcompressor(gptq=False) == [sgpt.__name__]
+    assert base.quantize_weight is known
+    compat.unpatch_llmcompressor()
+    base.quantize_weight = qmod.quantize_weight = older
+    with pytest.raises(ImportError, match=r"0\.0-test.*gptq=False"):
+        compat.patch_llmcompressor()
+    assert sgpt.sparsify_weight is sparsify and base.quantize_weight is older  # untouched
+    assert compat.patch_llmcompressor(gptq=False) == [sgpt.__name__]
+    compat.unpatch_llmcompressor()
+    del base.quantize_weight, qmod.quantize_weight
+    with pytest.raises(ImportError, match="no GPTQ quantize_weight"):
+        compat.patch_llmcompressor()
+    assert sgpt.sparsify_weight is sparsify
