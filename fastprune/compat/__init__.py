@@ -1,6 +1,7 @@
 """Drop-in adapters: the interfaces of the pruners people already run, on fastprune's solvers.
 
-- `SparseGPT(layer)`: the IST-DASLab `SparseGPT` class (`add_batch`, `fasterprune`, `free`).
+- `SparseGPT(layer)`: the IST-DASLab `SparseGPT` class (`add_batch`, `fasterprune`, `free`),
+  with its `--wbits` quantizer if one is attached.
 - `ROSE(layer)`: the ROSE repository's class, including its calibration weighting.
 - `WrappedGPT(layer)`: Wanda's activation-statistics wrapper (`add_batch`, `scaler_row`),
   plus `prune()` for Wanda's per-layer selection.
