@@ -1010,6 +1010,10 @@ def test_llmcompressor_quantize_weight_refuses_what_it_does_not_offer(gen):
         compat.quantize_weight(*args, torch.ones(1), quant_args())
     with pytest.raises(ValueError, match="batch"):
         compat.quantize_weight(W, H, scale, zp, None, quant_args())
+    with pytest.raises(TypeError, match="percdamp"):  # dampening_frac=None
+        compat.quantize_weight(*args, None, quant_args(), 64, None)
+    with pytest.raises(ValueError, match="blocksize"):
+        compat.quantize_weight(*args, None, quant_args(), 0)
 
 
 def _fake_llmc(monkeypatch, quantize_weight):

@@ -5,10 +5,10 @@
 - `ROSE(layer)`: the ROSE repository's class, including its calibration weighting.
 - `WrappedGPT(layer)`: Wanda's activation-statistics wrapper (`add_batch`, `scaler_row`),
   plus `prune()` for Wanda's per-layer selection.
-- `sparsify_weight(...)`: llm-compressor's SparseGPT `sparsify_weight` contract, and
-  llm-compressor's GPTQ `quantize_weight` (0.14) on fastprune's static-grid sweep, and
-  `patch_llmcompressor()` / `unpatch_llmcompressor()` to make an installed llm-compressor's
-  `SparseGPTModifier` and `GPTQModifier` call them.
+- `sparsify_weight(...)`, `quantize_weight(...)`: llm-compressor's SparseGPT `sparsify_weight`
+  and GPTQ `quantize_weight` (0.14) contracts, and `patch_llmcompressor()` /
+  `unpatch_llmcompressor()` to make an installed llm-compressor's `SparseGPTModifier` and
+  `GPTQModifier` call them.
 
 Every adapter solves with `backend="auto"` (the fastest backend for the layer's device) unless
 given another backend. `nn.Linear`, `transformers.Conv1D` (weight stored transposed) and

@@ -9,6 +9,7 @@ import torch
 from ..hessian import inverse_hessian
 from ..ops import Kernels
 from ..quant import QuantSpec
+from ..solvers.core import check_obs_options
 from ..solvers.obs import OBS_OPS, QuantPlan, block_bounds, obs_prune
 
 # the parameters of llmcompressor.modifiers.gptq.gptq_quantize.quantize_weight this replaces
@@ -109,8 +110,8 @@ def gptq_quantize_one(W, H, s, z, spec, perm, blocksize, percdamp, backend):
     bounds = block_bounds(cols, blocksize)
     plan = _plan(spec, s, z, bounds, cols, W.device)
     kernels = Kernels(backend, W.device, OBS_OPS)
-    Q, _, losses = obs_prune(Wc, inv.hinv, bounds, 0.0, 0, 0, kernels, quant=plan,
-                             fixed_keep=torch.ones_like(Wc, dtype=torch.bool))  # fmt: skip
+    keep = torch.ones_like(Wc, dtype=torch.bool)  # nothing pruned
+    Q, _, losses = obs_prune(Wc, inv.hinv, bounds, 0.0, 0, 0, kernels, fixed_keep=keep, quant=plan)
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
     return Q, losses.sum()
@@ -148,6 +149,7 @@ def quantize_weight(
             "(tensor-group schemes such as NVFP4)"
         )
     spec, strategy, actorder = gptq_args(quant_args)
+    blocksize, percdamp = check_obs_options(blocksize, percdamp)
     B, rows, cols = weights.shape
     device = weights.device
     out = torch.empty(weights.shape, dtype=weights.dtype, device=device)
