@@ -151,6 +151,14 @@ def test_running_scaler_refusals():
         fp.prune_model(model, calib, method="rose", score_scaler="diag")
     with pytest.raises(ValueError, match="score_scaler must be one of"):
         fp.METHODS["rose"].check_options({"score_scaler": "Running"})
+    # a solve outside the pipeline must be handed the scaler it reads
+    meth = fp.METHODS["rose"]
+    opts = meth.check_options({"score_scaler": "running"})
+    W, H, _ = fp.testing.random_layer(8, 32)
+    with pytest.raises(ValueError, match="running scaler.*scaler_row"):
+        meth.solve(W, H, None, 0.5, 0, 0, opts)
+    r = meth.solve(W, H, None, 0.5, 0, 0, opts, scaler_row=torch.diagonal(H) / 2)
+    assert r.info["range_rule"] == "block_sum"
 
 
 def test_running_scaler_refused_under_several_processes(monkeypatch):
