@@ -29,7 +29,7 @@ class LayerSolves:
     @property
     def reads_scaler(self) -> bool:
         """Whether the solves read the running scaler of their inputs (ROSE's
-        `scaler="running"`): the Hessian hooks then accumulate it beside each `H`."""
+        `score_scaler="running"`): the Hessian hooks then accumulate it beside each `H`."""
         return self.args.meth.wants_scaler(self.args.opts)
 
     def _shared_inverse(self, hooks, inverses, lead):

@@ -277,9 +277,9 @@ def _check_options(opts: dict) -> dict:
         )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
-            "score_scaler='running' weighs each calibration sample by its place in the whole "
-            "sequence, which ranks holding shards of the samples do not have: run it in one "
-            "process (torch.distributed is not supported with it)"
+            "score_scaler='running' weighs each calibration sample by its place in the "
+            "calibration order, which ranks holding shards of the samples do not see: run it "
+            "in one process (not under torch.distributed)"
         )
     return opts
 
