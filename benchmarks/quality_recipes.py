@@ -52,6 +52,8 @@ PEERS = {
     "gblm": {"method": "gblm"},
     "sparsegpt": {"method": "sparsegpt"},
     "rose": {"method": "rose"},
+    # ROSE as its repository publishes it: the running scaler in the pre-pruning score
+    "rose-published": {"method": "rose", "score_scaler": "running"},
     "sparseswaps": {"method": "sparseswaps"},
 }
 # the recipe's definition before the least-squares reconstruction: the selector's weights
