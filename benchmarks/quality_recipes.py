@@ -12,7 +12,8 @@ gradients, solves). Rows are appended to `OUT.jsonl` as they finish, keyed by (c
 pattern, seed), so an interrupted run resumes where it stopped (`--rerun` runs finished rows
 again; the tables keep the last row of each key). `--table` writes `OUT.json`, `OUT.csv` and
 `OUT.md`: per pattern and text, the mean and sample standard deviation over the seeds, and
-how the recipe compares with the best peer seed by seed.
+how the recipe compares with the best peer seed by seed: the paired differences, their mean
+and its 95% Student-t interval (also in `OUT.summary.json`); `--peers` names the peers.
 
     python -m benchmarks.quality_recipes --configs peers,fastprune --patterns 2:4,50%
     python -m benchmarks.quality_recipes --table
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -50,6 +52,8 @@ PEERS = {
     "gblm": {"method": "gblm"},
     "sparsegpt": {"method": "sparsegpt"},
     "rose": {"method": "rose"},
+    # ROSE as its repository publishes it: the running scaler in the pre-pruning score
+    "rose-published": {"method": "rose", "score_scaler": "running"},
     "sparseswaps": {"method": "sparseswaps"},
 }
 # the recipe's definition before the least-squares reconstruction: the selector's weights
@@ -97,17 +101,27 @@ COMBOS = {
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
     "rose+asym": {"method": "rose", "asymmetric": True},
 }  # fmt: skip
-# quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian, against GPTQ), else
-# prune and quantize in one sweep (the joint mode; the recipe rounds in an OBS sweep on its
-# final mask, starting from its least-squares weights)
+# quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian; GPTQ; the restated
+# IST-DASLab GPTQ loop), else prune and quantize: in one sweep (the joint mode: SparseGPT's
+# `--wbits`, ROSE's sweep rounding as it prunes), the recipe (its mask, the least-squares
+# refit, then GPTQ on the fixed mask from the refitted weights), or in two passes ("then":
+# a second prune_model run on the pruned model, GPTQ keeping its zeros, with Hessians of the
+# pruned model: what llm-compressor users run, with the sparsity kept)
+GPTQ_PASS = {"method": "gptq", "sparsity": 0.0, "keep_zeros": True}
 QUANT = {
     "rtn-w4a16": {"method": "magnitude", "rtn": "w4a16"},
     "gptq-w4a16": {"method": "gptq", "quant": "w4a16"},
+    "gptq-reference-w4a16": {"method": "gptq-reference", "quant": "w4a16"},
     "sparsegpt+w4a16": {"method": "sparsegpt", "quant": "w4a16"},
     "rose+w4a16": {"method": "rose", "quant": "w4a16"},
     "fastprune+w4a16": {"method": "fastprune", "quant": "w4a16"},
+    "sparsegpt>gptq-w4a16": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "w4a16"}},
+    "fastprune>gptq-w4a16": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "w4a16"}},
     "sparsegpt+fp8": {"method": "sparsegpt", "quant": "fp8"},
+    "rose+fp8": {"method": "rose", "quant": "fp8"},
     "fastprune+fp8": {"method": "fastprune", "quant": "fp8"},
+    "sparsegpt>gptq-fp8": {"method": "sparsegpt", "then": {**GPTQ_PASS, "quant": "fp8"}},
+    "fastprune>gptq-fp8": {"method": "fastprune", "then": {**GPTQ_PASS, "quant": "fp8"}},
 }
 GROUPS = {"peers": PEERS, "combos": COMBOS, "quant": QUANT}
 
@@ -130,6 +144,45 @@ def round_blocks_to_nearest(model, spec) -> _Rounded:
             W = get_weight(mod)
             set_weight(mod, fp.round_to_nearest(W.float(), spec).dequantize().to(W.dtype))
     return _Rounded(time.perf_counter() - t0)
+
+
+def reference_gptq(W, H, sparsity=0.0, prune_n=0, prune_m=0, *, quant="w4a16", **_):
+    """The restated IST-DASLab GPTQ loop (`fastprune.original.original_gptq`, float32,
+    blocks of 128 columns) as a layer solver, its grids and codes as a `QuantizedWeight`."""
+    from fastprune.hessian import layer_loss
+    from fastprune.original import original_gptq
+    from fastprune.quant import QuantizedWeight, as_spec
+
+    spec = as_spec(quant)
+    Q, scale, zero, g = original_gptq(
+        W.float(), H.float(), spec.bits, spec.group_size or -1, spec.sym, spec.actorder
+    )
+    g = g.long()
+    codes = (torch.round(Q / scale[:, g]) + zero[:, g]).clamp(0, 2**spec.bits - 1)
+    qw = QuantizedWeight(
+        spec, codes.to(torch.uint8), scale.float(), zero.to(torch.int32),
+        g.to(torch.int32) if spec.actorder and spec.group_size else None,
+    )  # fmt: skip
+    weight = qw.dequantize()
+    mask = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    info = {"method": "gptq-reference", "quant": {"grid_error": 0.0}}
+    return fp.PruneResult(weight.to(W.dtype), mask, layer_loss(W, weight, H), info, qw)
+
+
+def register_reference() -> None:
+    """Method "gptq-reference" (the restated reference loop), once."""
+    from fastprune.solvers.registry import Method, register
+
+    if "gptq-reference" not in fp.METHODS:
+        register(
+            Method(
+                "gptq-reference",
+                reference_gptq,
+                "the restated IST-DASLab GPTQ loop",
+                takes_quant=True,
+                prunes=False,
+            )  # fmt: skip
+        )
 
 
 def pattern_args(p: str) -> dict:
@@ -189,6 +242,7 @@ def run(args) -> None:
     if not todo and ("dense", "-", "-") in done:
         print("nothing to do")
         return
+    register_reference()
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -223,6 +277,7 @@ def run(args) -> None:
                 calib[seed] = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed)
             model.load_state_dict(dense)
             kw = dict(configs[config])
+            then = kw.pop("then", None)
             t0 = time.perf_counter()
             if "rtn" in kw:
                 rep = round_blocks_to_nearest(model, fp.QuantSpec.preset(kw["rtn"]))
@@ -231,6 +286,13 @@ def run(args) -> None:
                     model, calib[seed], **pattern_args(pat), seed=seed,
                     progress=not args.no_progress, **kw,
                 )  # fmt: skip
+            if then is not None:  # the second pass on the pruned model
+                second = fp.prune_model(
+                    model, calib[seed], seed=seed, progress=not args.no_progress, **then
+                )
+                rep.seconds += second.seconds
+                rep.totals = {**rep.totals, "loss_second_pass": second.totals.get("loss")}
+                kw["then"] = then
             wall = time.perf_counter() - t0
             row = {
                 "config": config,
@@ -250,6 +312,33 @@ def run(args) -> None:
             f.flush()
 
 
+# two-sided 95% Student-t quantiles t(0.975, df) for df = 1..30 (beyond: `t_quantile_975`'s
+# Cornish-Fisher series, within 1e-6 of the exact value there)
+T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+Z975 = 1.959963984540054  # the normal quantile the series starts from
+
+
+def t_quantile_975(df: int) -> float:
+    """t(0.975, df): the half-width factor of a two-sided 95% Student-t interval. The table
+    `T975` for df <= 30, else the Cornish-Fisher expansion of the t quantile in 1/df."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(T975):
+        return T975[df - 1]
+    z = Z975
+    terms = (
+        (z**3 + z) / 4,
+        (5 * z**5 + 16 * z**3 + 3 * z) / 96,
+        (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384,
+        (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160,
+    )
+    return z + sum(g / df ** (k + 1) for k, g in enumerate(terms))
+
+
 def spread(values: list[float]) -> dict:
     """Mean, sample standard deviation (0 for one value), min, max and count."""
     return {
@@ -261,11 +350,32 @@ def spread(values: list[float]) -> dict:
     }
 
 
-def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
+def paired(diffs: list[float]) -> dict:
+    """Mean of paired differences, their sample sd and the two-sided 95% Student-t interval
+    of the mean (`mean +- t(0.975, n-1) sd / sqrt(n)`; None for a single pair)."""
+    s = spread(diffs)
+    ci = None
+    if s["n"] > 1:
+        half = t_quantile_975(s["n"] - 1) * s["sd"] / math.sqrt(s["n"])
+        ci = [s["mean"] - half, s["mean"] + half]
+    return {"mean_pct": s["mean"], "sd_pct": s["sd"], "ci95_pct": ci, "df": s["n"] - 1}
+
+
+def default_peers(rows: list[dict]) -> list[str]:
+    """The configurations a recipe is compared with by default: `PEERS`, and any label of
+    `rows` that starts with "rose-published" (ROSE as its repository publishes it)."""
+    extra = sorted({r["config"] for r in rows if r["config"].startswith("rose-published")})
+    return [*PEERS, *(c for c in extra if c not in PEERS)]
+
+
+def summarize(rows: list[dict], recipe: str = RECIPE, peers: list[str] | None = None) -> dict:
     """Per (pattern, text): each configuration's `spread` over its seeds, and the recipe
-    against the best peer (lowest mean), on the seeds both ran: the margin of their means, on
-    how many of those seeds the recipe was lower, and whether the margin exceeds both
-    standard deviations."""
+    against the best of `peers` (lowest mean; default `default_peers`) on the seeds both ran:
+    the margin of their means, on how many of those seeds the recipe was lower, whether the
+    margin exceeds both standard deviations, and the paired differences seed by seed (peer
+    minus recipe, in % of the peer's mean on those seeds: positive where the recipe is lower)
+    with their mean and its 95% Student-t interval (`paired`)."""
+    peers = default_peers(rows) if peers is None else list(peers)
     last = {key(r): r for r in rows}
     texts = [k[4:] for k in next(iter(last.values()), {}) if k.startswith("ppl_")]
     pats = list(dict.fromkeys(k[1] for k in last if k[1] != "-"))
@@ -284,32 +394,48 @@ def summarize(rows: list[dict], recipe: str = RECIPE) -> dict:
             for c in cell:
                 cell[c]["prune_s"] = statistics.median(secs[c]) if c in secs else None
             verdict = None
-            peers = [c for c in cell if c in PEERS]
-            if recipe in cell and peers:
-                best = min(peers, key=lambda c: cell[c]["mean"])
+            rivals = [c for c in cell if c in peers and c != recipe]
+            if recipe in cell and rivals:
+                best = min(rivals, key=lambda c: cell[c]["mean"])
                 shared = sorted(set(per[recipe]) & set(per[best]), key=str)
                 if shared:  # compared on the calibration samples both ran
                     mine = spread([per[recipe][s] for s in shared])
                     theirs = spread([per[best][s] for s in shared])
                     gap = theirs["mean"] - mine["mean"]
+                    diffs = [100 * (per[best][s] - per[recipe][s]) / theirs["mean"] for s in shared]
                     verdict = {
                         "best_peer": best,
                         "margin_pct": 100 * gap / theirs["mean"],
                         "wins": sum(per[recipe][s] < per[best][s] for s in shared),
                         "seeds": len(shared),
                         "beyond_spread": len(shared) > 1 and gap > max(mine["sd"], theirs["sd"]),
+                        "shared_seeds": shared,
+                        "diffs_pct": diffs,
+                        **paired(diffs),
                     }
             out[(p, t)] = {"cells": cell, "verdict": verdict}
     return out
 
 
+def verdict_text(v: dict) -> str:
+    """A comparison as the .md table shows it: the mean paired difference, its 95% interval
+    (two or more seeds), the peer, and the seeds the recipe was lower on."""
+    ci = "" if v["ci95_pct"] is None else " [{:+.1f}, {:+.1f}]".format(*v["ci95_pct"])
+    return f"{v['mean_pct']:+.1f}%{ci} vs {v['best_peer']} ({v['wins']}/{v['seeds']})"
+
+
 def table(args) -> None:
     """OUT.json/.csv (every row) and OUT.md: per pattern, each configuration's mean +- sd
     of perplexity on every text and its median prune seconds (robust to one run that shared
-    the cores), then the recipe against the best peer; and a summary of the margins."""
+    the cores), the recipe in bold where its paired 95% interval against the best peer lies
+    above 0; then every other configuration against the best peer (`verdict_text`).
+    OUT.summary.json holds the cells and the comparisons (`summarize`'s verdicts).
+    `args.peers`: the peers, comma-separated (absent or None: `default_peers`)."""
     rows = load_rows(Path(args.out + ".jsonl"))
     write_rows(rows, args.out)
-    summ = summarize(rows)
+    spec = getattr(args, "peers", None)
+    peers = default_peers(rows) if spec is None else [c for c in spec.split(",") if c]
+    summ = summarize(rows, peers=peers)
     dense = next((r for r in reversed(rows) if r["config"] == "dense"), {})
     texts = [k[4:] for k in dense if k.startswith("ppl_")] or sorted({t for _, t in summ})
     pats = list(dict.fromkeys(p for p, _ in summ))
@@ -325,14 +451,14 @@ def table(args) -> None:
             "| dense | " + " | ".join(f"{dense.get('ppl_' + t, 0):.2f}" for t in texts) + " | |",
         ]
         configs = list(dict.fromkeys(c for t in texts for c in summ[(p, t)]["cells"]))
-        first = [c for c in (*PEERS, RECIPE) if c in configs]
+        first = [c for c in (*peers, RECIPE) if c in configs]
         for c in first + [c for c in configs if c not in first]:
             cells, secs = [], None
             for t in texts:
                 x = summ[(p, t)]["cells"].get(c)
                 best = summ[(p, t)]["verdict"]
-                mark = "**" if best and c == RECIPE and best["beyond_spread"] and best[
-                    "margin_pct"] > 0 else ""  # fmt: skip
+                above = c == RECIPE and best and best["ci95_pct"] and best["ci95_pct"][0] > 0
+                mark = "**" if above else ""
                 cells.append(
                     ""
                     if x is None
@@ -342,24 +468,34 @@ def table(args) -> None:
             lines.append(f"| {c} | " + " | ".join(cells) + f" | {secs or 0:.0f} |")
         lines.append("")
     lines += [
-        "### Each recipe against the best peer (its mean lower by; seeds it was lower on)",
+        "### Each recipe against the best peer (peer minus recipe, paired by seed, in % of the "
+        "peer's mean: positive = the recipe lower; [95% Student-t interval]; seeds it was lower "
+        f"on). Peers: {', '.join(peers)}",
         "",
         "| recipe | pattern | " + " | ".join(texts) + " |",
         "|---|---|" + "---|" * len(texts),
     ]
-    others = dict.fromkeys(r["config"] for r in rows if r["config"] not in (*PEERS, "dense"))
+    comparisons = []
+    others = dict.fromkeys(r["config"] for r in rows if r["config"] not in (*peers, "dense"))
     for cand in sorted(others, key=lambda c: (c != RECIPE, c)):
-        verdicts = summ if cand == RECIPE else summarize(rows, cand)
+        verdicts = summ if cand == RECIPE else summarize(rows, cand, peers)
         for p in pats:
             cells = []
             for t in texts:
                 v = verdicts[(p, t)]["verdict"]
-                cells.append("" if v is None else (
-                    f"{v['margin_pct']:+.1f}% vs {v['best_peer']} ({v['wins']}/{v['seeds']}"
-                    f"{', beyond sd' if v['beyond_spread'] else ''})"))  # fmt: skip
+                cells.append("" if v is None else verdict_text(v))
+                if v is not None:
+                    comparisons.append({"recipe": cand, "pattern": p, "text": t, **v})
             if any(cells):
                 lines.append(f"| {cand} | {p} | " + " | ".join(cells) + " |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    cells = [
+        {"pattern": p, "text": t, "config": c, **x}
+        for (p, t), s in summ.items()
+        for c, x in s["cells"].items()
+    ]
+    summary = {"peers": peers, "cells": cells, "comparisons": comparisons}
+    Path(args.out + ".summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
 
 
@@ -384,6 +520,12 @@ def main() -> None:
         "--rerun", action="store_true", help="run finished rows again (the table keeps the last)"
     )
     ap.add_argument("--table", action="store_true", help="only write the table from OUT.jsonl")
+    ap.add_argument(
+        "--peers",
+        default=None,
+        help="the configurations a recipe is compared with in the table, comma-separated "
+        "(default: the peers group and any label starting with rose-published)",
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     (table if args.table else run)(args)

@@ -96,7 +96,9 @@ def test_swap_quality_benchmark(tmp_path):
 def test_cpu_reference_benchmark(tmp_path):
     rows = run("bench_cpu_reference", ["--shapes", "8x64", "--patterns", "unstructured"], tmp_path)
     assert {(r["kernel"], r["backend"]) for r in rows} == {
-        (s, b) for s in ("sparsegpt_layer", "rose_layer") for b in ("original", "torch")
+        (s, b)
+        for s in ("sparsegpt_layer", "rose_layer", "gptq_layer")
+        for b in ("original", "torch")
     }
     assert all(r["threads"] == torch.get_num_threads() for r in rows)
 
@@ -235,19 +237,25 @@ def test_quality_recipes_table(tmp_path):
     assert v["best_peer"] == "sparsegpt" and (v["wins"], v["seeds"]) == (2, 2)
     assert v["margin_pct"] == pytest.approx(100 * 1.5 / 19.0)
     assert v["beyond_spread"]  # 1.5 above both sds (sparsegpt's 1.41)
+    # paired by seed, in % of sparsegpt's mean: 1/19 and 2/19; two seeds, t(0.975, 1) wide
+    assert v["diffs_pct"] == pytest.approx([100 / 19, 200 / 19])
+    assert v["mean_pct"] == pytest.approx(v["margin_pct"])
+    assert v["ci95_pct"] == pytest.approx([7.8947 - 33.437, 7.8947 + 33.437], abs=1e-3)
     v = summ[("50%", "gpl3")]["verdict"]  # 46.5 vs sparseswaps' 45.5: worse on both seeds
     assert v["best_peer"] == "sparseswaps" and v["wins"] == 0 and v["margin_pct"] < 0
+    assert v["ci95_pct"] == pytest.approx([-100 / 45.5] * 2)  # the same gap on both seeds
     q.table(argparse.Namespace(out=str(out)))
     md = (tmp_path / "q.md").read_text().splitlines()
     assert md[2] == "| method | builtin | gpl3 | prune s |"
     assert md[4] == "| dense | 12.50 | 23.00 | |"
     assert md[5] == "| sparsegpt | 19.00 +- 1.41 (n=2) | 47.50 +- 0.71 (n=2) | 100 |"
-    assert md[7] == "| fastprune | **17.50 +- 0.71** (n=2) | 46.50 +- 0.71 (n=2) | 100 |"
+    assert md[7] == "| fastprune | 17.50 +- 0.71 (n=2) | 46.50 +- 0.71 (n=2) | 100 |"
     assert md[8].startswith("| sparsegpt+owl | 19.50 +- 0.00 (n=1)")
     # every candidate against the best peer, the recipe first, each on the seeds both ran
     assert md[-4] == "| recipe | pattern | builtin | gpl3 |"
     assert md[-2] == (
-        "| fastprune | 50% | +7.9% vs sparsegpt (2/2, beyond sd) | -2.2% vs sparseswaps (0/2) |"
+        "| fastprune | 50% | +7.9% [-25.5, +41.3] vs sparsegpt (2/2) "
+        "| -2.2% [-2.2, -2.2] vs sparseswaps (0/2) |"
     )
     assert md[-1] == (
         "| sparsegpt+owl | 50% | -8.3% vs sparsegpt (0/1) | -11.1% vs sparseswaps (0/1) |"
@@ -258,6 +266,85 @@ def test_quality_recipes_table(tmp_path):
     assert q.parse_texts("builtin,mine=/x.txt") == {"builtin": "builtin", "mine": "/x.txt"}
     with pytest.raises(SystemExit, match="needs a path"):
         q.parse_texts("poetry")
+
+
+def test_t_quantiles():
+    """Two-sided 95% Student-t factors: the table up to df 30, the series beyond."""
+    from benchmarks.quality_recipes import t_quantile_975 as t
+
+    known = {1: 12.706, 2: 4.303, 4: 2.776, 10: 2.228, 30: 2.042, 40: 2.021, 60: 2.000,
+             120: 1.980, 1000: 1.962}  # fmt: skip
+    for df, want in known.items():
+        assert t(df) == pytest.approx(want, abs=1e-3), df
+    assert [t(d) for d in range(1, 61)] == sorted((t(d) for d in range(1, 61)), reverse=True)
+    with pytest.raises(ValueError):
+        t(0)
+
+
+def test_quality_recipes_paired_intervals(tmp_path):
+    """Five seeds, synthetic rows (no model run): the paired differences against the best
+    peer, their mean and 95% interval in the summary, the .md table and OUT.summary.json; a
+    "rose-published" configuration is a peer by default, `--peers` chooses others."""
+    import argparse
+    import json
+    import statistics
+
+    from benchmarks import quality_recipes as q
+
+    ppl = {
+        "sparsegpt": [20.0, 21.0, 19.0, 22.0, 18.0],  # mean 20
+        "rose-published-running": [19.0, 20.0, 18.5, 21.0, 17.5],  # mean 19.2: the best peer
+        "fastprune": [18.6, 19.5, 18.2, 20.4, 17.3],  # 0.4, 0.5, 0.3, 0.6, 0.2 below it
+    }
+    rows = [{"config": "dense", "pattern": "-", "seed": "-", "ppl_builtin": 12.0}]
+    rows += [
+        {"config": c, "pattern": "50%", "seed": s, "ppl_builtin": v, "prune_s": 10.0}
+        for c, vs in ppl.items()
+        for s, v in enumerate(vs)
+    ]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert q.default_peers(rows) == [*q.PEERS, "rose-published-running"]
+    v = q.summarize(rows)[("50%", "builtin")]["verdict"]
+    gaps = [0.4, 0.5, 0.3, 0.6, 0.2]
+    assert v["best_peer"] == "rose-published-running" and (v["wins"], v["seeds"]) == (5, 5)
+    assert v["shared_seeds"] == [0, 1, 2, 3, 4] and v["df"] == 4
+    assert v["diffs_pct"] == pytest.approx([100 * g / 19.2 for g in gaps])
+    assert v["mean_pct"] == pytest.approx(100 * 0.4 / 19.2)
+    assert v["sd_pct"] == pytest.approx(100 * statistics.stdev(gaps) / 19.2)
+    half = 2.7764 * v["sd_pct"] / 5**0.5  # t(0.975, 4)
+    assert v["ci95_pct"] == pytest.approx([v["mean_pct"] - half, v["mean_pct"] + half])
+    assert v["ci95_pct"] == pytest.approx([1.0608, 3.1059], abs=1e-3)
+    # only sparsegpt as the peer: 1.4, 1.5, 0.8, 1.6, 0.7 below its seeds (mean 20)
+    v = q.summarize(rows, peers=["sparsegpt"])[("50%", "builtin")]["verdict"]
+    assert v["best_peer"] == "sparsegpt"
+    assert v["diffs_pct"] == pytest.approx([7.0, 7.5, 4.0, 8.0, 3.5])
+    # a peer losing on some seeds: its interval reaches below 0
+    worse = [dict(r, ppl_builtin=r["ppl_builtin"] + (1.0 if r["seed"] % 2 else -0.1))
+             for r in rows if r["config"] == "fastprune"]  # fmt: skip
+    v = q.summarize(rows + worse)[("50%", "builtin")]["verdict"]
+    assert v["wins"] == 3 and v["ci95_pct"][0] < 0 < v["ci95_pct"][1]
+
+    out = str(tmp_path / "q")
+    q.table(argparse.Namespace(out=out))
+    md = (tmp_path / "q.md").read_text().splitlines()
+    assert md[5:8] == [
+        "| sparsegpt | 20.00 +- 1.58 (n=5) | 10 |",
+        "| rose-published-running | 19.20 +- 1.35 (n=5) | 10 |",
+        "| fastprune | **18.80 +- 1.19** (n=5) | 10 |",  # its interval lies above 0
+    ]
+    assert md[-1] == "| fastprune | 50% | +2.1% [+1.1, +3.1] vs rose-published-running (5/5) |"
+    summary = json.loads((tmp_path / "q.summary.json").read_text())
+    assert summary["peers"] == [*q.PEERS, "rose-published-running"]
+    (cmp,) = summary["comparisons"]
+    assert (cmp["recipe"], cmp["pattern"], cmp["text"]) == ("fastprune", "50%", "builtin")
+    assert cmp["ci95_pct"] == pytest.approx([1.0608, 3.1059], abs=1e-3)
+    assert {c["config"] for c in summary["cells"]} == set(ppl)
+    q.table(argparse.Namespace(out=out, peers="sparsegpt"))  # --peers: rose-published a rival
+    md = (tmp_path / "q.md").read_text().splitlines()
+    assert md[-2:] == [
+        "| fastprune | 50% | +6.0% [+3.4, +8.6] vs sparsegpt (5/5) |",
+        "| rose-published-running | 50% | +4.0% [+2.3, +5.7] vs sparsegpt (5/5) |",
+    ]
 
 
 def test_stream_benchmark_rows(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,7 +22,13 @@ from torch import nn
 
 import fastprune as fp
 from fastprune import compat
-from fastprune.original import _rose_block_losses, original_rose, original_sparsegpt, original_wanda
+from fastprune.original import (
+    _rose_block_losses,
+    original_find_params,
+    original_rose,
+    original_sparsegpt,
+    original_wanda,
+)
 from fastprune.testing import random_layer
 
 MASK_AGREE = 0.999
@@ -86,6 +93,36 @@ class RefSparseGPT:
         del self.H
         W, _ = original_sparsegpt(W, H, sparsity, prunen, prunem, blocksize, percdamp)
         ref_write(self.layer, W)
+
+
+class RefQuantizer(nn.Module):
+    """The IST-DASLab `Quantizer`'s state as `fasterprune` reads it (`configure`, `ready`)."""
+
+    def __init__(self, shape=1):
+        super().__init__()
+        self.register_buffer("maxq", torch.tensor(0))
+        self.register_buffer("scale", torch.zeros(shape))
+        self.register_buffer("zero", torch.zeros(shape))
+
+    def configure(self, bits, perchannel=False, sym=True, mse=False, norm=2.4, grid=100,
+                  maxshrink=0.8, grouprows=1):  # fmt: skip
+        self.maxq = torch.tensor(2**bits - 1)
+        self.perchannel, self.sym, self.mse = perchannel, sym, mse
+        self.norm, self.grid, self.maxshrink, self.grouprows = norm, grid, maxshrink, grouprows
+
+    def ready(self):
+        return torch.all(self.scale != 0)
+
+
+def original_sparsegpt_wbits(W, H, sparsity, n, m, blocksize, bits, sym, monkeypatch):
+    """`original_sparsegpt(wbits=bits)`, SparseGPT's `--wbits` loop, with the quantizer's
+    `sym` setting (the original script configures sym=False; its Quantizer takes either)."""
+    import fastprune.original as original
+
+    real = original.original_find_params
+    with monkeypatch.context() as mp:
+        mp.setattr(original, "original_find_params", lambda x, b, **_: real(x, b, sym))
+        return original.original_sparsegpt(W, H, sparsity, n, m, blocksize, wbits=bits)
 
 
 class RefROSE:
@@ -285,6 +322,42 @@ def test_sparsegpt_half_precision_layer_writes_back_its_dtype(gen):
     assert relative_error(layer.weight.data.float(), ref_layer.weight.data.float()) < 1e-2
 
 
+@pytest.mark.parametrize("sym", [False, True], ids=["asym", "sym"])
+@pytest.mark.parametrize("pattern", [(0.5, 0, 0), (0.5, 2, 4)], ids=["unstructured", "2:4"])
+def test_sparsegpt_quantizer_matches_wbits_reference(gen, monkeypatch, pattern, sym):
+    """A quantizer attached as SparseGPT's `--wbits` does (4 bits, per channel): the same
+    mask and quantized weights as the original loop, up to counted float near-ties, the
+    grid left on the quantizer as `find_params` leaves it, codes in `result.quant`."""
+    sparsity, n, m = pattern
+    layer, batches = linear_with_inputs(gen, 32, 192)
+    W0 = layer.weight.data.clone()
+    ad = compat.SparseGPT(layer)
+    ad.quantizer = RefQuantizer()
+    ad.quantizer.configure(4, perchannel=True, sym=sym, mse=False)
+    feed([ad], batches)
+    H = ad.H.clone()
+    r = ad.fasterprune(sparsity, n, m, blocksize=64)
+    ref_W, pruned = original_sparsegpt_wbits(W0, H, sparsity, n, m, 64, 4, sym, monkeypatch)
+    Wq = layer.weight.data
+    assert_masks_agree(~r.mask, pruned, MASK_AGREE, what="joint mask")
+    assert torch.equal(Wq == 0, ~r.mask | (Wq == 0))  # pruned weights are exactly 0
+    scale, zero = original_find_params(W0, 4, sym)
+    assert torch.equal(ad.quantizer.scale, scale) and torch.equal(ad.quantizer.zero, zero)
+    # every weight on its row's grid; the references' codes equal except near-ties
+    codes, ref_codes = torch.round(Wq / scale) + zero, torch.round(ref_W / scale) + zero
+    assert torch.allclose(scale * (codes - zero), Wq, rtol=0, atol=1e-6)
+    assert torch.equal(r.quant.codes.float(), codes)
+    differ = (codes != ref_codes).sum().item()
+    assert differ <= 1e-3 * codes.numel(), f"{differ} codes differ"
+    assert relative_error(Wq, ref_W) < 1e-2
+    assert r.info["quant"]["params"] == "static" and r.quant.spec.sym == sym
+    if n:
+        assert fp.check_nm_keep_mask(r.mask, n, m)
+    own = fp.sparsegpt_layer(W0, H, sparsity, n, m, blocksize=64, inverse_method="reference",
+                             quant=fp.QuantSpec(4, None, sym, params="static"))  # fmt: skip
+    assert torch.equal(Wq, own.weight) and torch.equal(r.mask, own.mask)
+
+
 def test_conv2d_patches_reproduce_the_convolution(gen):
     """The unfolded inputs are what the flattened kernel multiplies, for int, 'same' and
     reflect padding (so H is the Hessian of this layer's outputs)."""
@@ -368,8 +441,22 @@ def test_adapter_errors(gen):
     with pytest.raises(ValueError, match="input features"):
         ad.add_batch(torch.randn(2, 3, 7), None)
     ad.add_batch(torch.randn(2, 3, 8, generator=gen), None)
-    ad.quantizer = object()
-    with pytest.raises(NotImplementedError, match="quantiz"):
+    ad.quantizer = RefQuantizer()  # never configured
+    with pytest.raises(ValueError, match="configure"):
+        ad.fasterprune(0.5)
+    for kw, what in [({"mse": True}, "mse=True"), ({"perchannel": False}, "perchannel=False"),
+                     ({"grouprows": 2}, "grouprows=2")]:  # fmt: skip
+        ad.quantizer = RefQuantizer()
+        ad.quantizer.configure(4, **{"perchannel": True, "sym": False, **kw})
+        with pytest.raises(NotImplementedError, match=what):
+            ad.fasterprune(0.5)
+    ad.quantizer.configure(4, perchannel=True, sym=False)
+    ad.quantizer.scale = torch.ones(4, 1)  # a grid set beforehand
+    with pytest.raises(NotImplementedError, match="ready"):
+        ad.fasterprune(0.5)
+    ad.quantizer = RefQuantizer()
+    ad.quantizer.configure(1, perchannel=True)
+    with pytest.raises(NotImplementedError, match="maxq=1"):
         ad.fasterprune(0.5)
     del ad.quantizer
     with pytest.raises(TypeError, match="prune_n"):
@@ -666,7 +753,9 @@ def test_patch_llmcompressor_without_it(monkeypatch):
         compat.patch_llmcompressor()
 
 
-def _tiny_llama_oneshot(tmp_path, patched: bool):
+def _tiny_llama_oneshot(tmp_path, patched: bool, recipe=None, width=(64, 96)):
+    """A 2-layer Llama through llm-compressor's oneshot with `recipe` (default: SparseGPT
+    at 0.5), patched to fastprune or not; returns the projections' parameters."""
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier
     from tokenizers import Tokenizer
@@ -676,8 +765,8 @@ def _tiny_llama_oneshot(tmp_path, patched: bool):
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
+        hidden_size=width[0],
+        intermediate_size=width[1],
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -693,9 +782,10 @@ def _tiny_llama_oneshot(tmp_path, patched: bool):
     data = [{"input_ids": torch.randint(0, 96, (1, 24), generator=g),
              "attention_mask": torch.ones(1, 24, dtype=torch.long)} for _ in range(6)]  # fmt: skip
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    recipe = SparseGPTModifier(
-        sparsity=0.5, block_size=32, targets=["Linear"], ignore=["re:.*lm_head"]
-    )
+    if recipe is None:
+        recipe = SparseGPTModifier(
+            sparsity=0.5, block_size=32, targets=["Linear"], ignore=["re:.*lm_head"]
+        )
     if patched:
         compat.patch_llmcompressor()
     try:
@@ -734,3 +824,258 @@ def test_llmcompressor_oneshot_same_weights_with_patch(tmp_path, monkeypatch):
     assert base.sparsify_weight is compat.sparsify_weight
     compat.unpatch_llmcompressor()
     assert base.sparsify_weight is original
+
+
+def _llmc_codes(params, name):
+    """The integer codes of a quantized projection: `round(w / scale) + zero_point` over
+    its groups (compressed-tensors' signed codes), and the scales."""
+    W, scale = params[name + ".weight"], params[name + ".weight_scale"]
+    zp = params[name + ".weight_zero_point"]
+    gs = W.shape[1] // scale.shape[1]
+    s = scale.repeat_interleave(gs, 1)
+    z = zp.float().repeat_interleave(gs, 1)
+    return torch.round(W / s) + z, scale
+
+
+@pytest.mark.parametrize("scheme", ["w4a16_group", "int4_channel_asym"])
+def test_llmcompressor_gptq_oneshot_same_codes_with_patch(tmp_path, monkeypatch, scheme):
+    """llm-compressor's GPTQModifier through oneshot, patched to fastprune or not: the same
+    integer codes and scales (W4A16: groups of 128, llm-compressor's default act-order
+    "static"; 4-bit per channel, asymmetric, no act-order), and fastprune ran each layer."""
+    pytest.importorskip("llmcompressor")
+    import llmcompressor.modifiers.gptq.base as base
+    from llmcompressor.modifiers.gptq import GPTQModifier
+
+    def recipe():
+        kw = dict(targets=["Linear"], ignore=["lm_head"], block_size=64)
+        if scheme == "w4a16_group":
+            return GPTQModifier(scheme="W4A16", **kw)
+        weights = dict(num_bits=4, type="int", symmetric=False, strategy="channel")
+        groups = {"group_0": {"targets": ["Linear"], "weights": weights}}
+        return GPTQModifier(config_groups=groups, actorder=None, **kw)
+
+    original = base.quantize_weight
+    calls = []
+    real = compat.llmc_gptq.gptq_quantize_one
+
+    def counting(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(compat.llmc_gptq, "gptq_quantize_one", counting)
+    ref = _tiny_llama_oneshot(tmp_path / "a", False, recipe(), width=(128, 256))
+    assert not calls
+    ours = _tiny_llama_oneshot(tmp_path / "b", True, recipe(), width=(128, 256))
+    assert len(calls) == 14  # 7 linears x 2 decoder layers went through fastprune
+    assert base.quantize_weight is original  # unpatched again
+    assert ref.keys() == ours.keys()
+    names = sorted({k.rsplit(".", 1)[0] for k in ref if k.endswith(".weight_scale")})
+    assert len(names) == 14
+    differ = total = 0
+    for name in names:
+        c_ref, s_ref = _llmc_codes(ref, name)
+        c_ours, s_ours = _llmc_codes(ours, name)
+        assert torch.equal(s_ours, s_ref), name  # the observer's grids, from W
+        assert ((c_ref >= -8) & (c_ref <= 7)).all() and torch.equal(c_ref, c_ref.round())
+        if scheme == "w4a16_group":
+            assert s_ref.shape[1] == c_ref.shape[1] // 128
+        else:
+            assert s_ref.shape[1] == 1 and ref[name + ".weight_zero_point"].any()
+        differ += (c_ours != c_ref).sum().item()
+        total += c_ref.numel()
+        # a code differs only at a float near-tie: one level apart
+        assert (c_ours - c_ref).abs().max() <= 1, name
+    assert differ <= 1e-4 * total, f"{differ} of {total} codes differ"
+
+
+def minmax_qparams(W, bits, sym, strategy, group_size=None):
+    """compressed-tensors' min-max `calculate_qparams` of a weight: `(scale, zero_point)`
+    `[rows, groups]` (tensor: `[1]`), the zero point signed int8 (0 when symmetric)."""
+    rows, cols = W.shape
+    if strategy == "group":
+        Wg = W.reshape(rows, cols // group_size, group_size)
+    elif strategy == "channel":
+        Wg = W.reshape(rows, 1, cols)
+    else:
+        Wg = W.reshape(1, -1)
+    mn = torch.clamp(Wg.amin(-1), max=0)
+    mx = torch.clamp(Wg.amax(-1), min=0)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    if sym:
+        scale = torch.maximum(mn.abs(), mx) / ((qmax - qmin) / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (mx - mn) / (qmax - qmin)
+        zp = torch.clamp(qmin - mn / scale, qmin, qmax)
+    return scale, torch.round(zp).to(torch.int8)
+
+
+def ref_llmc_quantize_weight(W, H, scale, zp, bits, strategy, gs, sym, actorder, bs, percdamp):
+    """llm-compressor 0.14's `quantize_weight` (its eager block update) on one layer: the
+    observer's grids given; act-order "weight" sweeps the columns by decreasing diag(H),
+    each on its original group's grid. Returns `(Q, loss)`."""
+    W, H = W.clone().float(), H.clone().float()
+    rows, cols = W.shape
+    perm = torch.argsort(torch.diag(H), descending=True) if actorder else None
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    g_idx = torch.arange(cols) // gs if strategy == "group" else torch.zeros(cols, dtype=int)
+    g_idx = g_idx if perm is None else g_idx[perm]
+    if strategy == "tensor":
+        scale, zp = scale.reshape(1, 1).expand(rows, 1), zp.reshape(1, 1).expand(rows, 1)
+    eff, zpe = scale[:, g_idx], zp[:, g_idx].float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    idx = torch.arange(cols)
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    loss = 0.0
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            w, s, z = W1[:, i], eff[:, i1 + i], zpe[:, i1 + i]
+            x = w / s if sym else w / s + z
+            q = torch.round(torch.clamp(x, qmin, qmax))
+            q = q * s if sym else (q - z) * s
+            err = (w - q) / Hinv1[i, i]
+            Q1[:, i], Err1[:, i] = q, err
+            loss += (err * err).sum().item() / 2
+            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return (W if perm is None else W[:, torch.argsort(perm)]), loss
+
+
+def quant_args(**kw):
+    """llm-compressor's weight `QuantizationArgs` as the patched function reads them."""
+    base = dict(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32,
+                actorder=None)  # fmt: skip
+    return SimpleNamespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    "strategy,sym,actorder",
+    [("group", True, None), ("group", False, "weight"), ("group", True, "static"),
+     ("channel", False, None), ("channel", True, "weight"), ("tensor", False, None)],
+    ids=str,
+)  # fmt: skip
+def test_llmcompressor_quantize_weight_contract(gen, strategy, sym, actorder):
+    """`compat.quantize_weight` against llm-compressor 0.14's loop restated, on its own
+    grids: the same quantized weights (codes equal up to counted near-ties) and loss, the
+    result in the stacked weights' shape and dtype, one layer of a batch at a time."""
+    W, H, _ = random_layer(24, 192, dead=2, columnar=True, blocksize=16, generator=gen)
+    W2, H2, _ = random_layer(24, 192, generator=gen)
+    qa = quant_args(strategy=strategy, symmetric=sym, actorder=actorder)
+    grids = [minmax_qparams(w, 4, sym, strategy, 32) for w in (W, W2)]
+    scale = torch.stack([s for s, _ in grids])
+    zp = torch.stack([z for _, z in grids])
+    weights, hessians = torch.stack([W, W2]), torch.stack([H, H2])
+    Q, losses, rtn = compat.quantize_weight(weights, hessians.clone(), scale, zp, None, qa, 64)
+    assert Q.shape == weights.shape and Q.dtype == weights.dtype
+    assert losses.shape == (2,) and rtn.dtype == torch.bool and not rtn.any()
+    for b, (w, h) in enumerate([(W, H), (W2, H2)]):
+        ref_Q, ref_loss = ref_llmc_quantize_weight(
+            w, h, scale[b], zp[b], 4, strategy, 32, sym, actorder, 64, 0.01
+        )
+        g = torch.arange(192) // 32 if strategy == "group" else torch.zeros(192, dtype=int)
+        s = scale[b].reshape(-1, 1)[:, :1] if strategy != "group" else scale[b][:, g]
+        s = s.expand(24, 192)
+        codes, ref_codes = torch.round(Q[b] / s), torch.round(ref_Q / s)
+        assert torch.allclose(codes * s, Q[b], rtol=0, atol=1e-6)  # on the grid
+        differ = (codes != ref_codes).sum().item()
+        assert differ <= 1e-3 * codes.numel(), f"{differ} codes differ"
+        assert relative_error(Q[b], ref_Q) < 1e-2
+        assert losses[b].item() == pytest.approx(ref_loss, rel=1e-3)
+
+
+def test_llmcompressor_quantize_weight_refuses_what_it_does_not_offer(gen):
+    W, H, _ = random_layer(8, 64, generator=gen)
+    scale, zp = minmax_qparams(W, 4, True, "group", 32)
+    args = (W[None], H[None], scale[None], zp[None])
+    refused = [
+        ({"type": "float"}, "type='float'"),
+        ({"strategy": "block"}, "block"),
+        ({"strategy": "tensor_group"}, "tensor_group"),
+        ({"actorder": "group"}, "actorder='group'"),
+        ({"num_bits": 16}, "num_bits"),
+    ]
+    for kw, what in refused:
+        with pytest.raises(NotImplementedError, match=what):
+            compat.quantize_weight(*args, None, quant_args(**kw))
+    with pytest.raises(NotImplementedError, match="global scale"):
+        compat.quantize_weight(*args, torch.ones(1), quant_args())
+    with pytest.raises(ValueError, match="batch"):
+        compat.quantize_weight(W, H, scale, zp, None, quant_args())
+    with pytest.raises(TypeError, match="percdamp"):  # dampening_frac=None
+        compat.quantize_weight(*args, None, quant_args(), 64, None)
+    with pytest.raises(ValueError, match="blocksize"):
+        compat.quantize_weight(*args, None, quant_args(), 0)
+
+
+def _fake_llmc(monkeypatch, quantize_weight):
+    """Stand-in llm-compressor modules holding `sparsify_weight` and `quantize_weight`."""
+    import types
+
+    def sparsify_weight(*a):
+        raise AssertionError("not called")
+
+    mods = {}
+    gptq = ["llmcompressor.modifiers.gptq.base", "llmcompressor.modifiers.gptq.gptq_quantize"]
+    for name in ["llmcompressor", "llmcompressor.modifiers.pruning.sparsegpt.base", *gptq]:
+        mods[name] = types.ModuleType(name)
+        monkeypatch.setitem(sys.modules, name, mods[name])
+    mods["llmcompressor"].__version__ = "0.0-test"
+    mods["llmcompressor.modifiers.pruning.sparsegpt.base"].sparsify_weight = sparsify_weight
+    for name in gptq:
+        mods[name].quantize_weight = quantize_weight
+    for name in ["llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify",
+                 "llmcompressor.modifiers.obcq.base", "llmcompressor.modifiers.obcq.sgpt_sparsify",
+                 "llmcompressor.modifiers.quantization.gptq.base",
+                 "llmcompressor.modifiers.quantization.gptq.gptq_quantize"]:  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, None)  # absent
+    return mods, sparsify_weight
+
+
+def test_patch_llmcompressor_gptq_signatures(monkeypatch):
+    """The GPTQ patch: idempotent and restorable as the SparseGPT one; a `quantize_weight`
+    of another signature (an older llm-compressor's) is refused by name, nothing patched."""
+
+    def known(weights, hessians, scale, zero_point, global_scale, quant_args, blocksize=128,
+              percdamp=0.01):  # fmt: skip
+        raise AssertionError("not called")
+
+    def older(module, quant_args, hessians_dict, blocksize=128, percdamp=0.01):
+        raise AssertionError("not called")
+
+    mods, sparsify = _fake_llmc(monkeypatch, known)
+    base, qmod = (
+        mods["llmcompressor.modifiers.gptq.base"],
+        mods["llmcompressor.modifiers.gptq.gptq_quantize"],
+    )
+    sgpt = mods["llmcompressor.modifiers.pruning.sparsegpt.base"]
+    try:
+        patched = compat.patch_llmcompressor()
+        assert patched == compat.patch_llmcompressor()  # idempotent
+        assert len(patched) == 3
+        assert base.quantize_weight is qmod.quantize_weight is compat.quantize_weight
+        assert sgpt.sparsify_weight is compat.sparsify_weight
+    finally:
+        assert len(compat.unpatch_llmcompressor()) == 3
+    assert base.quantize_weight is known and sgpt.sparsify_weight is sparsify
+    assert compat.patch_llmcompressor(gptq=False) == [sgpt.__name__]
+    assert base.quantize_weight is known
+    compat.unpatch_llmcompressor()
+    base.quantize_weight = qmod.quantize_weight = older
+    with pytest.raises(ImportError, match=r"0\.0-test.*gptq=False"):
+        compat.patch_llmcompressor()
+    assert sgpt.sparsify_weight is sparsify and base.quantize_weight is older  # untouched
+    assert compat.patch_llmcompressor(gptq=False) == [sgpt.__name__]
+    compat.unpatch_llmcompressor()
+    del base.quantize_weight, qmod.quantize_weight
+    with pytest.raises(ImportError, match="no GPTQ quantize_weight"):
+        compat.patch_llmcompressor()
+    assert sgpt.sparsify_weight is sparsify

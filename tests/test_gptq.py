@@ -291,6 +291,57 @@ def test_rescaled_layer_has_the_same_codes():
         assert torch.equal(b.quant.dequantize(), b.weight)
 
 
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("group", [32, None])
+def test_gptq_layer_keeps_the_zeros_of_a_pruned_layer(sym, group):
+    """`mask=`: GPTQ of a pruned layer. Weights outside the mask stay zero; each kept one is
+    its pre-rounding value (recovered from the result, float64) rounded to its grid, so the
+    rounding errors went to the kept weights only. Plain GPTQ fills some zeros in."""
+    W, H = _layer(5 + sym + (group or 3), rows=32, cols=160, dtype=F64)
+    Wp = fp.sparsegpt_layer(W, H, 0.5, backend="torch").weight
+    keep = Wp != 0
+    r = fp.gptq_layer(Wp, H, 4, group, sym, mask=keep, backend="torch")
+    assert torch.equal(r.mask, keep) and (r.weight[~keep] == 0).all()
+    pre = pre_rounding(Wp, H, r.weight)
+    g = r.quant.groups()
+    scale, zero = r.quant.scale.double()[:, g], r.quant.zero.double()[:, g]
+    codes = (torch.round(pre / scale) + zero).clamp(0, 15)
+    near = ((pre / scale - (pre / scale).floor()) - 0.5).abs() <= TIE[F64]
+    differ = (codes != r.quant.codes.double()) & keep
+    bad = (differ & ~near).nonzero().tolist()
+    assert not bad, f"{len(bad)} kept weights off their grid rounding, first at {bad[:5]}"
+    plain = fp.gptq_layer(Wp, H, 4, group, sym, backend="torch")
+    assert (plain.weight[~keep] != 0).any()
+    assert r.loss > plain.loss  # fewer weights absorb the errors
+    full = fp.gptq_layer(Wp, H, 4, group, sym, mask=torch.ones_like(keep), backend="torch")
+    assert torch.equal(full.weight, plain.weight) and torch.equal(
+        full.quant.codes, plain.quant.codes
+    )
+
+
+def test_gptq_method_keep_zeros_in_the_pipeline():
+    """Method "gptq" with keep_zeros on a pruned model: the sparsity stays exactly; without
+    it a warning says the zeros fill in."""
+    from tests.pipeline_helpers import calib_ids, tiny_model
+
+    model = tiny_model("llama")
+    fp.prune_model(model, calib_ids(), method="sparsegpt", sparsity=0.5, progress=False)
+    zeros = {n: p == 0 for n, p in model.named_parameters() if "layers" in n and p.dim() == 2}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rep = fp.prune_model(
+        model, calib_ids(), method="gptq", sparsity=0.0, quant="w4a16", keep_zeros=True,
+        progress=False,
+    )  # fmt: skip
+    assert rep.quantized
+    for n, p in model.named_parameters():
+        if n in zeros:
+            assert (p[zeros[n]] == 0).all(), n
+    model.load_state_dict(state)
+    with pytest.warns(UserWarning, match="keep_zeros"):
+        fp.prune_model(model, calib_ids(), method="gptq", sparsity=0.0, quant="w4a16",
+                       progress=False)  # fmt: skip
+
+
 def test_bad_arguments_are_named():
     W, H = _layer(1, rows=8, cols=64)
     with pytest.raises(ValueError, match="bits"):
@@ -313,6 +364,10 @@ def test_bad_arguments_are_named():
         fp.METHODS["gptq"].solver(W, H, 0.5)
     with pytest.raises(ValueError, match="W"):
         fp.gptq_layer(W[0], H)
+    with pytest.raises(ValueError, match="mask"):
+        fp.gptq_layer(W, H, mask=torch.ones(8, 63, dtype=torch.bool))
+    with pytest.raises(TypeError, match="keep_zeros"):
+        fp.METHODS["gptq"].solver(W, H, 0.0, keep_zeros="yes")
 
 
 def test_gptq_method_is_registered():

@@ -96,6 +96,7 @@ def test_get_method_and_option_errors():
         "percdamp": 0.1,
         "range_threshold": 0.5,
         "backend": "auto",
+        "score_scaler": "hessian",
     }
     with pytest.raises(ValueError, match="max_swaps"):
         METHODS["sparseswaps"].check_options({"max_swaps": -1})

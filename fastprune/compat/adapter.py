@@ -4,13 +4,11 @@ activation statistics, and `LayerAdapter`, the base of `SparseGPT`, `ROSE`, `Wra
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..hessian import scaler_update
+from ..hessian import running_scaler_update as running_scaler_update  # the adapters' name
 from ..layers import get_weight, layer_kind, to_layer_layout
 from ..result import PruneResult
 from ..validation import check_backend
@@ -46,20 +44,6 @@ def input_columns(layer: nn.Module, kind: str, inp: torch.Tensor) -> tuple[torch
         inp = inp.unsqueeze(0)
     b = inp.shape[0]
     return inp.reshape(-1, inp.shape[-1]).t(), b
-
-
-@torch.no_grad()
-def running_scaler_update(
-    scaler: torch.Tensor, nsamples: int, x: torch.Tensor, b: int, *, prescale: bool = False
-) -> int:
-    """Wanda's running mean over samples of each input channel's squared norm, in place, for
-    `b` new samples whose inputs are the columns of `x [cols, tokens]`; returns the new sample
-    count. `prescale=True` is the ROSE code's variant: the inputs are first scaled by
-    `sqrt(2/n)` as for `H`, so sample k counts with weight `2/(N n_k)`, not `1/N`."""
-    x = x.float()
-    if prescale:
-        x = math.sqrt(2 / (nsamples + b)) * x
-    return scaler_update(scaler, nsamples, torch.norm(x, p=2, dim=1) ** 2, b)
 
 
 class LayerAdapter:

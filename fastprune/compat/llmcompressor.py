@@ -1,9 +1,11 @@
 """llm-compressor's SparseGPT `sparsify_weight` contract on fastprune, and the patch that
-makes an installed llm-compressor's `SparseGPTModifier` call it."""
+makes an installed llm-compressor's `SparseGPTModifier` call it and its `GPTQModifier` call
+`llmc_gptq.quantize_weight`."""
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import sys
 
@@ -17,6 +19,7 @@ from ..solvers.core import check_obs_args
 from ..solvers.obs import OBS_OPS, block_bounds, nm_blocksize, obs_prune
 from ..solvers.sparsegpt import sparsegpt_layer
 from ..validation import check_pattern, compute_dtype
+from .llmc_gptq import QUANTIZE_WEIGHT_PARAMS, quantize_weight
 
 log = logging.getLogger("fastprune")
 
@@ -156,16 +159,63 @@ _LLMC_MODULES = (
     "llmcompressor.modifiers.obcq.base",
     "llmcompressor.modifiers.obcq.sgpt_sparsify",
 )
-_llmc_originals: dict[str, object] = {}
+# modules whose `quantize_weight` the GPTQ modifier calls; the older layout is looked at only
+# where the newer is absent (its package warns on import), so that its other signature is
+# refused by name rather than left unpatched
+_LLMC_GPTQ_MODULES = (
+    "llmcompressor.modifiers.gptq.base",
+    "llmcompressor.modifiers.gptq.gptq_quantize",
+)
+_LLMC_GPTQ_OLD_MODULES = (
+    "llmcompressor.modifiers.quantization.gptq.base",
+    "llmcompressor.modifiers.quantization.gptq.gptq_quantize",
+)
+_llmc_originals: dict[tuple[str, str], object] = {}
 
 
-def patch_llmcompressor() -> list[str]:
-    """Make an installed llm-compressor's `SparseGPTModifier` prune with fastprune.
+def _targets(attr: str, names: tuple[str, ...]) -> list[tuple[str, object]]:
+    """`(module name, module)` of the importable modules in `names` that hold `attr`."""
+    found = []
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, attr, None) is not None:
+            found.append((name, mod))
+    return found
 
-    Replaces `sparsify_weight` in the modules the modifier looks it up from (so models,
-    recipes and `oneshot` calls stay unchanged). Idempotent; `unpatch_llmcompressor()`
-    restores the originals. Returns the names of the patched modules. Raises ImportError
-    if llm-compressor is not installed or has no SparseGPT `sparsify_weight`.
+
+def _check_gptq_signature(targets) -> None:
+    """Refuse, before anything is patched, a `quantize_weight` whose parameters are not
+    those of the llm-compressor version fastprune's replacement follows."""
+    for name, mod in targets:
+        current = mod.quantize_weight
+        if current is quantize_weight:
+            continue
+        try:
+            params = tuple(inspect.signature(current).parameters)
+        except (TypeError, ValueError):
+            params = None
+        if params != QUANTIZE_WEIGHT_PARAMS:
+            version = getattr(sys.modules.get("llmcompressor"), "__version__", "unknown")
+            raise ImportError(
+                f"llm-compressor {version}: {name}.quantize_weight{params} is not the "
+                f"signature fastprune replaces {QUANTIZE_WEIGHT_PARAMS} (llmcompressor "
+                "0.14); use patch_llmcompressor(gptq=False) to patch SparseGPT alone"
+            )
+
+
+def patch_llmcompressor(*, sparsegpt: bool = True, gptq: bool = True) -> list[str]:
+    """Make an installed llm-compressor's `SparseGPTModifier` prune and its `GPTQModifier`
+    quantize with fastprune.
+
+    Replaces `sparsify_weight` (SparseGPT) and `quantize_weight` (GPTQ, llmcompressor 0.14's
+    signature) in the modules the modifiers look them up from (so models, recipes and
+    `oneshot` calls stay unchanged). Idempotent; `unpatch_llmcompressor()` restores the
+    originals. Returns the names of the patched modules. Raises ImportError, patching
+    nothing, if llm-compressor is not installed, lacks a requested function, or has a
+    `quantize_weight` of another signature (`gptq=False` leaves GPTQ alone).
     """
     try:
         importlib.import_module("llmcompressor")
@@ -173,34 +223,43 @@ def patch_llmcompressor() -> list[str]:
         raise ImportError(
             "patch_llmcompressor() needs llm-compressor: pip install llmcompressor"
         ) from e
-    patched = []
-    for name in _LLMC_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        current = getattr(mod, "sparsify_weight", None)
-        if current is None:
-            continue
-        if current is not sparsify_weight:
-            _llmc_originals[name] = current
-            mod.sparsify_weight = sparsify_weight
-        patched.append(name)
-    if not patched:
-        raise ImportError(
-            "this llm-compressor version has no SparseGPT sparsify_weight in "
-            f"{', '.join(_LLMC_MODULES)}; fastprune cannot patch it"
-        )
-    return patched
+    plan = []
+    if sparsegpt:
+        found = _targets("sparsify_weight", _LLMC_MODULES)
+        if not found:
+            raise ImportError(
+                "this llm-compressor version has no SparseGPT sparsify_weight in "
+                f"{', '.join(_LLMC_MODULES)}; fastprune cannot patch it "
+                "(patch_llmcompressor(sparsegpt=False) patches GPTQ alone)"
+            )
+        plan += [(name, mod, "sparsify_weight", sparsify_weight) for name, mod in found]
+    if gptq:
+        found = _targets("quantize_weight", _LLMC_GPTQ_MODULES)
+        found = found or _targets("quantize_weight", _LLMC_GPTQ_OLD_MODULES)
+        if not found:
+            raise ImportError(
+                "this llm-compressor version has no GPTQ quantize_weight in "
+                f"{', '.join(_LLMC_GPTQ_MODULES)}; fastprune cannot patch it "
+                "(patch_llmcompressor(gptq=False) patches SparseGPT alone)"
+            )
+        _check_gptq_signature(found)
+        plan += [(name, mod, "quantize_weight", quantize_weight) for name, mod in found]
+    for name, mod, attr, ours in plan:
+        current = getattr(mod, attr)
+        if current is not ours:
+            _llmc_originals[(name, attr)] = current
+            setattr(mod, attr, ours)
+    return [name for name, *_ in plan]
 
 
 def unpatch_llmcompressor() -> list[str]:
     """Undo `patch_llmcompressor()`; returns the names of the restored modules."""
+    ours = {"sparsify_weight": sparsify_weight, "quantize_weight": quantize_weight}
     restored = []
-    for name, original in list(_llmc_originals.items()):
+    for (name, attr), original in list(_llmc_originals.items()):
         mod = sys.modules.get(name)
-        if mod is not None and getattr(mod, "sparsify_weight", None) is sparsify_weight:
-            mod.sparsify_weight = original
+        if mod is not None and getattr(mod, attr, None) is ours[attr]:
+            setattr(mod, attr, original)
             restored.append(name)
-        del _llmc_originals[name]
+        del _llmc_originals[(name, attr)]
     return restored

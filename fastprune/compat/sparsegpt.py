@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..hessian import DEFAULT_PERCDAMP, running_hessian_update
+from ..quant import QuantSpec
 from ..solvers.obs import DEFAULT_BLOCKSIZE
 from ..solvers.sparsegpt import sparsegpt_layer
 from .adapter import LayerAdapter
@@ -19,6 +20,37 @@ def _alias(value, alias, name, alias_name):
     return alias
 
 
+def quantizer_spec(quantizer) -> QuantSpec:
+    """The `QuantSpec` of an IST-DASLab `Quantizer` as SparseGPT's `--wbits` configures it
+    (`configure(bits, perchannel=True, sym=False, mse=False)`): a per-channel grid found
+    from W before the sweep, symmetric or not. Refuses, naming them, the settings the sweep
+    does not offer (NotImplementedError) and a quantizer never configured (ValueError)."""
+    if not hasattr(quantizer, "perchannel") or not hasattr(quantizer, "maxq"):
+        raise ValueError(
+            "the quantizer was never configured: call quantizer.configure(bits, "
+            "perchannel=True, sym=False, mse=False) before fasterprune"
+        )
+    maxq = int(quantizer.maxq)
+    bits = (maxq + 1).bit_length() - 1
+    bad = []
+    if maxq < 1 or 2**bits - 1 != maxq or not 2 <= bits <= 8:
+        bad.append(f"maxq={maxq} (only 2**bits - 1 for bits in 2..8)")
+    if not quantizer.perchannel:
+        bad.append("perchannel=False (one grid for the whole layer)")
+    if getattr(quantizer, "mse", False):
+        bad.append("mse=True (the grid search by shrinking)")
+    if getattr(quantizer, "grouprows", 1) != 1:
+        bad.append(f"grouprows={quantizer.grouprows} (one grid per group of rows)")
+    scale = getattr(quantizer, "scale", None)
+    if isinstance(scale, torch.Tensor) and scale.numel() and bool((scale != 0).all()):
+        bad.append("a grid already set (quantizer.ready(): the reference keeps it)")
+    if bad:
+        raise NotImplementedError(
+            "fastprune.compat.SparseGPT does not support this quantizer: " + "; ".join(bad)
+        )
+    return QuantSpec(bits=bits, group_size=None, sym=bool(quantizer.sym), params="static")
+
+
 class SparseGPT(LayerAdapter):
     """Drop-in for the IST-DASLab `SparseGPT` class, solved by `fastprune.sparsegpt_layer`.
 
@@ -30,9 +62,12 @@ class SparseGPT(LayerAdapter):
     `error` the reference's printed OBS error. `H^-1` is factored with the reference's
     arithmetic (`inverse_method="reference"`). Differences: nothing is printed; a Hessian
     that will not factor is retried with more damping (reported in `result.info`) instead
-    of raising; `sparsity=0` prunes nothing; the joint quantizer (`self.quantizer`) of the
-    reference is not supported and raises. `backend` picks the solver backend (default: the
-    fastest for the layer's device).
+    of raising; `sparsity=0` prunes nothing. A `quantizer` attached by the caller (the
+    reference's `--wbits` joint mode) is read by `quantizer_spec` and solved by fastprune's
+    joint sweep (`quant=`): each kept weight rounded to its row's grid, found from W before
+    the sweep; `quantizer.scale`/`zero` then hold that grid as the reference leaves them,
+    and `result.quant` the codes. `backend` picks the solver backend (default: the fastest
+    for the layer's device).
     """
 
     def __init__(self, layer: nn.Module, *, backend: str = "auto") -> None:
@@ -64,11 +99,8 @@ class SparseGPT(LayerAdapter):
         """
         prunen = _alias(prunen, prune_n, "prunen", "prune_n")
         prunem = _alias(prunem, prune_m, "prunem", "prune_m")
-        if hasattr(self, "quantizer"):
-            raise NotImplementedError(
-                "joint sparsification + quantization (SparseGPT's `quantizer`) is not "
-                "supported by fastprune.compat.SparseGPT; prune first, quantize separately"
-            )
+        quantizer = getattr(self, "quantizer", None)
+        spec = None if quantizer is None else quantizer_spec(quantizer)
         W = self._weight().float()
         H = self._take_hessian()
         r = sparsegpt_layer(
@@ -81,7 +113,11 @@ class SparseGPT(LayerAdapter):
             percdamp=percdamp,
             backend=self.backend,
             inverse_method="reference",  # the reference's arithmetic for H^-1
+            quant=spec,
         )
+        if spec is not None:  # the grid find_params leaves on the reference's quantizer
+            quantizer.scale = r.quant.scale.reshape(-1, 1).to(self.dev)
+            quantizer.zero = r.quant.zero.to(torch.float32).reshape(-1, 1).to(self.dev)
         self._write(r)
         return r
 

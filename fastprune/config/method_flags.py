@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
+from ..solvers.rose import ROSE_SCALERS
 from ..validation import BACKENDS, check_int
-from .validators import integer, methods_taking, one_of, optional
+from .validators import flag_bool, integer, methods_taking, one_of, optional
 
 GRADIENT_NORMS = ("l1", "l2")  # GBLM's norm of the accumulated gradients
 
@@ -108,6 +109,27 @@ METHOD_FLAGS = (
         ),
         optional(one_of(REFINE_ON)),
         cli={"choices": REFINE_ON},
+    ),
+    MethodFlag(
+        "keep_zeros",
+        lambda: (
+            f"{methods_taking('keep_zeros')}: weights already zero stay zero, so quantizing "
+            "a pruned model keeps its sparsity (default: every weight absorbs rounding errors, "
+            "as GPTQ as published)"
+        ),
+        flag_bool,
+        cli={"action": "store_const", "const": True},
+    ),
+    MethodFlag(
+        "score_scaler",
+        lambda: (
+            f"{methods_taking('score_scaler')}: the pre-pruning score's scaler: hessian = "
+            "diag(H)/2 (default); running = the ROSE repository's own, which weights "
+            "calibration sample k by 1/k (one sample per batch), with its block-sum range "
+            "rule (as fastprune.compat.ROSE)"
+        ),
+        one_of(ROSE_SCALERS),
+        cli={"choices": ROSE_SCALERS},
     ),
     MethodFlag(
         "norm",

@@ -15,7 +15,13 @@ from .accumulate import (
 from .accumulate import (
     _check_batch as _check_batch,  # the asymmetric accumulator checks its batches alike
 )
-from .diagonal import DiagonalAccumulator, hessian_diagonal, scaler_update
+from .diagonal import (
+    DiagonalAccumulator,
+    RunningScaler,
+    hessian_diagonal,
+    running_scaler_update,
+    scaler_update,
+)
 from .factor import (
     INVERSE_METHODS,
     upper_factor,
@@ -41,6 +47,7 @@ __all__ = [
     "DiagonalAccumulator",
     "HessianAccumulator",
     "InverseHessian",
+    "RunningScaler",
     "accumulate_hessian",
     "check_finite",
     "check_inverse_of",
@@ -51,6 +58,7 @@ __all__ = [
     "layer_loss",
     "row_losses",
     "running_hessian_update",
+    "running_scaler_update",
     "scale_pow2",
     "scaler_update",
     "upper_factor",

@@ -1,7 +1,10 @@
-"""The diagonal of `H` alone, as Wanda keeps it: its running per-channel statistic, for the
-methods that read nothing else (Wanda, GBLM), in `cols` floats instead of `cols^2`."""
+"""Per-input-channel statistics in `cols` floats instead of `cols^2`: the diagonal of `H` alone,
+as Wanda keeps it (for the methods that read nothing else: Wanda, GBLM), and the ROSE
+repository's running `scaler_row` (`RunningScaler`)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -17,6 +20,20 @@ def scaler_update(scaler: torch.Tensor, nsamples: int, sq: torch.Tensor, b: int)
     scaler *= nsamples / total
     scaler += sq / total
     return total
+
+
+@torch.no_grad()
+def running_scaler_update(
+    scaler: torch.Tensor, nsamples: int, x: torch.Tensor, b: int, *, prescale: bool = False
+) -> int:
+    """Wanda's running mean over samples of each input channel's squared norm, in place, for
+    `b` new samples whose inputs are the columns of `x [cols, tokens]`; returns the new sample
+    count. `prescale=True` is the ROSE code's variant: the inputs are first scaled by
+    `sqrt(2/n)` as for `H`, so sample k counts with weight `2/(N n_k)`, not `1/N`."""
+    x = x.float()
+    if prescale:
+        x = math.sqrt(2 / (nsamples + b)) * x
+    return scaler_update(scaler, nsamples, torch.norm(x, p=2, dim=1) ** 2, b)
 
 
 def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
@@ -64,4 +81,41 @@ class DiagonalAccumulator:
         self.nsamples = scaler_update(self.scaler_row, self.nsamples, sq, inp.shape[0])
 
 
-__all__ = ["DiagonalAccumulator", "hessian_diagonal", "scaler_update"]
+class RunningScaler:
+    """Streams activations (as `HessianAccumulator`) into the ROSE repository's pre-pruning
+    `scaler_row`, in its arithmetic (`running_scaler_update(..., prescale=True)`, as the
+    compat `ROSE.add_batch`): `(2/N) sum_k ||x_k||^2 / n_k` per input channel, sample k
+    weighted `1/n_k` (`n_k`: samples seen once its batch was added), not equally as in
+    `diag(H)/2`. The pipeline accumulates it beside `H` for ROSE's `scaler="running"`."""
+
+    def __init__(self, cols: int, device: torch.device | str | None = None) -> None:
+        self.cols = check_int(cols, "cols", minimum=1)
+        self.scaler_row: torch.Tensor | None = torch.zeros(cols, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add_batch(self, inp: torch.Tensor) -> None:
+        """Add a batch of layer inputs `[batch, tokens, cols]` (batch samples) or
+        `[tokens, cols]` (one sample); a batch without tokens adds and counts nothing."""
+        inp = _check_batch(inp, self.cols)
+        if inp.shape[0] * inp.shape[1] == 0:
+            return
+        x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device)
+        self.nsamples = running_scaler_update(
+            self.scaler_row, self.nsamples, x, inp.shape[0], prescale=True
+        )
+        if not all_finite(self.scaler_row):  # NaN/inf inputs, or squares beyond float32
+            check_finite(x, "inp")
+            raise ValueError(
+                "inp: the squared input norms overflow float32 (scaler_row); scale the "
+                "activations down"
+            )
+
+
+__all__ = [
+    "DiagonalAccumulator",
+    "RunningScaler",
+    "hessian_diagonal",
+    "running_scaler_update",
+    "scaler_update",
+]

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from ..hessian import DiagonalAccumulator, HessianAccumulator, uses_fast_hessian
+from ..hessian import DiagonalAccumulator, HessianAccumulator, RunningScaler, uses_fast_hessian
 from ..layers import get_weight
 from .asymmetric import CrossAccumulator
 from .block_layers import BlockLayers
@@ -222,7 +222,9 @@ class InputHooks:
 
 class HessianHooks(InputHooks):
     """One float32 `H` per distinct input of the block's layers: `acc[leader]`; with
-    `kind="diagonal"`, only its diagonal (a `DiagonalAccumulator`)."""
+    `kind="diagonal"`, only its diagonal (a `DiagonalAccumulator`). With `scaler=True`, also
+    the ROSE repository's running scaler of that input (`scalers[leader]`, a
+    `RunningScaler`), from the same batches in the same order."""
 
     def __init__(
         self,
@@ -232,6 +234,7 @@ class HessianHooks(InputHooks):
         precision: str = "auto",
         moe_calibration: str = "routed",
         kind: str = "full",
+        scaler: bool = False,
     ):
         if kind not in ("full", "diagonal"):
             raise ValueError(f"kind must be 'full' or 'diagonal', got {kind!r}")
@@ -240,11 +243,14 @@ class HessianHooks(InputHooks):
         self.kind = kind
         self.acc: dict[str, HessianAccumulator | DiagonalAccumulator] = {}
         self.stacks: dict[str, torch.Tensor] = {}  # a fused projection's experts' Hs
+        self.scalers: dict[str, RunningScaler] | None = {} if scaler else None
         super().__init__(block, bl, moe_calibration)
 
     def release(self, lead: str) -> None:
         """Free what was accumulated for input `lead` (its last layer is solved)."""
         self.acc[lead].H = None
+        if self.scalers is not None:
+            self.scalers[lead].scaler_row = None
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         if name not in self.acc and self.kind == "diagonal":
@@ -255,6 +261,16 @@ class HessianHooks(InputHooks):
             )
         # per token: [tokens, cols] -> [tokens, 1, cols], so every token counts as a sample
         self.acc[name].add_batch(x.unsqueeze(1) if per_token else x)
+        self._observe_scaler(name, x.unsqueeze(1) if per_token else x)
+
+    def _observe_scaler(self, name: str, x: torch.Tensor) -> None:
+        """The running scaler of input `name`, where asked, from the batch `x` just added
+        to its `H` (inputs as `[batch, tokens, cols]`)."""
+        if self.scalers is None:
+            return
+        if name not in self.scalers:
+            self.scalers[name] = RunningScaler(x.shape[-1], device=self.device)
+        self.scalers[name].add_batch(x)
 
     def observe_experts(self, names: list[str], xs: list[torch.Tensor]) -> None:
         """Every expert's `H` of one projection in one stacked tensor `[E, cols, cols]`
@@ -266,6 +282,8 @@ class HessianHooks(InputHooks):
         if self.kind == "diagonal":
             super().observe_experts(names, xs)
             return
+        for name, x in zip(names, xs):
+            self._observe_scaler(name, x.unsqueeze(1))
         key = names[0]
         if key not in self.stacks:
             cols = xs[0].shape[-1]

@@ -26,6 +26,12 @@ EXPERT_BATCH_BYTES = 1 << 30
 class LayerSolves:
     """The layer solves of `PruneRun` (its `args`, `G`, `block_sparsity`, `clock`)."""
 
+    @property
+    def reads_scaler(self) -> bool:
+        """Whether the solves read the running scaler of their inputs (ROSE's
+        `score_scaler="running"`): the Hessian hooks then accumulate it beside each `H`."""
+        return self.args.meth.wants_scaler(self.args.opts)
+
     def _shared_inverse(self, hooks, inverses, lead):
         """The inverse of the H of input group `lead`, one per distinct H (SparseGPT)."""
         if lead not in inverses:
@@ -41,12 +47,14 @@ class LayerSolves:
         a = self.args
         full = f"{a.blocks_path}.{i}.{name}"
         W = get_weight(mod).detach()
-        H = lead = hinv = tokens = None
+        H = lead = hinv = tokens = scaler = None
         if hooks is not None:
             lead = hooks.leader.get(name)
             if lead is None:
                 raise RuntimeError(f"{full} was never called in the block's forward")
             H = hooks.acc[lead].H
+            if hooks.scalers is not None:  # the running scaler of the same inputs
+                scaler = hooks.scalers[lead].scaler_row
             if name in hooks.tokens:  # an expert: the tokens its H was built from
                 tokens = hooks.acc[lead].nsamples
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
@@ -61,7 +69,9 @@ class LayerSolves:
             target, extra = asymmetric_target(W, H, hooks.cross[lead].C, hinv=inv)
             self.clock("asymmetric_seconds", t0)
         sparsity = self.block_sparsity[i]
-        r = a.meth.solve(target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant)
+        r = a.meth.solve(
+            target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant, scaler_row=scaler
+        )
         if r.quant is not None and rows is None:
             set_weight(mod, as_stored(r.quant, W.dtype))
         elif rows is None:
@@ -97,7 +107,8 @@ class LayerSolves:
                 Hs = [hooks.acc[ld].H for ld in todo]
                 inverses.update(zip(todo, inverse_hessians(Hs, opts["percdamp"])))
                 self.clock("inverse_seconds", t0)
-            if not meth.batches(opts, dev, get_weight(part[0][1]).shape):
+            batch = meth.batches(opts, dev, get_weight(part[0][1]).shape)
+            if not batch or meth.wants_scaler(opts):  # a batch solve takes no running scaler
                 continue
             hinvs = None
             if meth.wants_inverse(a.n, opts):

@@ -246,8 +246,9 @@ class PruneRun(LayerSolves):
                 self._check_streamed_block(i, block)
             kind = PairedHessianHooks if a.asymmetric else HessianHooks
             hooks = kind(
-                block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind
-            )
+                block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind,
+                scaler=self.reads_scaler,
+            )  # fmt: skip
             try:
                 if a.asymmetric:  # the block is still dense: its dense outputs come from here
                     run_block_paired(

@@ -98,6 +98,14 @@ class Method:
     takes_quant: bool = False
     # prunes weights (False: quantizes only, e.g. GPTQ: sparsity must be 0, no pattern)
     prunes: bool = True
+    # whether a solve with these options reads the ROSE repository's running scaler of the
+    # layer's inputs (`fastprune.hessian.RunningScaler`): the pipeline then accumulates it
+    # beside H per input and `solve` passes it as `scaler=` (None: never)
+    reads_scaler: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def wants_scaler(self, options: Mapping[str, Any]) -> bool:
+        """Whether a solve with these options reads the running scaler (`reads_scaler`)."""
+        return self.reads_scaler is not None and self.reads_scaler(options)
 
     def separable(self, prune_n: int, options: Mapping[str, Any]) -> bool:
         """Whether this method's layers may be solved in row slices (see `row_separable`)."""
@@ -155,17 +163,26 @@ class Method:
         hinv=None,
         rows: slice | None = None,
         quant=None,
+        scaler_row: torch.Tensor | None = None,
     ) -> PruneResult:
         """One layer: `options` as returned by `check_options`; `hinv` the shared inverse
         (only for `shares_inverse` methods, None to let the solver compute it). `rows`: solve
         only these rows of `W` (and `G`), for a `separable` method; per-layer options (the
         swap budget) are still those of the whole layer. `quant`: the grid the kept weights
-        are rounded to (a `takes_quant` method only; None: no rounding)."""
+        are rounded to (a `takes_quant` method only; None: no rounding). `scaler_row`: the
+        running scaler of the layer's inputs, where `wants_scaler(options)`."""
         kw = {k: options[k] for k in self.solver_options}
         if quant is not None:
             if not self.takes_quant:
                 raise ValueError(f"method {self.name!r} does not quantize (quant={quant!r})")
             kw["quant"] = quant
+        if self.wants_scaler(options):
+            if scaler_row is None:
+                raise ValueError(
+                    f"method {self.name!r} with these options reads the running scaler of the "
+                    "layer's inputs: pass scaler_row"
+                )
+            kw["scaler"] = scaler_row
         if self.layer_options is not None:
             kw = self.layer_options(W, prune_n, prune_m, kw)
         if rows is not None:

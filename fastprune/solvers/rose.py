@@ -9,11 +9,17 @@ block makes their widths differ (`range_rule="per_column"`), so that block's sma
 does not make a uniform layer look columnar; `range_rule="block_sum"` is the original rule.
 For N:M the blocks are the groups of `prune_m` columns, so a permutation only moves whole
 groups (and columns inside a group) and the pattern stays valid.
+
+Method "rose" takes `score_scaler`: "hessian" (`diag(H)/2`, the default) or "running", the ROSE
+repository's own running scaler of the inputs (sample k weighted `1/n_k`; see
+`fastprune.hessian.RunningScaler`) with its block-sum range rule, as the compat `ROSE`
+adapter computes it; the pipeline accumulates that scaler beside `H`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..masks import pattern_name, pruned_fraction
@@ -42,6 +48,8 @@ from .sparsegpt import swept
 
 ROSE_OPS = (*OBS_OPS, "column_losses")
 RANGE_RULES = ("per_column", "block_sum")
+# method "rose"'s pre-pruning scaler: diag(H)/2, or the ROSE repository's running one
+ROSE_SCALERS = ("hessian", "running")
 
 
 def relative_range(block_loss: torch.Tensor) -> float:
@@ -253,12 +261,51 @@ def _select(
     )
 
 
+def _check_options(opts: dict) -> dict:
+    """Method "rose"'s `score_scaler`: one of `ROSE_SCALERS`; "running" only where the pipeline can
+    accumulate it in the repository's sample order (one process) and the solve reads it
+    (not a composition, whose selection scores with diag(H)/2)."""
+    scaler = opts["score_scaler"]
+    if not isinstance(scaler, str) or scaler not in ROSE_SCALERS:
+        raise ValueError(f"score_scaler must be one of {', '.join(ROSE_SCALERS)}, got {scaler!r}")
+    if scaler != "running":
+        return opts
+    if "refine" in opts:  # the options of a composition (refine=/reconstruct=)
+        raise ValueError(
+            "score_scaler='running' is taken by method 'rose' alone, not with refine=/reconstruct= "
+            "(the composition selects with diag(H)/2)"
+        )
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise ValueError(
+            "score_scaler='running' weighs each calibration sample by its place in the "
+            "calibration order, which ranks holding shards of the samples do not see: run it "
+            "in one process (not under torch.distributed)"
+        )
+    return opts
+
+
+def _layer_options(W, prune_n, prune_m, kw: dict) -> dict:
+    """With the running scaler (`scaler=`, passed by the pipeline) blocks are compared by
+    their loss sums, as the ROSE repository does."""
+    if kw.get("scaler") is not None:
+        kw["range_rule"] = "block_sum"
+    return kw
+
+
 register(
     Method(
         "rose",
         rose_layer,
         "SparseGPT on a loss-reordered layer where the layer is columnar (ROSE)",
-        solver_defaults(rose_layer, "blocksize", "percdamp", "range_threshold", "backend"),
+        {
+            **solver_defaults(rose_layer, "blocksize", "percdamp", "range_threshold", "backend"),
+            "score_scaler": "hessian",
+        },
+        # "running": the pipeline accumulates the scaler and passes the tensor as `scaler=`
+        pipeline_options=("score_scaler",),
+        check=_check_options,
+        layer_options=_layer_options,
+        reads_scaler=lambda opts: opts.get("score_scaler") == "running",
         takes_rows=True,
         takes_quant=True,
         # N:M: per group, with the whole layer's column order (which `rows=` keeps);
