@@ -19,6 +19,7 @@ from ..streaming.compressed import (
     compressed_tensors_of,
     config_entry,
     dense_error,
+    group_error,
     missing_package,
     rows_of,
     savable_problem,
@@ -50,8 +51,6 @@ def check_quant_stream(model: nn.Module, blocks_path: str, blocks, config, spec)
                 problems.append(savable_problem(spec, layer.transposed, f"{where}.{key}"))
             cols = get_weight(layer).shape[-1]
             if gs is not None and cols % gs:
-                from ..streaming.compressed import group_error
-
                 problems.append(group_error(f"{where}.{key}", cols, gs))
         problem = next((p for p in problems if p), None)
         if problem:

@@ -4,13 +4,16 @@ reductions, the plan exchange, layer solves and weight broadcasts, and the repor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ...layers import get_weight
+from ...quant import QuantizedWeight
 from .fingerprint import disagreement
 from .group import RankFailedError, RankLostError
 from .plan import Part, merge_part_reports, plan_block, row_split_mode
@@ -227,30 +230,26 @@ class Comm:
         it) given to every rank, in the order of `names`: every rank's report then holds the
         codes and grids one process would (rank 0 saves them). Each layer's grid and tensor
         shapes are exchanged, then its tensors broadcast from its owner."""
-        import dataclasses
-
-        def described(q):
-            fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q)}
-            return {k: (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
-                    for k, v in fields.items()}  # fmt: skip
-
-        mine = {n: described(quantized[n]) for n in names if n in quantized}
+        mine = {n: _described(quantized[n]) for n in names if n in quantized}
         got = self._gather(mine, "the exchange of the quantized layers' grids")
         owner = {n: (r, desc) for r, part in enumerate(got) for n, desc in part.items()}
         with self._talk("the broadcast of the quantized layers"):
             for n in names:
+                ours = quantized.pop(n, None)
                 if n not in owner:
                     continue
                 r, desc = owner[n]
-                ours = quantized.pop(n, None)
                 fields = {}
                 for k, v in desc.items():
-                    if isinstance(v, tuple) and len(v) == 2 and isinstance(v[1], torch.dtype):
-                        t = getattr(ours, k) if r == self.rank else torch.empty(*v[:1], dtype=v[1])
-                        fields[k] = self._broadcast_tensor(t, r)
-                    else:
-                        fields[k] = v
-                quantized[n] = type(ours)(**fields) if ours is not None else _quantized(fields)
+                    if isinstance(v, _TensorMeta):
+                        t = (
+                            getattr(ours, k)
+                            if r == self.rank
+                            else torch.empty(v.shape, dtype=v.dtype)
+                        )
+                        v = self._broadcast_tensor(t, r)
+                    fields[k] = v
+                quantized[n] = QuantizedWeight(**fields)
 
     def _broadcast_tensor(self, t: torch.Tensor, src: int) -> torch.Tensor:
         """`t` from rank `src` (float8 as its bytes: not every backend moves it), on the CPU."""
@@ -298,8 +297,17 @@ class Comm:
         }
 
 
-def _quantized(fields: dict):
-    """A `QuantizedWeight` received from another rank."""
-    from ...quant import QuantizedWeight
+class _TensorMeta(NamedTuple):
+    """A tensor field of a `QuantizedWeight` as another rank allocates it."""
 
-    return QuantizedWeight(**fields)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _described(q: QuantizedWeight) -> dict:
+    """A `QuantizedWeight`'s fields with its tensors as their shapes and dtypes."""
+    fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q)}
+    return {
+        k: _TensorMeta(tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+        for k, v in fields.items()
+    }
