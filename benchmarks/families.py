@@ -71,7 +71,9 @@ _AT_MOST = (
 _EXPERT_COUNTS = _AT_MOST[1][1]
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "num_decoder_layers",
                  "decoder_layers", "num_blocks")  # fmt: skip
-_FFN_NAME = re.compile(r"intermediate_size|ffn_dim|ffn_hidden|(^|_)d_ff$")
+_TOWER = re.compile("vision|visual|image|audio|speech|encoder")
+_WIDTHS = (HIDDEN, HEAD_DIM, FFN)  # halved in the towers beside the text model
+_FFN_NAME = re.compile(r"intermediate_size|ffn_dim|ffn_hidden|(^|_)d_ff$|_channels?$")
 MAX_PARAMS = 4_000_000  # a shrunk model larger than this has a size the shrinking missed
 # left unset (None) by some default configs although the model needs them
 _UNSET = {"num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM}
@@ -123,11 +125,15 @@ def _kept_layers(types: list) -> list[int]:
     return sorted(keep + extra[: max(0, LAYERS - len(keep))])
 
 
-def shrink(cfg) -> None:
-    """Shrink `cfg` (and the configs inside it) in place to a tiny model."""
-    for sub in list(vars(cfg).values()):
+def shrink(cfg, scale: int = 1) -> None:
+    """Shrink `cfg` (and the configs inside it) in place to a tiny model. The widths of the
+    configs beside the text model's (vision and audio towers) are halved: smaller than the
+    decoder, as in the real models, so the decoder's blocks are the largest."""
+    text = _text_config(cfg)
+    for name, sub in list(vars(cfg).items()):
         if hasattr(sub, "to_dict") and hasattr(sub, "model_type") and sub is not cfg:
-            shrink(sub)
+            tower = sub is not text and _TOWER.search(name)
+            shrink(sub, 2 * scale if tower else scale)
     attrs = {k: _get(cfg, k) for k in dir(cfg) if not k.startswith("_")}
     nlayers = next((attrs[k] for k in _LAYER_COUNTS if isinstance(attrs.get(k), int)), None)
     keep = list(range(min(LAYERS, nlayers or LAYERS)))
@@ -144,8 +150,9 @@ def shrink(cfg) -> None:
     for key in _LAYER_COUNTS:
         if isinstance(attrs.get(key), int):
             _set(cfg, key, len(keep))
-    sized = [(size, keys) for size, keys in _SIZES]
+    sized = list(_SIZES)
     sized.append((FFN, tuple(k for k in attrs if _FFN_NAME.search(k))))
+    sized = [(size // scale if size in _WIDTHS else size, keys) for size, keys in sized]
     for size, keys in sized:
         for key in keys:
             value = attrs.get(key)
@@ -193,15 +200,19 @@ def _path(cfg, dotted: str):
     return cfg
 
 
+def _text_config(cfg):
+    try:
+        return cfg.get_text_config()
+    except ValueError:  # several text configs (MusicGen's encoder and decoder)
+        return cfg
+
+
 def tiny_config(family: str):
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(family)
     shrink(cfg)
-    try:
-        text = cfg.get_text_config()
-    except ValueError:  # several text configs (MusicGen's encoder and decoder)
-        text = cfg
+    text = _text_config(cfg)
     for key, value in OVERRIDES.get(family.removesuffix("_text"), {}).items():
         owner, _, leaf = key.rpartition(".")
         for c in {id(cfg): cfg, id(text): text}.values():
@@ -284,7 +295,11 @@ def _check_pruned(model, before, report, spec) -> list[str]:
         kind = layer_kind_name(rel)
         param = kind if kind != rel else f"{rel}.weight"
         layers.setdefault(f"{i}.{param}", []).append(rel)
-        W = get_weight(resolve_layer(blocks[int(i)], rel))
+        layer = resolve_layer(blocks[int(i)], rel)
+        try:
+            W = get_weight(layer)
+        except TypeError:  # no layer fastprune prunes (a router's own class)
+            W = layer.weight
         if "prune_n" in spec:
             groups = W.reshape(W.shape[0], -1, 4)
             if W.shape[1] % 4 or not bool(((groups == 0).sum(-1) >= 2).all()):

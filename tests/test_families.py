@@ -7,6 +7,7 @@ dense without a reason or a router pruned fails its family's test."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -77,18 +78,21 @@ def test_the_checks_catch_a_changed_dense_matrix_and_a_layer_off_target(llama):
 
 
 def test_the_checks_catch_a_matrix_neither_pruned_nor_dense_and_a_pruned_router():
+    import fastprune as fp
+
     model = sweep.build("mixtral")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     spec = sweep.METHODS["SparseGPT 50%"]
-    import fastprune as fp
-
     report = fp.prune_model(model, sweep.calibration(model), progress=False, **spec)
-    dense = [d for d in report.dense if d["name"].endswith("mlp.gate.weight")]
-    assert dense, report.dense  # Mixtral's routers are left dense
-    report.dense = [d for d in report.dense if d not in dense]
+    gate = next(d for d in report.dense if d["name"] == "1.mlp.gate.weight")  # a router
+    report.dense.remove(gate)
     problems = " ".join(sweep._check_pruned(model, state, report, spec))
-    assert "block_sparse_moe.gate.weight" in problems or "mlp.gate.weight" in problems
-    assert "neither pruned nor listed as dense" in problems
+    assert "model.layers.1.mlp.gate.weight [4, 64] is neither pruned nor listed" in problems
+    with torch.no_grad():  # the router, pruned and reported as a pruned layer
+        model.model.layers[1].mlp.gate.weight[:, ::2] = 0
+    report.layers.append(dataclasses.replace(report.layers[-1], name="1.mlp.gate"))
+    problems = " ".join(sweep._check_pruned(model, state, report, spec))
+    assert "model.layers.1.mlp.gate.weight looks like a router" in problems
 
 
 def test_a_crash_mid_prune_and_a_refusal_that_changed_weights_fail(monkeypatch, llama):
@@ -112,3 +116,18 @@ def test_a_crash_mid_prune_and_a_refusal_that_changed_weights_fail(monkeypatch, 
     monkeypatch.setattr(fp, "prune_model", refuse_late)
     r = sweep.prune_once(model, state, calib, sweep.METHODS["SparseGPT 50%"])
     assert r.status == "FAIL" and "after changing" in r.detail
+
+
+def test_transposed_experts_whose_down_proj_is_square_read_as_transposed():
+    """Llama-4's layout `[E, in, out]` with the experts as wide as the model: down_proj
+    `[E, H, H]` is square, gate_up_proj `[E, H, 2H]` tells the orientation."""
+    from torch import nn
+
+    from fastprune.pipeline.experts import fused_experts
+
+    experts = nn.Module()
+    experts.gate_up_proj = nn.Parameter(torch.zeros(4, 64, 128))
+    experts.down_proj = nn.Parameter(torch.zeros(4, 64, 64))
+    assert fused_experts(experts).transposed
+    experts.gate_up_proj = nn.Parameter(torch.zeros(4, 128, 64))  # [E, out, in]
+    assert not fused_experts(experts).transposed
