@@ -83,7 +83,8 @@ _LAYER_LISTS = ("layer_types", "layers_block_type", "hybrid_override_pattern", "
 # wrong or leaves inconsistent)
 OVERRIDES: dict[str, dict] = {
     "mamba2": {"num_heads": 8, "n_groups": 1},
-    "zamba2": {"attention_hidden_size": 2 * HIDDEN, "attention_head_dim": 2 * HIDDEN // HEADS},
+    "zamba2": {"hybrid_layer_ids": [1], "attention_hidden_size": 2 * HIDDEN,
+               "attention_head_dim": 2 * HIDDEN // HEADS},
     "kolibri1_1": {"index_layers": [1], "mlp_only_layers": [0], "kv_source_layers": [0, 1]},
     "gemma3n": {"num_kv_shared_layers": 0},
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
@@ -92,6 +93,16 @@ OVERRIDES: dict[str, dict] = {
                        "indexer_budget": 8, "indexer_compress_ratio": 4},
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": TOP_K},
     "prophetnet": {"num_encoder_layers": LAYERS, "num_decoder_layers": LAYERS},
+    "falcon_h1": {"mamba_d_ssm": 2 * HIDDEN},
+    "recurrent_gemma": {"lru_width": HIDDEN, "attention_window_size": 8},
+    "roc_bert": {"pronunciation_embed_dim": 32, "pronunciation_vocab_size": VOCAB,
+                 "shape_embed_dim": 32, "shape_vocab_size": VOCAB},
+    "reformer": {"attention_head_size": HEAD_DIM, "axial_pos_embds_dim": (32, 32),
+                 "axial_pos_shape": (4, 4), "local_attn_chunk_length": 8,
+                 "lsh_attn_chunk_length": 8, "feed_forward_size": FFN},
+    "cohere_compass": {"rope_parameters": {
+        t: {"rope_type": "default", "rope_theta": 10000.0}
+        for t in ("full_attention", "sliding_attention")}},
 }  # fmt: skip
 
 
@@ -188,6 +199,8 @@ def shrink(cfg, scale: int = 1) -> None:
     mla = [getattr(cfg, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim")]
     if all(isinstance(v, int) for v in mla):  # multi-head latent attention's derived sizes
         _set(cfg, "qk_head_dim", sum(mla))
+        if isinstance(_get(cfg, "num_key_value_heads"), int):  # one latent for every head
+            _set(cfg, "num_key_value_heads", _get(cfg, "num_attention_heads"))
         if "head_dim" in attrs:
             _set(cfg, "head_dim", mla[1])
     if "is_decoder" in attrs:
@@ -232,6 +245,8 @@ def build(family: str, seed: int = 0):
         raise ValueError(f"not tiny: {sum(sizes.values()):,} parameters ({big}: {sizes[big]:,})")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    if family == "xmod":  # its adapters are per language: one is chosen for the forward
+        model.set_default_language(cfg.languages[0])
     with torch.no_grad():  # matrices initialised to zeros would read as pruned
         for p in model.parameters():
             if p.dim() >= 2 and (p == 0).float().mean() > 0.01:
