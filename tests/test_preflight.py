@@ -120,6 +120,33 @@ def test_a_linear_called_twice_is_refused_saying_so():
     _refused(Twice(), r"layers\.0\.proj: it is called 2 times in one forward of the block")
 
 
+class SharedBlock(Toy):
+    """One block object at two places of the block list (Zamba's shared transformer)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.layers[2] = self.layers[0]
+
+
+class SharedLinear(Toy):
+    """One linear object in two blocks."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.layers[1].up = self.layers[0].up
+
+
+def test_a_block_shared_by_two_places_is_refused_saying_so():
+    _refused(SharedBlock(), r"layers\.0 ran 2 times in one forward of the model \(one module "
+             r"object, also the blocks' block 2: it runs at each\)")  # fmt: skip
+
+
+def test_a_linear_shared_by_two_blocks_is_refused_saying_so():
+    _refused(SharedLinear(), r"layers\.0\.up: it is one module object shared with block 1\.up, "
+             r"so its hooks see the calls of every place that holds it \(2 in one "
+             r"forward\)")  # fmt: skip
+
+
 # ------------------------------------------------------------------ arguments of each block
 
 

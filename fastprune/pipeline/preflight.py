@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..layers import ExpertProjection, get_weight
-from .block_layers import BlockLayers, DenseMatrix
+from .block_layers import BlockLayers, DenseMatrix, shared_modules
 from .capture import (
     PER_BLOCK,
     _block_output,
@@ -117,8 +117,9 @@ class _BlockProbe:
     (copied when called) and outputs, each layer's calls, each experts module's calls and
     the first reason its calling convention is not understood."""
 
-    def __init__(self, i: int, block: nn.Module, bl: BlockLayers, mode: _Provenance):
+    def __init__(self, i: int, block: nn.Module, bl: BlockLayers, mode: _Provenance, shared=None):
         self.i, self.mode = i, mode
+        self.shared = shared or {}  # layer (the block: "") -> where else the same object sits
         self.inputs: list[tuple[tuple, dict]] = []
         self.outputs: list[torch.Tensor] = []
         self.depends: dict[str, set[int]] = {}  # argument -> earlier blocks its value came from
@@ -201,10 +202,11 @@ class _BlockProbe:
         """Refuse (`ValueError`) a block not called once on batch-first hidden states of the
         shape it returns, or a layer not reached as planned in its forward."""
         if len(self.inputs) != 1:
-            raise ValueError(
-                f"{where} ran {len(self.inputs)} times in one forward of the model; the "
-                "pipeline replays each block once per batch"
-            )
+            n, also = len(self.inputs), ", ".join(self.shared.get("", []))
+            why = f" (one module object, also the blocks' {also}: it runs at each)" if also else ""
+            why += " (not the blocks the model runs? name them: blocks=)" if n == 0 else ""
+            raise ValueError(f"{where} ran {n} times in one forward of the model{why}; the "
+                             "pipeline replays each block once per batch")  # fmt: skip
         shape, out = list(self.hidden.shape), list(self.outputs[0].shape)
         if shape[0] != batch or out != shape:
             raise ValueError(
@@ -228,6 +230,10 @@ class _BlockProbe:
                     else "it is never called in the block's forward, so it gets no calibration "
                     "inputs"
                 )
+            elif name in self.shared:
+                why = (f"it is one module object shared with {', '.join(self.shared[name])}, "
+                       f"so its hooks see the calls of every place that holds it ({n} in one "
+                       "forward) and it cannot be pruned for one of them")  # fmt: skip
             else:
                 why = (
                     f"it is called {n} times in one forward of the block, and its hooks take "
@@ -343,7 +349,9 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
     its kind's arguments (`kinds[i]`) against its real output: blocks that reproduce it only
     with their own arguments are listed in `Verdict.own_arguments`."""
     mode = _mode_for(blocks, layouts)
-    probes = [_BlockProbe(i, b, bl, mode) for i, (b, bl) in enumerate(zip(blocks, layouts))]
+    shared = shared_modules(blocks, layouts)
+    probes = [_BlockProbe(i, b, bl, mode, shared[i])
+              for i, (b, bl) in enumerate(zip(blocks, layouts))]  # fmt: skip
     was_training = model.training
     model.eval()
     try:
