@@ -164,12 +164,14 @@ class _BlockProbe:
             }
             if found:
                 self.depends[name] = found
-        self.hidden = hidden.detach().to("cpu", copy=True)  # one sample per block, on the host
+        if len(self.inputs) == 1:  # the first call's, of one sample, on the host
+            self.hidden = hidden.detach().to("cpu", copy=True)
         self.mode.tags[hidden] = frozenset()
         self.mode.block = self.i
 
     def _leave(self, _mod, _args, out):
-        self.outputs.append(_block_output(out).detach().to("cpu", copy=True))
+        if not self.outputs:
+            self.outputs.append(_block_output(out).detach().to("cpu", copy=True))
         self.mode.block = None
 
     def _in(self, name):
@@ -378,6 +380,7 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
         err, failed = _replay(block, p.hidden, *f, ref)
         if err <= tol:
             verdict.replay_error = max(verdict.replay_error, err)
+            p.hidden = p.outputs = None  # freed as the replays go
             continue
         diff = _differing(p.inputs[0], f)
         for name in diff:
@@ -402,4 +405,5 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
         logger.info("%s gets arguments of its own (%s): replayed with them", where, ", ".join(diff))
         verdict.own_arguments.append(i)
         verdict.replay_error = max(verdict.replay_error, err2)
+        p.hidden = p.outputs = None  # freed as the replays go
     return verdict
