@@ -471,17 +471,19 @@ def page(outcomes: list[Outcome], version: str) -> str:
     pruned = [o for o in built if any(r.status == "pruned" for r in o.results.values())]
     return PAGE.format(
         version=version, total=len(outcomes), built=len(built), pruned=len(pruned),
-        table=table(outcomes),
+        table=table(outcomes), layers=LAYERS, hidden=HIDDEN, experts=EXPERTS,
+        nsamples=NSAMPLES, seqlen=SEQLEN,
     )  # fmt: skip
 
 
 PAGE = """# Supported model families
 
 Every model type of the causal-LM mapping of transformers {version}
-(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), built tiny and random on the CPU (two decoder blocks,
-hidden size 64, four experts where it has experts; hybrid models keep one block of each
-layer type) and pruned with SparseGPT at 50% and with Wanda 2:4 on two random samples of
-16 tokens. A family passes when one of these holds for each method:
+(`MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`), built tiny and random on the CPU ({layers} decoder
+blocks, hidden size {hidden}, {experts} experts where it has experts; hybrid models keep one
+block of each layer type) and pruned with SparseGPT at 50% and with Wanda 2:4 on
+{nsamples} random samples of {seqlen} tokens. A family passes when one of these holds for
+each method:
 
 - **pruned**: every GEMM weight of its decoder blocks is at the target (50% zeros, or two
   zeros in each group of four inputs) except the matrices the report lists as left dense
