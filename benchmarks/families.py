@@ -94,6 +94,8 @@ OVERRIDES: dict[str, dict] = {
     "dots1": {"n_routed_experts": EXPERTS, "n_shared_experts": 1, "num_experts_per_tok": TOP_K},
     "prophetnet": {"num_encoder_layers": LAYERS, "num_decoder_layers": LAYERS},
     "falcon_h1": {"mamba_d_ssm": 2 * HIDDEN},
+    "zamba": {"num_hidden_layers": 4, "layers_block_type": ["linear_attention", "hybrid"] * 2,
+              "attention_hidden_size": 2 * HIDDEN, "mamba_dt_rank": 8},  # two shared blocks
     "recurrent_gemma": {"lru_width": HIDDEN, "attention_window_size": 8},
     "roc_bert": {"pronunciation_embed_dim": 32, "pronunciation_vocab_size": VOCAB,
                  "shape_embed_dim": 32, "shape_vocab_size": VOCAB},
@@ -196,7 +198,7 @@ def shrink(cfg, scale: int = 1) -> None:
         for key, value in attrs.items():
             if key.endswith("_token_id") and isinstance(value, int) and value >= VOCAB:
                 _set(cfg, key, VOCAB - 1)
-    mla = [getattr(cfg, k, None) for k in ("qk_nope_head_dim", "qk_rope_head_dim")]
+    mla = [_get(cfg, k) for k in ("qk_nope_head_dim", "qk_rope_head_dim")]
     if all(isinstance(v, int) for v in mla):  # multi-head latent attention's derived sizes
         _set(cfg, "qk_head_dim", sum(mla))
         if isinstance(_get(cfg, "num_key_value_heads"), int):  # one latent for every head
@@ -208,6 +210,7 @@ def shrink(cfg, scale: int = 1) -> None:
 
 
 def _path(cfg, dotted: str):
+    """The config at `dotted` inside `cfg` (`attn_config`; "" is `cfg`)."""
     for part in filter(None, dotted.split(".")):
         cfg = getattr(cfg, part)
     return cfg
@@ -221,6 +224,7 @@ def _text_config(cfg):
 
 
 def tiny_config(family: str):
+    """`family`'s default config, shrunk, with the family's own overrides."""
     from transformers import AutoConfig
 
     cfg = AutoConfig.for_model(family)
@@ -255,6 +259,7 @@ def build(family: str, seed: int = 0):
 
 
 def calibration(model, seed: int = 1) -> torch.Tensor:
+    """`[NSAMPLES, SEQLEN]` random token ids, seeded."""
     vocab = getattr(model.config, "vocab_size", None) or VOCAB
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, min(vocab, VOCAB), (NSAMPLES, SEQLEN), generator=g)
@@ -281,9 +286,10 @@ class Outcome:
         return [f"{m}: {r.detail}" for m, r in self.results.items() if r.status == "FAIL"]
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, limit: int = 240) -> str:
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
+    line = f"{type(e).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _raised_by_fastprune(e: BaseException) -> bool:
