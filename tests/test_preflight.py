@@ -120,6 +120,58 @@ def test_a_linear_called_twice_is_refused_saying_so():
     _refused(Twice(), r"layers\.0\.proj: it is called 2 times in one forward of the block")
 
 
+class SharedBlock(Toy):
+    """One block object at two places of the block list (Zamba's shared transformer)."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.layers[2] = self.layers[0]
+
+
+class SharedLinear(Toy):
+    """One linear object in two blocks."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed)
+        self.layers[1].up = self.layers[0].up
+
+
+def test_a_block_shared_by_two_places_is_refused_saying_so():
+    _refused(SharedBlock(), r"layers\.0 ran 2 times in one forward of the model \(one module "
+             r"object, also the blocks' block 2: it runs at each\)")  # fmt: skip
+
+
+def test_a_linear_shared_by_two_blocks_is_refused_saying_so():
+    _refused(SharedLinear(), r"layers\.0\.up: it is one module object shared with block 1\.up, "
+             r"so its hooks see the calls of every place that holds it \(2 in one "
+             r"forward\)")  # fmt: skip
+
+
+def test_each_blocks_records_are_freed_once_the_next_block_returned(monkeypatch):
+    """The pre-flight replays a block when the next one has returned and frees its input and
+    output: after each block returns, only its own are held (not one per block)."""
+    from fastprune.pipeline import preflight as pf
+
+    probes, held = [], []
+    init, leave = pf._BlockProbe.__init__, pf._BlockProbe._leave
+
+    def init_and_keep(self, *a, **k):
+        init(self, *a, **k)
+        probes.append(self)
+
+    def leave_and_count(self, *a):
+        leave(self, *a)
+        if not self.mode.replaying:  # a real return, not the replay of an earlier block
+            held.append(sum(p.hidden is not None or bool(p.outputs) for p in probes))
+
+    monkeypatch.setattr(pf._BlockProbe, "__init__", init_and_keep)
+    monkeypatch.setattr(pf._BlockProbe, "_leave", leave_and_count)
+    report = fp.prune_model(Toy(), _ids(), method="sparsegpt", sparsity=0.5)
+    assert held == [1] * LAYERS
+    assert all(p.replayed is not None for p in probes)
+    assert report.totals["preflight"]["replay_error"] <= 1e-6
+
+
 # ------------------------------------------------------------------ arguments of each block
 
 

@@ -219,6 +219,26 @@ def find_block_layers(
     return out
 
 
+def shared_modules(blocks, layouts) -> list[dict[str, list[str]]]:
+    """Per block: {planned layer, or "" for the block itself: the other places (`block
+    j.path`, `path` within the block) where the same module object sits}."""
+    places: dict[int, list[tuple[int, str]]] = {}
+    for i, block in enumerate(blocks):
+        for path, mod in block.named_modules(remove_duplicate=False):
+            places.setdefault(id(mod), []).append((i, path))
+    out: list[dict[str, list[str]]] = [{} for _ in blocks]
+    for i, (block, bl) in enumerate(zip(blocks, layouts)):
+        named = dict(block.named_modules())
+        for name in ["", *bl.layers]:
+            mod = block if name == "" else named.get(name)
+            where = places.get(id(mod), []) if mod is not None else []
+            others = [f"block {j}" + (f".{p}" if p else "") if j != i else p
+                      for j, p in where if (j, p) != (i, name)]  # fmt: skip
+            if others:
+                out[i][name] = others
+    return out
+
+
 def check_selection(blocks: nn.ModuleList, targets=None, ignore=None) -> None:
     """Every `targets` / `ignore` pattern must match some layer or matrix of some block
     (typo protection)."""

@@ -76,13 +76,11 @@ def fused_experts(module: nn.Module) -> FusedExperts | None:
     if any(_param3(module, n).shape[0] != down.shape[0] for n in inputs):
         return None
     transposed = getattr(module, "is_transposed", None)
-    if transposed is None:  # [E, out, in] feeds down_proj [E, H, I]; transposed [E, I, H]
-        if first.shape[2] == down.shape[1] and first.shape[2] != down.shape[2]:
-            transposed = False
-        elif first.shape[1] == down.shape[2] and first.shape[1] != down.shape[1]:
-            transposed = True
-        else:
-            transposed = False
+    if transposed is None:  # [E, out, in] feeds down_proj [E, H, I]; transposed [E, I, H]:
+        # the input projections read the width H that down_proj writes (a layout that fits
+        # both ways, every matrix square, reads as [E, out, in])
+        plain = first.shape[2] == down.shape[1]
+        transposed = first.shape[1] == down.shape[2] and not plain
     return FusedExperts(module, int(down.shape[0]), inputs, bool(transposed))
 
 

@@ -19,16 +19,10 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..layers import ExpertProjection, get_weight
-from .block_layers import BlockLayers, DenseMatrix
-from .capture import (
-    PER_BLOCK,
-    _block_output,
-    _same_structure,
-    _sanitize_kwargs,
-    _split_hidden,
-    to_device,
-)
+from .block_layers import BlockLayers, DenseMatrix, shared_modules
+from .capture import PER_BLOCK, _block_output, _split_hidden
 from .experts import expert_call_inputs, expert_call_problem
+from .replay import differing, replay_block, snapshot, tensors
 
 logger = logging.getLogger("fastprune")
 ROUTER = "router: feeds the expert selection"
@@ -37,27 +31,6 @@ _ROUTING = {
     torch.topk: 2, torch.Tensor.topk: 2, torch.sort: 1, torch.Tensor.sort: 1,
     torch.argsort: 1, torch.Tensor.argsort: 1, torch.argmax: 1, torch.Tensor.argmax: 1,
 }  # fmt: skip
-
-
-def _tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, tuple | list):
-        for o in obj:
-            yield from _tensors(o)
-    elif isinstance(obj, dict):
-        for o in obj.values():
-            yield from _tensors(o)
-
-
-def _snapshot(obj):
-    """A structural copy (containers copied, tensors shared) taken when a block is called, so
-    a dict or list the model fills later does not change what was recorded."""
-    if isinstance(obj, tuple | list):
-        return type(obj)(_snapshot(o) for o in obj) if type(obj) in (tuple, list) else obj
-    if isinstance(obj, dict):
-        return {k: _snapshot(v) for k, v in obj.items()}
-    return obj
 
 
 class _Provenance(TorchFunctionMode):
@@ -74,12 +47,16 @@ class _Provenance(TorchFunctionMode):
         self.routers: set[tuple[int, str]] = set()
         self.active: set[tuple[int, str]] = set()  # layers inside their own call
         self.outside: dict[tuple[int, str], str] = {}  # weight used outside its layer's call
+        self.replaying = False  # a replay inside the forward: nothing is recorded
+        self.returned = None  # called with a block's index when it first returns
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = result = func(*args, **kwargs)
+        if self.replaying:
+            return result
         tags, made_by = set(), None
-        for t in _tensors((args, kwargs)):
+        for t in tensors((args, kwargs)):
             own = self.owners.get(id(t))
             if own is not None and own[0] is t:
                 made_by = own[1:]
@@ -97,7 +74,7 @@ class _Provenance(TorchFunctionMode):
             tags.add(("block", self.block))
         if tags:
             frozen = frozenset(tags)
-            for t in _tensors(out if isinstance(out, tuple | list) else [out]):
+            for t in tensors(out if isinstance(out, tuple | list) else [out]):
                 self.tags[t] = frozen
         return result
 
@@ -117,10 +94,14 @@ class _BlockProbe:
     (copied when called) and outputs, each layer's calls, each experts module's calls and
     the first reason its calling convention is not understood."""
 
-    def __init__(self, i: int, block: nn.Module, bl: BlockLayers, mode: _Provenance):
+    def __init__(self, i: int, block: nn.Module, bl: BlockLayers, mode: _Provenance, shared=None):
         self.i, self.mode = i, mode
+        self.shared = shared or {}  # layer (the block: "") -> where else the same object sits
         self.inputs: list[tuple[tuple, dict]] = []
-        self.outputs: list[torch.Tensor] = []
+        self.outputs: list[torch.Tensor] = []  # the first call's (until replayed)
+        self.shapes: list[list[int]] = []  # of the hidden states in and out
+        self.hidden: torch.Tensor | None = None
+        self.replayed = None  # (tolerance, (error, failure) on its kind's arguments, on its own)
         self.depends: dict[str, set[int]] = {}  # argument -> earlier blocks its value came from
         self.calls: Counter = Counter()
         self.problems: dict[str, str] = {}
@@ -151,28 +132,39 @@ class _BlockProbe:
             h.remove()
 
     def _enter(self, _mod, args, kwargs):
+        if self.mode.replaying:
+            return
         hidden, rest, kw = _split_hidden(args, kwargs)
-        self.inputs.append((_snapshot(rest), _snapshot(kw)))
+        self.inputs.append((snapshot(rest), snapshot(kw)))
         named = [(f"positional argument {j + 1}", v) for j, v in enumerate(rest)]
         for name, value in [*named, *kw.items()]:
             found = {
                 tag[1]
-                for t in _tensors(value)
+                for t in tensors(value)
                 for tag in self.mode.tags.get(t, ())
                 if tag[0] == "block" and tag[1] != self.i
             }
             if found:
                 self.depends[name] = found
-        self.hidden = hidden.detach().to("cpu", copy=True)  # one sample per block, on the host
+        if len(self.inputs) == 1:  # the first call's, of one sample, on the host
+            self.hidden = hidden.detach().to("cpu", copy=True)
         self.mode.tags[hidden] = frozenset()
         self.mode.block = self.i
 
     def _leave(self, _mod, _args, out):
-        self.outputs.append(_block_output(out).detach().to("cpu", copy=True))
+        if self.mode.replaying:
+            return
         self.mode.block = None
+        if not self.shapes:  # the first call
+            self.outputs.append(_block_output(out).detach().to("cpu", copy=True))
+            self.shapes = [list(self.hidden.shape), list(self.outputs[0].shape)]
+            if self.mode.returned is not None:
+                self.mode.returned(self.i)
 
     def _in(self, name):
         def hook(_mod, _args):
+            if self.mode.replaying:
+                return
             self.calls[name] += 1
             self.mode.active.add((self.i, name))
 
@@ -180,12 +172,15 @@ class _BlockProbe:
 
     def _out(self, name):
         def hook(_mod, _args, _out):
-            self.mode.active.discard((self.i, name))
+            if not self.mode.replaying:
+                self.mode.active.discard((self.i, name))
 
         return hook
 
     def _experts(self, path, fx):
         def hook(mod, args, kwargs):
+            if self.mode.replaying:
+                return
             self.calls[path] += 1
             try:
                 hidden, index = expert_call_inputs(mod, args, kwargs)
@@ -201,11 +196,12 @@ class _BlockProbe:
         """Refuse (`ValueError`) a block not called once on batch-first hidden states of the
         shape it returns, or a layer not reached as planned in its forward."""
         if len(self.inputs) != 1:
-            raise ValueError(
-                f"{where} ran {len(self.inputs)} times in one forward of the model; the "
-                "pipeline replays each block once per batch"
-            )
-        shape, out = list(self.hidden.shape), list(self.outputs[0].shape)
+            n, also = len(self.inputs), ", ".join(self.shared.get("", []))
+            why = f" (one module object, also the blocks' {also}: it runs at each)" if also else ""
+            why += " (not the blocks the model runs? name them: blocks=)" if n == 0 else ""
+            raise ValueError(f"{where} ran {n} times in one forward of the model{why}; the "
+                             "pipeline replays each block once per batch")  # fmt: skip
+        shape, out = self.shapes
         if shape[0] != batch or out != shape:
             raise ValueError(
                 f"{where} takes hidden states {shape} and returns {out} for a batch of "
@@ -228,6 +224,10 @@ class _BlockProbe:
                     else "it is never called in the block's forward, so it gets no calibration "
                     "inputs"
                 )
+            elif name in self.shared:
+                why = (f"it is one module object shared with {', '.join(self.shared[name])}, "
+                       f"so its hooks see the calls of every place that holds it ({n} in one "
+                       "forward) and it cannot be pruned for one of them")  # fmt: skip
             else:
                 why = (
                     f"it is called {n} times in one forward of the block, and its hooks take "
@@ -307,34 +307,6 @@ def check_block(i, block, bl, where, x, rest, kwargs) -> list[str]:
     return drop_routers(0, bl, mode.routers)
 
 
-def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    if y.shape != ref.shape:
-        return float("inf")
-    return float((y - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _replay(block, hidden, rest, kw, ref) -> tuple[float, str | None]:
-    dev = next(block.parameters()).device
-    hidden = hidden.to(dev)
-    try:
-        y = _block_output(
-            block(hidden, *to_device(rest, dev), **to_device(_sanitize_kwargs(kw), dev))
-        )
-    except Exception as e:  # a replay that fails differs from the real forward
-        return float("inf"), f"{type(e).__name__}: {e}"
-    return _rel_error(y.cpu(), ref), None
-
-
-def _differing(own, first) -> list[str]:
-    (ra, rk), (fa, fk) = own, first
-    names = [f"positional argument {j + 1}" for j in range(max(len(ra), len(fa)))
-             if j >= len(ra) or j >= len(fa) or not _same_structure(ra[j], fa[j])]  # fmt: skip
-    names += sorted(k for k in set(rk) | set(fk)
-                    if k not in rk or k not in fk or not _same_structure(rk[k], fk[k]))  # fmt: skip
-    return names
-
-
 @torch.no_grad()
 def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -> Verdict:
     """One forward of `sample` (`[1, seqlen]` token ids) through `model` with every block
@@ -343,12 +315,41 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
     its kind's arguments (`kinds[i]`) against its real output: blocks that reproduce it only
     with their own arguments are listed in `Verdict.own_arguments`."""
     mode = _mode_for(blocks, layouts)
-    probes = [_BlockProbe(i, b, bl, mode) for i, (b, bl) in enumerate(zip(blocks, layouts))]
+    shared = shared_modules(blocks, layouts)
+    probes = [_BlockProbe(i, b, bl, mode, shared[i])
+              for i, (b, bl) in enumerate(zip(blocks, layouts))]  # fmt: skip
+    first, due = {k: kinds.index(k) for k in set(kinds)}, []
+
+    def replay_due(now: int | None) -> None:
+        """Replay the blocks that returned before block `now` (all: None), on their kind's
+        arguments and, if that differs, on their own; their records are then freed. Run
+        once the next block returned, a replay sees the state the model set for that one:
+        no more than two blocks' inputs and outputs are held at a time."""
+        for j in [j for j in due if j != now]:
+            due.remove(j)
+            p, mode.replaying = probes[j], True
+            try:
+                tol = 1e-4 if p.outputs[0].dtype in (torch.float32, torch.float64) else 2e-2
+                f = probes[first[kinds[j]]].inputs[:1] or [((), {})]
+                kind = replay_block(blocks[j], p.hidden, *f[0], p.outputs[0])
+                own = (
+                    None
+                    if kind[0] <= tol
+                    else replay_block(blocks[j], p.hidden, *p.inputs[0], p.outputs[0])
+                )
+                p.replayed, p.hidden, p.outputs = (tol, kind, own), None, p.outputs[:0]
+            finally:
+                mode.replaying = False
+        if now is not None:
+            due.append(now)
+
+    mode.returned = replay_due if replay else None
     was_training = model.training
     model.eval()
     try:
         with mode:
             model(input_ids=sample, use_cache=False)
+            replay_due(None)
     finally:
         for p in probes:
             p.remove()
@@ -362,16 +363,13 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
             verdict.routers[i] = names
     if not replay:
         return verdict
-    first = {k: kinds.index(k) for k in set(kinds)}
-    for i, (block, p) in enumerate(zip(blocks, probes)):
-        where, ref = f"{blocks_path}.{i}", p.outputs[0]
-        tol = 1e-4 if ref.dtype in (torch.float32, torch.float64) else 2e-2  # float rounding
-        f = probes[first[kinds[i]]].inputs[0]
-        err, failed = _replay(block, p.hidden, *f, ref)
+    for i, p in enumerate(probes):
+        where, f = f"{blocks_path}.{i}", probes[first[kinds[i]]].inputs[0]
+        tol, (err, failed), own = p.replayed
         if err <= tol:
             verdict.replay_error = max(verdict.replay_error, err)
             continue
-        diff = _differing(p.inputs[0], f)
+        diff = differing(p.inputs[0], f)
         for name in diff:
             if name in p.depends:
                 raise ValueError(
@@ -385,7 +383,7 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
                 f"real forward's ({failed or f'by {err:.3g}'}): it reads state that is not "
                 "among its arguments"
             )
-        err2, failed2 = _replay(block, p.hidden, *p.inputs[0], ref)
+        err2, failed2 = own
         if err2 > tol:
             raise ValueError(
                 f"{where}: the block's replay differs from the real forward's even with its "
