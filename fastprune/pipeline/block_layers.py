@@ -87,8 +87,12 @@ def non_gemm_reason(owner: nn.Module | None, leaf: str, p: torch.Tensor) -> str 
         return VECTOR
     if p.dim() == 2 and min(p.shape) <= MIXING_MAX_ROWS:
         return MIXING
-    if p.dim() >= 3 and owner is not None and "expert" in type(owner).__name__.lower():
-        return UNREAD_EXPERTS  # an experts module's stack (JetMoE's ParallelExperts)
+    if (
+        owner is not None
+        and not isinstance(owner, nn.Linear)
+        and "expert" in type(owner).__name__.lower()
+    ):  # an experts module's stack: JetMoE's ParallelExperts [E, out, in], DBRX's [E*I, H]
+        return UNREAD_EXPERTS
     return None
 
 
