@@ -42,6 +42,24 @@ def hessian_diagonal(H: torch.Tensor) -> torch.Tensor:
     return H if H.dim() == 1 else torch.diagonal(H)
 
 
+def _columns(inp: torch.Tensor, cols: int, device) -> tuple[torch.Tensor | None, int]:
+    """A checked batch of layer inputs as `x [cols, tokens]` on `device` and its sample
+    count; `(None, 0)` for a batch without tokens (it adds and counts nothing)."""
+    inp = _check_batch(inp, cols)
+    if inp.shape[0] * inp.shape[1] == 0:
+        return None, 0
+    return inp.reshape(-1, cols).t().to(device=device), inp.shape[0]
+
+
+def _check_squares(stat: torch.Tensor, x: torch.Tensor, what: str) -> None:
+    """NaN/inf inputs, or squared norms beyond float32, named."""
+    if not all_finite(stat):
+        check_finite(x, "inp")
+        raise ValueError(
+            f"inp: the squared input norms overflow float32 ({what}); scale the activations down"
+        )
+
+
 class DiagonalAccumulator:
     """Streams activations (as `HessianAccumulator`) into `diag(H)` alone: `cols` floats
     instead of `cols^2`, and no GEMM. It keeps Wanda's own statistic, `scaler_row` (the
@@ -67,18 +85,13 @@ class DiagonalAccumulator:
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add a batch of layer inputs `[batch, tokens, cols]` (batch samples) or
         `[tokens, cols]` (one sample); a batch without tokens adds and counts nothing."""
-        inp = _check_batch(inp, self.cols)
-        if inp.shape[0] * inp.shape[1] == 0:
+        x, b = _columns(inp, self.cols, self.scaler_row.device)
+        if x is None:
             return
-        x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device).float()
+        x = x.float()
         sq = torch.norm(x, p=2, dim=1) ** 2
-        if not all_finite(sq):  # NaN/inf inputs, or squares beyond float32
-            check_finite(x, "inp")
-            raise ValueError(
-                "inp: the squared input norms overflow float32 (diag(H)); scale the "
-                "activations down"
-            )
-        self.nsamples = scaler_update(self.scaler_row, self.nsamples, sq, inp.shape[0])
+        _check_squares(sq, x, "diag(H)")
+        self.nsamples = scaler_update(self.scaler_row, self.nsamples, sq, b)
 
 
 class RunningScaler:
@@ -86,7 +99,7 @@ class RunningScaler:
     `scaler_row`, in its arithmetic (`running_scaler_update(..., prescale=True)`, as the
     compat `ROSE.add_batch`): `(2/N) sum_k ||x_k||^2 / n_k` per input channel, sample k
     weighted `1/n_k` (`n_k`: samples seen once its batch was added), not equally as in
-    `diag(H)/2`. The pipeline accumulates it beside `H` for ROSE's `scaler="running"`."""
+    `diag(H)/2`. The pipeline accumulates it beside `H` for ROSE's `score_scaler="running"`."""
 
     def __init__(self, cols: int, device: torch.device | str | None = None) -> None:
         self.cols = check_int(cols, "cols", minimum=1)
@@ -97,19 +110,11 @@ class RunningScaler:
     def add_batch(self, inp: torch.Tensor) -> None:
         """Add a batch of layer inputs `[batch, tokens, cols]` (batch samples) or
         `[tokens, cols]` (one sample); a batch without tokens adds and counts nothing."""
-        inp = _check_batch(inp, self.cols)
-        if inp.shape[0] * inp.shape[1] == 0:
+        x, b = _columns(inp, self.cols, self.scaler_row.device)
+        if x is None:
             return
-        x = inp.reshape(-1, self.cols).t().to(device=self.scaler_row.device)
-        self.nsamples = running_scaler_update(
-            self.scaler_row, self.nsamples, x, inp.shape[0], prescale=True
-        )
-        if not all_finite(self.scaler_row):  # NaN/inf inputs, or squares beyond float32
-            check_finite(x, "inp")
-            raise ValueError(
-                "inp: the squared input norms overflow float32 (scaler_row); scale the "
-                "activations down"
-            )
+        self.nsamples = running_scaler_update(self.scaler_row, self.nsamples, x, b, prescale=True)
+        _check_squares(self.scaler_row, x, "scaler_row")
 
 
 __all__ = [
