@@ -16,6 +16,7 @@ blocks (no replica of the model per rank) and rank 0 alone writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -47,20 +48,64 @@ def buffers_to(module: nn.Module, device, skip: str | None = None) -> None:
                 m._buffers[k] = b.to(device)
 
 
+class BlocksOnDemand:
+    """A streamed model's blocks loaded from the checkpoint when the whole model runs (the
+    pre-flight's forward, the capture of per-block arguments): `load(i)` reads block `i`
+    onto the device of the modules outside the blocks, `release(i)` frees it."""
+
+    def __init__(self, store: StreamedBlocks, args: PruneArgs):
+        from ..models import model_device
+
+        self.store, self.blocks, self.path = store, args.block_list, args.blocks_path
+        self.device = model_device(args.model)
+        self.held: set[int] = set()
+
+    def load(self, i: int) -> None:
+        self.store.enter(i, self.blocks[i], f"{self.path}.{i}", self.device)
+        self.held.add(i)
+
+    def release(self, i: int) -> None:
+        self.held.discard(i)
+        self.store.ckpt.release(self.blocks[i])
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """Within: each block loaded when it is called and released when it returns (one
+        block's weights at a time); any left loaded by an interrupted forward released."""
+
+        def load(i):
+            return lambda _mod, _args: None if i in self.held else self.load(i)
+
+        handles = [b.register_forward_pre_hook(load(i)) for i, b in enumerate(self.blocks)]
+        handles += [
+            b.register_forward_hook(lambda _m, _a, _o, i=i: self.release(i))
+            for i, b in enumerate(self.blocks)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for i in sorted(self.held):
+                self.release(i)
+
+
 class StreamedBlocks(BlockStore):
-    """Blocks read from `ckpt` when a stage needs them and, once pruned, written to `writer`
-    (None on the ranks that do not write) and released back to the meta device."""
+    """Blocks read from `ckpt` when a stage needs them and, once pruned, written to the
+    writer `open_writer()` makes once the pre-flight and capture are done (None on the ranks
+    that do not write), then released back to the meta device."""
 
     streamed = True
 
     def __init__(
         self,
         ckpt: Checkpoint,
-        writer: CheckpointWriter | None,
+        open_writer,
         dtype: torch.dtype,
         compressed: CompressedBlocks | None = None,
     ):
-        self.ckpt, self.writer, self.dtype = ckpt, writer, dtype
+        self.ckpt, self.open_writer, self.dtype = ckpt, open_writer, dtype
+        self.writer: CheckpointWriter | None = None
         self.compressed = compressed  # a quantized prune: blocks written as compressed tensors
         self.report: PruneReport | None = None
         self.zeros = self.entries = 0
@@ -86,8 +131,18 @@ class StreamedBlocks(BlockStore):
                 "arguments are captured by running the blocks before each kind's first"
             )
 
+    def on_demand(self, args: PruneArgs) -> BlocksOnDemand:
+        """The blocks loaded as the whole model's forward calls them (`BlocksOnDemand`)."""
+        return BlocksOnDemand(self, args)
+
     def captured(self, args: PruneArgs) -> None:
-        # embeddings, final norm and head were written out at the start: freed for the blocks
+        # nothing refused: the output opened, the embeddings, final norm and head written
+        # out at once (the buffer never holds them beside a block) and freed for the blocks
+        if self.open_writer is not None:
+            self.writer = self.open_writer()
+            for key, t in self.ckpt.module_tensors(args.model, "", skip=[args.blocks_path]):
+                self.writer.add(key, t, copy=False)
+            self.writer.flush()
         self.ckpt.release(args.model)
 
     def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
@@ -157,14 +212,11 @@ def prune_checkpoint(
     from .distributed import active_world
 
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
-    writer = CheckpointWriter(out, max_shard_bytes, ckpt.path) if lead else None
+    opener = (lambda: CheckpointWriter(out, max_shard_bytes, ckpt.path)) if lead else None
+    store = StreamedBlocks(ckpt, opener, dtype, compressed)
     try:
-        if writer is not None:  # written at once: the buffer never holds them beside a block
-            for key, t in ckpt.module_tensors(model, "", skip=[blocks_path]):
-                writer.add(key, t, copy=False)
-            writer.flush()
-        store = StreamedBlocks(ckpt, writer, dtype, compressed)
         report = run_stages(model, calibration, config, store, tokenizer)
+        writer = store.writer
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
         entries = None
         if compressed is not None:
@@ -183,8 +235,8 @@ def prune_checkpoint(
             report.totals["saved"] = str(out)
             report.totals["digests"] = writer.digests
     except BaseException as e:
-        if writer is not None:
-            writer.__exit__(type(e), e, None)  # the partial folder says why
+        if store.writer is not None:  # None: refused before the output was opened
+            store.writer.__exit__(type(e), e, None)  # the partial folder says why
         raise
     return report
 
