@@ -295,7 +295,7 @@ def test_refused_before_any_work(tmp_path, kw, needle):
     calib = calib_ids(n=2, seqlen=8)
     with pytest.raises(ValueError, match=needle):
         prune_checkpoint(src, out, calib, progress=False, **kw)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))  # nor a partial folder
 
 
 def test_output_into_source_refused(tmp_path):

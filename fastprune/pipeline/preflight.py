@@ -5,7 +5,8 @@ linear never called (used through its `.weight`) or called twice in one forward,
 module called in a way not understood, a block whose replay on the pipeline's arguments does
 not reproduce the real forward for a reason no per-block argument fixes. Linears feeding the
 expert selection are found by structure and left dense as routers; blocks that get arguments
-of their own are replayed with them."""
+of their own are replayed with them. A streamed model runs it with each block loaded when
+called (`on_demand`)."""
 
 from __future__ import annotations
 

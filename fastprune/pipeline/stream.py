@@ -1,10 +1,13 @@
 """Pruning a checkpoint bigger than host memory, one decoder block at a time.
 
 `prune_checkpoint(path, save, ...)` builds the model on the meta device from the checkpoint's
-config, loads what lies outside the decoder blocks (embeddings, final norm, head: written out
-unchanged at once), captures the calibration inputs of the first block, and then, per block,
-loads only that block's tensors from the shards, calibrates, prunes, propagates, writes the
-pruned tensors (in the checkpoint's own layout) and frees the block. `prune_model`'s stages
+config, loads what lies outside the decoder blocks (embeddings, final norm, head), runs the
+pre-flight on the model's forward with each block loaded when called and released once
+replayed (`BlocksOnDemand`: those modules and at most two blocks held), captures the
+calibration inputs of the first block, opens the output (the modules outside the blocks
+written out unchanged at once) and then, per block, loads only that block's tensors from the
+shards, calibrates, prunes, propagates, writes the pruned tensors (in the checkpoint's own
+layout) and frees the block. `prune_model`'s stages
 run unchanged: only where a block lives between them differs (`StreamedBlocks` here,
 `ResidentBlocks` in memory), so the pruned weights equal the in-memory path's bit for bit.
 
@@ -186,15 +189,16 @@ def prune_checkpoint(
 ) -> PruneReport:
     """Prune the local safetensors checkpoint `checkpoint` block by block into the folder
     `save` (which must not exist or be empty, and not lie inside the source), holding one
-    decoder block and the calibration activations in memory at a time. `config` and
-    `overrides`: as for `prune_model` (method, sparsity, prune_n, prune_m, device, nsamples,
-    seqlen, ..., method options); gradient methods (GBLM) and OWL allocation need the whole
-    model and are refused. `dtype`: the dtype blocks are pruned in and written (default: the
-    checkpoint's). `tokenizer` is saved beside the weights. The report says
-    `path="streamed"`, the peak host memory and the bytes read; `save` gets
+    decoder block (two in the pre-flight's forward) and the calibration activations in
+    memory at a time; a refusal (of the options, or by the pre-flight) leaves `save` unmade.
+    `config` and `overrides`: as for `prune_model` (method, sparsity, prune_n, prune_m,
+    device, nsamples, seqlen, ..., method options); gradient methods (GBLM) and OWL
+    allocation need the whole model and are refused. `dtype`: the dtype blocks are pruned in
+    and written (default: the checkpoint's). `tokenizer` is saved beside the weights. The
+    report says `path="streamed"`, the peak host memory and the bytes read; `save` gets
     `fastprune_report.json` too. A quantized prune (`quant`) writes the compressed-tensors
-    checkpoint the in-memory save writes (`save_pruned`), block by block; its report keeps no
-    codes (`report.quantized` is empty: they are on disk)."""
+    checkpoint the in-memory save writes (`save_pruned`), block by block; its report keeps
+    no codes (`report.quantized` is empty: they are on disk)."""
     config = make_config(config, (), overrides, "prune_checkpoint")
     spec = check_config(config).quant
     if config.device is None:
