@@ -590,22 +590,58 @@ def test_every_rank_reaches_the_same_verdict(tmp_path):
     assert "layers.0.proj: it is called 2 times" in r0[1] + r1[1]
 
 
-def test_the_streamed_check_of_one_block():
-    """The streamed path's check of one block (`check_block`): a linear used through its
-    weight is refused naming it; a router found by structure is moved to the dense ones."""
-    from fastprune.pipeline.block_layers import find_block_layers
-    from fastprune.pipeline.preflight import check_block
+class _OnDemand:
+    """A toy's blocks on the meta device, each loaded from a copy of its weights when the
+    pre-flight calls `load(i)` and put back on the meta device at `release(i)`."""
 
-    x = torch.randn(2, 8, D)
-    block = WeightMatmulBlock()
-    with pytest.raises(ValueError, match=r"layers\.4\.proj: its weight is used directly"):
-        check_block(4, block, find_block_layers(block), "layers.4", x, (), {})
-    block = ScoreBlock()
-    bl = find_block_layers(block)
-    assert "moe.score" in bl.layers
-    assert check_block(0, block, bl, "layers.0", x, (), {}) == ["moe.score"]
-    assert "moe.score" not in bl.layers
-    assert [d.reason for d in bl.dense if d.name == "moe.score.weight"] == [ROUTER]
+    def __init__(self, model):
+        self.blocks = model.layers
+        self.saved = [copy.deepcopy(b.state_dict()) for b in self.blocks]
+        for b in self.blocks:
+            b.to("meta")
+        self.held, self.peak, self.loads = set(), 0, 0
+
+    def load(self, i):
+        self.blocks[i].to_empty(device="cpu").load_state_dict(self.saved[i])
+        self.held.add(i)
+        self.peak, self.loads = max(self.peak, len(self.held)), self.loads + 1
+
+    def release(self, i):
+        self.blocks[i].to("meta")
+        self.held.discard(i)
+
+
+def _verdict(model, on_demand=None, replay=True):
+    from fastprune.pipeline.block_layers import find_block_layers
+
+    path, blocks = find_blocks(model)
+    layouts = [find_block_layers(b) for b in blocks]
+    kinds = block_kinds(model, len(blocks))
+    try:
+        return preflight(model, blocks, layouts, kinds, path, _ids()[:1], replay, on_demand)
+    except ValueError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize(
+    "toy", [Toy, PerLayer, Accumulating, HiddenState, WeightMatmul, Twice, Score, Gamma]
+)
+@pytest.mark.parametrize("replay", [True, False])
+def test_blocks_loaded_on_demand_reach_the_in_memory_verdict(toy, replay):
+    """The streamed path's pre-flight (`on_demand`): each block loaded when the forward calls
+    it and released once its record is taken (replayed when the next returns: two held at
+    most); the same verdict or refusal as with every block in memory; none left loaded."""
+    want = _verdict(toy(), replay=replay)
+    model = toy()
+    source = _OnDemand(model)
+    got = _verdict(model, source, replay)
+    if isinstance(want, str):
+        assert got == want
+    else:
+        assert got == want and got.replay_error == want.replay_error
+        assert source.loads == LAYERS  # each block once: the replay runs it while held
+    assert 1 <= source.peak <= (2 if replay else 1) and not source.held
+    assert all(p.device.type == "meta" for p in model.layers.parameters())
 
 
 def test_the_hessian_hooks_name_a_linear_called_twice():

@@ -10,12 +10,22 @@ import json
 
 import pytest
 import torch
-from pipeline_helpers import byte_tokenizer, calib_ids, tiny_model, tiny_moe_model, transformers
+from pipeline_helpers import (
+    VOCAB,
+    byte_tokenizer,
+    calib_ids,
+    tiny_model,
+    tiny_moe_model,
+    transformers,
+)
+from torch import nn
 
 import fastprune as fp
 from fastprune.pipeline import stream as stream_mod
+from fastprune.pipeline.stages import PruneRun
 from fastprune.pipeline.stream import prune_checkpoint, verify_streamed_prune
 from fastprune.streaming import PARTIAL
+from fastprune.streaming.loader import BlockLoader
 
 SHARD = "60KB"  # the tiny models are a few hundred KB in float32: 3 or more shards
 
@@ -80,6 +90,182 @@ def test_streamed_equals_in_memory(tmp_path, family, method, kw):
     assert check["verified"] == check["tensors"] and check["block_sparsity"] == rep.block_sparsity
 
 
+# ------------------------------------------------------------------ the streamed pre-flight
+
+
+class WiredConfig(transformers.PretrainedConfig):
+    """A toy causal LM whose blocks are wired by `wiring`: "per_layer" (each block gets its
+    own slice of a tensor made from the tokens, as Gemma-4's per-layer inputs) or
+    "accumulating" (each block reads the outputs of the blocks before it)."""
+
+    model_type = "fastprune_wired"
+
+    def __init__(self, wiring="per_layer", vocab_size=VOCAB, hidden_size=16, layers=3, **kw):
+        self.wiring, self.vocab_size, self.hidden_size = wiring, vocab_size, hidden_size
+        self.num_hidden_layers = layers
+        super().__init__(**kw)
+
+
+class WiredBlock(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x, per_layer_input=None, block_states=(), **kw):
+        g = torch.nn.functional.gelu(self.up(x + sum(block_states, torch.zeros_like(x))))
+        return x + self.down(g if per_layer_input is None else g * per_layer_input)
+
+
+class WiredLM(transformers.PreTrainedModel):
+    config_class = WiredConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        d, n = config.hidden_size, config.num_hidden_layers
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.model.per_layer = nn.Embedding(config.vocab_size, n * 2 * d)
+        self.model.layers = nn.ModuleList(WiredBlock(d) for _ in range(n))
+        self.post_init()
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear | nn.Embedding):
+            torch.nn.init.normal_(module.weight, std=0.3)
+        if isinstance(module, nn.Linear):
+            torch.nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def forward(self, input_ids, use_cache=False, **kw):
+        h, states = self.model.embed_tokens(input_ids), []
+        pli = self.model.per_layer(input_ids).unflatten(-1, (-1, len(self.model.layers)))
+        for i, block in enumerate(self.model.layers):
+            if self.config.wiring == "per_layer":
+                h = block(h, per_layer_input=pli[..., i])
+            else:
+                h = block(h, block_states=states)
+                states.append(h)
+        return transformers.modeling_outputs.CausalLMOutput(logits=h)
+
+
+if WiredConfig.model_type not in transformers.CONFIG_MAPPING:
+    transformers.AutoConfig.register(WiredConfig.model_type, WiredConfig)
+    transformers.AutoModelForCausalLM.register(WiredConfig, WiredLM)
+
+
+def _saved_wired(wiring, tmp_path):
+    torch.manual_seed(0)
+    folder = tmp_path / f"{wiring}-src"
+    WiredLM(WiredConfig(wiring)).save_pretrained(folder, max_shard_size="8KB")
+    return folder
+
+
+def _gemma4_uniform(tmp_path):
+    """Gemma-4 with every block of one kind: per-layer inputs are its blocks' own."""
+    if "gemma4_text" not in transformers.CONFIG_MAPPING:
+        pytest.skip("this transformers has no gemma4_text")
+    cfg = transformers.CONFIG_MAPPING["gemma4_text"](
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        pad_token_id=0, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8,
+        sliding_window=8, layer_types=["full_attention"] * 3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    folder = tmp_path / "gemma4-src"
+    transformers.AutoModelForCausalLM.from_config(cfg).float().save_pretrained(
+        folder, max_shard_size=SHARD
+    )
+    return folder
+
+
+@pytest.mark.parametrize("source", ["wired", "gemma4"])
+def test_streamed_blocks_with_their_own_arguments_equal_in_memory(tmp_path, source):
+    """Blocks that get arguments of their own (per-layer inputs) are found by the streamed
+    pre-flight too and calibrated on their real arguments: the in-memory prune, bit for bit."""
+    src = _gemma4_uniform(tmp_path) if source == "gemma4" else _saved_wired("per_layer", tmp_path)
+    assert len(list(src.glob("*.safetensors"))) >= 3
+    model = _load(src)
+    calib = calib_ids(n=4, seqlen=16)
+    kw = {"method": "sparsegpt", "sparsity": 0.5, "batch_size": 2, "progress": False}
+    ref = fp.prune_model(model, calib, **kw)
+    own = list(range(1, len(ref.totals["preflight"]["own_arguments"]) + 1))
+    assert ref.totals["preflight"]["own_arguments"] == own and own  # all blocks but the first
+    out = tmp_path / "pruned"
+    rep = prune_checkpoint(src, out, calib, **kw)
+    assert rep.totals["preflight"] == ref.totals["preflight"]
+    assert [(a.name, a.loss) for a in rep.layers] == [(b.name, b.loss) for b in ref.layers]
+    got, want = _load(out).state_dict(), model.state_dict()
+    bad = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} tensors differ, first {bad[:3]}"
+
+
+def test_streamed_state_from_earlier_blocks_is_refused_as_in_memory(tmp_path):
+    """A block whose argument is made from earlier blocks' outputs is refused streamed with
+    the in-memory message, before the output folder is made."""
+    src = _saved_wired("accumulating", tmp_path)
+    before = _files_digest(src)
+    calib = calib_ids(n=2, seqlen=8)
+    with pytest.raises(ValueError) as in_memory:
+        fp.prune_model(_load(src), calib, method="sparsegpt", sparsity=0.5, progress=False)
+    assert "its argument block_states depends on the outputs of earlier blocks" in str(
+        in_memory.value
+    )
+    out = tmp_path / "pruned"
+    with pytest.raises(ValueError) as streamed:
+        prune_checkpoint(src, out, calib, method="sparsegpt", sparsity=0.5, progress=False)
+    assert str(streamed.value) == str(in_memory.value)
+    assert streamed.value.pruned_blocks == []
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))
+    assert _files_digest(src) == before
+
+
+@pytest.mark.parametrize(("family", "method"), [("llama", "sparsegpt"), ("qwen3_moe", "wanda"),
+                                                ("qwen3_moe", "magnitude")])  # fmt: skip
+def test_the_streamed_preflight_holds_two_blocks_at_most(tmp_path, monkeypatch, family, method):
+    """The streamed pre-flight loads each block when the forward calls it and releases it
+    once replayed: at most two blocks' weights at a time; its summary is the in-memory one."""
+    src = _saved(family, tmp_path)
+    calib = None if method == "magnitude" else calib_ids(n=2, seqlen=8)
+    ref = fp.prune_model(_load(src), calib, method=method, sparsity=0.5, progress=False)
+    held, peak, loaded, phase = set(), {}, {}, ["setup"]
+    load, release = BlockLoader.load, BlockLoader.release
+
+    def counted_load(self, module, prefix="", *a, **k):
+        if prefix.startswith("model.layers."):
+            held.add(id(module))
+            loaded.setdefault(phase[0], set()).add(prefix)
+            peak[phase[0]] = max(peak.get(phase[0], 0), len(held))
+        return load(self, module, prefix, *a, **k)
+
+    def counted_release(self, module):
+        held.difference_update(id(m) for m in module.modules())
+        return release(self, module)
+
+    def in_phase(name, stage):
+        def run(self, *a):
+            phase[0] = name
+            try:
+                return stage(self, *a)
+            finally:
+                phase[0] = "blocks"
+
+        return run
+
+    monkeypatch.setattr(BlockLoader, "load", counted_load)
+    monkeypatch.setattr(BlockLoader, "release", counted_release)
+    monkeypatch.setattr(PruneRun, "preflight", in_phase("preflight", PruneRun.preflight))
+    rep = prune_checkpoint(src, tmp_path / "pruned", calib, method=method, sparsity=0.5,
+                           progress=False)  # fmt: skip
+    nblocks = rep.totals["blocks"]
+    assert loaded["preflight"] == {f"model.layers.{i}" for i in range(nblocks)}
+    # replayed once the next block returned: two held then; without calibration, one
+    assert peak["preflight"] == (1 if calib is None else 2) and peak["blocks"] == 1
+    assert not held
+    assert rep.totals["preflight"] == ref.totals["preflight"]
+
+
 def test_tokenizer_and_dtype(tmp_path):
     src = _saved("llama", tmp_path)
     out = tmp_path / "pruned"
@@ -109,7 +295,7 @@ def test_refused_before_any_work(tmp_path, kw, needle):
     calib = calib_ids(n=2, seqlen=8)
     with pytest.raises(ValueError, match=needle):
         prune_checkpoint(src, out, calib, progress=False, **kw)
-    assert not out.exists()
+    assert not out.exists() and not list(tmp_path.glob(".pruned*"))  # nor a partial folder
 
 
 def test_output_into_source_refused(tmp_path):

@@ -5,7 +5,8 @@ linear never called (used through its `.weight`) or called twice in one forward,
 module called in a way not understood, a block whose replay on the pipeline's arguments does
 not reproduce the real forward for a reason no per-block argument fixes. Linears feeding the
 expert selection are found by structure and left dense as routers; blocks that get arguments
-of their own are replayed with them."""
+of their own are replayed with them. A streamed model runs it with each block loaded when
+called (`on_demand`)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..layers import ExpertProjection, get_weight
 from .block_layers import BlockLayers, DenseMatrix, shared_modules
 from .capture import PER_BLOCK, _block_output, _split_hidden
 from .experts import expert_call_inputs, expert_call_problem
-from .replay import differing, replay_block, snapshot, tensors
+from .replay import OnDemand, differing, matrices_of, replay_block, snapshot, tensors
 
 logger = logging.getLogger("fastprune")
 ROUTER = "router: feeds the expert selection"
@@ -271,10 +272,7 @@ def own_kinds(kinds: list[str], verdict: Verdict) -> list[str]:
 def _mode_for(blocks, layouts) -> _Provenance:
     owners, widths, moe = {}, {}, set()
     for i, (block, bl) in enumerate(zip(blocks, layouts)):
-        for path, mod in block.named_modules():
-            for p in mod.parameters(recurse=False):
-                if p.dim() >= 2:
-                    owners[id(p)] = (p, i, path)
+        owners.update(matrices_of(i, block))
         for name, layer in bl.layers.items():
             if not bl.is_expert(name):
                 widths[(i, name)] = get_weight(layer).shape[0]
@@ -293,38 +291,31 @@ def drop_routers(i: int, bl: BlockLayers, found) -> list[str]:
     return names
 
 
-def check_block(i, block, bl, where, x, rest, kwargs) -> list[str]:
-    """The streamed path's per-block pre-flight: one forward of block `i` on `x` with its
-    arguments, its layers checked as planned; routers found moved to the dense matrices."""
-    mode = _mode_for([block], [bl])
-    probe = _BlockProbe(0, block, bl, mode)
-    try:
-        with torch.no_grad(), mode:
-            block(x, *rest, **kwargs)
-    finally:
-        probe.remove()
-    probe.check(where, x.shape[0])
-    return drop_routers(0, bl, mode.routers)
-
-
 @torch.no_grad()
-def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -> Verdict:
+def preflight(
+    model, blocks, layouts, kinds, blocks_path, sample, replay=True, on_demand=None
+) -> Verdict:
     """One forward of `sample` (`[1, seqlen]` token ids) through `model` with every block
     and planned layer hooked; refuse what the pipeline would not calibrate right, leave the
     routers found dense (`layouts` revised), and with `replay`, check each block's replay on
     its kind's arguments (`kinds[i]`) against its real output: blocks that reproduce it only
-    with their own arguments are listed in `Verdict.own_arguments`."""
+    with their own arguments are listed in `Verdict.own_arguments`. `on_demand` (a streamed
+    model, its blocks on the meta device): `load(i)` is called when block `i` is, `release(i)`
+    once it is replayed, so at most two blocks' weights are held (the one running and the
+    one before it, replayed when it returns)."""
     mode = _mode_for(blocks, layouts)
     shared = shared_modules(blocks, layouts)
     probes = [_BlockProbe(i, b, bl, mode, shared[i])
               for i, (b, bl) in enumerate(zip(blocks, layouts))]  # fmt: skip
     first, due = {k: kinds.index(k) for k in set(kinds)}, []
+    demand = None if on_demand is None else OnDemand(blocks, mode, on_demand)
+    release = (lambda j: None) if demand is None else demand.release
 
     def replay_due(now: int | None) -> None:
         """Replay the blocks that returned before block `now` (all: None), on their kind's
-        arguments and, if that differs, on their own; their records are then freed. Run
-        once the next block returned, a replay sees the state the model set for that one:
-        no more than two blocks' inputs and outputs are held at a time."""
+        arguments and, if that differs, on their own; their records (and, streamed, their
+        weights) are then freed. Run once the next block returned, a replay sees the state
+        the model set for that one: no more than two blocks' inputs and outputs are held."""
         for j in [j for j in due if j != now]:
             due.remove(j)
             p, mode.replaying = probes[j], True
@@ -340,19 +331,23 @@ def preflight(model, blocks, layouts, kinds, blocks_path, sample, replay=True) -
                 p.replayed, p.hidden, p.outputs = (tol, kind, own), None, p.outputs[:0]
             finally:
                 mode.replaying = False
+            release(j)
         if now is not None:
             due.append(now)
 
-    mode.returned = replay_due if replay else None
+    mode.returned = replay_due if replay else release
     was_training = model.training
     model.eval()
     try:
         with mode:
             model(input_ids=sample, use_cache=False)
-            replay_due(None)
+            if replay:
+                replay_due(None)
     finally:
         for p in probes:
             p.remove()
+        if demand is not None:
+            demand.close()
         model.train(was_training)
     for i, p in enumerate(probes):
         p.check(f"{blocks_path}.{i}", sample.shape[0])

@@ -61,3 +61,46 @@ def differing(own, first) -> list[str]:
     names += sorted(k for k in set(rk) | set(fk)
                     if k not in rk or k not in fk or not _same_structure(rk[k], fk[k]))  # fmt: skip
     return names
+
+
+def matrices_of(i: int, block) -> dict:
+    """id of each matrix of block `i` -> (the matrix, i, its module's path)."""
+    return {id(p): (p, i, path) for path, mod in block.named_modules()
+            for p in mod.parameters(recurse=False) if p.dim() >= 2}  # fmt: skip
+
+
+class OnDemand:
+    """A streamed model's blocks in the pre-flight: block `i` loaded (`source.load(i)`) when
+    it is called, its matrices then known to the provenance, and released
+    (`source.release(i)`) once its record is taken."""
+
+    def __init__(self, blocks, mode, source):
+        self.blocks, self.mode, self.source = blocks, mode, source
+        self.held: set[int] = set()
+        self.handles = [b.register_forward_pre_hook(self._load(i)) for i, b in enumerate(blocks)]
+
+    def _load(self, i: int):
+        def hook(_mod, _args):
+            if i not in self.held:
+                replaying, self.mode.replaying = self.mode.replaying, True  # loads untraced
+                try:
+                    self.source.load(i)
+                finally:
+                    self.mode.replaying = replaying
+                self.held.add(i)
+                self.mode.owners.update(matrices_of(i, self.blocks[i]))
+
+        return hook
+
+    def release(self, i: int) -> None:
+        if i in self.held:
+            self.held.discard(i)
+            for key in [k for k, v in self.mode.owners.items() if v[1] == i]:
+                del self.mode.owners[key]
+            self.source.release(i)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        for i in sorted(self.held):
+            self.release(i)

@@ -3,6 +3,7 @@ allocate, capture, and per block calibrate, solve, propagate; finish)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -21,7 +22,7 @@ from .distributed import Comm, fingerprint
 from .gradients import compute_gradient_norms
 from .hessian_hooks import HessianHooks, PairedHessianHooks
 from .layer_solves import LayerSolves, expert_groups, identity_for_unrouted
-from .preflight import check_block, has_experts, own_kinds, preflight
+from .preflight import has_experts, own_kinds, preflight
 from .report import PruneReport, jsonable, quant_totals
 
 logger = logging.getLogger("fastprune")
@@ -112,14 +113,13 @@ class PruneRun(LayerSolves):
         )
 
     def preflight(self) -> None:
-        """Before any weight changes (in memory): one forward of the first calibration sample
-        with every block and planned layer hooked (`fastprune.pipeline.preflight`): what would
-        not calibrate right is refused, routers found by structure are left dense, blocks
-        whose replay needs their own arguments get them. Every rank runs it on the same
-        sample, so all reach the same verdict. The streamed path checks block by block."""
+        """Before any weight changes: one forward of the first calibration sample with every
+        block and planned layer hooked (`fastprune.pipeline.preflight`): what would not
+        calibrate right is refused, routers found by structure are left dense, blocks whose
+        replay needs their own arguments get them. Every rank runs it on the same sample, so
+        all reach the same verdict. Streamed, each block is loaded when the forward calls it
+        and released once replayed (two blocks' weights held at most)."""
         a = self.args
-        if self.store.streamed:
-            return
         from ..models import model_device
 
         if a.calib is not None:
@@ -129,10 +129,11 @@ class PruneRun(LayerSolves):
             sample = (torch.arange(16) % vocab).unsqueeze(0)
         else:
             return
+        on_demand = self.store.on_demand(a) if self.store.streamed else None
         with self.guard("the pre-flight forward"):
             verdict = preflight(
                 a.model, a.block_list, a.layouts, a.kinds, a.blocks_path,
-                sample.to(model_device(a.model)), replay=a.calib is not None,
+                sample.to(model_device(a.model)), replay=a.calib is not None, on_demand=on_demand,
             )  # fmt: skip
         a.kinds = own_kinds(a.kinds, verdict)
         self.totals["preflight"] = verdict.summary()
@@ -210,7 +211,11 @@ class PruneRun(LayerSolves):
         a = self.args
         if a.calib is None:
             return
-        with self.guard("the capture of the first block's inputs"):
+        # streamed, blocks with arguments of their own (`own_kinds`) have them captured by
+        # running the blocks before them, each loaded when called and released when it returns
+        streamed = self.store.streamed and len(set(a.kinds)) > 1
+        on_demand = self.store.on_demand(a).hooked() if streamed else contextlib.nullcontext()
+        with self.guard("the capture of the first block's inputs"), on_demand:
             t0 = time.perf_counter()
             self.acts = capture_inputs(
                 a.model, a.block_list, a.kinds, self.local, a.batch_size, a.dev,
@@ -242,8 +247,6 @@ class PruneRun(LayerSolves):
             self.store.enter(i, block, f"{a.blocks_path}.{i}", a.dev)
             if self.acts is None:
                 return None
-            if self.store.streamed:
-                self._check_streamed_block(i, block)
             kind = PairedHessianHooks if a.asymmetric else HessianHooks
             hooks = kind(
                 block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind,
@@ -264,17 +267,6 @@ class PruneRun(LayerSolves):
                 hooks.remove()
             self.clock("hessian_seconds", t0)
         return hooks
-
-    def _check_streamed_block(self, i: int, block) -> None:
-        """The streamed path's pre-flight of block `i`: its forward on the first batch, its
-        layers checked as planned, routers found by structure left dense."""
-        a = self.args
-        args, kwargs = self.arg_sets[self.acts.batch_args[a.kinds[i]][0]]
-        x = self.acts.inps[: a.batch_size].to(a.dev)
-        where = f"{a.blocks_path}.{i}"
-        routers = check_block(i, block, a.layouts[i], where, x, args, kwargs)
-        if routers:
-            self.totals.setdefault("preflight", {"routers": {}})["routers"][str(i)] = routers
 
     def solve_block(self, i: int, hooks: HessianHooks | None) -> None:
         """Every layer of block `i` pruned in place (experts of one projection as batches

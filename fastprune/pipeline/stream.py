@@ -1,10 +1,13 @@
 """Pruning a checkpoint bigger than host memory, one decoder block at a time.
 
 `prune_checkpoint(path, save, ...)` builds the model on the meta device from the checkpoint's
-config, loads what lies outside the decoder blocks (embeddings, final norm, head: written out
-unchanged at once), captures the calibration inputs of the first block, and then, per block,
-loads only that block's tensors from the shards, calibrates, prunes, propagates, writes the
-pruned tensors (in the checkpoint's own layout) and frees the block. `prune_model`'s stages
+config, loads what lies outside the decoder blocks (embeddings, final norm, head), runs the
+pre-flight on the model's forward with each block loaded when called and released once
+replayed (`BlocksOnDemand`: those modules and at most two blocks held), captures the
+calibration inputs of the first block, opens the output (the modules outside the blocks
+written out unchanged at once) and then, per block, loads only that block's tensors from the
+shards, calibrates, prunes, propagates, writes the pruned tensors (in the checkpoint's own
+layout) and frees the block. `prune_model`'s stages
 run unchanged: only where a block lives between them differs (`StreamedBlocks` here,
 `ResidentBlocks` in memory), so the pruned weights equal the in-memory path's bit for bit.
 
@@ -16,6 +19,7 @@ blocks (no replica of the model per rank) and rank 0 alone writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -47,20 +51,64 @@ def buffers_to(module: nn.Module, device, skip: str | None = None) -> None:
                 m._buffers[k] = b.to(device)
 
 
+class BlocksOnDemand:
+    """A streamed model's blocks loaded from the checkpoint when the whole model runs (the
+    pre-flight's forward, the capture of per-block arguments): `load(i)` reads block `i`
+    onto the device of the modules outside the blocks, `release(i)` frees it."""
+
+    def __init__(self, store: StreamedBlocks, args: PruneArgs):
+        from ..models import model_device
+
+        self.store, self.blocks, self.path = store, args.block_list, args.blocks_path
+        self.device = model_device(args.model)
+        self.held: set[int] = set()
+
+    def load(self, i: int) -> None:
+        self.store.enter(i, self.blocks[i], f"{self.path}.{i}", self.device)
+        self.held.add(i)
+
+    def release(self, i: int) -> None:
+        self.held.discard(i)
+        self.store.ckpt.release(self.blocks[i])
+
+    @contextlib.contextmanager
+    def hooked(self):
+        """Within: each block loaded when it is called and released when it returns (one
+        block's weights at a time); any left loaded by an interrupted forward released."""
+
+        def load(i):
+            return lambda _mod, _args: None if i in self.held else self.load(i)
+
+        handles = [b.register_forward_pre_hook(load(i)) for i, b in enumerate(self.blocks)]
+        handles += [
+            b.register_forward_hook(lambda _m, _a, _o, i=i: self.release(i))
+            for i, b in enumerate(self.blocks)
+        ]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            for i in sorted(self.held):
+                self.release(i)
+
+
 class StreamedBlocks(BlockStore):
-    """Blocks read from `ckpt` when a stage needs them and, once pruned, written to `writer`
-    (None on the ranks that do not write) and released back to the meta device."""
+    """Blocks read from `ckpt` when a stage needs them and, once pruned, written to the
+    writer `open_writer()` makes once the pre-flight and capture are done (None on the ranks
+    that do not write), then released back to the meta device."""
 
     streamed = True
 
     def __init__(
         self,
         ckpt: Checkpoint,
-        writer: CheckpointWriter | None,
+        open_writer,
         dtype: torch.dtype,
         compressed: CompressedBlocks | None = None,
     ):
-        self.ckpt, self.writer, self.dtype = ckpt, writer, dtype
+        self.ckpt, self.open_writer, self.dtype = ckpt, open_writer, dtype
+        self.writer: CheckpointWriter | None = None
         self.compressed = compressed  # a quantized prune: blocks written as compressed tensors
         self.report: PruneReport | None = None
         self.zeros = self.entries = 0
@@ -86,8 +134,18 @@ class StreamedBlocks(BlockStore):
                 "arguments are captured by running the blocks before each kind's first"
             )
 
+    def on_demand(self, args: PruneArgs) -> BlocksOnDemand:
+        """The blocks loaded as the whole model's forward calls them (`BlocksOnDemand`)."""
+        return BlocksOnDemand(self, args)
+
     def captured(self, args: PruneArgs) -> None:
-        # embeddings, final norm and head were written out at the start: freed for the blocks
+        # nothing refused: the output opened, the embeddings, final norm and head written
+        # out at once (the buffer never holds them beside a block) and freed for the blocks
+        if self.open_writer is not None:
+            self.writer = self.open_writer()
+            for key, t in self.ckpt.module_tensors(args.model, "", skip=[args.blocks_path]):
+                self.writer.add(key, t, copy=False)
+            self.writer.flush()
         self.ckpt.release(args.model)
 
     def enter(self, i: int, block: nn.Module, prefix: str, device: torch.device) -> None:
@@ -131,15 +189,16 @@ def prune_checkpoint(
 ) -> PruneReport:
     """Prune the local safetensors checkpoint `checkpoint` block by block into the folder
     `save` (which must not exist or be empty, and not lie inside the source), holding one
-    decoder block and the calibration activations in memory at a time. `config` and
-    `overrides`: as for `prune_model` (method, sparsity, prune_n, prune_m, device, nsamples,
-    seqlen, ..., method options); gradient methods (GBLM) and OWL allocation need the whole
-    model and are refused. `dtype`: the dtype blocks are pruned in and written (default: the
-    checkpoint's). `tokenizer` is saved beside the weights. The report says
-    `path="streamed"`, the peak host memory and the bytes read; `save` gets
+    decoder block (two in the pre-flight's forward) and the calibration activations in
+    memory at a time; a refusal (of the options, or by the pre-flight) leaves `save` unmade.
+    `config` and `overrides`: as for `prune_model` (method, sparsity, prune_n, prune_m,
+    device, nsamples, seqlen, ..., method options); gradient methods (GBLM) and OWL
+    allocation need the whole model and are refused. `dtype`: the dtype blocks are pruned in
+    and written (default: the checkpoint's). `tokenizer` is saved beside the weights. The
+    report says `path="streamed"`, the peak host memory and the bytes read; `save` gets
     `fastprune_report.json` too. A quantized prune (`quant`) writes the compressed-tensors
-    checkpoint the in-memory save writes (`save_pruned`), block by block; its report keeps no
-    codes (`report.quantized` is empty: they are on disk)."""
+    checkpoint the in-memory save writes (`save_pruned`), block by block; its report keeps
+    no codes (`report.quantized` is empty: they are on disk)."""
     config = make_config(config, (), overrides, "prune_checkpoint")
     spec = check_config(config).quant
     if config.device is None:
@@ -157,14 +216,11 @@ def prune_checkpoint(
     from .distributed import active_world
 
     lead = active_world() == 1 or torch.distributed.get_rank() == 0
-    writer = CheckpointWriter(out, max_shard_bytes, ckpt.path) if lead else None
+    opener = (lambda: CheckpointWriter(out, max_shard_bytes, ckpt.path)) if lead else None
+    store = StreamedBlocks(ckpt, opener, dtype, compressed)
     try:
-        if writer is not None:  # written at once: the buffer never holds them beside a block
-            for key, t in ckpt.module_tensors(model, "", skip=[blocks_path]):
-                writer.add(key, t, copy=False)
-            writer.flush()
-        store = StreamedBlocks(ckpt, writer, dtype, compressed)
         report = run_stages(model, calibration, config, store, tokenizer)
+        writer = store.writer
         report.totals.update(bytes_read=store.bytes_read, checkpoint=str(ckpt.path))
         entries = None
         if compressed is not None:
@@ -183,8 +239,8 @@ def prune_checkpoint(
             report.totals["saved"] = str(out)
             report.totals["digests"] = writer.digests
     except BaseException as e:
-        if writer is not None:
-            writer.__exit__(type(e), e, None)  # the partial folder says why
+        if store.writer is not None:  # None: refused before the output was opened
+            store.writer.__exit__(type(e), e, None)  # the partial folder says why
         raise
     return report
 
