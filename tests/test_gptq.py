@@ -77,7 +77,9 @@ def assert_same_quant(r, Q, scale, zero, g, what, W, H, actorder=False):
         x = x / qw.scale.double()[bad_rows, g.long()[first]]
         gap = ((x - x.floor()) - 0.5).abs()
         assert (gap <= TIE[Q.dtype]).all(), f"{report}; no near-tie: {gap.tolist()}"
-        assert n_bad <= max(2, 0.1 * rows), report  # ties are rare
+        # every group whose most negative weight is its extreme has a tie, and the thread
+        # count alone changes which way float noise tips one; each row above started at one
+        assert n_bad <= max(2, rows // 4), report
     ok = ~bad_rows
     rtol = 1e-6 if Q.dtype == F64 else 1e-5
     assert torch.allclose(qw.scale[ok].double(), scale[ok].double(), rtol=rtol, atol=0), (
