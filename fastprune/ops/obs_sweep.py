@@ -157,6 +157,8 @@ def torch_obs_sweep(
             starts |= set(range(0, count, gs))
     bounds = sorted(starts) + [count]
     for j1, j2 in zip(bounds[:-1], bounds[1:]):
+        # a block with nothing pruned (GPTQ, a dense stretch) skips the masking
+        masked = nm or bool(pruneT[..., j1:j2, :].any())
         for i in range(j1, j2):
             if nm and i % prune_m == 0:
                 g = WT[..., i : i + prune_m, :] ** 2 / d[..., i : i + prune_m, None] ** 2
@@ -169,7 +171,7 @@ def torch_obs_sweep(
                 low = low.reshape(gm.shape).movedim(0, -2)
                 pruneT[..., i : i + prune_m, :] = low if forcedT is None else low | f
             w = WT[..., i, :]
-            q = w.masked_fill(pruneT[..., i, :], 0)
+            q = w.masked_fill(pruneT[..., i, :], 0) if masked else w
             if quant is not None:
                 g = i // gs
                 if quant.find and i % gs == 0:
