@@ -339,6 +339,10 @@ def test_gptq_method_keep_zeros_in_the_pipeline():
         if n in zeros:
             assert (p[zeros[n]] == 0).all(), n
     model.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"asymmetric=True.*\(keep_zeros\)"):
+        fp.prune_model(model, calib_ids(), method="gptq", sparsity=0.0, quant="w4a16",
+                       keep_zeros=True, asymmetric=True, progress=False)  # fmt: skip
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with pytest.warns(UserWarning, match="keep_zeros"):
         fp.prune_model(model, calib_ids(), method="gptq", sparsity=0.0, quant="w4a16",
                        progress=False)  # fmt: skip

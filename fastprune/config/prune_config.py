@@ -261,6 +261,11 @@ def check_config(config: PruneConfig, name: Name = keyword) -> Checked:
                 f"{given(name, 'asymmetric', True)} needs the full H; "
                 f"{given(name, 'hessian_kind', 'diagonal')} keeps none"
             )
+        if opts.get("keep_zeros"):  # the corrected weights it quantizes have no zeros to keep
+            raise ValueError(
+                f"{given(name, 'asymmetric', True)} quantizes corrected weights, whose zeros "
+                f"are not the model's: it cannot keep them ({name('keep_zeros')})"
+            )
         kind = "full"
     elif kind == "auto":
         kind = "diagonal" if meth.reads_diagonal else "full"
