@@ -40,7 +40,20 @@ CASES = {
 
 
 def _source(family: str, folder: Path) -> Path:
-    model = tiny_model(family) if family == "llama" else tiny_moe_model(family)
+    """A tiny checkpoint; `qwen3_moe-fused`: its experts stored as transformers holds them,
+    one 3-D tensor each (not the per-expert linears `save_pretrained` writes)."""
+    if family.endswith("-fused"):
+        from safetensors.torch import save_file
+
+        model = tiny_moe_model(family[: -len("-fused")])
+        state = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        folder.mkdir(parents=True)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(folder)
+        return folder
+    model = tiny_model(family) if family in ("llama", "gpt2") else tiny_moe_model(family)
     model.save_pretrained(folder, max_shard_size=SHARD)
     return folder
 
@@ -135,6 +148,8 @@ def test_streaming_loader_reads_a_quantized_checkpoint_exactly(tmp_path):
         ("qwen3_moe", dict(quant="w4a16", group_size=32, sym=False), "asymmetric grid"),
         ("llama", dict(quant="w4a16", group_size=48), "not a whole number of groups of 48"),
         ("llama", dict(quant="w4a16", group_size=32, actorder=True), "actorder with groups"),
+        ("gpt2", dict(quant="w8a16"), r"\(Conv1D\) is not an nn.Linear"),
+        ("qwen3_moe-fused", dict(quant="w8a16"), "stores its experts fused"),
     ],
 )
 def test_what_cannot_be_written_is_refused_before_writing(tmp_path, family, kw, needle):

@@ -70,7 +70,8 @@ def run_stages(
         model.eval()
         run.allocate()
         run.capture()
-        store.captured(args)
+        with guarded(comm, "opening the output"):  # rank 0's writer: every rank hears
+            store.captured(args)
         for i in run.progress():
             hooks = run.calibrate_block(i)
             run.solve_block(i, hooks)

@@ -210,7 +210,7 @@ def prune_checkpoint(
     blocks_path, blocks = find_blocks(model, config.blocks)
     compressed = None
     if spec is not None:  # refused before anything is written
-        check_quant_stream(model, blocks_path, blocks, config, spec)
+        check_quant_stream(model, blocks_path, blocks, config, spec, ckpt)
         compressed = CompressedBlocks(ckpt, dtype)
     ckpt.load(model, "", device="cpu", skip=[blocks_path])  # embeddings, final norm, head
     from .distributed import active_world

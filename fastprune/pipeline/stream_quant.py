@@ -28,9 +28,12 @@ from .block_layers import find_block_layers
 from .experts import dense_experts, fused_experts
 
 
-def check_quant_stream(model: nn.Module, blocks_path: str, blocks, config, spec) -> None:
-    """Before anything is written: the compressed-tensors package is there, every expert to
-    quantize can be saved, no fused expert parameter is left dense, and the group size
+def check_quant_stream(
+    model: nn.Module, blocks_path: str, blocks, config, spec, ckpt: Checkpoint
+) -> None:
+    """Before anything is written: the compressed-tensors package is there, every layer to
+    quantize is an nn.Linear or an expert the checkpoint keeps one linear each, every expert
+    to quantize can be saved, no fused expert parameter is left dense, and the group size
     divides every layer to quantize (act-order groups are not contiguous: refused)."""
     reason = missing_package()
     if reason:
@@ -46,15 +49,33 @@ def check_quant_stream(model: nn.Module, blocks_path: str, blocks, config, spec)
         where = f"{blocks_path}.{i}"
         layout = find_block_layers(block, config.targets, config.ignore, where)
         problems = [dense_error(p) for p in dense_experts(block, layout.layers, where)]
+        paths = {id(m): path for path, m in block.named_modules()}
         for key, layer in layout.layers.items():
             if isinstance(layer, ExpertProjection):
                 problems.append(savable_problem(spec, layer.transposed, f"{where}.{key}"))
+                param = getattr(layer.experts.module, layer.proj)
+                name = f"{where}.{paths[id(layer.experts.module)]}.{layer.proj}"
+                if ckpt.source(name, tuple(param.shape)).direct:
+                    problems.append(fused_source_error(name))
+            elif not isinstance(layer, nn.Linear):
+                problems.append(
+                    f"{where}.{key} ({type(layer).__name__}) is not an nn.Linear, which the "
+                    "compressed-tensors format quantizes alone"
+                )
             cols = get_weight(layer).shape[-1]
             if gs is not None and cols % gs:
                 problems.append(group_error(f"{where}.{key}", cols, gs))
         problem = next((p for p in problems if p), None)
         if problem:
             raise ValueError(problem)
+
+
+def fused_source_error(name: str) -> str:
+    return (
+        f"{name}: the source checkpoint stores its experts fused in one tensor, not as one "
+        "linear per expert, which a quantized checkpoint cannot hold; prune it in memory "
+        "(prune_model and save_pruned) to write the experts as linears"
+    )
 
 
 class CompressedBlocks:
@@ -104,11 +125,7 @@ class CompressedBlocks:
         if len(experts) < fx.num_experts:
             raise ValueError(dense_error(name))
         if src.direct:
-            raise ValueError(
-                f"{name}: the source checkpoint stores its experts fused in one tensor, not as "
-                "one linear per expert, which a quantized checkpoint cannot hold; prune it in "
-                "memory (prune_model and save_pruned) to write the experts as linears"
-            )
+            raise ValueError(fused_source_error(name))
         rows = t.shape[1] // len(src.groups)
         for g, keys in enumerate(src.groups):
             for e, key in enumerate(keys):
