@@ -137,33 +137,47 @@ def solve_rows(
     return out
 
 
-def sweep_rows(W, H, device, backends, patterns, blocksize):
-    """Rows of the obs_sweep op alone on the first block, per backend with its own kernel."""
-    out = []
+def first_block(W, H, blocksize):
+    """The first block's `W1`, `Hinv1` (the damped inverse's) and the sweep's counted work:
+    one multiply-add per (row, i < j) pair."""
     hinv = fp.inverse_hessian(H, 0.01).hinv
     count = min(blocksize, W.shape[1])
     W1, Hinv1 = W[:, :count], hinv[:count, :count].contiguous()
-    flops = W1.shape[0] * count * (count - 1)  # one multiply-add per (row, i < j) pair
+    return W1, Hinv1, W1.shape[0] * count * (count - 1)
+
+
+def sweep_args(W1, Hinv1, pname: str) -> tuple:
+    """obs_sweep's arguments for pattern `pname` (unstructured: the first block's mask)."""
+    n, m = pattern(pname)
+    keep1 = None if n else torch_block_prune_mask(W1, Hinv1.diagonal(), 0.5)
+    return (W1, Hinv1, keep1, n, m)
+
+
+def sweep_row(be, W1, device, t, flops, base, **extra) -> dict:
+    """One obs_sweep row: GFLOP/s from the counted work, the speedup over torch's `base`."""
+    return row(
+        "obs_sweep",
+        be,
+        tuple(W1.shape),
+        W1.dtype,
+        device,
+        t,
+        **extra,
+        gflops=sig(flops / (t.p50_ms * 1e-3) / 1e9),
+        speedup_vs_torch=ratio(base, t) if base and be != "torch" else None,
+    )
+
+
+def sweep_rows(W, H, device, backends, patterns, blocksize):
+    """Rows of the obs_sweep op alone on the first block, per backend with its own kernel."""
+    out = []
+    W1, Hinv1, flops = first_block(W, H, blocksize)
     for pname in patterns:
-        n, m = pattern(pname)
-        keep1 = None if n else torch_block_prune_mask(W1, Hinv1.diagonal(), 0.5)
-        args = (W1, Hinv1, keep1, n, m)
+        args = sweep_args(W1, Hinv1, pname)
         base = None
         for be, t, _ in time_op("obs_sweep", device, backends, args, pname):
             base = base or (t if be == "torch" else None)
-            out.append(
-                row(
-                    "obs_sweep",
-                    be,
-                    tuple(W1.shape),
-                    W1.dtype,
-                    device,
-                    t,
-                    pattern=pname,
-                    gflops=sig(flops / (t.p50_ms * 1e-3) / 1e9),
-                    speedup_vs_torch=ratio(base, t) if base and be != "torch" else None,
-                )
-            )
+            out.append(sweep_row(be, W1, device, t, flops, base, pattern=pname))
     return out
 
 
@@ -185,16 +199,11 @@ def quant_rows(W, H, device, backends, patterns, blocksize):
     """Rows of the obs_sweep op with its quant option on the first block, per backend that
     has its own kernel and declares the option."""
     out = []
-    hinv = fp.inverse_hessian(H, 0.01).hinv
-    count = min(blocksize, W.shape[1])
-    W1, Hinv1 = W[:, :count], hinv[:count, :count].contiguous()
-    flops = W1.shape[0] * count * (count - 1)
+    W1, Hinv1, flops = first_block(W, H, blocksize)
     impls = implementations("obs_sweep", device, backends)
     for qname, qb in quant_blocks(W1).items():
         for pname in patterns:
-            n, m = pattern(pname)
-            keep1 = None if n else torch_block_prune_mask(W1, Hinv1.diagonal(), 0.5)
-            args = (W1, Hinv1, keep1, n, m)
+            args = sweep_args(W1, Hinv1, pname)
             base = None
             for be, fn, unsupported in impls:
                 if be != "torch" and "obs_sweep" not in backend_quant(be):
@@ -207,20 +216,7 @@ def quant_rows(W, H, device, backends, patterns, blocksize):
                 fn(*args, quant=qb)  # warm-up (builds or compiles the kernel)
                 t = bench_as(be, lambda fn=fn: fn(*args, quant=qb), device)
                 base = base or (t if be == "torch" else None)
-                out.append(
-                    row(
-                        "obs_sweep",
-                        be,
-                        tuple(W1.shape),
-                        W1.dtype,
-                        device,
-                        t,
-                        pattern=pname,
-                        quant=qname,
-                        gflops=sig(flops / (t.p50_ms * 1e-3) / 1e9),
-                        speedup_vs_torch=ratio(base, t) if base and be != "torch" else None,
-                    )
-                )
+                out.append(sweep_row(be, W1, device, t, flops, base, pattern=pname, quant=qname))
     return out
 
 
