@@ -168,3 +168,41 @@ def test_exact_reconstruction_is_row_separable(n, m):
     part = compose_layer(W, H, **kw, rows=slice(5, 17))
     assert torch.equal(part.mask, whole.mask[5:17])
     assert_close_to_scale(part.weight, whole.weight[5:17], rtol=1e-5, what="rows 5:17")
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_rounds_alternate_swaps_and_refits_never_above_one_round(n, m):
+    """Rounds of swaps scored on the refitted weights, each followed by the refit: the layer
+    loss is at most one round's, the mask keeps the pattern and the weights are the
+    least-squares optimum on the final mask."""
+    W, H = layer(23, 64, seed=11 + n, columnar=True)
+    kw = dict(prune_n=n, prune_m=m, select="sparsegpt", refine="sparseswaps", max_swaps=3,
+              blocksize=16, reconstruct="lstsq", refit_iters=300)  # fmt: skip
+    one = compose_layer(W, H, **kw)
+    many = compose_layer(W, H, **kw, rounds=4)
+    assert 1 <= many.info["rounds"] <= 4 and "rounds" not in one.info
+    assert many.loss <= one.loss * (1 + 1e-9)
+    assert many.loss == pytest.approx(fp.layer_loss(W, many.weight, H), rel=1e-6)
+    if n:
+        kept = many.mask.reshape(23, -1, m).sum(-1)
+        assert torch.all(kept == m - n)
+    else:
+        assert fp.masks.pruned_fraction(many.mask) == pytest.approx(0.5, abs=0.02)
+    assert_close_to_scale(many.weight.double(), reference_refit(W, H, many.mask), rtol=1e-3,
+                          what="weights after the rounds")  # fmt: skip
+    assert not many.weight[~many.mask].any()
+
+
+def test_rounds_need_swaps_and_the_refit():
+    W, H = layer(8, 32, seed=3)
+    with pytest.raises(ValueError, match="rounds > 1.*refine"):
+        compose_layer(W, H, select="sparsegpt", reconstruct="lstsq", rounds=2)
+    with pytest.raises(ValueError, match="rounds > 1.*refine"):
+        compose_layer(W, H, select="sparsegpt", refine="sparseswaps", reconstruct=True, rounds=2)
+    with pytest.raises(ValueError, match="rounds"):
+        compose_layer(W, H, select="sparsegpt", refine="sparseswaps", reconstruct="lstsq",
+                      rounds=0)  # fmt: skip
+    with pytest.raises(ValueError, match="rounds > 1"):
+        fp.METHODS["fastprune"].check_options({"rounds": 3})
+    opts = fp.METHODS["fastprune"].check_options({"rounds": 3, "refine": "sparseswaps"})
+    assert not fp.METHODS["fastprune"].separable(2, opts)

@@ -139,12 +139,38 @@ def test_running_scaler_weights_sample_k_by_one_over_its_count():
     assert math.isclose(want.sum().item(), acc.scaler_row.sum().item(), rel_tol=1e-6)
 
 
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)], ids=["unstructured", "2:4"])
+def test_composition_selects_with_the_running_scaler(n, m):
+    """ROSE's mask with the running scaler, then the least-squares refit: in the first block
+    (the same inputs) every mask is plain `score_scaler="running"` ROSE's, every weight the
+    refit of ROSE's weights on it; a scaler given to a selector that takes none is refused."""
+    calib = calib_ids(4, 24)
+    kw = dict(sparsity=0.5, prune_n=n, prune_m=m, batch_size=2, progress=False, **OPTS)
+    plain, refit = tiny_model("llama"), tiny_model("llama")
+    rep = fp.prune_model(plain, calib, method="rose", score_scaler="running", **kw)
+    got = fp.prune_model(
+        refit, calib, method="rose", score_scaler="running", reconstruct="lstsq", **kw
+    )
+    assert got.method == "rose+lstsq" and got.options["score_scaler"] == "running"
+    first = [lr for lr in got.layers if lr.block == 0]
+    assert first and all(lr.info["result"] == "refit" for lr in first)
+    assert all(lr.info["range_rule"] == "block_sum" for lr in first)
+    _, pb = find_blocks(plain)
+    _, rb = find_blocks(refit)
+    for name, a in find_linears(rb[0]).items():
+        b = find_linears(pb[0])[name]
+        assert torch.equal(get_weight(a) == 0, get_weight(b) == 0), name
+    before = {lr.name: lr.loss for lr in rep.layers if lr.block == 0}
+    assert all(lr.loss <= before[lr.name] * (1 + 1e-6) for lr in first)
+    W, Hm, _ = fp.testing.random_layer(8, 32)
+    with pytest.raises(ValueError, match="scaler is taken by a selector"):
+        fp.compose_layer(W, Hm, select="sparsegpt", scaler=torch.ones(32), reconstruct="lstsq")
+
+
 def test_running_scaler_refusals():
-    """A composition (refine=/reconstruct=) selects with diag(H)/2 and the fastprune recipe
-    takes no score_scaler: both refused naming the option, as is an unknown value."""
+    """The fastprune recipe takes no score_scaler: refused naming the option, as is an
+    unknown value."""
     model, calib = tiny_model("llama"), calib_ids(2, 16)
-    with pytest.raises(ValueError, match="score_scaler='running'.*refine"):
-        fp.prune_model(model, calib, method="rose", score_scaler="running", refine="sparseswaps")
     with pytest.raises(TypeError, match="does not take score_scaler"):
         fp.prune_model(model, calib, method="fastprune", score_scaler="running")
     with pytest.raises(ValueError, match="score_scaler must be one of hessian, running"):

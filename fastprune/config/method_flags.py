@@ -96,6 +96,16 @@ METHOD_FLAGS = (
         cli={"type": int},
     ),
     MethodFlag(
+        "rounds",
+        lambda: (
+            f"{methods_taking('rounds')}/{_selectors()}: with --refine and --reconstruct lstsq, "
+            "alternate swaps scored on the refitted weights and refits for up to this many "
+            "rounds (default 1)"
+        ),
+        integer(1),
+        cli={"type": int},
+    ),
+    MethodFlag(
         "refine",
         lambda: f"{_selectors()}/fastprune: refine the method's mask by optimal 1-swaps",
         optional(one_of(REFINERS)),

@@ -35,12 +35,21 @@ def _reads_inverse(spec: Selection) -> bool:
 
 
 def _separable(spec: Selection, prune_n: int, opts) -> bool:
-    """A composition's `row_separable`: its selection's, unless "best" compares the layer."""
-    return spec.row_separable(prune_n) and opts.get("reconstruct") != "best"
+    """A composition's `row_separable`: its selection's, unless "best" or rounds (each
+    accepted by the layer's loss) compare the layer."""
+    return (
+        spec.row_separable(prune_n)
+        and opts.get("reconstruct") != "best"
+        and opts.get("rounds", 1) == 1
+    )
 
 
 def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
+    opts["rounds"] = check_int(opts["rounds"], "rounds", minimum=1)
+    if opts["rounds"] > 1 and (opts["refine"] is None or opts["reconstruct"] != "lstsq"):
+        raise ValueError("rounds > 1 alternates swaps and refits: it needs refine= and "
+                         "reconstruct='lstsq'")
     return check_max_swaps(opts)
 
 
@@ -56,7 +65,7 @@ def composed(base: Method, options) -> Method:
     extra = {
         **solver_defaults(compose_layer, *COMPOSE_OPTIONS),
         "max_swaps": "auto",
-        **solver_defaults(compose_layer, "refit_iters", "percdamp", "backend"),
+        **solver_defaults(compose_layer, "refit_iters", "rounds", "percdamp", "backend"),
     }
     opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
     takes = inspect.signature(compose_layer).parameters
@@ -89,6 +98,7 @@ def composed(base: Method, options) -> Method:
         row_separable=lambda n, o: _separable(base.select, n, o),
         takes_rows=True,
         takes_quant=True,  # compose_layer(quant=): the OBS sweep on the final mask rounds
+        reads_scaler=base.reads_scaler,  # ROSE's running scaler reaches its selection
     )
 
 
@@ -122,8 +132,9 @@ register(
         {
             **RECIPE_DEFAULTS,
             **solver_defaults(
-                compose_layer, "refit_iters", "blocksize", "percdamp", "range_threshold", "backend"
-            ),
+                compose_layer, "refit_iters", "rounds", "blocksize", "percdamp",
+                "range_threshold", "backend",
+            ),  # fmt: skip
         },
         shares_inverse=True,
         uses_inverse=lambda n, o: _reads_inverse(_selection(o["select"], n)),

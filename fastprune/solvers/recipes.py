@@ -105,6 +105,8 @@ def compose_layer(
     hinv: InverseHessian | None = None,
     rows: slice | None = None,
     quant: QuantSpec | str | None = None,
+    scaler: torch.Tensor | None = None,
+    rounds: int = 1,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
     (see the module docstring). `quant` (a `QuantSpec` or a preset name): the kept weights
@@ -115,12 +117,23 @@ def compose_layer(
     selection and the reconstruction reuse. `rows`: solve only these rows of `W` (and `G`),
     ROSE with the whole layer's column order. `info`: the selector's loss (`loss_selected`),
     the refinement's counters, which weights were kept (`result`: the selector's, "refined",
-    "reconstructed" or, for "best_rows", "per row" with `rows_reconstructed`) and `recipe`."""
+    "reconstructed" or, for "best_rows", "per row" with `rows_reconstructed`) and `recipe`.
+    `scaler`: the running scaler of the layer's inputs, for a selector that takes one (ROSE's
+    `score_scaler="running"`). `rounds` (with refine= and reconstruct="lstsq"): mask and
+    weights alternated, each round the swaps scored on the previous round's refitted weights,
+    then the refit on the new mask (`info["rounds"]`: the rounds run; fewer when a round's
+    swaps change nothing)."""
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     meth = get_method(select)
     spec = meth.select
     refit_iters = check_int(refit_iters, "refit_iters", minimum=0)
+    rounds = check_int(rounds, "rounds", minimum=1)
+    if rounds > 1 and (refine is None or reconstruct != "lstsq"):
+        raise ValueError("rounds > 1 alternates swaps and refits: it needs refine= and "
+                         f"reconstruct='lstsq' (got refine={refine!r}, reconstruct={reconstruct!r})")
+    if scaler is not None and not spec.takes_scaler:
+        raise ValueError(f"scaler is taken by a selector that scores with one, not {select!r}")
     W = check_weight(W)
     whole, whole_G = W, G
     if check_rows(rows) is not None:
@@ -134,6 +147,8 @@ def compose_layer(
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
     context = {**pat, **obs, "range_threshold": range_threshold, "alpha": alpha, "hinv": hinv}
+    if scaler is not None:
+        context["scaler"] = scaler
     qspec = as_spec(quant)
     # the selector's own sweep rounds the weights where they are the result
     joint = qspec is not None and spec.obs_weights and refine is None and reconstruct != "lstsq"
@@ -183,6 +198,11 @@ def compose_layer(
         weight, refit = refit_masked(W, H, mask, weight, percdamp=percdamp, iters=refit_iters)
         info.update(refit, loss_before_refit=loss)
         loss, result = layer_loss(W, weight, H), "refit"
+        if rounds > 1:
+            weight, mask, loss, info["rounds"] = _alternate(
+                W, H, weight, mask, loss, rounds, info, prune_n=prune_n, prune_m=prune_m,
+                max_swaps=max_swaps, backend=backend, percdamp=percdamp, refit_iters=refit_iters,
+            )  # fmt: skip
     qw = sel.quant if joint else None
     if qspec is not None and not joint:  # round the final weights on the final mask
         final = quantize_on_mask(W, H, weight, mask, qspec, prune_n, prune_m, hinv=hinv, **obs)
@@ -193,6 +213,25 @@ def compose_layer(
     info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight.to(W.dtype), mask, loss, info, qw)
+
+
+def _alternate(W, H, weight, mask, loss, rounds, info, *, refit_iters, percdamp, **swaps):
+    """Rounds 2.. of `rounds`: swaps scored on the refitted weights, then the refit on the new
+    mask; a round whose loss is not lower is undone and ends the loop. Returns (weights, mask,
+    loss, rounds run)."""
+    done = 1
+    for _ in range(rounds - 1):
+        values = torch.where(mask, weight, W)
+        ref = sparseswaps_layer(W, H, mask=mask, percdamp=percdamp, values=values, **swaps)
+        info["refine_swaps"] = info.get("refine_swaps", 0) + ref.info["swaps"]
+        if ref.info["swaps"] == 0:
+            break
+        new, _ = refit_masked(W, H, ref.mask, ref.weight, percdamp=percdamp, iters=refit_iters)
+        new_loss = layer_loss(W, new, H)
+        if not new_loss < loss:
+            break
+        weight, mask, loss, done = new, ref.mask, new_loss, done + 1
+    return weight, mask, loss, done
 
 
 def _best_rows(

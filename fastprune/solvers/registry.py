@@ -44,6 +44,8 @@ class Selection:
     `reads_inverse`: the selection reads the shared inverse of H (`hinv`). `reconstruct`: the
     OBS reconstruction on a given mask (`run`'s arguments plus `mask=`) where it must differ
     from SparseGPT's natural-order one (ROSE's column order); it factors its own H.
+    `takes_scaler`: `run` and `reconstruct` take `scaler=`, the running scaler of the layer's
+    inputs in place of diag(H)/2 in the selection score (ROSE's `score_scaler="running"`).
     """
 
     run: Callable[..., PruneResult]
@@ -52,6 +54,7 @@ class Selection:
     obs_weights: bool = False
     reads_inverse: bool = False
     reconstruct: Callable[..., PruneResult] | None = None
+    takes_scaler: bool = False
 
 
 @dataclass(frozen=True)

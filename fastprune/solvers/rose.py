@@ -249,32 +249,31 @@ def _select(
     rows,
     mask=None,
     quant=None,
+    scaler=None,
     **_,
 ) -> PruneResult:
     """A composition's mask and weights: ROSE's, `rows` in the whole layer's column order;
     with `mask`, the OBS reconstruction on it in ROSE's column order (the hooks); `quant`:
-    rounded in the same sweep."""
+    rounded in the same sweep; `scaler`: the running scaler (with the block-sum range rule)."""
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
+    # the running scaler comes with the ROSE repository's block-sum range rule
+    rule = {} if scaler is None else {"scaler": scaler, "range_rule": "block_sum"}
     return rose_layer(
-        W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask, quant=quant
-    )
+        W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask, quant=quant,
+        **rule,
+    )  # fmt: skip
 
 
 def _check_options(opts: dict) -> dict:
     """Method "rose"'s `score_scaler`: one of `ROSE_SCALERS`; "running" only where the pipeline can
-    accumulate it in the repository's sample order (one process) and the solve reads it
-    (not a composition, whose selection scores with diag(H)/2)."""
+    accumulate it in the repository's sample order (one process). A composition on ROSE's
+    mask (refine=/reconstruct=) selects with it too."""
     scaler = opts["score_scaler"]
     if not isinstance(scaler, str) or scaler not in ROSE_SCALERS:
         raise ValueError(f"score_scaler must be one of {', '.join(ROSE_SCALERS)}, got {scaler!r}")
     if scaler != "running":
         return opts
-    if "refine" in opts:  # the options of a composition (refine=/reconstruct=)
-        raise ValueError(
-            "score_scaler='running' is taken by method 'rose' alone, not with refine=/reconstruct= "
-            "(the composition selects with diag(H)/2)"
-        )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
             "score_scaler='running' weighs each calibration sample by its place in the "
@@ -316,6 +315,7 @@ register(
             takes_rows=True,
             obs_weights=True,
             reconstruct=_select,
+            takes_scaler=True,
         ),  # fmt: skip
     )
 )
