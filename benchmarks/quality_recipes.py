@@ -33,7 +33,7 @@ import transformers
 
 import fastprune as fp
 from benchmarks.harness import device_name, versions, write_rows
-from fastprune.data import get_calibration, read_text_file, text_for, tokenize
+from fastprune.data import get_calibration, read_text_file, sample_windows, text_for, tokenize
 from fastprune.evaluate import perplexity
 
 OUT = "benchmarks/results/quality_seeds_smollm2_cpu"
@@ -100,7 +100,45 @@ COMBOS = {
     "fastprune-obs+asym": {**OBS_RECIPE, "asymmetric": True},
     "sparsegpt+asym": {"method": "sparsegpt", "asymmetric": True},
     "rose+asym": {"method": "rose", "asymmetric": True},
+    # levers on the recipe at 50%: ROSE's mask (its repository's running scaler, or diag(H)/2)
+    # with the least-squares refit; swaps and refits alternated; fewer CG iterations (the
+    # refit stopped early, nearer its OBS start); more damping (the refit pulled toward W);
+    # calibration windows from three domains
+    "rose-published+lstsq": {"method": "rose", "score_scaler": "running", "reconstruct": "lstsq"},
+    "rose+lstsq": {"method": "rose", "reconstruct": "lstsq"},
+    "fastprune+swaps+rounds3": {"method": "fastprune", "refine": "sparseswaps", "rounds": 3},
+    "fastprune+iters4": {"method": "fastprune", "refit_iters": 4},
+    "fastprune+iters8": {"method": "fastprune", "refit_iters": 8},
+    "fastprune+damp0.05": {"method": "fastprune", "percdamp": 0.05},
+    "fastprune+damp0.2": {"method": "fastprune", "percdamp": 0.2},
+    "fastprune+mixed": {"method": "fastprune", "calibration": "mixed"},
+    "sparsegpt+mixed": {"method": "sparsegpt", "calibration": "mixed"},
 }  # fmt: skip
+# calibration="mixed": the windows drawn from three domains, none of them an evaluation text:
+# the built-in calibration text (technical prose), Python source of standard-library modules
+# other than argparse, and licences Debian ships other than the GPL family (legal prose)
+MIXED_CODE = ("typing", "dataclasses", "functools", "subprocess", "collections", "enum")
+MIXED_LEGAL = ("Apache-2.0", "MPL-2.0", "Artistic", "BSD")
+
+
+def mixed_calibration(tok, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` windows: a third (rounded up) from the built-in calibration text, a third
+    each from `MIXED_CODE`'s sources and `MIXED_LEGAL`'s licences, each drawn with `seed`."""
+    import importlib
+
+    code = "\n\n".join(
+        Path(importlib.import_module(m).__file__).read_text(encoding="utf-8") for m in MIXED_CODE
+    )
+    legal = "\n\n".join(read_text_file(f"/usr/share/common-licenses/{n}") for n in MIXED_LEGAL)
+    k = nsamples // 3
+    parts = [
+        get_calibration("builtin", tok, nsamples - 2 * k, seqlen, seed),
+        sample_windows(tokenize(tok, code), k, seqlen, seed),
+        sample_windows(tokenize(tok, legal), k, seqlen, seed),
+    ]
+    return torch.cat([p for p in parts if p.numel()])
+
+
 # quantized: at pattern 0% the grid alone (round-to-nearest, no Hessian; GPTQ; the restated
 # IST-DASLab GPTQ loop), else prune and quantize: in one sweep (the joint mode: SparseGPT's
 # `--wbits`, ROSE's sweep rounding as it prunes), the recipe (its mask, the least-squares
@@ -273,22 +311,28 @@ def run(args) -> None:
             f.write(json.dumps(row) + "\n")
             f.flush()
         for config, pat, seed in todo:
-            if seed not in calib:
-                calib[seed] = get_calibration("builtin", tok, args.nsamples, args.seqlen, seed)
             model.load_state_dict(dense)
             kw = dict(configs[config])
             then = kw.pop("then", None)
+            source = kw.pop("calibration", "builtin")
+            if (source, seed) not in calib:
+                calib[source, seed] = (
+                    mixed_calibration(tok, args.nsamples, args.seqlen, seed)
+                    if source == "mixed"
+                    else get_calibration(source, tok, args.nsamples, args.seqlen, seed)
+                )
+            ids = calib[source, seed]
             t0 = time.perf_counter()
             if "rtn" in kw:
                 rep = round_blocks_to_nearest(model, fp.QuantSpec.preset(kw["rtn"]))
             else:
                 rep = fp.prune_model(
-                    model, calib[seed], **pattern_args(pat), seed=seed,
+                    model, ids, **pattern_args(pat), seed=seed,
                     progress=not args.no_progress, **kw,
                 )  # fmt: skip
             if then is not None:  # the second pass on the pruned model
                 second = fp.prune_model(
-                    model, calib[seed], seed=seed, progress=not args.no_progress, **then
+                    model, ids, seed=seed, progress=not args.no_progress, **then
                 )
                 rep.seconds += second.seconds
                 rep.totals = {**rep.totals, "loss_second_pass": second.totals.get("loss")}
@@ -304,6 +348,7 @@ def run(args) -> None:
                 "loss": rep.totals.get("loss"),
                 "achieved_sparsity": round(rep.achieved_sparsity, 5),
                 "options": {k: v for k, v in kw.items() if k != "method"},
+                **({"calibration": source} if source != "builtin" else {}),
                 "method": kw["method"],
                 **common,
             }

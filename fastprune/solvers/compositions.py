@@ -48,8 +48,9 @@ def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     opts["rounds"] = check_int(opts["rounds"], "rounds", minimum=1)
     if opts["rounds"] > 1 and (opts["refine"] is None or opts["reconstruct"] != "lstsq"):
-        raise ValueError("rounds > 1 alternates swaps and refits: it needs refine= and "
-                         "reconstruct='lstsq'")
+        raise ValueError(
+            "rounds > 1 alternates swaps and refits: it needs refine= and reconstruct='lstsq'"
+        )
     return check_max_swaps(opts)
 
 
@@ -132,8 +133,13 @@ register(
         {
             **RECIPE_DEFAULTS,
             **solver_defaults(
-                compose_layer, "refit_iters", "rounds", "blocksize", "percdamp",
-                "range_threshold", "backend",
+                compose_layer,
+                "refit_iters",
+                "rounds",
+                "blocksize",
+                "percdamp",
+                "range_threshold",
+                "backend",
             ),  # fmt: skip
         },
         shares_inverse=True,

@@ -130,8 +130,10 @@ def compose_layer(
     refit_iters = check_int(refit_iters, "refit_iters", minimum=0)
     rounds = check_int(rounds, "rounds", minimum=1)
     if rounds > 1 and (refine is None or reconstruct != "lstsq"):
-        raise ValueError("rounds > 1 alternates swaps and refits: it needs refine= and "
-                         f"reconstruct='lstsq' (got refine={refine!r}, reconstruct={reconstruct!r})")
+        raise ValueError(
+            "rounds > 1 alternates swaps and refits: it needs refine= and reconstruct='lstsq' "
+            f"(got refine={refine!r}, reconstruct={reconstruct!r})"
+        )
     if scaler is not None and not spec.takes_scaler:
         raise ValueError(f"scaler is taken by a selector that scores with one, not {select!r}")
     W = check_weight(W)
