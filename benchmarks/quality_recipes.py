@@ -32,6 +32,7 @@ import torch
 import transformers
 
 import fastprune as fp
+from benchmarks.admm_lever import register_admm
 from benchmarks.harness import device_name, versions, write_rows
 from fastprune.data import get_calibration, read_text_file, sample_windows, text_for, tokenize
 from fastprune.evaluate import perplexity
@@ -113,6 +114,8 @@ COMBOS = {
     "fastprune+damp0.2": {"method": "fastprune", "percdamp": 0.2},
     "fastprune+mixed": {"method": "fastprune", "calibration": "mixed"},
     "sparsegpt+mixed": {"method": "sparsegpt", "calibration": "mixed"},
+    # ADMM's mask (benchmarks/admm_lever.py) with the least-squares refit
+    "admm": {"method": "admm"},
 }  # fmt: skip
 # calibration="mixed": the windows drawn from three domains, none of them an evaluation text:
 # the built-in calibration text (technical prose), Python source of standard-library modules
@@ -281,6 +284,7 @@ def run(args) -> None:
         print("nothing to do")
         return
     register_reference()
+    register_admm()
     torch.manual_seed(0)
     model, tok = fp.load_model(args.model)
     dense = {k: v.detach().clone() for k, v in model.state_dict().items()}

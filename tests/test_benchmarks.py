@@ -374,3 +374,30 @@ def test_cpu_device_name_says_model_isa_and_threads():
     isa = torch.backends.cpu.get_cpu_capability()
     assert name.startswith("cpu (") and cpu_model() in name and isa in name, name
     assert name.endswith(" threads)"), name
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_admm_lever_keeps_the_pattern_and_refits_its_mask(n, m):
+    """The ADMM lever: a valid pattern, its weights the least-squares refit on its own mask,
+    and on a layer with correlated inputs a lower loss than SparseGPT's."""
+    import fastprune as fp
+    from benchmarks.admm_lever import admm_layer, pattern_support
+    from fastprune.solvers.refit import refit_masked
+
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(400, 48, generator=g) @ (torch.eye(48) + 0.3 * torch.randn(48, 48, generator=g))
+    H, W = X.T @ X, torch.randn(13, 48, generator=g)
+    r = admm_layer(W, H, 0.5, n, m)
+    if n:
+        assert torch.all(r.mask.reshape(13, -1, m).sum(-1) == m - n)
+    else:
+        assert torch.all(r.mask.sum(1) == 24)
+    ref, _ = refit_masked(W, H, r.mask, r.weight)
+    torch.testing.assert_close(r.weight, ref, rtol=1e-4, atol=1e-5)
+    assert r.loss < fp.sparsegpt_layer(W, H, 0.5, n, m).loss
+    assert r.info["admm_iters"] >= 1 and not r.weight[~r.mask].any()
+    Z = torch.tensor([[3.0, -1.0, 0.5, -4.0, 2.0, 0.1, -0.2, 5.0]])
+    assert pattern_support(Z, 0.5, 0, 0).tolist() == [[True, False, False, True, True, False,
+                                                       False, True]]  # fmt: skip
+    assert pattern_support(Z, 0.5, 2, 4).tolist() == [[True, False, False, True, True, False,
+                                                       False, True]]  # fmt: skip
