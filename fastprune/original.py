@@ -11,6 +11,23 @@ from __future__ import annotations
 import torch
 
 
+def _zero_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Both scripts' dead-input step, in place: an input that is always zero gets `H_jj = 1`
+    and its weights are zeroed."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+
+def _damped_inverse_factor(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Both scripts' `Hinv`: `percdamp * mean(diag H)` added to the diagonal (in place), then
+    the upper Cholesky factor of the inverse, via Cholesky and `cholesky_inverse`."""
+    idx = torch.arange(H.shape[0], device=H.device)
+    H[idx, idx] += percdamp * torch.mean(torch.diag(H))
+    H = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    return torch.linalg.cholesky(H, upper=True)
+
+
 def original_sparsegpt(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -35,15 +52,8 @@ def original_sparsegpt(
     grid = original_find_params(W, wbits, sym=False) if wbits < 16 else None
     H = H.clone().to(dtype)
     rows, cols = W.shape
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(cols, device=W.device)
-    H[idx, idx] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
+    _zero_dead_inputs(W, H)
+    Hinv = _damped_inverse_factor(H, percdamp)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
     if widths is None:
         widths = [min(blocksize, cols - i1) for i1 in range(0, cols, blocksize)]
@@ -138,20 +148,13 @@ def original_gptq(
     grid = original_find_params(W, bits, sym)  # the per-channel grid (replaced by groups)
     grids = [grid] if groupsize == -1 else []
     H = H.clone().to(dtype)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    _zero_dead_inputs(W, H)
     perm = torch.arange(cols, device=W.device)
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
-    damp = percdamp * torch.mean(torch.diag(H))
-    idx = torch.arange(cols, device=W.device)
-    H[idx, idx] += damp
-    H = torch.linalg.cholesky(H)
-    H = torch.cholesky_inverse(H)
-    Hinv = torch.linalg.cholesky(H, upper=True)
+    Hinv = _damped_inverse_factor(H, percdamp)
     Q = torch.zeros_like(W)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
