@@ -3,7 +3,8 @@ the calibration text and on texts it never saw.
 
 Hessians come from the dense model's own activations on the built-in calibration text (hooks
 on the chosen blocks' linears; k/v and up share q's and gate's inputs, so they are skipped);
-each layer is solved by every candidate (`fastprune.compose_layer`) with SparseSwaps' CPU/GPU
+each layer is solved by every candidate (`fastprune.compose_layer`, or a solver of its own:
+the ADMM lever) with SparseSwaps' CPU/GPU
 step budget (`max_swaps="auto"`, capped by `--max-swaps`), and `tr(D H D^T)` is printed
 relative to SparseGPT's, under the calibration H and under the H of each `--transfer` text
 (the dense model's activations on that text: the layer's error on another domain, with the
@@ -21,6 +22,7 @@ import time
 import torch
 
 import fastprune as fp
+from benchmarks.admm_lever import admm_layer
 from benchmarks.harness import dense_layer_hessians
 from fastprune.data import get_calibration, read_text_file, sample_windows, tokenize
 from fastprune.hessian import layer_loss
@@ -53,6 +55,10 @@ VARIANTS = {
     "sparsegpt+lstsq": dict(select="sparsegpt", reconstruct="lstsq"),
     "rose+lstsq": dict(select="rose", reconstruct="lstsq"),
     "rose+sw(rec)+lstsq": _swaps("rose", reconstruct="lstsq"),
+    # levers on the refit: fewer CG iterations, more damping; ADMM's mask with the refit
+    "sparsegpt+lstsq/iters8": dict(select="sparsegpt", reconstruct="lstsq", refit_iters=8),
+    "sparsegpt+lstsq/damp0.05": dict(select="sparsegpt", reconstruct="lstsq", percdamp=0.05),
+    "admm": lambda W, H, s, n, m: admm_layer(W, H, s, n, m),
 }
 TRANSFER = {"gpl3": "/usr/share/common-licenses/GPL-3", "code": argparse.__file__}
 
@@ -99,7 +105,10 @@ def main() -> None:
             line = [key, str(tuple(W.shape)), f"steps={steps}"]
             for v, kw in variants.items():
                 t0 = time.perf_counter()
-                r = compose_layer(W, H, sparsity=s, prune_n=n, prune_m=m, max_swaps=steps, **kw)
+                if callable(kw):  # a layer solver of its own (W, H, sparsity, n, m)
+                    r = kw(W, H, s, n, m)
+                else:
+                    r = compose_layer(W, H, sparsity=s, prune_n=n, prune_m=m, max_swaps=steps, **kw)
                 secs[v] += time.perf_counter() - t0
                 losses = {t: layer_loss(W, r.weight.float(), Ht) for t, Ht in Hs.items()}
                 base = losses if base is None else base
