@@ -57,6 +57,7 @@ SOLVER_OPTIONS = {
         "reconstruct": "lstsq",
         "max_swaps": MAX_SWAPS,
         "refit_iters": REFIT_ITERS,
+        "rounds": 1,
         "blocksize": 128,
         "percdamp": 0.01,
         "range_threshold": 0.5,
