@@ -24,26 +24,15 @@ import time
 import torch
 
 from fastprune.hessian import DEFAULT_PERCDAMP, layer_loss
-from fastprune.masks import pruned_fraction
+from fastprune.masks import pruned_fraction, selection_prune_mask
 from fastprune.result import PruneResult
 from fastprune.solvers.refit import damped_hessian, refit_masked
 
 
 def pattern_support(Z: torch.Tensor, sparsity: float, prune_n: int, prune_m: int) -> torch.Tensor:
     """Keep-mask of the largest `|Z|`: per row all but `int(cols*sparsity)`, or per group of
-    `prune_m` all but `prune_n`."""
-    rows, cols = Z.shape
-    A = Z.abs()
-    if prune_n:
-        g = A.reshape(rows, cols // prune_m, prune_m)
-        keep = torch.zeros_like(g, dtype=torch.bool)
-        keep.scatter_(-1, g.topk(prune_m - prune_n, dim=-1).indices, True)
-        return keep.reshape(rows, cols)
-    k = cols - int(cols * sparsity)
-    keep = torch.zeros_like(A, dtype=torch.bool)
-    if k > 0:
-        keep.scatter_(1, A.topk(k, dim=1).indices, True)
-    return keep
+    `prune_m` all but `prune_n` (Wanda's selection rule on the score `|Z|`)."""
+    return ~selection_prune_mask(Z.abs(), sparsity, prune_n, prune_m, per_row=True)
 
 
 @torch.no_grad()

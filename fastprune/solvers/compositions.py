@@ -14,6 +14,7 @@ from .recipes import (
     RECIPE_DEFAULTS,
     by_obs,
     check_recipe,
+    check_rounds,
     compose_layer,
     fastprune_layer,
     recipe_max_swaps,
@@ -46,11 +47,7 @@ def _separable(spec: Selection, prune_n: int, opts) -> bool:
 
 def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
-    opts["rounds"] = check_int(opts["rounds"], "rounds", minimum=1)
-    if opts["rounds"] > 1 and (opts["refine"] is None or opts["reconstruct"] != "lstsq"):
-        raise ValueError(
-            "rounds > 1 alternates swaps and refits: it needs refine= and reconstruct='lstsq'"
-        )
+    opts["rounds"] = check_rounds(opts["rounds"], opts["refine"], opts["reconstruct"])
     return check_max_swaps(opts)
 
 

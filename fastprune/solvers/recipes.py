@@ -77,6 +77,18 @@ def check_recipe(
     return select, refine, refine_on, reconstruct
 
 
+def check_rounds(rounds: object, refine: object, reconstruct: object) -> int:
+    """`rounds` checked: an integer >= 1, above 1 only with swaps and the least-squares refit
+    (what the rounds alternate)."""
+    rounds = check_int(rounds, "rounds", minimum=1)
+    if rounds > 1 and (refine is None or reconstruct != "lstsq"):
+        raise ValueError(
+            "rounds > 1 alternates swaps and refits: it needs refine= and reconstruct='lstsq' "
+            f"(got refine={refine!r}, reconstruct={reconstruct!r})"
+        )
+    return rounds
+
+
 @legacy_positional(
     ("W", "H", "G"),
     tensor_or_none_at(2),
@@ -128,12 +140,7 @@ def compose_layer(
     meth = get_method(select)
     spec = meth.select
     refit_iters = check_int(refit_iters, "refit_iters", minimum=0)
-    rounds = check_int(rounds, "rounds", minimum=1)
-    if rounds > 1 and (refine is None or reconstruct != "lstsq"):
-        raise ValueError(
-            "rounds > 1 alternates swaps and refits: it needs refine= and reconstruct='lstsq' "
-            f"(got refine={refine!r}, reconstruct={reconstruct!r})"
-        )
+    rounds = check_rounds(rounds, refine, reconstruct)
     if scaler is not None and not spec.takes_scaler:
         raise ValueError(f"scaler is taken by a selector that scores with one, not {select!r}")
     W = check_weight(W)

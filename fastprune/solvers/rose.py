@@ -235,6 +235,12 @@ def rose_layer(
     )  # fmt: skip
 
 
+def running_scaler_options(scaler: torch.Tensor | None) -> dict:
+    """`rose_layer`'s keywords for the running scaler (None: none): the scaler with the ROSE
+    repository's block-sum range rule, which comes with it."""
+    return {} if scaler is None else {"scaler": scaler, "range_rule": "block_sum"}
+
+
 def _select(
     W,
     H,
@@ -257,11 +263,9 @@ def _select(
     rounded in the same sweep; `scaler`: the running scaler (with the block-sum range rule)."""
     pat = {"sparsity": sparsity, "prune_n": prune_n, "prune_m": prune_m}
     obs = {"blocksize": blocksize, "percdamp": percdamp, "backend": backend}
-    # the running scaler comes with the ROSE repository's block-sum range rule
-    rule = {} if scaler is None else {"scaler": scaler, "range_rule": "block_sum"}
     return rose_layer(
         W, H, **pat, **obs, range_threshold=range_threshold, rows=rows, mask=mask, quant=quant,
-        **rule,
+        **running_scaler_options(scaler),
     )  # fmt: skip
 
 
@@ -286,8 +290,7 @@ def _check_options(opts: dict) -> dict:
 def _layer_options(W, prune_n, prune_m, kw: dict) -> dict:
     """With the running scaler (`scaler=`, passed by the pipeline) blocks are compared by
     their loss sums, as the ROSE repository does."""
-    if kw.get("scaler") is not None:
-        kw["range_rule"] = "block_sum"
+    kw.update(running_scaler_options(kw.get("scaler")))
     return kw
 
 
