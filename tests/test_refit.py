@@ -193,6 +193,30 @@ def test_rounds_alternate_swaps_and_refits_never_above_one_round(n, m):
     assert not many.weight[~many.mask].any()
 
 
+def test_a_rejected_round_is_undone_and_its_swaps_not_counted(monkeypatch):
+    """A round whose refit does not lower the layer loss leaves the first round's mask, weights
+    and swap count as they were."""
+    import fastprune.solvers.recipes as recipes
+
+    W, H = layer(23, 64, seed=11, columnar=True)
+    kw = dict(select="sparsegpt", refine="sparseswaps", max_swaps=3, blocksize=16,
+              reconstruct="lstsq", refit_iters=300)  # fmt: skip
+    one = compose_layer(W, H, **kw)
+    assert compose_layer(W, H, **kw, rounds=2).info["rounds"] == 2  # the round finds swaps
+    calls = []
+
+    def worse_after_the_first(W, H, mask, weight, **opts):
+        calls.append(mask)
+        out, info = refit_masked(W, H, mask, weight, **opts)
+        return (out if len(calls) == 1 else torch.zeros_like(out)), info
+
+    monkeypatch.setattr(recipes, "refit_masked", worse_after_the_first)
+    undone = compose_layer(W, H, **kw, rounds=3)
+    assert len(calls) == 2 and undone.info["rounds"] == 1
+    assert torch.equal(undone.mask, one.mask) and torch.equal(undone.weight, one.weight)
+    assert undone.info["refine_swaps"] == one.info["refine_swaps"]
+
+
 def test_rounds_need_swaps_and_the_refit():
     W, H = layer(8, 32, seed=3)
     with pytest.raises(ValueError, match="rounds > 1.*refine"):

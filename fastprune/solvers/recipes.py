@@ -232,13 +232,14 @@ def _alternate(W, H, weight, mask, loss, rounds, info, *, refit_iters, percdamp,
     for _ in range(rounds - 1):
         values = torch.where(mask, weight, W)
         ref = sparseswaps_layer(W, H, mask=mask, percdamp=percdamp, values=values, **swaps)
-        info["refine_swaps"] = info.get("refine_swaps", 0) + ref.info["swaps"]
         if ref.info["swaps"] == 0:
             break
         new, _ = refit_masked(W, H, ref.mask, ref.weight, percdamp=percdamp, iters=refit_iters)
         new_loss = layer_loss(W, new, H)
         if not new_loss < loss:
             break
+        # only a kept round's swaps count: a rejected round leaves the mask as it was
+        info["refine_swaps"] = info.get("refine_swaps", 0) + ref.info["swaps"]
         weight, mask, loss, done = new, ref.mask, new_loss, done + 1
     return weight, mask, loss, done
 
