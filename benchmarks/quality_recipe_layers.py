@@ -8,8 +8,9 @@ the ADMM lever) with SparseSwaps' CPU/GPU
 step budget (`max_swaps="auto"`, capped by `--max-swaps`), and `tr(D H D^T)` is printed
 relative to SparseGPT's, under the calibration H and under the H of each `--transfer` text
 (the dense model's activations on that text: the layer's error on another domain, with the
-same weights). This is the cheap screen that chooses which recipes
-`benchmarks.quality_recipes` runs end to end.
+same weights). `sparsegpt+lstsq/held-out-damp` chooses each layer's damping on a held-out
+quarter of the calibration windows (`--held-out`). This is the cheap screen that chooses
+which recipes `benchmarks.quality_recipes` runs end to end.
 
     python -m benchmarks.quality_recipe_layers [--blocks 0,14,28] [--patterns 50%,2:4]
 """
@@ -59,7 +60,28 @@ VARIANTS = {
     "sparsegpt+lstsq/iters8": dict(select="sparsegpt", reconstruct="lstsq", refit_iters=8),
     "sparsegpt+lstsq/damp0.05": dict(select="sparsegpt", reconstruct="lstsq", percdamp=0.05),
     "admm": lambda W, H, s, n, m: admm_layer(W, H, s, n, m),
+    # the damping chosen per layer on a held-out slice of the calibration windows: each level
+    # solves on the other windows' H and is scored under the held-out windows' H; the chosen
+    # level then solves on the whole H
+    "sparsegpt+lstsq/held-out-damp": "held-out",
 }
+# the levels the held-out choice tries (the damping's fraction of mean(diag H))
+HELD_OUT_DAMPING = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def held_out_damping(W, H_fit, H_held, H, s, n, m, **kw):
+    """The recipe's layer solve (SparseGPT's mask, the least-squares weights) at the damping
+    level of `HELD_OUT_DAMPING` whose solve on `H_fit` has the lowest loss under `H_held`;
+    returns (the solve on `H` at that level, the level)."""
+    opts = dict(sparsity=s, prune_n=n, prune_m=m, select="sparsegpt", reconstruct="lstsq", **kw)
+    scores = {
+        d: layer_loss(W, compose_layer(W, H_fit, percdamp=d, **opts).weight.float(), H_held)
+        for d in HELD_OUT_DAMPING
+    }
+    best = min(scores, key=scores.get)
+    return compose_layer(W, H, percdamp=best, **opts), best
+
+
 TRANSFER = {"gpl3": "/usr/share/common-licenses/GPL-3", "code": argparse.__file__}
 
 
@@ -74,6 +96,10 @@ def main() -> None:
     ap.add_argument("--max-swaps", type=int, default=16, help="cap on the swap steps")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     ap.add_argument(
+        "--held-out", type=float, default=0.25,
+        help="fraction of the calibration windows the held-out damping choice scores on",
+    )  # fmt: skip
+    ap.add_argument(
         "--transfer", default="gpl3,code", help="other texts (names or name=path); '' for none"
     )
     args = ap.parse_args()
@@ -84,13 +110,19 @@ def main() -> None:
     # k/v and up read q's and gate's inputs: the same H, so one of each group is enough
     skip = ("k_proj", "v_proj", "up_proj")
     accs = dense_layer_hessians(model, calib, blocks, skip=skip)
+    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
+    split = {}
+    if "held-out" in variants.values():
+        k = max(1, round(args.nsamples * args.held_out))
+        fit = dense_layer_hessians(model, calib[:-k], blocks, skip=skip)
+        held = dense_layer_hessians(model, calib[-k:], blocks, skip=skip)
+        split = {key: (fit[key][0].H, held[key][0].H) for key in accs}
     others = {}
     for item in filter(None, args.transfer.split(",")):
         name, _, path = item.partition("=")
         ids = tokenize(tok, read_text_file(path or TRANSFER[name], "transfer"))
         windows = sample_windows(ids, args.nsamples, args.seqlen, 0)
         others[name] = dense_layer_hessians(model, windows, blocks, skip=skip)
-    variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     for pat in args.patterns.split(","):
         n, m = (0, 0) if pat.endswith("%") else map(int, pat.split(":"))
         s = float(pat[:-1]) / 100 if pat.endswith("%") else n / m
@@ -105,7 +137,10 @@ def main() -> None:
             line = [key, str(tuple(W.shape)), f"steps={steps}"]
             for v, kw in variants.items():
                 t0 = time.perf_counter()
-                if callable(kw):  # a layer solver of its own (W, H, sparsity, n, m)
+                if kw == "held-out":
+                    r, level = held_out_damping(W, *split[key], H, s, n, m, max_swaps=steps)
+                    line.append(f"held-out-damp={level}")
+                elif callable(kw):  # a layer solver of its own (W, H, sparsity, n, m)
                     r = kw(W, H, s, n, m)
                 else:
                     r = compose_layer(W, H, sparsity=s, prune_n=n, prune_m=m, max_swaps=steps, **kw)
