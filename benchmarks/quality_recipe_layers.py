@@ -30,6 +30,7 @@ from fastprune.hessian import layer_loss
 from fastprune.methods import auto_max_swaps
 from fastprune.models import get_weight
 from fastprune.solvers.recipes import compose_layer
+from fastprune.solvers.refit import refit_masked
 
 
 def _swaps(select: str, **kw) -> dict:
@@ -64,22 +65,63 @@ VARIANTS = {
     # solves on the other windows' H and is scored under the held-out windows' H; the chosen
     # level then solves on the whole H
     "sparsegpt+lstsq/held-out-damp": "held-out",
+    # cheaper forms: three levels scored after 8 CG iterations; or the mask kept at 1% and
+    # only the refit's damping chosen
+    "sparsegpt+lstsq/held-out-damp3/iters8": (
+        "held-out",
+        dict(levels=(0.01, 0.05, 0.1), select_iters=8),
+    ),
+    "sparsegpt+lstsq/held-out-refit-damp3/iters8": (
+        "held-out",
+        dict(levels=(0.01, 0.05, 0.1), select_iters=8, refit_only=True),
+    ),
+    # weights blended between the least-squares refit and SparseGPT's own OBS weights on the
+    # same mask: `a * lstsq + (1 - a) * obs`
+    "sparsegpt+lstsq/blend0.5": lambda W, H, s, n, m: blended(W, H, s, n, m, 0.5),
+    "sparsegpt+lstsq/blend0.75": lambda W, H, s, n, m: blended(W, H, s, n, m, 0.75),
 }
 # the levels the held-out choice tries (the damping's fraction of mean(diag H))
 HELD_OUT_DAMPING = (0.01, 0.02, 0.05, 0.1, 0.2)
 
 
-def held_out_damping(W, H_fit, H_held, H, s, n, m, **kw):
+def blended(W, H, s, n, m, a):
+    """`a` times the recipe's least-squares weights plus `1 - a` times SparseGPT's OBS weights,
+    both on SparseGPT's mask."""
+    opts = dict(sparsity=s, prune_n=n, prune_m=m, select="sparsegpt")
+    obs = compose_layer(W, H, **opts)
+    ls = compose_layer(W, H, reconstruct="lstsq", **opts)
+    assert torch.equal(obs.mask, ls.mask)
+    return fp.PruneResult(a * ls.weight + (1 - a) * obs.weight, ls.mask, None, {})
+
+
+def held_out_damping(
+    W, H_fit, H_held, H, s, n, m, *, levels=HELD_OUT_DAMPING, select_iters=32,
+    refit_only=False, **kw,
+):  # fmt: skip
     """The recipe's layer solve (SparseGPT's mask, the least-squares weights) at the damping
-    level of `HELD_OUT_DAMPING` whose solve on `H_fit` has the lowest loss under `H_held`;
-    returns (the solve on `H` at that level, the level)."""
-    opts = dict(sparsity=s, prune_n=n, prune_m=m, select="sparsegpt", reconstruct="lstsq", **kw)
-    scores = {
-        d: layer_loss(W, compose_layer(W, H_fit, percdamp=d, **opts).weight.float(), H_held)
-        for d in HELD_OUT_DAMPING
-    }
+    level of `levels` whose solve on `H_fit` (refit of `select_iters` CG iterations) has the
+    lowest loss under `H_held`; returns (the solve on `H` at that level, the level). With
+    `refit_only`, the mask keeps SparseGPT's 1% and only the refit's damping is chosen."""
+    opts = dict(sparsity=s, prune_n=n, prune_m=m, select="sparsegpt", **kw)
+    if refit_only:
+        sel = compose_layer(W, H_fit, **opts)
+
+        def fit(d):
+            return refit_masked(W, H_fit, sel.mask, sel.weight, percdamp=d, iters=select_iters)[0]
+    else:
+
+        def fit(d):
+            r = compose_layer(W, H_fit, percdamp=d, reconstruct="lstsq", refit_iters=select_iters,
+                              **opts)  # fmt: skip
+            return r.weight
+
+    scores = {d: layer_loss(W, fit(d).float(), H_held) for d in levels}
     best = min(scores, key=scores.get)
-    return compose_layer(W, H, percdamp=best, **opts), best
+    if not refit_only:
+        return compose_layer(W, H, percdamp=best, reconstruct="lstsq", **opts), best
+    sel = compose_layer(W, H, **opts)
+    weight, _ = refit_masked(W, H, sel.mask, sel.weight, percdamp=best)
+    return fp.PruneResult(weight, sel.mask, None, {}), best
 
 
 TRANSFER = {"gpl3": "/usr/share/common-licenses/GPL-3", "code": argparse.__file__}
@@ -112,7 +154,7 @@ def main() -> None:
     accs = dense_layer_hessians(model, calib, blocks, skip=skip)
     variants = {v: VARIANTS[v] for v in args.variants.split(",")}
     split = {}
-    if "held-out" in variants.values():
+    if any(v == "held-out" or isinstance(v, tuple) for v in variants.values()):
         k = max(1, round(args.nsamples * args.held_out))
         fit = dense_layer_hessians(model, calib[:-k], blocks, skip=skip)
         held = dense_layer_hessians(model, calib[-k:], blocks, skip=skip)
@@ -137,9 +179,10 @@ def main() -> None:
             line = [key, str(tuple(W.shape)), f"steps={steps}"]
             for v, kw in variants.items():
                 t0 = time.perf_counter()
-                if kw == "held-out":
-                    r, level = held_out_damping(W, *split[key], H, s, n, m, max_swaps=steps)
-                    line.append(f"held-out-damp={level}")
+                if kw == "held-out" or isinstance(kw, tuple):
+                    how = kw[1] if isinstance(kw, tuple) else {}
+                    r, level = held_out_damping(W, *split[key], H, s, n, m, **how)
+                    line.append(f"level={level}")
                 elif callable(kw):  # a layer solver of its own (W, H, sparsity, n, m)
                     r = kw(W, H, s, n, m)
                 else:
