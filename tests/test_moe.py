@@ -58,6 +58,7 @@ SOLVER_OPTIONS = {
         "max_swaps": MAX_SWAPS,
         "refit_iters": REFIT_ITERS,
         "rounds": 1,
+        "damping_levels": None,
         "blocksize": 128,
         "percdamp": 0.01,
         "range_threshold": 0.5,

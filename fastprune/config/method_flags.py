@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS
+from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, check_damping_levels
 from ..solvers.rose import ROSE_SCALERS
 from ..validation import BACKENDS, check_int
 from .validators import flag_bool, integer, methods_taking, one_of, optional
@@ -27,6 +27,14 @@ def reconstruct_arg(text_value: str):
             f"--reconstruct takes no value, {listed}, got {text_value!r}"
         )
     return text_value
+
+
+def damping_levels_arg(text_value: str) -> tuple[float, ...]:
+    """--damping-levels' value: comma-separated damping fractions."""
+    try:
+        return check_damping_levels([float(x) for x in text_value.split(",") if x.strip()])
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"--damping-levels: {e}") from e
 
 
 def _swaps(value: Any, name: str):
@@ -104,6 +112,18 @@ METHOD_FLAGS = (
         ),
         integer(1),
         cli={"type": int},
+    ),
+    MethodFlag(
+        "damping_levels",
+        lambda: (
+            f"{methods_taking('damping_levels')}/{_selectors()}: "
+            "comma-separated damping fractions (e.g. 0.01,0.05,0.1); each layer takes the one "
+            "whose solve on the other calibration samples has the lowest loss on a held-out "
+            "quarter of them (every 4th batch), then solves on all samples (default: none, "
+            "--percdamp for every layer)"
+        ),
+        lambda v, name: None if v is None else check_damping_levels(v),
+        cli={"type": damping_levels_arg, "metavar": "D1,D2,..."},
     ),
     MethodFlag(
         "refine",

@@ -18,6 +18,7 @@ from ..models import find_blocks, model_device
 from ..validation import check_pattern
 from .block_layers import BlockLayers, check_selection, find_block_layers
 from .capture import block_kinds
+from .hessian_hooks import HELD_OUT_EVERY
 
 
 @dataclass
@@ -107,6 +108,15 @@ def check_prune_args(
         vocab = getattr(getattr(model, "config", None), "vocab_size", None)
         if vocab and calib.max().item() >= vocab:
             raise ValueError(f"calibration token ids exceed the model's vocab_size {vocab}")
+    if meth.wants_held_out(checked.options):
+        if cfg.asymmetric:
+            raise ValueError("damping_levels takes no asymmetric calibration (asymmetric=True)")
+        batches = -(-calib.shape[0] // cfg.batch_size)
+        if batches < 2 * HELD_OUT_EVERY:
+            raise ValueError(
+                f"damping_levels holds out every {HELD_OUT_EVERY}th calibration batch: it needs "
+                f"at least {2 * HELD_OUT_EVERY} batches (nsamples / batch_size), got {batches}"
+            )
     return PruneArgs(
         model, cfg, meth, checked.options, n, m, dev, blocks_path, block_list, kinds, layouts,
         calib, checked.quant,

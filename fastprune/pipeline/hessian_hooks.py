@@ -43,6 +43,12 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+# damping chosen per layer (`damping_levels`): every this-many-th calibration batch is the
+# held-out slice (a quarter of the samples at batch size 1), interleaved so that it spans the
+# calibration text rather than one end of it
+HELD_OUT_EVERY = 4
+
+
 class InputHooks:
     """Forward pre-hooks on a block's layers that hand each layer's inputs to
     `observe(name, x, per_token)`: `x [batch, tokens, cols]` for linears (`per_token=False`,
@@ -61,6 +67,7 @@ class InputHooks:
         self.seen: dict[str, torch.Tensor] = {}  # leader -> its input in the current batch
         self.called: set[str] = set()  # linears called in the current batch
         self.batch = 1
+        self.batch_index = 0  # batches ended so far
         self.tokens: dict[str, int] = {}
         self.handles = []
         self._all_lists: set[str] = set()  # expert lists being run on every token right now
@@ -99,6 +106,7 @@ class InputHooks:
     def end_batch(self) -> None:
         self.seen.clear()
         self.called.clear()
+        self.batch_index += 1
 
     def remove(self) -> None:
         for h in self.handles:
@@ -224,7 +232,9 @@ class HessianHooks(InputHooks):
     """One float32 `H` per distinct input of the block's layers: `acc[leader]`; with
     `kind="diagonal"`, only its diagonal (a `DiagonalAccumulator`). With `scaler=True`, also
     the ROSE repository's running scaler of that input (`scalers[leader]`, a
-    `RunningScaler`), from the same batches in the same order."""
+    `RunningScaler`), from the same batches in the same order. With `held_out_every=k`,
+    every k-th batch (batches k-1, 2k-1, ...) is also accumulated on its own into `held`,
+    the held-out slice whose split `held_out_pair` gives (damping chosen per layer)."""
 
     def __init__(
         self,
@@ -235,9 +245,16 @@ class HessianHooks(InputHooks):
         moe_calibration: str = "routed",
         kind: str = "full",
         scaler: bool = False,
+        held_out_every: int = 0,
     ):
         if kind not in ("full", "diagonal"):
             raise ValueError(f"kind must be 'full' or 'diagonal', got {kind!r}")
+        if held_out_every and (kind != "full" or held_out_every < 2):
+            raise ValueError(
+                f"held_out_every={held_out_every} needs kind='full' and at least 2 batches"
+            )
+        self.held_out_every = held_out_every
+        self.held: dict[str, HessianAccumulator] | None = {} if held_out_every else None
         self.device = device
         self.precision = precision
         self.kind = kind
@@ -251,6 +268,34 @@ class HessianHooks(InputHooks):
         self.acc[lead].H = None
         if self.scalers is not None:
             self.scalers[lead].scaler_row = None
+        if self.held is not None:
+            self.held.pop(lead, None)
+
+    def _holding(self) -> bool:
+        """Whether the current batch belongs to the held-out slice."""
+        k = self.held_out_every
+        return bool(k) and self.batch_index % k == k - 1
+
+    def _observe_held(self, name: str, x: torch.Tensor) -> None:
+        """The held-out slice's H of input `name` (`x [batch, tokens, cols]`)."""
+        if name not in self.held:
+            self.held[name] = HessianAccumulator(
+                x.shape[-1], device=self.device, precision=self.precision
+            )
+        self.held[name].add_batch(x)
+
+    def held_out_pair(self, lead: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(H_fit, H_held)` of input `lead`: the H of the samples outside the held-out slice
+        (`(n H - k H_held) / (n - k)`, `n` samples in all, `k` held out) and the slice's own;
+        None without held-out batches, or where either side has no sample."""
+        if self.held is None or lead not in self.held:
+            return None
+        acc, held = self.acc[lead], self.held[lead]
+        n, k = acc.nsamples, held.nsamples
+        if k == 0 or k >= n:
+            return None
+        H_held = held.H.to(acc.H.dtype)
+        return (acc.H * n - H_held * k) / (n - k), H_held
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         if name not in self.acc and self.kind == "diagonal":
@@ -262,6 +307,8 @@ class HessianHooks(InputHooks):
         # per token: [tokens, cols] -> [tokens, 1, cols], so every token counts as a sample
         self.acc[name].add_batch(x.unsqueeze(1) if per_token else x)
         self._observe_scaler(name, x.unsqueeze(1) if per_token else x)
+        if self._holding():
+            self._observe_held(name, x.unsqueeze(1) if per_token else x)
 
     def _observe_scaler(self, name: str, x: torch.Tensor) -> None:
         """The running scaler of input `name`, where asked, from the batch `x` just added
@@ -284,6 +331,8 @@ class HessianHooks(InputHooks):
             return
         for name, x in zip(names, xs):
             self._observe_scaler(name, x.unsqueeze(1))
+            if self._holding():
+                self._observe_held(name, x.unsqueeze(1))
         key = names[0]
         if key not in self.stacks:
             cols = xs[0].shape[-1]
@@ -346,6 +395,8 @@ class PairedHessianHooks(HessianHooks):
         super().__init__(*args, **kwargs)
         if self.kind != "full":
             raise ValueError("asymmetric calibration needs the full H (kind='full')")
+        if self.held is not None:  # each batch runs twice here: no held-out slice
+            raise ValueError("asymmetric calibration takes no held-out slice")
 
     def observe(self, name: str, x: torch.Tensor, per_token: bool) -> None:
         if per_token:

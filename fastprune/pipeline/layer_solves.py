@@ -47,7 +47,7 @@ class LayerSolves:
         a = self.args
         full = f"{a.blocks_path}.{i}.{name}"
         W = get_weight(mod).detach()
-        H = lead = hinv = tokens = scaler = None
+        H = lead = hinv = tokens = scaler = held = None
         if hooks is not None:
             lead = hooks.leader.get(name)
             if lead is None:
@@ -55,6 +55,8 @@ class LayerSolves:
             H = hooks.acc[lead].H
             if hooks.scalers is not None:  # the running scaler of the same inputs
                 scaler = hooks.scalers[lead].scaler_row
+            if a.meth.wants_held_out(a.opts):  # the held-out slice's split of H
+                held = hooks.held_out_pair(lead)
             if name in hooks.tokens:  # an expert: the tokens its H was built from
                 tokens = hooks.acc[lead].nsamples
         # one inverse per distinct H (SparseGPT). ROSE factors H[perm][:, perm] with
@@ -70,8 +72,9 @@ class LayerSolves:
             self.clock("asymmetric_seconds", t0)
         sparsity = self.block_sparsity[i]
         r = a.meth.solve(
-            target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant, scaler_row=scaler
-        )
+            target, H, g, sparsity, a.n, a.m, a.opts, hinv, rows, quant=a.quant,
+            scaler_row=scaler, held_out=held,
+        )  # fmt: skip
         if r.quant is not None and rows is None:
             set_weight(mod, as_stored(r.quant, W.dtype))
         elif rows is None:

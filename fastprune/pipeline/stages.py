@@ -20,7 +20,7 @@ from .blockstore import BlockStore, guarded, peak_host_memory
 from .capture import capture_inputs, run_block, run_block_paired, to_device
 from .distributed import Comm, fingerprint
 from .gradients import compute_gradient_norms
-from .hessian_hooks import HessianHooks, PairedHessianHooks
+from .hessian_hooks import HELD_OUT_EVERY, HessianHooks, PairedHessianHooks
 from .layer_solves import LayerSolves, expert_groups, identity_for_unrouted
 from .preflight import has_experts, own_kinds, preflight
 from .report import PruneReport, jsonable, quant_totals
@@ -251,6 +251,7 @@ class PruneRun(LayerSolves):
             hooks = kind(
                 block, a.layouts[i], a.dev, a.hessian_precision, a.moe_calibration, a.hessian_kind,
                 scaler=self.reads_scaler,
+                held_out_every=HELD_OUT_EVERY if a.meth.wants_held_out(a.opts) else 0,
             )  # fmt: skip
             try:
                 if a.asymmetric:  # the block is still dense: its dense outputs come from here

@@ -13,6 +13,7 @@ from .recipes import (
     COMPOSE_OPTIONS,
     RECIPE_DEFAULTS,
     by_obs,
+    check_damping_levels,
     check_recipe,
     check_rounds,
     compose_layer,
@@ -36,18 +37,24 @@ def _reads_inverse(spec: Selection) -> bool:
 
 
 def _separable(spec: Selection, prune_n: int, opts) -> bool:
-    """A composition's `row_separable`: its selection's, unless "best" or rounds (each
-    accepted by the layer's loss) compare the layer."""
+    """A composition's `row_separable`: its selection's, unless "best", rounds (each
+    accepted by the layer's loss) or damping levels (chosen by it) compare the layer."""
     return (
         spec.row_separable(prune_n)
         and opts.get("reconstruct") != "best"
         and opts.get("rounds", 1) == 1
+        and opts.get("damping_levels") is None
     )
+
+
+def _reads_held_out(opts) -> bool:
+    return opts.get("damping_levels") is not None
 
 
 def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     opts["rounds"] = check_rounds(opts["rounds"], opts["refine"], opts["reconstruct"])
+    opts["damping_levels"] = check_damping_levels(opts["damping_levels"])
     return check_max_swaps(opts)
 
 
@@ -63,7 +70,9 @@ def composed(base: Method, options) -> Method:
     extra = {
         **solver_defaults(compose_layer, *COMPOSE_OPTIONS),
         "max_swaps": "auto",
-        **solver_defaults(compose_layer, "refit_iters", "rounds", "percdamp", "backend"),
+        **solver_defaults(
+            compose_layer, "refit_iters", "rounds", "damping_levels", "percdamp", "backend"
+        ),
     }
     opts = dict(base.options) | {k: v for k, v in extra.items() if k not in base.options}
     takes = inspect.signature(compose_layer).parameters
@@ -97,6 +106,7 @@ def composed(base: Method, options) -> Method:
         takes_rows=True,
         takes_quant=True,  # compose_layer(quant=): the OBS sweep on the final mask rounds
         reads_scaler=base.reads_scaler,  # ROSE's running scaler reaches its selection
+        reads_held_out=_reads_held_out,
     )
 
 
@@ -133,6 +143,7 @@ register(
                 compose_layer,
                 "refit_iters",
                 "rounds",
+                "damping_levels",
                 "blocksize",
                 "percdamp",
                 "range_threshold",
@@ -146,5 +157,6 @@ register(
         row_separable=lambda n, o: _separable(_selection(o["select"], n), n, o),
         takes_rows=True,
         takes_quant=True,
+        reads_held_out=_reads_held_out,
     )
 )

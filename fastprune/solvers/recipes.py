@@ -30,6 +30,7 @@ order from every row, which `rows=` takes from the whole layer): otherwise
 from __future__ import annotations
 
 import inspect
+import math
 import time
 
 import torch
@@ -38,7 +39,7 @@ from ..hessian import DEFAULT_PERCDAMP, InverseHessian, layer_loss, row_losses
 from ..masks import pruned_fraction
 from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
-from ..validation import check_int, check_rows, check_weight
+from ..validation import check_int, check_percdamp, check_rows, check_weight
 from .core import merge_kernel_info
 from .obs import DEFAULT_BLOCKSIZE
 from .refit import refit_masked
@@ -119,6 +120,8 @@ def compose_layer(
     quant: QuantSpec | str | None = None,
     scaler: torch.Tensor | None = None,
     rounds: int = 1,
+    damping_levels: tuple[float, ...] | None = None,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> PruneResult:
     """Prune one layer with `select`'s mask, optionally refined by `refine` and reconstructed
     (see the module docstring). `quant` (a `QuantSpec` or a preset name): the kept weights
@@ -134,7 +137,20 @@ def compose_layer(
     `score_scaler="running"`). `rounds` (with refine= and reconstruct="lstsq"): mask and
     weights alternated, each round the swaps scored on the previous round's refitted weights,
     then the refit on the new mask (`info["rounds"]`: the rounds run; fewer when a round's
-    swaps change nothing)."""
+    swaps change nothing). `damping_levels` with `held_out = (H_fit, H_held)`: the damping
+    (`percdamp`) chosen per layer among these levels, the one whose solve on `H_fit` has the
+    lowest loss under `H_held` (`held_out_damping`)."""
+    if damping_levels is not None:
+        opts = dict(G=G, select=select, refine=refine, refine_on=refine_on,
+                    reconstruct=reconstruct, max_swaps=max_swaps, refit_iters=refit_iters,
+                    blocksize=blocksize, range_threshold=range_threshold, alpha=alpha,
+                    backend=backend, scaler=scaler, rounds=rounds)  # fmt: skip
+        if rows is not None:
+            raise ValueError("damping_levels chooses per layer: rows= cannot be solved apart")
+        return held_out_damping(
+            W, H, sparsity, prune_n, prune_m, damping_levels, held_out,
+            percdamp=percdamp, hinv=hinv, quant=quant, **opts,
+        )  # fmt: skip
     t0 = time.perf_counter()
     select, refine, refine_on, reconstruct = check_recipe(select, refine, refine_on, reconstruct)
     meth = get_method(select)
@@ -222,6 +238,67 @@ def compose_layer(
     info["achieved_sparsity"] = pruned_fraction(mask)
     info["seconds"] = time.perf_counter() - t0
     return PruneResult(weight.to(W.dtype), mask, loss, info, qw)
+
+
+def check_damping_levels(levels) -> tuple[float, ...] | None:
+    """`damping_levels`: None, or a non-empty sequence of distinct damping fractions, each a
+    valid `percdamp`, returned sorted as a tuple of floats."""
+    if levels is None:
+        return None
+    if isinstance(levels, str | bytes) or not hasattr(levels, "__iter__"):
+        raise TypeError(f"damping_levels must be a sequence of floats, got {levels!r}")
+    out = tuple(sorted({check_percdamp(float(d)) for d in levels}))
+    if not out:
+        raise ValueError("damping_levels must name at least one level")
+    return out
+
+
+def held_out_damping(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    prune_n: int,
+    prune_m: int,
+    levels,
+    held_out: tuple[torch.Tensor, torch.Tensor] | None,
+    *,
+    percdamp: float = DEFAULT_PERCDAMP,
+    hinv: InverseHessian | None = None,
+    quant: QuantSpec | str | None = None,
+    **opts,
+) -> PruneResult:
+    """`compose_layer` with its damping chosen on held-out samples: each level `d` of
+    `levels` solves the layer on `H_fit` (the Hessian of the calibration samples outside the
+    held-out slice) and is scored by its loss `tr(D H_held D^T)` on the slice; the level with
+    the lowest such loss then solves on `H` (all samples). Why: the damping is a ridge toward
+    `W` whose best strength varies by layer, and the held-out loss measures how well a solve
+    carries beyond the samples it fitted. `held_out` None (no held-out samples reached the
+    layer) keeps `percdamp`. `info`: `percdamp_chosen` and `held_out_losses` ({level:
+    loss}), or `held_out: "none"`."""
+    t0 = time.perf_counter()
+    levels = check_damping_levels(levels)
+    if held_out is None:
+        r = compose_layer(W, H, sparsity, prune_n, prune_m, percdamp=percdamp, hinv=hinv,
+                          quant=quant, **opts)  # fmt: skip
+        r.info.update(percdamp_chosen=percdamp, held_out="none")
+        return r
+    H_fit, H_held = held_out
+    for name, M in (("H_fit", H_fit), ("H_held", H_held)):
+        if not isinstance(M, torch.Tensor) or M.shape != H.shape:
+            raise ValueError(f"held_out's {name} must be a tensor of H's shape {tuple(H.shape)}")
+    W = check_weight(W)
+    scores = {}
+    for d in levels:
+        r = compose_layer(W, H_fit, sparsity, prune_n, prune_m, percdamp=d, **opts)
+        scores[d] = layer_loss(W, r.weight, H_held)
+    finite = {d: v for d, v in scores.items() if math.isfinite(v)}
+    best = min(finite, key=finite.get) if finite else percdamp
+    shared = hinv if best == percdamp else None  # the shared inverse is percdamp's
+    r = compose_layer(W, H, sparsity, prune_n, prune_m, percdamp=best, hinv=shared, quant=quant,
+                      **opts)  # fmt: skip
+    r.info.update(percdamp_chosen=best, held_out_losses=scores)
+    r.info["seconds"] = time.perf_counter() - t0
+    return r
 
 
 def _alternate(W, H, weight, mask, loss, rounds, info, *, refit_iters, percdamp, **swaps):

@@ -105,6 +105,14 @@ class Method:
     # layer's inputs (`fastprune.hessian.RunningScaler`): the pipeline then accumulates it
     # beside H per input and `solve` passes it as `scaler=` (None: never)
     reads_scaler: Callable[[Mapping[str, Any]], bool] | None = None
+    # whether a solve with these options reads a held-out split of the calibration samples
+    # (`damping_levels`): the pipeline then also accumulates the Hessian of a held-out slice
+    # per input and `solve` passes `held_out=(H_fit, H_held)` (None: never)
+    reads_held_out: Callable[[Mapping[str, Any]], bool] | None = None
+
+    def wants_held_out(self, options: Mapping[str, Any]) -> bool:
+        """Whether a solve with these options reads a held-out split (`reads_held_out`)."""
+        return self.reads_held_out is not None and self.reads_held_out(options)
 
     def wants_scaler(self, options: Mapping[str, Any]) -> bool:
         """Whether a solve with these options reads the running scaler (`reads_scaler`)."""
@@ -167,13 +175,17 @@ class Method:
         rows: slice | None = None,
         quant=None,
         scaler_row: torch.Tensor | None = None,
+        held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> PruneResult:
         """One layer: `options` as returned by `check_options`; `hinv` the shared inverse
         (only for `shares_inverse` methods, None to let the solver compute it). `rows`: solve
         only these rows of `W` (and `G`), for a `separable` method; per-layer options (the
         swap budget) are still those of the whole layer. `quant`: the grid the kept weights
         are rounded to (a `takes_quant` method only; None: no rounding). `scaler_row`: the
-        running scaler of the layer's inputs, where `wants_scaler(options)`."""
+        running scaler of the layer's inputs, where `wants_scaler(options)`. `held_out`:
+        `(H_fit, H_held)`, the Hessians of the calibration samples outside and inside the
+        held-out slice, where `wants_held_out(options)` (None: no held-out samples reached
+        the layer; the solver then keeps its default damping)."""
         kw = {k: options[k] for k in self.solver_options}
         if quant is not None:
             if not self.takes_quant:
@@ -186,6 +198,8 @@ class Method:
                     "layer's inputs: pass scaler_row"
                 )
             kw["scaler"] = scaler_row
+        if self.wants_held_out(options):
+            kw["held_out"] = held_out
         if self.layer_options is not None:
             kw = self.layer_options(W, prune_n, prune_m, kw)
         if rows is not None:
