@@ -113,6 +113,8 @@ COMBOS = {
     "fastprune+damp0.05": {"method": "fastprune", "percdamp": 0.05},
     "fastprune+damp0.2": {"method": "fastprune", "percdamp": 0.2},
     "fastprune+mixed": {"method": "fastprune", "calibration": "mixed"},
+    # the damping chosen per layer on a held-out quarter of the calibration windows
+    "fastprune+held-out": {"method": "fastprune", "damping_levels": (0.01, 0.05, 0.1)},
     "sparsegpt+mixed": {"method": "sparsegpt", "calibration": "mixed"},
     # ADMM's mask (benchmarks/admm_lever.py) with the least-squares refit
     "admm": {"method": "admm"},
