@@ -103,8 +103,8 @@ COMBOS = {
     "rose+asym": {"method": "rose", "asymmetric": True},
     # levers on the recipe at 50%: ROSE's mask (its repository's running scaler, or diag(H)/2)
     # with the least-squares refit; swaps and refits alternated; fewer CG iterations (the
-    # refit stopped early, nearer its OBS start); more damping (the refit pulled toward W);
-    # calibration windows from three domains
+    # refit stopped early, nearer its OBS start); more damping (the refit pulled toward W),
+    # or the damping chosen per layer on held-out windows; calibration from three domains
     "rose-published+lstsq": {"method": "rose", "score_scaler": "running", "reconstruct": "lstsq"},
     "rose+lstsq": {"method": "rose", "reconstruct": "lstsq"},
     "fastprune+swaps+rounds3": {"method": "fastprune", "refine": "sparseswaps", "rounds": 3},
