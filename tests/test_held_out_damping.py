@@ -192,3 +192,38 @@ def test_cli_flag_reaches_the_method():
     assert cli.prune_job(args).options["damping_levels"] == (0.01, 0.05)
     with pytest.raises(SystemExit):
         parser.parse_args(["prune", "--model", "m", "--damping-levels", "a,b"])
+
+
+def test_streamed_equals_in_memory(tmp_path):
+    """`prune_checkpoint` calibrates with the same hooks: the same weights bit for bit."""
+    from pipeline_helpers import transformers
+
+    from fastprune.pipeline.stream import prune_checkpoint
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src, max_shard_size="60KB")
+    calib = calib_ids(2 * HELD_OUT_EVERY, 16)
+    kw = dict(method="fastprune", sparsity=0.5, damping_levels=LEVELS)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    fp.prune_model(model, calib, progress=False, **kw)
+    rep = prune_checkpoint(src, tmp_path / "out", calib, progress=False, **kw)
+    assert rep.totals["path"] == "streamed"
+    got = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    want = model.state_dict()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
+def test_refused_under_several_processes(monkeypatch):
+    """Ranks hold shards of the samples: none sees the whole calibration's every 4th batch."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    from fastprune.solvers.compositions import composed
+
+    refit = composed(fp.METHODS["sparsegpt"], {"reconstruct": "lstsq"})
+    for meth in (fp.METHODS["fastprune"], refit):
+        with pytest.raises(ValueError, match="damping_levels.*one process"):
+            meth.check_options({"damping_levels": LEVELS, "reconstruct": "lstsq"})
+    assert fp.METHODS["fastprune"].check_options({})["damping_levels"] is None

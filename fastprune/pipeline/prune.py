@@ -59,8 +59,6 @@ def run_stages(
         args = check_prune_args(model, calibration, config, tokenizer)
         if comm is not None and args.asymmetric:
             raise ValueError("asymmetric=True runs in one process, not under torch.distributed")
-        if comm is not None and args.meth.wants_held_out(args.opts):
-            raise ValueError("damping_levels runs in one process, not under torch.distributed")
         store.check(args)
     run = PruneRun(args, comm, t_start, store)
     store.started(run.report)

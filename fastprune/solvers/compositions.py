@@ -55,7 +55,19 @@ def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     opts["rounds"] = check_rounds(opts["rounds"], opts["refine"], opts["reconstruct"])
     opts["damping_levels"] = check_damping_levels(opts["damping_levels"])
+    if opts["damping_levels"] is not None and _world_size() > 1:
+        raise ValueError(
+            "damping_levels holds out every 4th calibration batch of the whole calibration, "
+            "which ranks holding shards of the samples do not see: run it in one process (not "
+            "under torch.distributed)"
+        )
     return check_max_swaps(opts)
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def composed(base: Method, options) -> Method:
