@@ -414,8 +414,11 @@ def paired(diffs: list[float]) -> dict:
 
 def default_peers(rows: list[dict]) -> list[str]:
     """The configurations a recipe is compared with by default: `PEERS`, and any label of
-    `rows` that starts with "rose-published" (ROSE as its repository publishes it)."""
-    extra = sorted({r["config"] for r in rows if r["config"].startswith("rose-published")})
+    `rows` that starts with "rose-published" (ROSE as its repository publishes it), not a
+    composition on its mask ("rose-published+lstsq" is a lever, not a peer)."""
+    extra = sorted(
+        {c for r in rows if (c := r["config"]).startswith("rose-published") and "+" not in c}
+    )
     return [*PEERS, *(c for c in extra if c not in PEERS)]
 
 

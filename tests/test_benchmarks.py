@@ -304,6 +304,8 @@ def test_quality_recipes_paired_intervals(tmp_path):
     ]
     (tmp_path / "q.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert q.default_peers(rows) == [*q.PEERS, "rose-published-running"]
+    lever = {"config": "rose-published+lstsq", "pattern": "50%", "seed": 0, "ppl_builtin": 1.0}
+    assert q.default_peers([*rows, lever]) == [*q.PEERS, "rose-published-running"]
     v = q.summarize(rows)[("50%", "builtin")]["verdict"]
     gaps = [0.4, 0.5, 0.3, 0.6, 0.2]
     assert v["best_peer"] == "rose-published-running" and (v["wins"], v["seeds"]) == (5, 5)
