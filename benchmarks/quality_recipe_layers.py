@@ -30,6 +30,7 @@ from fastprune.hessian import layer_loss
 from fastprune.methods import auto_max_swaps
 from fastprune.models import get_weight
 from fastprune.solvers.recipes import compose_layer
+from fastprune.solvers.recipes import held_out_damping as held_out_damping_layer
 from fastprune.solvers.refit import refit_masked
 
 
@@ -96,30 +97,26 @@ def blended(W, H, s, n, m, a):
 
 def held_out_damping(
     W, H_fit, H_held, H, s, n, m, *, levels=HELD_OUT_DAMPING, select_iters=32,
-    refit_only=False, **kw,
+    refit_only=False,
 ):  # fmt: skip
     """The recipe's layer solve (SparseGPT's mask, the least-squares weights) at the damping
     level of `levels` whose solve on `H_fit` (refit of `select_iters` CG iterations) has the
-    lowest loss under `H_held`; returns (the solve on `H` at that level, the level). With
-    `refit_only`, the mask keeps SparseGPT's 1% and only the refit's damping is chosen."""
-    opts = dict(sparsity=s, prune_n=n, prune_m=m, select="sparsegpt", **kw)
-    if refit_only:
-        sel = compose_layer(W, H_fit, **opts)
-
-        def fit(d):
-            return refit_masked(W, H_fit, sel.mask, sel.weight, percdamp=d, iters=select_iters)[0]
-    else:
-
-        def fit(d):
-            r = compose_layer(W, H_fit, percdamp=d, reconstruct="lstsq", refit_iters=select_iters,
-                              **opts)  # fmt: skip
-            return r.weight
-
-    scores = {d: layer_loss(W, fit(d).float(), H_held) for d in levels}
-    best = min(scores, key=scores.get)
+    lowest loss under `H_held`: the package's `held_out_damping`; returns (the solve on `H`
+    at that level, the level). With `refit_only`, the mask keeps SparseGPT's 1% and only the
+    refit's damping is chosen."""
+    pat = dict(sparsity=s, prune_n=n, prune_m=m)
     if not refit_only:
-        return compose_layer(W, H, percdamp=best, reconstruct="lstsq", **opts), best
-    sel = compose_layer(W, H, **opts)
+        r = held_out_damping_layer(W, H, s, n, m, levels, (H_fit, H_held), select="sparsegpt",
+                                   reconstruct="lstsq", trial_iters=select_iters)  # fmt: skip
+        return r, r.info["percdamp_chosen"]
+    sel = compose_layer(W, H_fit, select="sparsegpt", **pat)
+    scores = {
+        d: layer_loss(W, refit_masked(W, H_fit, sel.mask, sel.weight, percdamp=d,
+                                      iters=select_iters)[0], H_held)
+        for d in levels
+    }  # fmt: skip
+    best = min(scores, key=scores.get)
+    sel = compose_layer(W, H, select="sparsegpt", **pat)
     weight, _ = refit_masked(W, H, sel.mask, sel.weight, percdamp=best)
     return fp.PruneResult(weight, sel.mask, None, {}), best
 

@@ -11,8 +11,9 @@ import fastprune as fp
 from fastprune.app import cli
 from fastprune.hessian import HessianAccumulator
 from fastprune.models import find_blocks, find_linears, get_weight
-from fastprune.pipeline.hessian_hooks import HELD_OUT_EVERY, HessianHooks
+from fastprune.pipeline.hessian_hooks import HessianHooks
 from fastprune.solvers.recipes import (
+    HELD_OUT_EVERY,
     HELD_OUT_REFIT_ITERS,
     check_damping_levels,
     compose_layer,

@@ -8,7 +8,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..solvers.recipes import RECONSTRUCT, REFINE_ON, REFINERS, check_damping_levels
+from ..solvers.recipes import (
+    HELD_OUT_EVERY,
+    RECONSTRUCT,
+    REFINE_ON,
+    REFINERS,
+    check_damping_levels,
+)
 from ..solvers.rose import ROSE_SCALERS
 from ..validation import BACKENDS, check_int
 from .validators import flag_bool, integer, methods_taking, one_of, optional
@@ -119,8 +125,8 @@ METHOD_FLAGS = (
             f"{methods_taking('damping_levels')}/{_selectors()}: "
             "comma-separated damping fractions (e.g. 0.01,0.05,0.1); each layer takes the one "
             "whose solve on the other calibration samples has the lowest loss on a held-out "
-            "quarter of them (every 4th batch), then solves on all samples (default: none, "
-            "--percdamp for every layer)"
+            f"slice of them (every {HELD_OUT_EVERY}th batch), then solves on all samples "
+            "(default: none, --percdamp for every layer)"
         ),
         lambda v, name: None if v is None else check_damping_levels(v),
         cli={"type": damping_levels_arg, "metavar": "D1,D2,..."},

@@ -15,10 +15,10 @@ from ..config import PruneConfig, check_config
 from ..layers import get_weight
 from ..methods import Method
 from ..models import find_blocks, model_device
+from ..solvers.recipes import HELD_OUT_EVERY
 from ..validation import check_pattern
 from .block_layers import BlockLayers, check_selection, find_block_layers
 from .capture import block_kinds
-from .hessian_hooks import HELD_OUT_EVERY
 
 
 @dataclass

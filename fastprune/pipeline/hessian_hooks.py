@@ -43,12 +43,6 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-# damping chosen per layer (`damping_levels`): every this-many-th calibration batch is the
-# held-out slice (a quarter of the samples at batch size 1), interleaved so that it spans the
-# calibration text rather than one end of it
-HELD_OUT_EVERY = 4
-
-
 class InputHooks:
     """Forward pre-hooks on a block's layers that hand each layer's inputs to
     `observe(name, x, per_token)`: `x [batch, tokens, cols]` for linears (`per_token=False`,

@@ -14,13 +14,14 @@ from tqdm.auto import tqdm
 from ..config import agreed
 from ..layers import get_weight
 from ..masks import pattern_name
+from ..solvers.recipes import HELD_OUT_EVERY
 from .allocation import outlier_ratios, owl_block_sparsities
 from .arguments import PruneArgs
 from .blockstore import BlockStore, guarded, peak_host_memory
 from .capture import capture_inputs, run_block, run_block_paired, to_device
 from .distributed import Comm, fingerprint
 from .gradients import compute_gradient_norms
-from .hessian_hooks import HELD_OUT_EVERY, HessianHooks, PairedHessianHooks
+from .hessian_hooks import HessianHooks, PairedHessianHooks
 from .layer_solves import LayerSolves, expert_groups, identity_for_unrouted
 from .preflight import has_experts, own_kinds, preflight
 from .report import PruneReport, jsonable, quant_totals

@@ -11,6 +11,7 @@ import torch
 from ..validation import check_int
 from .recipes import (
     COMPOSE_OPTIONS,
+    HELD_OUT_EVERY,
     RECIPE_DEFAULTS,
     by_obs,
     check_damping_levels,
@@ -55,19 +56,21 @@ def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     opts["rounds"] = check_rounds(opts["rounds"], opts["refine"], opts["reconstruct"])
     opts["damping_levels"] = check_damping_levels(opts["damping_levels"])
-    if opts["damping_levels"] is not None and _world_size() > 1:
+    if opts["damping_levels"] is not None and _active_world() > 1:
         raise ValueError(
-            "damping_levels holds out every 4th calibration batch of the whole calibration, "
-            "which ranks holding shards of the samples do not see: run it in one process (not "
-            "under torch.distributed)"
+            f"damping_levels holds out every {HELD_OUT_EVERY}th calibration batch of the whole "
+            "calibration, which ranks holding shards of the samples do not see: run it in one "
+            "process (not under torch.distributed)"
         )
     return check_max_swaps(opts)
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
+def _active_world() -> int:
+    """The process group's size (`fastprune.pipeline.distributed.group.active_world`),
+    imported when asked: the pipeline imports the solvers."""
+    from ..pipeline.distributed.group import active_world
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return active_world()
 
 
 def composed(base: Method, options) -> Method:
