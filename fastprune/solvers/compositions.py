@@ -66,11 +66,10 @@ def _check_steps(opts: dict) -> dict:
 
 
 def _active_world() -> int:
-    """The process group's size (`fastprune.pipeline.distributed.group.active_world`),
-    imported when asked: the pipeline imports the solvers."""
-    from ..pipeline.distributed.group import active_world
+    """The process group's size, else 1 (solvers do not import the pipeline's helper)."""
+    import torch.distributed as dist
 
-    return active_world()
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def composed(base: Method, options) -> Method:

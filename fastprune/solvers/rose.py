@@ -19,6 +19,7 @@ adapter computes it; the pipeline accumulates that scaler beside `H`.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..masks import pattern_name, pruned_fraction
@@ -277,9 +278,7 @@ def _check_options(opts: dict) -> dict:
         raise ValueError(f"score_scaler must be one of {', '.join(ROSE_SCALERS)}, got {scaler!r}")
     if scaler != "running":
         return opts
-    from ..pipeline.distributed.group import active_world  # the pipeline imports solvers
-
-    if active_world() > 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         raise ValueError(
             "score_scaler='running' weighs each calibration sample by its place in the "
             "calibration order, which ranks holding shards of the samples do not see: run it "
