@@ -9,6 +9,7 @@ import inspect
 import torch
 
 from ..validation import check_int
+from .core import active_world
 from .recipes import (
     COMPOSE_OPTIONS,
     HELD_OUT_EVERY,
@@ -56,20 +57,13 @@ def _check_steps(opts: dict) -> dict:
     opts["refit_iters"] = check_int(opts["refit_iters"], "refit_iters", minimum=0)
     opts["rounds"] = check_rounds(opts["rounds"], opts["refine"], opts["reconstruct"])
     opts["damping_levels"] = check_damping_levels(opts["damping_levels"])
-    if opts["damping_levels"] is not None and _active_world() > 1:
+    if opts["damping_levels"] is not None and active_world() > 1:
         raise ValueError(
             f"damping_levels holds out every {HELD_OUT_EVERY}th calibration batch of the whole "
             "calibration, which ranks holding shards of the samples do not see: run it in one "
             "process (not under torch.distributed)"
         )
     return check_max_swaps(opts)
-
-
-def _active_world() -> int:
-    """The process group's size, else 1 (solvers do not import the pipeline's helper)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def composed(base: Method, options) -> Method:

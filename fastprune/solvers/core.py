@@ -33,6 +33,14 @@ from ..validation import (
 )
 
 
+def active_world() -> int:
+    """The process group's size when one is initialised, else 1: solvers whose options need
+    every calibration sample in one process refuse a larger one."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def wanda_score(
     W: torch.Tensor,
     H: torch.Tensor | None = None,

@@ -19,14 +19,13 @@ adapter computes it; the pipeline accumulates that scaler beside `H`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from ..hessian import DEFAULT_PERCDAMP, inverse_hessian
 from ..masks import pattern_name, pruned_fraction
 from ..quant import QuantSpec, as_spec
 from ..result import PruneResult
 from ..validation import check_rows, check_scaler
-from .core import check_obs_options, check_quant_pattern, wanda_score
+from .core import active_world, check_obs_options, check_quant_pattern, wanda_score
 from .obs import (
     DEFAULT_BLOCKSIZE,
     OBS_OPS,
@@ -278,7 +277,7 @@ def _check_options(opts: dict) -> dict:
         raise ValueError(f"score_scaler must be one of {', '.join(ROSE_SCALERS)}, got {scaler!r}")
     if scaler != "running":
         return opts
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if active_world() > 1:
         raise ValueError(
             "score_scaler='running' weighs each calibration sample by its place in the "
             "calibration order, which ranks holding shards of the samples do not see: run it "

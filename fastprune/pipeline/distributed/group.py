@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from ...solvers.core import active_world as active_world  # the one definition
+
 DEFAULT_TIMEOUT_S = 1800.0
 TIMEOUT_ENV = "FASTPRUNE_DIST_TIMEOUT"
 BACKEND_ENV = "FASTPRUNE_DIST_BACKEND"
@@ -25,13 +27,6 @@ class RankFailedError(RuntimeError):
 
 class RankLostError(RuntimeError):
     """A collective failed: another rank died, or did not arrive within the timeout."""
-
-
-def active_world() -> int:
-    """The process group's size when one is initialised, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def dist_timeout(value=None, name: str = "timeout") -> float:
